@@ -1,0 +1,3 @@
+//! The local MQTT broker.
+pub mod retained;
+pub mod topic_tree;

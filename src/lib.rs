@@ -1,0 +1,10 @@
+//! Holdfast: an edge MQTT gateway.
+//!
+//! - `protocol`: MQTT 3.1/3.1.1/5.0 packets and codec (pure, no I/O).
+//! - `config`: typed settings loaded from defaults, a TOML file and `HOLDFAST_*` variables.
+//! - `broker`: listeners, connections, sessions, the router (subscriptions, retained
+//!   messages, fan-out).
+
+pub mod broker;
+pub mod config;
+pub mod protocol;
