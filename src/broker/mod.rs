@@ -1,3 +1,138 @@
 //! The local MQTT broker.
+//!
+//! - `listener`: binds the configured addresses and accepts sockets;
+//! - `connection`: one task per client: handshake, checks, keep-alive, aliases, I/O;
+//! - `router`: one task that owns every `session`, the subscription `topic_tree` and the
+//!   `retained` messages; connections talk to it only through `RouterEvent`s.
+//!
+//! Shutdown order: stop accepting → the router publishes wills and sends every client
+//! DISCONNECT (0x8B for v5) → connections flush and close → tasks are awaited up to the
+//! configured shutdown timeout.
+
+pub mod connection;
+pub mod listener;
 pub mod retained;
+pub mod router;
+pub mod session;
 pub mod topic_tree;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+use crate::config::Config;
+use connection::Shared;
+use router::{Router, RouterEvent};
+
+/// Capacity of the router's event channel: publishers wait when it is full.
+const ROUTER_CHANNEL: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("cannot listen on {bind} (from [[listener]] bind): {source}")]
+    Bind {
+        bind: String,
+        source: std::io::Error,
+    },
+}
+
+/// A running broker.
+pub struct Broker {
+    local_addrs: Vec<SocketAddr>,
+    shutdown: CancellationToken,
+    tracker: TaskTracker,
+    router_tx: mpsc::Sender<RouterEvent>,
+    router: JoinHandle<()>,
+    shutdown_timeout: Duration,
+}
+
+impl Broker {
+    /// Binds every listener and starts the router. Returns once the broker accepts
+    /// connections.
+    pub async fn start(cfg: &Config) -> Result<Broker, BrokerError> {
+        let mqtt = Arc::new(cfg.mqtt.clone());
+        let (router_tx, router_rx) = mpsc::channel(ROUTER_CHANNEL);
+        let shutdown = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let mut listeners = Vec::new();
+        for l in &cfg.listener {
+            let bind = l.bind.replacen("localhost:", "127.0.0.1:", 1);
+            let listener = TcpListener::bind(&bind)
+                .await
+                .map_err(|source| BrokerError::Bind {
+                    bind: l.bind.clone(),
+                    source,
+                })?;
+            listeners.push(listener);
+        }
+        let local_addrs = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect::<Vec<_>>();
+        let router = tokio::spawn(Router::new(mqtt.clone(), router_rx).run());
+        let shared = Arc::new(Shared {
+            cfg: mqtt.clone(),
+            router: router_tx.clone(),
+            shutdown: shutdown.clone(),
+            next_conn_id: AtomicU64::new(1),
+            connected: AtomicUsize::new(0),
+        });
+        for l in listeners {
+            tokio::spawn(listener::accept_loop(l, shared.clone(), tracker.clone()));
+        }
+        for a in &local_addrs {
+            info!(addr = %a, "listening for MQTT");
+        }
+        Ok(Broker {
+            local_addrs,
+            shutdown,
+            tracker,
+            router_tx,
+            router,
+            shutdown_timeout: Duration::from_secs(cfg.mqtt.shutdown_timeout_secs),
+        })
+    }
+
+    /// The addresses actually bound (useful with port 0).
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.local_addrs
+    }
+
+    /// Graceful shutdown: stop accepting, publish wills, DISCONNECT every client (v5 reason
+    /// 0x8B), wait for connections to close, bounded by `mqtt.shutdown_timeout_secs`.
+    pub async fn shutdown(self) {
+        info!("shutting down");
+        self.shutdown.cancel();
+        let (done_tx, done_rx) = oneshot::channel();
+        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
+        if self
+            .router_tx
+            .send(RouterEvent::Shutdown { done: done_tx })
+            .await
+            .is_ok()
+        {
+            let _ = tokio::time::timeout_at(deadline, done_rx).await;
+        }
+        self.tracker.close();
+        if tokio::time::timeout_at(deadline, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = self.tracker.len(),
+                "shutdown timeout: dropping remaining connections"
+            );
+        }
+        drop(self.router_tx);
+        let _ = tokio::time::timeout_at(deadline, self.router).await;
+        info!("stopped");
+    }
+}

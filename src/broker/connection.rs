@@ -1,0 +1,752 @@
+//! One client connection: the CONNECT handshake, then a loop that reads packets, checks
+//! them, forwards them to the router, and writes what the router sends back.
+//!
+//! The connection owns its socket, its read and write buffers, keep-alive, topic aliases in
+//! both directions and the count of the client's unacknowledged QoS 1/2 publishes (our
+//! Receive Maximum). Everything about the session (subscriptions, in-flight messages,
+//! queues) lives in the router, so a connection can die at any point without losing state.
+//!
+//! Reads are cancel-safe (`read_buf` into an owned buffer, whole packets decoded from it);
+//! writes go through `write_buf`, so the loop keeps reading while a slow client drains, and
+//! stops taking new outgoing packets once `WRITE_HIGH_WATER` bytes are buffered.
+
+use std::collections::{HashMap, HashSet};
+use std::hash::{BuildHasher, Hasher};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info};
+
+use super::router::{ConnectRequest, RouterEvent, WillAction};
+use super::session::ClientParams;
+use crate::config::MqttConfig;
+use crate::protocol::{
+    self, reason, topic, ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect,
+    DisconnectProperties, Packet, ProtocolVersion, Publish, QoS,
+};
+
+pub type ConnId = u64;
+
+/// Stop taking outgoing packets from the router while this many bytes wait for the socket.
+const WRITE_HIGH_WATER: usize = 256 * 1024;
+/// Read buffer size hint.
+const READ_CHUNK: usize = 16 * 1024;
+/// How long a closing connection may spend flushing its last bytes.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+
+/// What the router sends to a connection.
+#[derive(Debug)]
+pub enum Outgoing {
+    Packet(Packet),
+    /// Close the connection; v5 clients get a DISCONNECT with this reason code first.
+    Disconnect(u8),
+}
+
+/// The router's handle on a connection.
+#[derive(Debug, Clone)]
+pub struct ConnLink {
+    pub id: ConnId,
+    tx: mpsc::UnboundedSender<Outgoing>,
+    /// Packets sent to the connection and not yet taken by it; bounds QoS 0 backlog.
+    backlog: Arc<AtomicUsize>,
+}
+
+impl ConnLink {
+    pub fn send(&self, out: Outgoing) {
+        self.backlog.fetch_add(1, Ordering::Relaxed);
+        // A closed channel means the connection is gone; its Disconnected event follows.
+        let _ = self.tx.send(out);
+    }
+
+    pub fn backlog(&self) -> usize {
+        self.backlog.load(Ordering::Relaxed)
+    }
+}
+
+/// What every connection shares.
+pub struct Shared {
+    pub cfg: Arc<MqttConfig>,
+    pub router: mpsc::Sender<RouterEvent>,
+    pub shutdown: CancellationToken,
+    pub next_conn_id: AtomicU64,
+    /// Connections that completed CONNECT and are counted against `max_connections`.
+    pub connected: AtomicUsize,
+}
+
+/// Why the loop ended.
+#[derive(Debug)]
+enum Close {
+    /// The peer closed the socket or it failed.
+    Socket,
+    /// We close because of the client's error; v5 clients get DISCONNECT with the code.
+    Protocol(u8, &'static str),
+    /// The client sent DISCONNECT.
+    ClientDisconnect { reason: u8, expiry: Option<u32> },
+    /// The router told us to close (takeover, shutdown).
+    Server(u8),
+    /// No packet within 1.5 × keep-alive.
+    KeepAlive,
+}
+
+/// Serves one accepted socket until it closes.
+pub async fn serve<R, W>(reader: R, writer: W, peer: SocketAddr, shared: Arc<Shared>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut conn = Connection {
+        reader,
+        writer,
+        rbuf: BytesMut::with_capacity(READ_CHUNK),
+        wbuf: BytesMut::with_capacity(READ_CHUNK),
+        version: ProtocolVersion::V311,
+        peer,
+        shared,
+    };
+    let connect = match conn.read_connect().await {
+        Ok(Some(c)) => c,
+        Ok(None) => return,
+        Err(e) => {
+            debug!(%peer, cause = %e, "connection closed before CONNECT completed");
+            return;
+        }
+    };
+    conn.run(connect).await;
+}
+
+struct Connection<R, W> {
+    reader: R,
+    writer: W,
+    rbuf: BytesMut,
+    wbuf: BytesMut,
+    version: ProtocolVersion,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+/// Per-connection protocol state after CONNECT.
+struct State {
+    client_id: Arc<str>,
+    keep_alive: Option<Duration>,
+    /// v5 Session Expiry Interval from CONNECT (0 forbids raising it on DISCONNECT).
+    connect_expiry: u32,
+    /// Incoming topic aliases (index = alias).
+    in_aliases: HashMap<u16, Arc<str>>,
+    in_alias_max: u16,
+    /// Outgoing topic aliases we assigned.
+    out_aliases: HashMap<Arc<str>, u16>,
+    out_alias_max: u16,
+    /// Packet ids of the client's QoS 1/2 publishes not yet fully acknowledged by us.
+    incoming_unacked: HashSet<u16>,
+    request_problem_info: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("socket: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("no CONNECT within the connect timeout")]
+    Timeout,
+    #[error("first packet was {0}, not CONNECT")]
+    NotConnect(&'static str),
+    #[error("bad CONNECT: {0}")]
+    Decode(#[from] DecodeError),
+    #[error("CONNECT refused with reason {0:#04x}")]
+    Refused(u8),
+    #[error("server shutting down")]
+    Shutdown,
+}
+
+impl<R, W> Connection<R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    /// Reads the first packet, which must be CONNECT, within the connect timeout.
+    async fn read_connect(&mut self) -> Result<Option<Box<Connect>>, HandshakeError> {
+        let timeout = Duration::from_secs(self.shared.cfg.connect_timeout_secs);
+        let deadline = Instant::now() + timeout;
+        let max = self.shared.cfg.max_packet_size as usize;
+        loop {
+            match protocol::decode(&mut self.rbuf, ProtocolVersion::V311, max) {
+                Ok(Some(Packet::Connect(c))) => return Ok(Some(c)),
+                Ok(Some(other)) => return Err(HandshakeError::NotConnect(other.name())),
+                Ok(None) => {}
+                Err(DecodeError::UnsupportedProtocolVersion(level)) => {
+                    // MQTT-3.1.2-2: answer with return code 0x01 (3.1.1 form) and close.
+                    debug!(peer = %self.peer, level, "unsupported protocol level");
+                    self.wbuf.extend_from_slice(&[0x20, 0x02, 0x00, 0x01]);
+                    self.flush_and_close().await;
+                    return Err(DecodeError::UnsupportedProtocolVersion(level).into());
+                }
+                Err(e) => return Err(e.into()),
+            }
+            tokio::select! {
+                r = self.reader.read_buf(&mut self.rbuf) => {
+                    if r? == 0 {
+                        return Ok(None);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return Err(HandshakeError::Timeout),
+                _ = self.shared.shutdown.cancelled() => return Err(HandshakeError::Shutdown),
+            }
+        }
+    }
+
+    async fn run(mut self, connect: Box<Connect>) {
+        self.version = connect.protocol;
+        let (request, mut state) = match self.accept(connect) {
+            Ok(x) => x,
+            Err(code) => {
+                // Refused: CONNACK with the reason, then close (MQTT-3.2.2-5).
+                let ack = Packet::ConnAck(ConnAck {
+                    session_present: false,
+                    reason_code: code,
+                    properties: ConnAckProperties::default(),
+                });
+                protocol::encode(&ack, self.version, &mut self.wbuf);
+                self.flush_and_close().await;
+                debug!(peer = %self.peer, cause = %HandshakeError::Refused(code), "connection refused");
+                return;
+            }
+        };
+        let shared = self.shared.clone();
+        shared.connected.fetch_add(1, Ordering::Relaxed);
+        let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let backlog = Arc::new(AtomicUsize::new(0));
+        let link = ConnLink {
+            id: conn_id,
+            tx,
+            backlog: backlog.clone(),
+        };
+        let request = ConnectRequest {
+            link,
+            client_id: request.client_id,
+            clean_start: request.clean_start,
+            expiry_interval: request.expiry_interval,
+            will: request.will,
+            params: request.params,
+            connack: request.connack,
+        };
+        let client_id = state.client_id.clone();
+        debug!(peer = %self.peer, client_id = %client_id, version = ?self.version, "client connected");
+        if shared
+            .router
+            .send(RouterEvent::Connect(Box::new(request)))
+            .await
+            .is_err()
+        {
+            shared.connected.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+
+        let close = self.main_loop(conn_id, &mut state, &mut rx, &backlog).await;
+        debug!(client_id = %client_id, ?close, "connection closing");
+        let (will, expiry) = match &close {
+            Close::ClientDisconnect { reason, expiry } => (
+                if *reason == reason::NORMAL_DISCONNECTION {
+                    WillAction::Discard
+                } else {
+                    WillAction::Publish
+                },
+                *expiry,
+            ),
+            _ => (WillAction::Publish, None),
+        };
+        let reason_code = match &close {
+            Close::Protocol(code, why) => {
+                info!(client_id = %client_id, reason = code, why, "closing connection after a protocol violation");
+                Some(*code)
+            }
+            Close::Server(code) => Some(*code),
+            Close::KeepAlive => {
+                info!(client_id = %client_id, "keep-alive timeout");
+                Some(reason::KEEP_ALIVE_TIMEOUT)
+            }
+            Close::Socket | Close::ClientDisconnect { .. } => None,
+        };
+        if let (Some(code), true) = (reason_code, self.version.is_v5()) {
+            let d = Packet::Disconnect(Disconnect {
+                reason_code: code,
+                properties: DisconnectProperties::default(),
+            });
+            protocol::encode(&d, self.version, &mut self.wbuf);
+        }
+        let _ = shared
+            .router
+            .send(RouterEvent::Disconnected {
+                conn: conn_id,
+                will,
+                session_expiry: expiry,
+            })
+            .await;
+        shared.connected.fetch_sub(1, Ordering::Relaxed);
+        if !matches!(close, Close::Socket) {
+            self.flush_and_close().await;
+        }
+    }
+
+    /// Checks the CONNECT and works out the session parameters and the CONNACK.
+    /// `Err(reason)` refuses the connection.
+    fn accept(&self, c: Box<Connect>) -> Result<(Accepted, State), u8> {
+        let cfg = &self.shared.cfg;
+        let v5 = c.protocol.is_v5();
+        if self.shared.connected.load(Ordering::Relaxed) >= cfg.max_connections {
+            info!(peer = %self.peer, max = cfg.max_connections, "connection limit reached");
+            return Err(reason::QUOTA_EXCEEDED);
+        }
+        if v5 && c.properties.authentication_method.is_some() {
+            return Err(reason::BAD_AUTHENTICATION_METHOD);
+        }
+        if !cfg.allow_anonymous && c.username.is_none() {
+            return Err(reason::NOT_AUTHORIZED);
+        }
+        let mut assigned = None;
+        let client_id: Arc<str> = if c.client_id.is_empty() {
+            // MQTT-3.1.3-6/-8: only with clean start; 3.1 requires an id.
+            if !c.clean_start || c.protocol == ProtocolVersion::V31 {
+                return Err(reason::CLIENT_IDENTIFIER_NOT_VALID);
+            }
+            let id = assign_client_id();
+            assigned = Some(id.clone());
+            id.into()
+        } else {
+            c.client_id.as_str().into()
+        };
+        if let Some(w) = &c.will {
+            if !valid_topic(&w.topic, cfg) {
+                return Err(reason::TOPIC_NAME_INVALID);
+            }
+            if w.qos as u8 > cfg.max_qos {
+                return Err(reason::QOS_NOT_SUPPORTED);
+            }
+            if w.retain && !cfg.retain_available {
+                return Err(reason::RETAIN_NOT_SUPPORTED);
+            }
+        }
+        let requested_expiry = if v5 {
+            c.properties.session_expiry_interval.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            cfg.v3_session_expiry_secs
+        };
+        let expiry = requested_expiry.min(cfg.max_session_expiry_secs);
+        let keep_alive = cfg.server_keep_alive.unwrap_or(c.keep_alive);
+        let client_receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
+        let params = ClientParams {
+            protocol: c.protocol,
+            window: cfg.max_inflight.min(client_receive_max).max(1),
+            max_packet_size: c.properties.maximum_packet_size.unwrap_or(u32::MAX),
+        };
+        let mut props = ConnAckProperties::default();
+        if v5 {
+            if expiry != requested_expiry {
+                props.session_expiry_interval = Some(expiry);
+            }
+            props.receive_maximum = Some(cfg.max_inflight);
+            if cfg.max_qos < 2 {
+                props.maximum_qos = Some(cfg.max_qos);
+            }
+            if !cfg.retain_available {
+                props.retain_available = Some(0);
+            }
+            props.maximum_packet_size = Some(cfg.max_packet_size);
+            props.assigned_client_identifier = assigned;
+            props.topic_alias_maximum = Some(cfg.topic_alias_maximum);
+            props.wildcard_subscription_available = Some(1);
+            props.subscription_identifiers_available = Some(1);
+            props.shared_subscription_available = Some(1);
+            if cfg.server_keep_alive.is_some() {
+                props.server_keep_alive = Some(keep_alive);
+            }
+        }
+        let state = State {
+            client_id: client_id.clone(),
+            keep_alive: (keep_alive > 0)
+                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            connect_expiry: expiry,
+            in_aliases: HashMap::new(),
+            in_alias_max: if v5 { cfg.topic_alias_maximum } else { 0 },
+            out_aliases: HashMap::new(),
+            out_alias_max: if v5 {
+                c.properties.topic_alias_maximum.unwrap_or(0)
+            } else {
+                0
+            },
+            incoming_unacked: HashSet::new(),
+            request_problem_info: c.properties.request_problem_information != Some(0),
+        };
+        let Connect {
+            clean_start, will, ..
+        } = *c;
+        let request = Accepted {
+            client_id,
+            clean_start,
+            expiry_interval: expiry,
+            will,
+            params,
+            connack: ConnAck {
+                session_present: false,
+                reason_code: reason::SUCCESS,
+                properties: props,
+            },
+        };
+        Ok((request, state))
+    }
+
+    async fn main_loop(
+        &mut self,
+        conn: ConnId,
+        st: &mut State,
+        rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+        backlog: &AtomicUsize,
+    ) -> Close {
+        let max_in = self.shared.cfg.max_packet_size as usize;
+        let mut last_read = Instant::now();
+        // A far-future deadline stands in for "no keep-alive".
+        let never = Duration::from_secs(100 * 365 * 24 * 3600);
+        loop {
+            let deadline = last_read + st.keep_alive.unwrap_or(never);
+            tokio::select! {
+                r = self.writer.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() => {
+                    match r {
+                        Ok(0) | Err(_) => return Close::Socket,
+                        Ok(_) => {
+                            if self.wbuf.is_empty() && self.wbuf.capacity() > 4 * WRITE_HIGH_WATER {
+                                self.wbuf = BytesMut::with_capacity(READ_CHUNK);
+                            }
+                        }
+                    }
+                }
+                out = rx.recv(), if self.wbuf.len() < WRITE_HIGH_WATER => {
+                    let Some(mut out) = out else {
+                        return Close::Server(reason::SERVER_SHUTTING_DOWN);
+                    };
+                    loop {
+                        backlog.fetch_sub(1, Ordering::Relaxed);
+                        if let Some(close) = self.on_outgoing(st, out) {
+                            return close;
+                        }
+                        if self.wbuf.len() >= WRITE_HIGH_WATER {
+                            break;
+                        }
+                        match rx.try_recv() {
+                            Ok(next) => out = next,
+                            Err(_) => break,
+                        }
+                    }
+                }
+                r = self.reader.read_buf(&mut self.rbuf) => {
+                    match r {
+                        Ok(0) | Err(_) => return Close::Socket,
+                        Ok(_) => {}
+                    }
+                    last_read = Instant::now();
+                    loop {
+                        match protocol::decode(&mut self.rbuf, self.version, max_in) {
+                            Ok(Some(p)) => {
+                                if let Err(close) = self.on_incoming(conn, st, p, last_read).await {
+                                    return close;
+                                }
+                            }
+                            Ok(None) => break,
+                            Err(e) => {
+                                debug!(client_id = %st.client_id, cause = %e, "undecodable packet");
+                                return Close::Protocol(e.reason_code(), "malformed packet");
+                            }
+                        }
+                    }
+                    if self.rbuf.capacity() < READ_CHUNK / 2 {
+                        self.rbuf.reserve(READ_CHUNK);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline), if st.keep_alive.is_some() => {
+                    return Close::KeepAlive;
+                }
+            }
+        }
+    }
+
+    /// Encodes one packet from the router; returns `Some` if the connection must close.
+    fn on_outgoing(&mut self, st: &mut State, out: Outgoing) -> Option<Close> {
+        let mut packet = match out {
+            Outgoing::Disconnect(code) => return Some(Close::Server(code)),
+            Outgoing::Packet(p) => p,
+        };
+        match &mut packet {
+            Packet::Publish(p) => {
+                if st.out_alias_max > 0 {
+                    apply_out_alias(st, p);
+                }
+            }
+            Packet::PubAck(a) | Packet::PubComp(a) => {
+                st.incoming_unacked.remove(&a.packet_id);
+            }
+            Packet::PubRec(a) => {
+                if a.reason_code >= 0x80 {
+                    st.incoming_unacked.remove(&a.packet_id);
+                }
+            }
+            _ => {}
+        }
+        if !st.request_problem_info {
+            strip_problem_info(&mut packet);
+        }
+        protocol::encode(&packet, self.version, &mut self.wbuf);
+        None
+    }
+
+    /// Checks one packet from the client and passes it on. `Err` closes the connection.
+    async fn on_incoming(
+        &mut self,
+        conn: ConnId,
+        st: &mut State,
+        packet: Packet,
+        now: Instant,
+    ) -> Result<(), Close> {
+        let ev = match packet {
+            Packet::Publish(p) => {
+                let Some(p) = self.check_publish(st, p)? else {
+                    return Ok(());
+                };
+                RouterEvent::Publish {
+                    conn,
+                    publish: p,
+                    received: now,
+                }
+            }
+            Packet::PubAck(a) => RouterEvent::PubAck {
+                conn,
+                packet_id: a.packet_id,
+            },
+            Packet::PubRec(a) => RouterEvent::PubRec {
+                conn,
+                packet_id: a.packet_id,
+                reason: a.reason_code,
+            },
+            Packet::PubRel(a) => RouterEvent::PubRel {
+                conn,
+                packet_id: a.packet_id,
+            },
+            Packet::PubComp(a) => RouterEvent::PubComp {
+                conn,
+                packet_id: a.packet_id,
+            },
+            Packet::Subscribe(s) => {
+                for f in &s.filters {
+                    if f.options.no_local && f.filter.starts_with("$share/") {
+                        return Err(Close::Protocol(
+                            reason::PROTOCOL_ERROR,
+                            "No Local on a shared subscription",
+                        ));
+                    }
+                }
+                RouterEvent::Subscribe { conn, subscribe: s }
+            }
+            Packet::Unsubscribe(u) => RouterEvent::Unsubscribe {
+                conn,
+                unsubscribe: u,
+            },
+            Packet::PingReq => {
+                protocol::encode(&Packet::PingResp, self.version, &mut self.wbuf);
+                return Ok(());
+            }
+            Packet::Disconnect(d) => {
+                let expiry = d.properties.session_expiry_interval;
+                if let Some(e) = expiry {
+                    if st.connect_expiry == 0 && e != 0 {
+                        return Err(Close::Protocol(
+                            reason::PROTOCOL_ERROR,
+                            "Session Expiry Interval raised from 0 on DISCONNECT",
+                        ));
+                    }
+                }
+                return Err(Close::ClientDisconnect {
+                    reason: d.reason_code,
+                    expiry,
+                });
+            }
+            Packet::Connect(_) => {
+                return Err(Close::Protocol(reason::PROTOCOL_ERROR, "second CONNECT"))
+            }
+            Packet::Auth(_) => {
+                return Err(Close::Protocol(
+                    reason::PROTOCOL_ERROR,
+                    "AUTH without an authentication method (enhanced authentication is not supported)",
+                ))
+            }
+            Packet::ConnAck(_)
+            | Packet::SubAck(_)
+            | Packet::UnsubAck(_)
+            | Packet::PingResp => {
+                return Err(Close::Protocol(
+                    reason::PROTOCOL_ERROR,
+                    "server-to-client packet sent by a client",
+                ))
+            }
+        };
+        if self.shared.router.send(ev).await.is_err() {
+            return Err(Close::Server(reason::SERVER_SHUTTING_DOWN));
+        }
+        Ok(())
+    }
+
+    /// Validates an incoming PUBLISH and resolves its topic alias. `Ok(None)` means the
+    /// message was answered here and goes no further.
+    fn check_publish(&mut self, st: &mut State, mut p: Publish) -> Result<Option<Publish>, Close> {
+        let cfg = &self.shared.cfg;
+        if !p.properties.subscription_identifiers.is_empty() {
+            return Err(Close::Protocol(
+                reason::PROTOCOL_ERROR,
+                "Subscription Identifier in a client PUBLISH",
+            ));
+        }
+        if let Some(alias) = p.properties.topic_alias.take() {
+            if alias == 0 || alias > st.in_alias_max {
+                return Err(Close::Protocol(
+                    reason::TOPIC_ALIAS_INVALID,
+                    "topic alias out of range",
+                ));
+            }
+            if p.topic.is_empty() {
+                match st.in_aliases.get(&alias) {
+                    Some(t) => p.topic = t.clone(),
+                    None => {
+                        return Err(Close::Protocol(
+                            reason::PROTOCOL_ERROR,
+                            "unknown topic alias",
+                        ))
+                    }
+                }
+            } else if valid_topic(&p.topic, cfg) {
+                st.in_aliases.insert(alias, p.topic.clone());
+            }
+        }
+        if !valid_topic(&p.topic, cfg) {
+            return Err(Close::Protocol(
+                reason::TOPIC_NAME_INVALID,
+                "invalid topic name",
+            ));
+        }
+        if p.qos as u8 > cfg.max_qos {
+            return Err(Close::Protocol(
+                reason::QOS_NOT_SUPPORTED,
+                "QoS above the server maximum",
+            ));
+        }
+        if p.retain && !cfg.retain_available {
+            return Err(Close::Protocol(
+                reason::RETAIN_NOT_SUPPORTED,
+                "retain not supported",
+            ));
+        }
+        if p.qos != QoS::AtMostOnce {
+            st.incoming_unacked.insert(p.packet_id);
+            if st.incoming_unacked.len() > usize::from(cfg.max_inflight) {
+                return Err(Close::Protocol(
+                    reason::RECEIVE_MAXIMUM_EXCEEDED,
+                    "more unacknowledged QoS 1/2 publishes than Receive Maximum",
+                ));
+            }
+        }
+        if p.properties.payload_format_indicator == Some(1)
+            && std::str::from_utf8(&p.payload).is_err()
+        {
+            // MQTT-3.3.2-4 allows refusing it: answer with 0x99 and do not route it.
+            let ack = crate::protocol::PubAckLike::with_reason(
+                p.packet_id,
+                reason::PAYLOAD_FORMAT_INVALID,
+            );
+            match p.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => {
+                    st.incoming_unacked.remove(&p.packet_id);
+                    protocol::encode(&Packet::PubAck(ack), self.version, &mut self.wbuf);
+                }
+                QoS::ExactlyOnce => {
+                    st.incoming_unacked.remove(&p.packet_id);
+                    protocol::encode(&Packet::PubRec(ack), self.version, &mut self.wbuf);
+                }
+            }
+            return Ok(None);
+        }
+        Ok(Some(p))
+    }
+
+    /// Writes what is buffered (bounded in time) and shuts the socket down.
+    async fn flush_and_close(&mut self) {
+        let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+            while !self.wbuf.is_empty() {
+                match self.writer.write_buf(&mut self.wbuf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+            let _ = self.writer.shutdown().await;
+        })
+        .await;
+    }
+}
+
+fn valid_topic(t: &str, cfg: &MqttConfig) -> bool {
+    topic::valid_topic_name(t)
+        && t.len() <= cfg.max_topic_length
+        && topic::level_count(t) <= cfg.max_topic_levels
+}
+
+/// Uses an outgoing topic alias when the client allows them: the first message on a topic
+/// carries topic + new alias, later ones only the alias. Once the client's maximum is
+/// reached, further topics go out in full.
+fn apply_out_alias(st: &mut State, p: &mut Publish) {
+    if let Some(&alias) = st.out_aliases.get(&p.topic) {
+        p.properties.topic_alias = Some(alias);
+        p.topic = Arc::from("");
+    } else if st.out_aliases.len() < usize::from(st.out_alias_max) {
+        let alias = st.out_aliases.len() as u16 + 1;
+        st.out_aliases.insert(p.topic.clone(), alias);
+        p.properties.topic_alias = Some(alias);
+    }
+}
+
+/// MQTT-3.1.2-29: with Request Problem Information = 0 the server sends no Reason String or
+/// User Properties except on PUBLISH, CONNACK and DISCONNECT.
+fn strip_problem_info(p: &mut Packet) {
+    let props = match p {
+        Packet::PubAck(a) | Packet::PubRec(a) | Packet::PubRel(a) | Packet::PubComp(a) => {
+            &mut a.properties
+        }
+        Packet::SubAck(a) => &mut a.properties,
+        Packet::UnsubAck(a) => &mut a.properties,
+        _ => return,
+    };
+    props.reason_string = None;
+    props.user_properties.clear();
+}
+
+/// A unique client id for clients that connect with an empty one (v5 Assigned Client
+/// Identifier). Random per process, counter per connection.
+fn assign_client_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    format!("holdfast-{:016x}", h.finish())
+}
+
+/// A CONNECT that passed the checks: the router request minus the connection link.
+struct Accepted {
+    client_id: Arc<str>,
+    clean_start: bool,
+    expiry_interval: u32,
+    will: Option<crate::protocol::Will>,
+    params: ClientParams,
+    connack: ConnAck,
+}
