@@ -195,15 +195,10 @@ impl Node {
         }
     }
 
+    /// Allocates the key; `subscribe` only comes here when the path is incomplete.
     fn child_or_insert(&mut self, level: &str) -> &mut Node {
         if level == "+" {
             self.plus.get_or_insert_with(Box::default)
-        } else if self.children.contains_key(level) {
-            // Two lookups instead of `entry`, so that existing paths do not allocate a key.
-            match self.children.get_mut(level) {
-                Some(n) => n,
-                None => unreachable_child(),
-            }
         } else {
             self.children.entry(Box::from(level)).or_default()
         }
@@ -216,11 +211,6 @@ impl Node {
             self.children.remove(level);
         }
     }
-}
-
-#[cold]
-fn unreachable_child() -> ! {
-    unreachable!("child checked present just before")
 }
 
 impl Drop for Node {
@@ -269,6 +259,18 @@ impl SubscriptionTree {
         Self::default()
     }
 
+    /// The slot a filter maps to, if its path exists.
+    fn slot_mut(&mut self, filter: &str) -> Option<&mut Subs> {
+        let mut node = &mut self.root;
+        for (level, last) in levels(filter) {
+            if last && level == "#" {
+                return node.hash.as_deref_mut();
+            }
+            node = node.child_mut(level)?;
+        }
+        Some(&mut node.subs)
+    }
+
     fn slot_or_insert(&mut self, filter: &str) -> &mut Subs {
         let mut node = &mut self.root;
         for (level, last) in levels(filter) {
@@ -290,7 +292,13 @@ impl SubscriptionTree {
         session: SessionId,
         data: SubscriptionData,
     ) -> bool {
-        let existed = self.slot_or_insert(filter).insert(share_group, session, data);
+        // Fast path (existing path) first, so that no level key is allocated.
+        let existed = match self.slot_mut(filter) {
+            Some(slot) => slot.insert(share_group, session, data),
+            None => self
+                .slot_or_insert(filter)
+                .insert(share_group, session, data),
+        };
         if !existed {
             self.len += 1;
         }
@@ -298,7 +306,12 @@ impl SubscriptionTree {
     }
 
     /// Returns true if it existed. Prunes empty nodes so memory does not grow with churn.
-    pub fn unsubscribe(&mut self, filter: &str, share_group: Option<&str>, session: SessionId) -> bool {
+    pub fn unsubscribe(
+        &mut self,
+        filter: &str,
+        share_group: Option<&str>,
+        session: SessionId,
+    ) -> bool {
         // Pass 1: walk down, remove, and remember the deepest node that must stay
         // (`cut`: the edge below it, at filter level index `cut`, leads to a chain that is
         // empty once the subscription is gone).
@@ -513,7 +526,10 @@ mod tests {
         t.subscribe("sport/#", None, 2, data(0, None));
         t.subscribe("#", None, 3, data(0, None));
         assert_eq!(sessions(&mut t, "sport/tennis/player1"), vec![1, 2, 3]);
-        assert_eq!(sessions(&mut t, "sport/tennis/player1/ranking"), vec![1, 2, 3]);
+        assert_eq!(
+            sessions(&mut t, "sport/tennis/player1/ranking"),
+            vec![1, 2, 3]
+        );
         assert_eq!(
             sessions(&mut t, "sport/tennis/player1/score/wimbledon"),
             vec![1, 2, 3]
@@ -533,7 +549,10 @@ mod tests {
         t.subscribe("+", None, 5, data(0, None));
         t.subscribe("a/+/b", None, 6, data(0, None));
         assert_eq!(sessions(&mut t, "sport/tennis/player1"), vec![1]);
-        assert_eq!(sessions(&mut t, "sport/tennis/player1/ranking"), Vec::<u64>::new());
+        assert_eq!(
+            sessions(&mut t, "sport/tennis/player1/ranking"),
+            Vec::<u64>::new()
+        );
         assert_eq!(sessions(&mut t, "sport"), vec![5]);
         assert_eq!(sessions(&mut t, "sport/"), vec![2, 3]);
         assert_eq!(sessions(&mut t, "/finance"), vec![3, 4]);
@@ -601,7 +620,9 @@ mod tests {
         let mut out = Vec::new();
         t.matches("a/b", Some(2), |_| true, &mut out);
         assert_eq!(
-            out.iter().map(|m| (m.session, m.shared)).collect::<Vec<_>>(),
+            out.iter()
+                .map(|m| (m.session, m.shared))
+                .collect::<Vec<_>>(),
             vec![(1, false), (1, true)]
         );
         // Session 1 has no no_local subscription: still receives its own message.
@@ -643,7 +664,10 @@ mod tests {
             assert!(out[0].shared);
             *counts.entry(out[0].session).or_default() += 1;
         }
-        assert_eq!(counts.into_iter().collect::<Vec<_>>(), vec![(10, 3), (20, 3), (30, 3)]);
+        assert_eq!(
+            counts.into_iter().collect::<Vec<_>>(),
+            vec![(10, 3), (20, 3), (30, 3)]
+        );
 
         // Ineligible member skipped.
         let mut counts: BTreeMap<SessionId, usize> = BTreeMap::new();
@@ -652,7 +676,10 @@ mod tests {
             t.matches("jobs/x", None, |s| s != 20, &mut out);
             *counts.entry(out[0].session).or_default() += 1;
         }
-        assert_eq!(counts.into_iter().collect::<Vec<_>>(), vec![(10, 5), (30, 5)]);
+        assert_eq!(
+            counts.into_iter().collect::<Vec<_>>(),
+            vec![(10, 5), (30, 5)]
+        );
 
         // None eligible: round robin among all.
         let mut seen = BTreeSet::new();
@@ -691,7 +718,10 @@ mod tests {
                 *counts.entry(m.session).or_default() += 1;
             }
         }
-        assert_eq!(counts.into_iter().collect::<Vec<_>>(), vec![(10, 2), (30, 2)]);
+        assert_eq!(
+            counts.into_iter().collect::<Vec<_>>(),
+            vec![(10, 2), (30, 2)]
+        );
     }
 
     #[test]
@@ -774,7 +804,9 @@ mod tests {
     const TOPIC_LEVELS: &[&str] = &["a", "b", "", "$SYS", "$x", "c"];
 
     fn topic_strategy() -> impl Strategy<Value = String> {
-        prop::collection::vec(prop::sample::select(TOPIC_LEVELS), 1..5).prop_map(|v| v.join("/"))
+        prop::collection::vec(prop::sample::select(TOPIC_LEVELS), 1..5)
+            .prop_map(|v| v.join("/"))
+            .prop_filter("non-empty topic", |t| !t.is_empty())
     }
 
     fn filter_strategy() -> impl Strategy<Value = String> {
@@ -788,11 +820,7 @@ mod tests {
                 if hash {
                     v.push("#");
                 }
-                if v.is_empty() {
-                    None
-                } else {
-                    Some(v.join("/"))
-                }
+                Some(v.join("/")).filter(|f| !f.is_empty())
             },
         )
     }
