@@ -1011,6 +1011,61 @@ mod tests {
         }
     }
 
+    /// Every key of the default configuration (plus the optional ones, which serialize to
+    /// nothing when unset) as dotted paths.
+    fn all_keys() -> Vec<String> {
+        let mut cfg = Config::default();
+        cfg.mqtt.server_keep_alive = Some(0);
+        let mut keys = Vec::new();
+        let table: toml::Table = toml::from_str(&cfg.to_toml()).expect("to_toml is TOML");
+        for (name, value) in table {
+            match value {
+                toml::Value::Table(inner) => {
+                    keys.extend(inner.keys().map(|k| format!("{name}.{k}")));
+                }
+                toml::Value::Array(items) => {
+                    for item in items.iter().filter_map(toml::Value::as_table) {
+                        keys.extend(item.keys().map(|k| format!("{name}.{k}")));
+                    }
+                }
+                _ => keys.push(name),
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    #[test]
+    fn every_key_is_documented() {
+        let example = include_str!("../examples/holdfast.toml");
+        let reference = include_str!("../docs/configuration.md");
+        let keys = all_keys();
+        for expected in [
+            "data_dir",
+            "listener.bind",
+            "log.level",
+            "mqtt.server_keep_alive",
+        ] {
+            assert!(keys.iter().any(|k| k == expected), "{keys:?}");
+        }
+        for key in keys {
+            let leaf = key.rsplit('.').next().unwrap_or(&key);
+            assert!(
+                example.contains(&format!("\n{leaf} = "))
+                    || example.contains(&format!("# {leaf} = ")),
+                "examples/holdfast.toml lacks `{key}`"
+            );
+            let documented = if key.starts_with("listener.") {
+                reference.contains(&format!("`[[listener]]` `{leaf}`"))
+            } else {
+                reference.contains(&format!("| `{key}` |"))
+                    && reference.contains(&format!("`{}`", env_var_for_key(&key)))
+            };
+            assert!(documented, "docs/configuration.md lacks `{key}`");
+        }
+    }
+
     #[test]
     fn example_file_loads_and_validates() {
         let path = Path::new(concat!(
