@@ -995,8 +995,10 @@ mod tests {
 
     #[test]
     fn to_toml_round_trips() {
-        let mut cfg = Config::default();
-        cfg.data_dir = PathBuf::from("/var/lib/holdfast");
+        let mut cfg = Config {
+            data_dir: PathBuf::from("/var/lib/holdfast"),
+            ..Config::default()
+        };
         cfg.listener.push(ListenerConfig {
             bind: "[::]:1884".to_string(),
         });
