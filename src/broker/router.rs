@@ -474,6 +474,11 @@ impl Router {
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
+        if code == reason::QUOTA_EXCEEDED && !s.params.protocol.is_v5() {
+            // 3.x has no way to say "quota exceeded": leave the message unacknowledged so
+            // the client keeps it and retries later (the refusal was logged by the queue).
+            return;
+        }
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {
