@@ -17,7 +17,7 @@
 //! Encoding never fails. Fields that cannot be represented are handled as follows: strings and
 //! binary data longer than 65 535 bytes are truncated (on a char boundary); DUP is only written
 //! for QoS > 0; CONNACK Session Present is only written with reason code 0 (and never for
-//! MQTT 3.1); v5-only data is left out for 3.x peers; a 3.x SUBACK writes 0x80 for every code
+//! MQTT 3.1); v5-only data (and a password without a user name) is left out for 3.x peers; a 3.x SUBACK writes 0x80 for every code
 //! other than 0, 1, 2. AUTH exists only in MQTT 5 and is always written in the v5 format.
 //! The caller must keep packets below the peer's maximum packet size (check `encoded_len`).
 

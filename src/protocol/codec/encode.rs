@@ -267,7 +267,9 @@ fn connect<S: Sink>(c: &Connect, s: &mut S) {
             flags |= 0x20;
         }
     }
-    if c.password.is_some() {
+    // 3.x cannot carry a password without a user name (MQTT-3.1.2-22): it is left out.
+    let password = c.password.as_ref().filter(|_| v5 || c.username.is_some());
+    if password.is_some() {
         flags |= 0x40;
     }
     if c.username.is_some() {
@@ -289,7 +291,7 @@ fn connect<S: Sink>(c: &Connect, s: &mut S) {
     if let Some(u) = &c.username {
         put_str(s, u);
     }
-    if let Some(p) = &c.password {
+    if let Some(p) = password {
         put_bin(s, p);
     }
 }
