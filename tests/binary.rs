@@ -50,7 +50,10 @@ async fn spawn_daemon(config: &Path, port: u16, env: &[(&str, &str)]) -> Child {
         if let Ok(Some(status)) = child.try_wait() {
             panic!("holdfast exited early: {status}");
         }
-        assert!(Instant::now() < deadline, "holdfast did not start listening");
+        assert!(
+            Instant::now() < deadline,
+            "holdfast did not start listening"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     child
@@ -90,10 +93,20 @@ fn version_is_printed() {
 #[test]
 fn check_config_accepts_the_example_and_prints_the_effective_config() {
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/holdfast.toml");
-    let out = Command::new(BIN).args(["check-config", example]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["check-config", example])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("[[listener]]") && text.contains("max_inflight"), "{text}");
+    assert!(
+        text.contains("[[listener]]") && text.contains("max_inflight"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -107,11 +120,18 @@ fn check_config_names_the_key_and_the_file() {
         ("[[listener]]\nbind = \"not-an-address\"\n", "bind"),
     ] {
         std::fs::write(&path, body).unwrap();
-        let out = Command::new(BIN).args(["check-config"]).arg(&path).output().unwrap();
+        let out = Command::new(BIN)
+            .args(["check-config"])
+            .arg(&path)
+            .output()
+            .unwrap();
         assert!(!out.status.success(), "{body} should be refused");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains(key), "{body}: error should name {key}: {err}");
-        assert!(err.contains(&*path.to_string_lossy()), "error should name the file: {err}");
+        assert!(
+            err.contains(&*path.to_string_lossy()),
+            "error should name the file: {err}"
+        );
     }
     let out = Command::new(BIN)
         .args(["check-config", "/nonexistent/holdfast.toml"])
@@ -127,7 +147,11 @@ fn a_busy_port_is_a_clear_error() {
     let port = taken.local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
     let cfg = write_config(dir.path(), port);
-    let out = Command::new(BIN).args(["run", "--config"]).arg(&cfg).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
@@ -184,5 +208,8 @@ async fn a_bad_environment_override_is_refused_naming_the_variable() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("HOLDFAST_MQTT__MAX_INFLIGHT") && err.contains("mqtt.max_inflight"), "{err}");
+    assert!(
+        err.contains("HOLDFAST_MQTT__MAX_INFLIGHT") && err.contains("mqtt.max_inflight"),
+        "{err}"
+    );
 }

@@ -67,7 +67,10 @@ async fn reject_new_answers_quota_exceeded_to_v5_and_withholds_the_v3_ack() {
             other => panic!("{other:?}"),
         }
     }
-    assert_eq!(codes, vec![0, 0, 0, reason::QUOTA_EXCEEDED, reason::QUOTA_EXCEEDED]);
+    assert_eq!(
+        codes,
+        vec![0, 0, 0, reason::QUOTA_EXCEEDED, reason::QUOTA_EXCEEDED]
+    );
 
     let mut p3 = RawClient::connect(b.addr, ProtocolVersion::V311, "p3").await;
     p3.publish("q", &[6], QoS::AtLeastOnce, 1).await;
@@ -87,7 +90,8 @@ async fn queued_bytes_limit_applies() {
     let conn = offline_subscriber(b.addr, "bytes").await;
     let mut p = RawClient::connect(b.addr, ProtocolVersion::V5, "p").await;
     for i in 1..=5u8 {
-        p.publish("q", &[i; 4], QoS::AtLeastOnce, u16::from(i)).await;
+        p.publish("q", &[i; 4], QoS::AtLeastOnce, u16::from(i))
+            .await;
         p.recv().await;
     }
     // 4-byte payloads, 10-byte budget: the newest two survive drop-oldest.
@@ -103,7 +107,10 @@ async fn topic_length_and_depth_limits() {
     })
     .await;
     let mut c = RawClient::connect(b.addr, ProtocolVersion::V5, "lim").await;
-    assert_eq!(c.subscribe("a/b/c/d", QoS::AtMostOnce).await, vec![reason::TOPIC_FILTER_INVALID]);
+    assert_eq!(
+        c.subscribe("a/b/c/d", QoS::AtMostOnce).await,
+        vec![reason::TOPIC_FILTER_INVALID]
+    );
     assert_eq!(
         c.subscribe("this/is/far-too-long", QoS::AtMostOnce).await,
         vec![reason::TOPIC_FILTER_INVALID]
@@ -111,9 +118,9 @@ async fn topic_length_and_depth_limits() {
     assert_eq!(c.subscribe("a/b/c", QoS::AtMostOnce).await, vec![0]);
     c.publish("a/b/c/d", b"deep", QoS::AtMostOnce, 0).await;
     let seen = c.expect_closed().await;
-    assert!(seen
-        .iter()
-        .any(|p| matches!(p, Packet::Disconnect(d) if d.reason_code == reason::TOPIC_NAME_INVALID)));
+    assert!(seen.iter().any(
+        |p| matches!(p, Packet::Disconnect(d) if d.reason_code == reason::TOPIC_NAME_INVALID)
+    ));
     b.shutdown().await;
 }
 
