@@ -73,12 +73,15 @@ impl DecodeError {
 /// Largest value a Variable Byte Integer can hold (4 bytes).
 pub const MAX_VARINT: usize = 268_435_455;
 
+/// Most `decode` reserves ahead for an incomplete packet.
+const MAX_RESERVE: usize = 64 * 1024;
+
 /// Decodes one packet from the front of `buf`.
 ///
 /// Returns `Ok(None)` (consuming nothing) while the packet is incomplete. Once the fixed
 /// header is complete, a packet larger than `max_packet_size` is rejected with
 /// [`DecodeError::PacketTooLarge`] without waiting for its body, and `buf` is grown to hold
-/// the rest of the packet. `version` selects the format of every packet except CONNECT,
+/// the rest of the packet (by at most 64 KiB per call). `version` selects the format of every packet except CONNECT,
 /// which is decoded according to its own protocol name and level.
 pub fn decode(
     buf: &mut BytesMut,
@@ -94,7 +97,8 @@ pub fn decode(
         return Err(DecodeError::PacketTooLarge);
     }
     if buf.len() < total {
-        buf.reserve(total - buf.len());
+        // Make room for the rest, but a header alone cannot make us allocate a lot.
+        buf.reserve((total - buf.len()).min(MAX_RESERVE));
         return Ok(None);
     }
     let first = buf[0];

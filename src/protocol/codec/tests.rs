@@ -80,6 +80,10 @@ fn incomplete_packet_reserves_room_for_the_rest() {
     let mut buf = BytesMut::from(&[0x30, 0xe8, 0x07][..]); // remaining 1000
     assert_eq!(decode(&mut buf, V311, MAX), Ok(None));
     assert!(buf.capacity() >= 1003);
+    // A header claiming a huge packet does not allocate it up front.
+    let mut buf = BytesMut::from(&[0x30, 0xff, 0xff, 0xff, 0x7f][..]);
+    assert_eq!(decode(&mut buf, V311, usize::MAX), Ok(None));
+    assert!(buf.capacity() < 1 << 20);
 }
 
 #[test]
