@@ -30,6 +30,59 @@ pub struct Config {
     pub listener: Vec<ListenerConfig>,
     pub log: LogConfig,
     pub mqtt: MqttConfig,
+    pub store: StoreConfig,
+}
+
+/// The durable store (SQLite file `<data_dir>/holdfast.db`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreConfig {
+    /// `full`: every commit is fsynced (survives power loss). `normal`: survives a process
+    /// crash, but the last commits may be lost on power loss.
+    pub synchronous: crate::store::Synchronous,
+    /// Largest database file in bytes (0 = limited only by the disk).
+    pub max_bytes: u64,
+    /// When the budget (or the disk) is full: `drop-oldest` drops the oldest queued messages
+    /// of the longest queue (counted); `reject-new` refuses new QoS 1/2 messages (0x97).
+    pub budget_policy: crate::store::BudgetPolicy,
+    /// A database file found corrupt at start-up: `quarantine` moves it aside and starts
+    /// empty (loudly); `refuse` stops with an error.
+    pub on_corrupt: crate::store::OnCorrupt,
+    /// Seconds between sweeps that delete expired queued messages.
+    pub sweep_interval_secs: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            synchronous: crate::store::Synchronous::Full,
+            max_bytes: 0,
+            budget_policy: crate::store::BudgetPolicy::RejectNew,
+            on_corrupt: crate::store::OnCorrupt::Quarantine,
+            sweep_interval_secs: 60,
+        }
+    }
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_bytes != 0 && self.max_bytes < 64 * 1024 {
+            return Err(ConfigError::invalid(
+                "store.max_bytes",
+                format!(
+                    "must be 0 (no limit) or at least 65536 (got {})",
+                    self.max_bytes
+                ),
+            ));
+        }
+        if self.sweep_interval_secs == 0 {
+            return Err(ConfigError::invalid(
+                "store.sweep_interval_secs",
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -121,6 +174,7 @@ impl Default for Config {
             }],
             log: LogConfig::default(),
             mqtt: MqttConfig::default(),
+            store: StoreConfig::default(),
         }
     }
 }
@@ -530,7 +584,8 @@ impl Config {
             seen.push(addr);
         }
         self.log.validate()?;
-        self.mqtt.validate()
+        self.mqtt.validate()?;
+        self.store.validate()
     }
 
     /// The effective configuration as TOML (for `holdfast check-config`). Loading the

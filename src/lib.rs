@@ -9,3 +9,4 @@ pub mod broker;
 pub mod config;
 pub mod observe;
 pub mod protocol;
+pub mod store;

@@ -42,6 +42,8 @@ pub enum BrokerError {
         bind: String,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// A running broker.
@@ -77,7 +79,32 @@ impl Broker {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect::<Vec<_>>();
-        let router = tokio::spawn(Router::new(mqtt.clone(), router_rx).run());
+        let opts = crate::store::StoreOptions {
+            path: crate::store::db_path(&cfg.data_dir),
+            synchronous: cfg.store.synchronous,
+            max_bytes: cfg.store.max_bytes,
+            budget_policy: cfg.store.budget_policy,
+            on_corrupt: cfg.store.on_corrupt,
+        };
+        let t0 = std::time::Instant::now();
+        let (store, recovered, store_rx) = crate::store::Store::open(&opts)?; // start-up: blocking briefly is fine
+        info!(
+            path = %opts.path.display(),
+            sessions = recovered.sessions.len(),
+            ms = t0.elapsed().as_millis() as u64,
+            "store opened"
+        );
+        let router = tokio::spawn(
+            Router::new(
+                mqtt.clone(),
+                router_rx,
+                store,
+                store_rx,
+                recovered,
+                Duration::from_secs(cfg.store.sweep_interval_secs),
+            )
+            .run(),
+        );
         let shared = Arc::new(Shared {
             cfg: mqtt.clone(),
             router: router_tx.clone(),

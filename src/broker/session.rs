@@ -1,13 +1,18 @@
 //! One client's session as the router sees it: subscriptions, the outgoing in-flight window
 //! (packet ids, QoS 1/2 states), the queue of messages waiting for the window or for the
-//! client to come back, the incoming QoS 2 packet ids awaiting PUBREL, and expiry.
+//! client to come back, the incoming QoS 2 packet ids awaiting PUBREL, expiry, and the
+//! output held back until the store has committed what it depends on.
 //!
 //! Invariants:
 //! - a packet id is in `inflight` at most once; ids are 1..=65535;
-//! - messages leave `queue` in FIFO order and enter `inflight` in that same order, so
-//!   per-session order is preserved across the window and across reconnects;
+//! - every message has a per-session sequence number; messages leave the queue in sequence
+//!   order and enter `inflight` in that order, so per-session order is preserved across the
+//!   window, reconnects and (for durable sessions) restarts;
 //! - an in-flight message is removed only on PUBACK / PUBCOMP (or a PUBREC with an error
-//!   reason), or when the whole session ends.
+//!   reason), or when the whole session ends;
+//! - durable sessions keep at most `MEM_QUEUE` queued messages in memory, and none while
+//!   offline: `queue` is always a prefix of the queue, and everything from `spilled_from`
+//!   on is on disk only. Memory does not grow with the number of queued messages.
 //!
 //! The session is owned by the router task; nothing here is shared or locked.
 
@@ -18,7 +23,10 @@ use tokio::time::Instant;
 
 use super::connection::ConnLink;
 use super::topic_tree::{SessionId, SubscriptionData};
-use crate::protocol::{ProtocolVersion, Publish, QoS, Will};
+use crate::protocol::{Packet, ProtocolVersion, Publish, Will};
+
+/// Queued messages a durable session keeps in memory (the rest stay on disk).
+pub const MEM_QUEUE: usize = 64;
 
 /// Where an outgoing QoS 1/2 message stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +40,7 @@ pub enum InflightState {
 #[derive(Debug, Clone)]
 pub struct Inflight {
     pub packet_id: u16,
+    pub seq: u64,
     pub state: InflightState,
     pub message: Message,
 }
@@ -65,6 +74,34 @@ impl Message {
     }
 }
 
+/// A queued message and its sequence number.
+#[derive(Debug, Clone)]
+pub struct Queued {
+    pub seq: u64,
+    pub message: Message,
+}
+
+/// Output waiting for a store commit (or behind output that is), so that it leaves in
+/// order and only once what it acknowledges is durable.
+// Mostly `Packet`s; boxing them would cost an allocation per held packet.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Held {
+    Packet(Packet),
+    /// Send the in-flight message with this packet id (looked up when released).
+    Deliver {
+        packet_id: u16,
+        dup: bool,
+    },
+    /// Acknowledge an incoming QoS 1/2 PUBLISH; on a failed commit it becomes 0x97
+    /// (v5) or is withheld (3.x).
+    PubAck {
+        packet_id: u16,
+        qos2: bool,
+        code: u8,
+    },
+}
+
 /// Limits and preferences of the client's current connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientParams {
@@ -78,19 +115,34 @@ pub struct ClientParams {
 pub struct Session {
     pub id: SessionId,
     pub client_id: Arc<str>,
+    /// Kept in the store (Session Expiry Interval > 0 when it was created).
+    pub durable: bool,
     /// The online connection, if any.
     pub conn: Option<ConnLink>,
     pub params: ClientParams,
     /// Seconds the session outlives its connection; 0 = ends on disconnect,
     /// u32::MAX = never expires.
     pub expiry_interval: u32,
+    /// Unix ms when the session went offline (durable sessions).
+    pub offline_since_ms: i64,
     /// Subscriptions by full filter as subscribed (including any `$share/{group}/`).
     pub subscriptions: HashMap<String, SubscriptionData>,
     /// Last packet id handed out.
     next_packet_id: u16,
+    /// Next message sequence number.
+    pub next_seq: u64,
     pub inflight: VecDeque<Inflight>,
-    pub queue: VecDeque<Message>,
+    /// The front of the queue that is in memory.
+    pub queue: VecDeque<Queued>,
+    /// Messages waiting (in memory or on disk), not counting in-flight ones.
+    pub queue_len: u64,
     pub queued_bytes: u64,
+    /// Queued messages from this sequence number on are on disk only.
+    pub spilled_from: Option<u64>,
+    /// A read-back of the on-disk queue is outstanding.
+    pub reading: bool,
+    /// Output waiting for a commit: (token, item); token 0 = not waiting itself.
+    pub held: VecDeque<(u64, Held)>,
     /// Incoming QoS 2 packet ids received (and routed) whose PUBREL has not come yet.
     pub incoming_qos2: HashSet<u16>,
     /// The will of the current (or last) connection.
@@ -99,23 +151,30 @@ pub struct Session {
     pub dropped: u64,
     /// A drop episode is being logged: set on the first drop, cleared when the queue drains.
     pub drop_episode: bool,
-    /// Bumped on every disconnect, so timers armed for an earlier disconnect are ignored.
+    /// Bumped on every connect and disconnect, so timers armed earlier are ignored.
     pub generation: u64,
 }
 
 impl Session {
-    pub fn new(id: SessionId, client_id: Arc<str>, params: ClientParams) -> Self {
+    pub fn new(id: SessionId, client_id: Arc<str>, params: ClientParams, durable: bool) -> Self {
         Session {
             id,
             client_id,
+            durable,
             conn: None,
             params,
             expiry_interval: 0,
+            offline_since_ms: 0,
             subscriptions: HashMap::new(),
             next_packet_id: 0,
+            next_seq: 0,
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
+            queue_len: 0,
             queued_bytes: 0,
+            spilled_from: None,
+            reading: false,
+            held: VecDeque::new(),
             incoming_qos2: HashSet::new(),
             will: None,
             dropped: 0,
@@ -131,6 +190,11 @@ impl Session {
     /// Whether another QoS 1/2 message may be sent now.
     pub fn window_open(&self) -> bool {
         self.conn.is_some() && self.inflight.len() < usize::from(self.params.window)
+    }
+
+    /// Whether nothing is queued ahead of a new message (so it may go straight out).
+    pub fn queue_empty(&self) -> bool {
+        self.queue_len == 0
     }
 
     /// Next free packet id (1..=65535, skipping ids in flight). The window is never larger
@@ -154,17 +218,44 @@ impl Session {
         self.inflight.iter().position(|m| m.packet_id == packet_id)
     }
 
-    pub fn push_queue(&mut self, msg: Message) {
-        self.queued_bytes += msg.publish.payload.len() as u64;
-        self.queue.push_back(msg);
+    pub fn take_seq(&mut self) -> u64 {
+        let s = self.next_seq;
+        self.next_seq += 1;
+        s
     }
 
-    pub fn pop_queue(&mut self) -> Option<Message> {
-        let msg = self.queue.pop_front()?;
-        self.queued_bytes = self
-            .queued_bytes
-            .saturating_sub(msg.publish.payload.len() as u64);
-        Some(msg)
+    /// Adds a message to the back of the queue (kept in memory only if allowed).
+    pub fn push_queue(&mut self, q: Queued) {
+        self.queue_len += 1;
+        self.queued_bytes += q.message.publish.payload.len() as u64;
+        let in_memory = !self.durable
+            || (self.spilled_from.is_none() && self.is_online() && self.queue.len() < MEM_QUEUE);
+        if in_memory {
+            self.queue.push_back(q);
+        } else if self.spilled_from.is_none() {
+            self.spilled_from = Some(q.seq);
+        }
+    }
+
+    /// Takes the front of the in-memory queue.
+    pub fn pop_queue(&mut self) -> Option<Queued> {
+        let q = self.queue.pop_front()?;
+        self.forget_queued(q.message.publish.payload.len() as u64);
+        Some(q)
+    }
+
+    /// Accounts for a queued message that left the queue.
+    pub fn forget_queued(&mut self, size: u64) {
+        self.queue_len = self.queue_len.saturating_sub(1);
+        self.queued_bytes = self.queued_bytes.saturating_sub(size);
+    }
+
+    /// A durable session going offline releases its in-memory queue (it is on disk).
+    pub fn spill_all(&mut self) {
+        if let Some(front) = self.queue.front() {
+            self.spilled_from = Some(front.seq);
+            self.queue.clear();
+        }
     }
 
     /// Subscription filters in the form the subscription tree wants: (filter, group).
@@ -173,10 +264,6 @@ impl Session {
             .keys()
             .map(|full| split_share(full))
             .collect()
-    }
-
-    pub fn has_qos(&self, qos: QoS) -> bool {
-        qos != QoS::AtMostOnce
     }
 }
 

@@ -34,6 +34,11 @@ impl TestBroker {
 
 /// Starts a broker on 127.0.0.1:0 with a temp data dir; `tweak` adjusts the config.
 pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> TestBroker {
+    // RUST_LOG=holdfast=debug shows the broker's logs in failing tests.
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .try_init();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = Config {
         data_dir: dir.path().to_path_buf(),

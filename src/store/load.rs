@@ -1,0 +1,266 @@
+//! Start-up: open the database (quarantining a corrupt file if configured), migrate, and
+//! read what the router keeps in memory: sessions, their subscriptions, their in-flight
+//! messages (bounded by the in-flight window) and queue counters, incoming QoS 2 state and
+//! retained messages. Queued messages themselves stay on disk.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
+use tracing::{error, info};
+
+use super::{
+    configure, queue_id, schema, split_queue_id, unix_ms, OnCorrupt, QueueRow, Sid, StoreError,
+    StoreOptions, StoredWill,
+};
+
+#[derive(Debug, Clone)]
+pub struct RecoveredSubscription {
+    pub filter: String,
+    pub options: u8,
+    pub identifier: Option<u32>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RecoveredSession {
+    pub sid: Sid,
+    pub client_id: String,
+    pub protocol: u8,
+    pub expiry: u32,
+    /// Unix ms when it went offline; None if it was connected when the broker stopped.
+    pub disconnected_at: Option<i64>,
+    pub will: Option<StoredWill>,
+    pub subscriptions: Vec<RecoveredSubscription>,
+    pub incoming_qos2: Vec<u16>,
+    /// Rows in the queue (in flight included) and their payload bytes.
+    pub queued: u64,
+    pub queued_bytes: u64,
+    pub dropped: u64,
+    /// Next sequence number to assign.
+    pub next_seq: u64,
+    /// Rows already sent (state >= 1), in order; they are resent with DUP = 1.
+    pub inflight: Vec<QueueRow>,
+}
+
+#[derive(Debug, Default)]
+pub struct Recovered {
+    pub sessions: Vec<RecoveredSession>,
+    /// (topic, expires_at unix ms, v5 PUBLISH packet)
+    pub retained: Vec<(String, Option<i64>, Bytes)>,
+    /// Where a corrupt database was moved, if that happened.
+    pub quarantined: Option<PathBuf>,
+}
+
+fn is_corrupt(e: &StoreError) -> Option<String> {
+    let sqlite = match e {
+        StoreError::Open { source, .. } | StoreError::Migration { source, .. } => source,
+        StoreError::Sqlite(s) => s,
+        _ => return None,
+    };
+    match sqlite.sqlite_error_code() {
+        Some(ErrorCode::DatabaseCorrupt) | Some(ErrorCode::NotADatabase) => {
+            Some(sqlite.to_string())
+        }
+        _ => None,
+    }
+}
+
+pub fn open_and_load(opts: &StoreOptions) -> Result<(Connection, Recovered), StoreError> {
+    if let Some(dir) = opts.path.parent() {
+        if !dir.as_os_str().is_empty() {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+    }
+    match try_open(opts) {
+        Ok(x) => Ok(x),
+        Err(e) => {
+            let Some(cause) = is_corrupt(&e) else {
+                return Err(e);
+            };
+            if opts.on_corrupt == OnCorrupt::Refuse {
+                return Err(StoreError::Corrupt {
+                    path: opts.path.clone(),
+                    cause,
+                });
+            }
+            let moved = quarantine(&opts.path).map_err(|source| StoreError::DataDir {
+                path: opts.path.clone(),
+                source,
+            })?;
+            error!(
+                path = %opts.path.display(),
+                moved_to = %moved.display(),
+                %cause,
+                "DATABASE IS CORRUPT: moved it aside and starting with an empty store; \
+                 sessions and queued messages in the old file are NOT loaded"
+            );
+            let (conn, mut recovered) = try_open(opts)?;
+            recovered.quarantined = Some(moved);
+            Ok((conn, recovered))
+        }
+    }
+}
+
+/// Moves `path` (and its -wal/-shm files) to `path.corrupt-<unix ms>`.
+fn quarantine(path: &Path) -> std::io::Result<PathBuf> {
+    let stamp = unix_ms();
+    let target = PathBuf::from(format!("{}.corrupt-{stamp}", path.display()));
+    std::fs::rename(path, &target)?;
+    for suffix in ["-wal", "-shm"] {
+        let side = PathBuf::from(format!("{}{suffix}", path.display()));
+        if side.exists() {
+            let _ = std::fs::rename(&side, format!("{}{suffix}", target.display()));
+        }
+    }
+    Ok(target)
+}
+
+fn try_open(opts: &StoreOptions) -> Result<(Connection, Recovered), StoreError> {
+    let open_err = |source| StoreError::Open {
+        path: opts.path.clone(),
+        source,
+    };
+    let mut conn = Connection::open(&opts.path).map_err(open_err)?;
+    configure(&conn, opts.synchronous).map_err(open_err)?;
+    let found = schema::migrate(&mut conn)?;
+    if found < schema::latest_version() {
+        info!(
+            from = found,
+            to = schema::latest_version(),
+            "database schema upgraded"
+        );
+    }
+    if opts.max_bytes > 0 {
+        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let pages = (opts.max_bytes as i64 / page_size.max(512)).max(16);
+        conn.pragma_update(None, "max_page_count", pages)?;
+    }
+    let recovered = load(&conn)?;
+    Ok((conn, recovered))
+}
+
+fn load(conn: &Connection) -> Result<Recovered, StoreError> {
+    let mut subs: HashMap<Sid, Vec<RecoveredSubscription>> = HashMap::new();
+    {
+        let mut st = conn.prepare("SELECT sid, filter, options, identifier FROM subscription")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, i64>(0)? as Sid,
+                RecoveredSubscription {
+                    filter: r.get(1)?,
+                    options: r.get::<_, i64>(2)? as u8,
+                    identifier: r.get::<_, Option<i64>>(3)?.map(|v| v as u32),
+                },
+            ))
+        })?;
+        for row in rows {
+            let (sid, s) = row?;
+            subs.entry(sid).or_default().push(s);
+        }
+    }
+    let mut qos2: HashMap<Sid, Vec<u16>> = HashMap::new();
+    {
+        let mut st = conn.prepare("SELECT sid, packet_id FROM incoming_qos2")?;
+        let rows = st.query_map([], |r| {
+            Ok((r.get::<_, i64>(0)? as Sid, r.get::<_, i64>(1)? as u16))
+        })?;
+        for row in rows {
+            let (sid, p) = row?;
+            qos2.entry(sid).or_default().push(p);
+        }
+    }
+    let mut sessions = Vec::new();
+    {
+        let mut st = conn.prepare(
+            "SELECT sid, client_id, protocol, expiry_interval, disconnected_at, will, will_delay,
+                    queued, queued_bytes, dropped FROM session",
+        )?;
+        let rows = st.query_map([], |r| {
+            let will: Option<Vec<u8>> = r.get(5)?;
+            Ok(RecoveredSession {
+                sid: r.get::<_, i64>(0)? as Sid,
+                client_id: r.get(1)?,
+                protocol: r.get::<_, i64>(2)? as u8,
+                expiry: r.get::<_, i64>(3)? as u32,
+                disconnected_at: r.get(4)?,
+                will: will.map(|w| StoredWill {
+                    packet: Bytes::from(w),
+                    delay: 0,
+                }),
+                subscriptions: Vec::new(),
+                incoming_qos2: Vec::new(),
+                queued: r.get::<_, i64>(7)?.max(0) as u64,
+                queued_bytes: r.get::<_, i64>(8)?.max(0) as u64,
+                dropped: r.get::<_, i64>(9)?.max(0) as u64,
+                next_seq: 0,
+                inflight: Vec::new(),
+            })
+            .map(|mut s| {
+                if let (Some(w), Ok(d)) = (s.will.as_mut(), r.get::<_, i64>(6)) {
+                    w.delay = d as u32;
+                }
+                s
+            })
+        })?;
+        for row in rows {
+            sessions.push(row?);
+        }
+    }
+    let mut max_st = conn.prepare("SELECT max(id) FROM queue WHERE id >= ?1 AND id < ?2")?;
+    let mut front_st = conn.prepare(
+        "SELECT id, state, packet_id, expires_at, packet FROM queue
+         WHERE id >= ?1 AND id < ?2 ORDER BY id",
+    )?;
+    for s in &mut sessions {
+        s.subscriptions = subs.remove(&s.sid).unwrap_or_default();
+        s.incoming_qos2 = qos2.remove(&s.sid).unwrap_or_default();
+        let (lo, hi) = (queue_id(s.sid, 0), queue_id(s.sid + 1, 0));
+        let max: Option<i64> = max_st
+            .query_row(params![lo, hi], |r| r.get(0))
+            .optional()?
+            .flatten();
+        s.next_seq = max.map(|id| split_queue_id(id).1 + 1).unwrap_or(0);
+        if s.queued == 0 {
+            continue;
+        }
+        // The sent rows form the front of the queue (messages go out in order).
+        let mut rows = front_st.query(params![lo, hi])?;
+        while let Some(r) = rows.next()? {
+            let state: i64 = r.get(1)?;
+            if state == 0 {
+                break;
+            }
+            let blob: Vec<u8> = r.get(4)?;
+            s.inflight.push(QueueRow {
+                seq: split_queue_id(r.get(0)?).1,
+                state: state as u8,
+                packet_id: r.get::<_, Option<i64>>(2)?.map(|p| p as u16),
+                expires_at: r.get(3)?,
+                packet: Bytes::from(blob),
+            });
+        }
+    }
+    let mut retained = Vec::new();
+    {
+        let mut st = conn.prepare("SELECT topic, expires_at, packet FROM retained")?;
+        let rows = st.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, Option<i64>>(1)?,
+                Bytes::from(r.get::<_, Vec<u8>>(2)?),
+            ))
+        })?;
+        for row in rows {
+            retained.push(row?);
+        }
+    }
+    Ok(Recovered {
+        sessions,
+        retained,
+        quarantined: None,
+    })
+}

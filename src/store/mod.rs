@@ -1,0 +1,365 @@
+//! The durable store: the only code that speaks SQL.
+//!
+//! # Durability contract
+//! - One SQLite file (`<data_dir>/holdfast.db`) in WAL mode. With `synchronous = FULL`
+//!   (default) a commit survives power loss; with `NORMAL` it survives a process crash but
+//!   the last commits may be lost on power loss.
+//! - One writer thread owns the only write connection. The router submits `Batch`es of
+//!   `Op`s, each with a token; the writer takes whatever batches have arrived, applies them
+//!   in one transaction, commits, and only then reports every token as `Committed`
+//!   (group commit). Tokens complete in submission order.
+//! - The router sends a QoS 1 PUBACK / QoS 2 PUBREC, a SUBACK, a PUBREL or a PUBLISH to a
+//!   durable session only after the batch carrying the matching rows is committed
+//!   (`router` module, "held" output). So an acknowledged message is on disk, and a message
+//!   a client may have seen is marked as sent (state >= 1) on disk, which is what makes a
+//!   redelivery after a restart carry DUP = 1 and the same packet id.
+//! - A queue row is deleted only by `Op::Delete` (the subscriber's PUBACK / PUBCOMP), or by
+//!   a counted policy: `DeleteOldest` (queue limit), `DeleteSession` (session expiry or
+//!   clean start), the expiry sweep, or the disk budget's drop-oldest.
+//! - If a commit fails (disk full, disk budget reached, I/O error), the batch is rolled
+//!   back and retried without the ops that accept new data; tokens that carried such ops are
+//!   reported as failed, so their publishers get 0x97 instead of an acknowledgement. Ops
+//!   that release data (deletes, state changes) are retried until they succeed.
+//! - Queued messages stay on disk; the router keeps at most a bounded window of each
+//!   session's queue in memory and reads the rest back with `Command::ReadQueue`, which the
+//!   writer answers after committing everything submitted before it.
+
+mod load;
+pub mod schema;
+mod writer;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, oneshot};
+
+pub use load::{Recovered, RecoveredSession, RecoveredSubscription};
+
+/// Session id, as used by the router; stored in the high bits of `queue.id`.
+pub type Sid = u64;
+
+/// Bits of `queue.id` that hold the per-session sequence number.
+pub const SEQ_BITS: u32 = 40;
+
+pub fn queue_id(sid: Sid, seq: u64) -> i64 {
+    ((sid << SEQ_BITS) | (seq & ((1 << SEQ_BITS) - 1))) as i64
+}
+
+pub fn split_queue_id(id: i64) -> (Sid, u64) {
+    let id = id as u64;
+    (id >> SEQ_BITS, id & ((1 << SEQ_BITS) - 1))
+}
+
+/// Milliseconds since the Unix epoch (wall clock; used for what must survive restarts).
+pub fn unix_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "database schema version {found} is newer than this binary supports ({latest}); \
+         run a newer holdfast or restore a backup"
+    )]
+    TooNew { found: u32, latest: u32 },
+    #[error("schema migration {name} failed: {source}")]
+    Migration {
+        name: &'static str,
+        source: rusqlite::Error,
+    },
+    #[error(
+        "database {path} is corrupt ({cause}) and store.on_corrupt = \"refuse\"; \
+         move it aside or restore a backup"
+    )]
+    Corrupt { path: PathBuf, cause: String },
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("the store writer thread is gone")]
+    WriterGone,
+}
+
+/// A will kept with its session (for Will Delay across restarts).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredWill {
+    /// The will as a v5 PUBLISH packet.
+    pub packet: Bytes,
+    pub delay: u32,
+}
+
+/// One change to durable state.
+#[derive(Debug, Clone)]
+pub enum Op {
+    /// Creates or updates a session row; marks it connected.
+    UpsertSession {
+        sid: Sid,
+        client_id: Arc<str>,
+        protocol: u8,
+        expiry: u32,
+        will: Option<StoredWill>,
+    },
+    /// The session went offline at `at_ms`; its expiry (maybe changed on DISCONNECT) and
+    /// its pending delayed will.
+    SessionOffline {
+        sid: Sid,
+        at_ms: i64,
+        expiry: u32,
+        will: Option<StoredWill>,
+    },
+    /// Removes the session with its subscriptions, queue and QoS 2 state.
+    DeleteSession {
+        sid: Sid,
+    },
+    Subscribe {
+        sid: Sid,
+        filter: String,
+        options: u8,
+        identifier: Option<u32>,
+    },
+    Unsubscribe {
+        sid: Sid,
+        filter: String,
+    },
+    /// Appends a message to a session's queue; `packet_id` set means it is sent at once
+    /// (state 1).
+    Enqueue {
+        sid: Sid,
+        seq: u64,
+        packet_id: Option<u16>,
+        expires_at: Option<i64>,
+        size: u32,
+        packet: Bytes,
+    },
+    /// The queued message is about to be sent with this packet id (state 1).
+    MarkSent {
+        sid: Sid,
+        seq: u64,
+        packet_id: u16,
+    },
+    /// PUBREC received, PUBREL about to be sent (state 2).
+    MarkReleased {
+        sid: Sid,
+        seq: u64,
+    },
+    /// Acknowledged (or otherwise done): remove.
+    Delete {
+        sid: Sid,
+        seq: u64,
+    },
+    /// Queue limit policy: remove the `count` oldest not-yet-sent messages of a session.
+    DeleteOldest {
+        sid: Sid,
+        count: u32,
+    },
+    /// Sets (Some) or deletes (None) the retained message of a topic.
+    Retain {
+        topic: Arc<str>,
+        message: Option<(Option<i64>, Bytes)>,
+    },
+    /// An incoming QoS 2 packet id was received (true) or released (false).
+    IncomingQos2 {
+        sid: Sid,
+        packet_id: u16,
+        present: bool,
+    },
+    /// Adds to a named counter.
+    Count {
+        name: &'static str,
+        add: i64,
+    },
+}
+
+impl Op {
+    /// Ops that accept new data. When a commit fails these are refused (their tokens
+    /// report failure); every other op is retried until it succeeds.
+    pub fn accepts_data(&self) -> bool {
+        matches!(
+            self,
+            Op::Enqueue { .. }
+                | Op::Retain {
+                    message: Some(_),
+                    ..
+                }
+                | Op::IncomingQos2 { present: true, .. }
+                | Op::Subscribe { .. }
+                | Op::UpsertSession { .. }
+        )
+    }
+}
+
+/// A queued message read back from disk.
+#[derive(Debug, Clone)]
+pub struct QueueRow {
+    pub seq: u64,
+    pub state: u8,
+    pub packet_id: Option<u16>,
+    pub expires_at: Option<i64>,
+    pub packet: Bytes,
+}
+
+pub enum Command {
+    Batch {
+        token: u64,
+        ops: Vec<Op>,
+    },
+    /// Reads up to `limit` not-yet-sent rows of a session with seq >= `from_seq`.
+    ReadQueue {
+        sid: Sid,
+        from_seq: u64,
+        limit: u32,
+        /// Echoed back so the router can tell whether new rows arrived meanwhile.
+        next_seq_at_request: u64,
+    },
+    /// Deletes not-yet-sent messages whose expiry has passed.
+    SweepExpired {
+        now_ms: i64,
+    },
+    /// Checkpoints the WAL (when idle) so it does not grow without bound.
+    Checkpoint,
+    /// Commits what is pending and stops.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// What the writer reports back to the router, in order.
+#[derive(Debug)]
+pub enum StoreEvent {
+    Committed {
+        token: u64,
+        ok: bool,
+    },
+    QueueRows {
+        sid: Sid,
+        rows: Vec<QueueRow>,
+        from_seq: u64,
+        limit: u32,
+        next_seq_at_request: u64,
+    },
+    /// Rows removed by the store itself (expiry sweep, disk budget); the router forgets
+    /// them and adjusts its counts.
+    Removed {
+        rows: Vec<(Sid, u64, u32)>,
+        why: &'static str,
+    },
+}
+
+/// How commits are made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    Full,
+    Normal,
+}
+
+/// What to do when the disk budget is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BudgetPolicy {
+    DropOldest,
+    RejectNew,
+}
+
+/// What to do with a database file that turns out to be corrupt at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnCorrupt {
+    Quarantine,
+    Refuse,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    pub path: PathBuf,
+    pub synchronous: Synchronous,
+    /// Largest database size in bytes (0 = no limit beyond the disk).
+    pub max_bytes: u64,
+    pub budget_policy: BudgetPolicy,
+    pub on_corrupt: OnCorrupt,
+}
+
+/// Handle to the writer thread.
+pub struct Store {
+    tx: std::sync::mpsc::Sender<Command>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Store {
+    /// Opens (creating, migrating, or quarantining a corrupt file as configured) the
+    /// database, loads what the router needs, and starts the writer thread.
+    pub fn open(
+        opts: &StoreOptions,
+    ) -> Result<(Store, Recovered, mpsc::UnboundedReceiver<StoreEvent>), StoreError> {
+        let (conn, recovered) = load::open_and_load(opts)?;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+        let w = writer::Writer::new(conn, opts.clone(), ev_tx);
+        let thread = std::thread::Builder::new()
+            .name("holdfast-store".into())
+            .spawn(move || w.run(rx))
+            .map_err(|e| StoreError::DataDir {
+                path: opts.path.clone(),
+                source: e,
+            })?;
+        Ok((
+            Store {
+                tx,
+                thread: Some(thread),
+            },
+            recovered,
+            ev_rx,
+        ))
+    }
+
+    pub fn send(&self, cmd: Command) -> Result<(), StoreError> {
+        self.tx.send(cmd).map_err(|_| StoreError::WriterGone)
+    }
+
+    /// Commits everything pending and stops the writer.
+    pub async fn close(mut self) {
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.tx.send(Command::Shutdown(done_tx)).is_ok() {
+            let _ = done_rx.await;
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// The database file inside a data directory.
+pub fn db_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("holdfast.db")
+}
+
+/// Opens a connection with the pragmas every Holdfast connection uses.
+pub fn configure(conn: &Connection, synchronous: Synchronous) -> rusqlite::Result<()> {
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        },
+    )?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    conn.pragma_update(None, "cache_size", -8192)?;
+    Ok(())
+}
+
+pub use rusqlite::Connection;
