@@ -15,7 +15,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use holdfast::protocol::QoS;
-use loadgen::broker::{BrokerProc, MAX_INFLIGHT, MAX_QUEUED};
+use loadgen::broker::{proc_cpu_time, BrokerProc, MAX_INFLIGHT, MAX_QUEUED};
 use loadgen::scenario::{self, Outcome, Spec, PAYLOAD_LEN, QOS1_WINDOW};
 
 struct Args {
@@ -64,12 +64,17 @@ fn parse_args() -> Args {
     a
 }
 
+/// Per broker at the end of the run: name, VmHWM KiB, VmRSS KiB, total CPU time.
+type PeakStats = (&'static str, Option<u64>, Option<u64>, Option<Duration>);
+
 /// One row of the throughput table.
 struct Row {
     scenario: String,
     broker: &'static str,
     result: Result<Outcome, String>,
     broker_cpu: Option<Duration>,
+    /// CPU time of this process (the load generator) during the scenario.
+    loadgen_cpu: Option<Duration>,
 }
 
 fn fmt_us(v: Option<f64>) -> String {
@@ -121,6 +126,29 @@ fn main() {
         mosquitto.addr
     );
 
+    // Scenario 5 runs first, on the freshly started brokers, so that heap memory left over
+    // from the throughput scenarios does not hide the per-connection cost. Idle
+    // connections: RSS once all are connected. Holdfast first (odd).
+    let mut idle_rows = Vec::new();
+    for b in [&mut holdfast, &mut mosquitto] {
+        eprintln!("connecting {} idle clients to {} ...", args.idle, b.name);
+        let before = b.status_kib("VmRSS");
+        let t = Instant::now();
+        let conns = rt.block_on(scenario::idle_connections(b.addr, args.idle, "idle"));
+        let took = t.elapsed();
+        let row = match conns {
+            Ok(conns) => {
+                std::thread::sleep(Duration::from_millis(1000));
+                let rss = b.status_kib("VmRSS");
+                let _guard = rt.enter();
+                drop(conns);
+                Ok((before, rss, took))
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        idle_rows.push((b.name, row));
+        std::thread::sleep(Duration::from_millis(500));
+    }
     // Warm-up: 1k messages at QoS 0 (flow-controlled) and 1k at QoS 1 per broker.
     for b in [&holdfast, &mosquitto] {
         for (qos, window) in [
@@ -150,7 +178,7 @@ fn main() {
         window,
     };
     // (scenario number, spec): odd numbers run Holdfast first, even Mosquitto first.
-    let specs = vec![
+    let specs = [
         (
             1,
             mk(
@@ -201,15 +229,15 @@ fn main() {
         for b in order {
             eprintln!("running {} against {} ...", spec.label, b.name);
             let cpu0 = b.cpu_time();
+            let own0 = proc_cpu_time("self");
             let tag = format!("s{idx}");
             let result = rt
                 .block_on(scenario::run(b.addr, spec, &tag))
                 .map_err(|e| e.to_string())
                 .and_then(|o| b.check_alive().map(|()| o));
-            let broker_cpu = match (cpu0, b.cpu_time()) {
-                (Some(a), Some(z)) => Some(z.saturating_sub(a)),
-                _ => None,
-            };
+            let delta = |a: Option<Duration>, z: Option<Duration>| Some(z?.saturating_sub(a?));
+            let broker_cpu = delta(cpu0, b.cpu_time());
+            let loadgen_cpu = delta(own0, proc_cpu_time("self"));
             if let Err(e) = &result {
                 eprintln!("  {} failed: {e}", b.name);
             }
@@ -218,34 +246,14 @@ fn main() {
                 broker: b.name,
                 result,
                 broker_cpu,
+                loadgen_cpu,
             });
             // Let the broker finish tearing down the scenario's connections.
             std::thread::sleep(Duration::from_millis(300));
         }
     }
 
-    // Scenario 5: idle connections, RSS once all are connected. Holdfast first (odd).
-    let mut idle_rows = Vec::new();
-    for b in [&mut holdfast, &mut mosquitto] {
-        eprintln!("connecting {} idle clients to {} ...", args.idle, b.name);
-        let before = b.status_kib("VmRSS");
-        let t = Instant::now();
-        let conns = rt.block_on(scenario::idle_connections(b.addr, args.idle, "idle"));
-        let took = t.elapsed();
-        let row = match conns {
-            Ok(conns) => {
-                std::thread::sleep(Duration::from_millis(1000));
-                let rss = b.status_kib("VmRSS");
-                let _guard = rt.enter();
-                drop(conns);
-                Ok((before, rss, took))
-            }
-            Err(e) => Err(e.to_string()),
-        };
-        idle_rows.push((b.name, row));
-        std::thread::sleep(Duration::from_millis(500));
-    }
-    let peak: Vec<(&str, Option<u64>, Option<u64>, Option<Duration>)> = [&holdfast, &mosquitto]
+    let peak: Vec<PeakStats> = [&holdfast, &mosquitto]
         .iter()
         .map(|b| {
             (
@@ -274,18 +282,21 @@ fn main() {
          PUBACKs per read. Unthrottled QoS 0 publishers write as fast as the socket accepts; \
          \"window {w}\" rows are flow-controlled: a publisher is at most {w} messages ahead of \
          what its subscriber has received.\n\
+         - Scenario 5 (idle connections) runs first, on the freshly started brokers; peak \
+         RSS is read at the very end.\n\
          - Both brokers: max in-flight {MAX_INFLIGHT}, max queued messages {MAX_QUEUED}, no \
          persistence (Mosquitto `persistence false`), Holdfast log level warn.\n\
          - msg/s = messages received by subscribers / (last receive − first send). Ratio = \
-         Holdfast msg/s ÷ Mosquitto msg/s. Broker CPU = user+sys CPU time the broker process \
-         used during the scenario.\n",
+         Holdfast msg/s ÷ Mosquitto msg/s. Broker CPU / loadgen CPU = user+sys CPU time the \
+         broker process / the bench process used during the scenario (2 cores = at most \
+         2000 ms per wall-clock second for both together).\n",
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     let _ = writeln!(
         md,
-        "| scenario | broker | msg/s | p50 µs | p99 µs | delivered | ratio vs mosquitto (msg/s) | broker CPU ms |"
+        "| scenario | broker | msg/s | p50 µs | p99 µs | delivered | ratio vs mosquitto (msg/s) | broker CPU ms | loadgen CPU ms |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---|---:|---:|");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---|---:|---:|---:|");
     for (spec_i, (_, spec)) in specs.iter().enumerate() {
         let pair = &rows[spec_i * 2..spec_i * 2 + 2];
         let mosq_rate = pair
@@ -297,9 +308,8 @@ fn main() {
         let mut sorted: Vec<&Row> = pair.iter().collect();
         sorted.sort_by_key(|r| r.broker != "holdfast");
         for r in sorted {
-            let cpu = r
-                .broker_cpu
-                .map_or("-".into(), |d| d.as_millis().to_string());
+            let ms = |d: Option<Duration>| d.map_or("-".into(), |d| d.as_millis().to_string());
+            let cpu = format!("{} | {}", ms(r.broker_cpu), ms(r.loadgen_cpu));
             match &r.result {
                 Ok(o) => {
                     let ratio = match mosq_rate {
@@ -361,7 +371,12 @@ fn main() {
     }
 
     println!("{md}");
-    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench-results.md");
+    // The bench binary lives in <target>/release/deps/.
+    let target = std::env::current_exe()
+        .ok()
+        .and_then(|p| Some(p.parent()?.parent()?.parent()?.to_path_buf()))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    let out = target.join("bench-results.md");
     match std::fs::write(&out, &md) {
         Ok(()) => eprintln!("written to {}", out.display()),
         Err(e) => eprintln!("could not write {}: {e}", out.display()),

@@ -142,15 +142,9 @@ impl BrokerProc {
             .ok()
     }
 
-    /// CPU time (user + system) the broker has used so far, from `/proc/PID/stat`.
+    /// CPU time (user + system) the broker has used so far.
     pub fn cpu_time(&self) -> Option<Duration> {
-        let s = fs::read_to_string(format!("/proc/{}/stat", self.pid())).ok()?;
-        // Fields after the parenthesised command name; utime and stime are fields 14, 15.
-        let rest = &s[s.rfind(')')? + 2..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
-        // USER_HZ is 100 on Linux.
-        Some(Duration::from_millis(ticks * 10))
+        proc_cpu_time(&self.pid().to_string())
     }
 
     /// The last few KiB of the broker's stdout/stderr.
@@ -163,6 +157,18 @@ impl BrokerProc {
         }
         s
     }
+}
+
+/// CPU time (user + system) used so far by process `pid` (a number or `self`), from
+/// `/proc/PID/stat`.
+pub fn proc_cpu_time(pid: &str) -> Option<Duration> {
+    let s = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(Duration::from_millis(ticks * 10))
 }
 
 impl Drop for BrokerProc {
