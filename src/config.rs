@@ -1,9 +1,23 @@
-//! Typed settings. Loaded with the `config` crate: built-in defaults < TOML file <
-//! `HOLDFAST_*` environment variables (`__` separates nesting levels, e.g.
-//! `HOLDFAST_MQTT__MAX_INFLIGHT=32`). Unknown keys and bad values are errors naming the key
-//! and the file. Every key is documented in README.md and `examples/holdfast.toml`.
+//! Typed settings: the one place that turns files and environment variables into a
+//! [`Config`].
+//!
+//! Layering (later wins): built-in defaults < TOML file < `HOLDFAST_*` environment variables
+//! (`__` separates nesting levels, e.g. `HOLDFAST_MQTT__MAX_INFLIGHT=32`,
+//! `HOLDFAST_LOG__LEVEL=debug`). Loading uses the `config` crate; each source is first
+//! deserialized on its own so that every error can say where the bad value came from.
+//!
+//! Invariants kept here:
+//! - Unknown keys and badly typed values are errors naming the key and its origin (the file
+//!   path, or the environment variable); nothing is silently ignored.
+//! - [`Config::load`] / [`Config::load_from`] only return configurations that pass
+//!   [`Config::validate`], so the rest of the program may rely on its ranges.
+//!
+//! Every key is documented in `docs/configuration.md` and `examples/holdfast.toml`.
 
-use std::path::PathBuf;
+use std::collections::HashMap;
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
@@ -143,5 +157,924 @@ impl Default for MqttConfig {
             v3_session_expiry_secs: 7 * 24 * 3600,
             shutdown_timeout_secs: 5,
         }
+    }
+}
+
+/// Prefix of the environment variables that override configuration keys.
+pub const ENV_PREFIX: &str = "HOLDFAST_";
+
+/// `HOLDFAST_*` variables that are not configuration keys (test switches), and are therefore
+/// not passed to the configuration loader. Variables starting with `HOLDFAST_TEST_` are
+/// skipped as well.
+pub const NON_CONFIG_ENV_VARS: &[&str] = &["HOLDFAST_INTEROP"];
+
+/// Where a configuration value (or error) came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// The TOML file at this path.
+    File(PathBuf),
+    /// This environment variable (full name, e.g. `HOLDFAST_MQTT__MAX_INFLIGHT`).
+    Env(String),
+    /// The environment as a whole (when no single variable can be blamed).
+    Environment,
+    /// The merged configuration, origin unknown (e.g. [`Config::validate`] called directly).
+    Config,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::File(path) => write!(f, "config file {}", path.display()),
+            Origin::Env(var) => write!(f, "environment variable {var}"),
+            Origin::Environment => write!(f, "environment"),
+            Origin::Config => write!(f, "configuration"),
+        }
+    }
+}
+
+/// Why a configuration could not be loaded. Every message names the origin (file or
+/// environment variable) and, where there is one, the dotted key (`mqtt.max_qos`,
+/// `listener[0].bind`).
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file given with `--config` could not be read (missing, permissions, ...).
+    #[error("config file {}: cannot read: {cause}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        cause: std::io::Error,
+    },
+    /// The file is not valid TOML (or an environment variable is not valid UTF-8).
+    #[error("{origin}: {message}")]
+    Syntax { origin: Origin, message: String },
+    /// A key that Holdfast does not know (typo, or a setting from another version).
+    #[error("{origin}: key `{key}`: unknown key{}", hint_suffix(expected))]
+    UnknownKey {
+        origin: Origin,
+        key: String,
+        /// The keys allowed at that level, as serde lists them (may be empty).
+        expected: String,
+    },
+    /// A key whose value has the wrong type or is out of range.
+    #[error("{origin}: key `{key}`: {message}")]
+    Invalid {
+        origin: Origin,
+        key: String,
+        message: String,
+    },
+}
+
+fn hint_suffix(expected: &str) -> String {
+    if expected.is_empty() {
+        String::new()
+    } else {
+        format!(" (expected {expected})")
+    }
+}
+
+impl ConfigError {
+    /// The dotted key this error is about, if any.
+    pub fn key(&self) -> Option<&str> {
+        match self {
+            ConfigError::UnknownKey { key, .. } | ConfigError::Invalid { key, .. } => Some(key),
+            ConfigError::Read { .. } | ConfigError::Syntax { .. } => None,
+        }
+    }
+
+    /// Where the offending value came from.
+    pub fn origin(&self) -> Origin {
+        match self {
+            ConfigError::Read { path, .. } => Origin::File(path.clone()),
+            ConfigError::Syntax { origin, .. }
+            | ConfigError::UnknownKey { origin, .. }
+            | ConfigError::Invalid { origin, .. } => origin.clone(),
+        }
+    }
+
+    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError::Invalid {
+            origin: Origin::Config,
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+
+    fn with_origin(self, new: Origin) -> Self {
+        match self {
+            ConfigError::Syntax { message, .. } => ConfigError::Syntax {
+                origin: new,
+                message,
+            },
+            ConfigError::UnknownKey { key, expected, .. } => ConfigError::UnknownKey {
+                origin: new,
+                key,
+                expected,
+            },
+            ConfigError::Invalid { key, message, .. } => ConfigError::Invalid {
+                origin: new,
+                key,
+                message,
+            },
+            read @ ConfigError::Read { .. } => read,
+        }
+    }
+
+    /// Translates an error of the `config` crate, whose own messages bury the key
+    /// (`... for key `mqtt` in ...`), into ours.
+    fn from_config_crate(err: config::ConfigError, origin: Origin) -> Self {
+        let (key, message) = flatten(err);
+        let key = key.map(normalize_key);
+        // serde's derive reports unknown fields as "unknown field `x`, expected one of ..."
+        // (or "..., there are no fields"); the config crate attaches the parent key.
+        if let Some(rest) = message.strip_prefix("unknown field `") {
+            if let Some((field, tail)) = rest.split_once('`') {
+                let full = match key {
+                    Some(parent) if !parent.is_empty() => format!("{parent}.{field}"),
+                    _ => field.to_string(),
+                };
+                let expected = tail
+                    .trim_start_matches(',')
+                    .trim()
+                    .trim_start_matches("expected ")
+                    .to_string();
+                return ConfigError::UnknownKey {
+                    origin,
+                    key: full,
+                    expected,
+                };
+            }
+        }
+        match key {
+            Some(key) => ConfigError::Invalid {
+                origin,
+                key,
+                message,
+            },
+            None => ConfigError::Syntax { origin, message },
+        }
+    }
+}
+
+/// Splits a `config` crate error into (dotted key, message without key or origin).
+fn flatten(err: config::ConfigError) -> (Option<String>, String) {
+    match err {
+        config::ConfigError::Type {
+            unexpected,
+            expected,
+            key,
+            ..
+        } => (key, format!("expected {expected}, got {unexpected}")),
+        config::ConfigError::At { error, key, .. } => {
+            let (inner_key, message) = flatten(*error);
+            let key = match (key, inner_key) {
+                (Some(outer), Some(inner)) if inner.starts_with('[') => {
+                    Some(format!("{outer}{inner}"))
+                }
+                (Some(outer), Some(inner)) => Some(format!("{outer}.{inner}")),
+                (outer, inner) => outer.or(inner),
+            };
+            (key, message)
+        }
+        config::ConfigError::NotFound(key) => (Some(key), "required key is missing".to_string()),
+        config::ConfigError::FileParse { cause, .. } => (None, format!("invalid TOML: {cause}")),
+        other => (None, other.to_string()),
+    }
+}
+
+/// The config crate joins an index and a following field without a dot
+/// (`listener[0]bind`); make it `listener[0].bind`.
+fn normalize_key(key: String) -> String {
+    let mut out = String::with_capacity(key.len() + 2);
+    let mut prev = '\0';
+    for c in key.chars() {
+        if prev == ']' && c != '.' && c != '[' {
+            out.push('.');
+        }
+        out.push(c);
+        prev = c;
+    }
+    out
+}
+
+/// The configuration key an environment variable addresses (`HOLDFAST_MQTT__MAX_INFLIGHT`
+/// → `mqtt.max_inflight`), exactly as the `config` crate maps it (lowercased).
+fn env_var_key(var: &str) -> Option<String> {
+    let lower = var.to_lowercase();
+    let rest = lower.strip_prefix(&ENV_PREFIX.to_lowercase())?;
+    Some(rest.replace("__", "."))
+}
+
+/// The environment variable name for a dotted key (`mqtt.max_inflight` →
+/// `HOLDFAST_MQTT__MAX_INFLIGHT`).
+pub fn env_var_for_key(key: &str) -> String {
+    format!("{ENV_PREFIX}{}", key.replace('.', "__").to_uppercase())
+}
+
+fn is_config_env_var(name: &str) -> bool {
+    let upper = name.to_uppercase();
+    upper.starts_with(ENV_PREFIX)
+        && !upper.starts_with("HOLDFAST_TEST_")
+        && !NON_CONFIG_ENV_VARS.contains(&upper.as_str())
+}
+
+fn env_source(env: &HashMap<String, String>) -> config::Environment {
+    let map: config::Map<String, String> =
+        env.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    config::Environment::with_prefix(ENV_PREFIX.trim_end_matches('_'))
+        .prefix_separator("_")
+        .separator("__")
+        .source(Some(map))
+}
+
+/// Which environment variable, if any, set `key` (or one of its parents, e.g. `mqtt` for
+/// `mqtt.max_qos`).
+fn env_origin(env: &HashMap<String, String>, key: &str) -> Option<Origin> {
+    let mut best: Option<(&String, usize)> = None;
+    for var in env.keys() {
+        let Some(var_key) = env_var_key(var) else {
+            continue;
+        };
+        let matches = key == var_key
+            || key.starts_with(&format!("{var_key}."))
+            || key.starts_with(&format!("{var_key}["));
+        if matches && best.is_none_or(|(_, len)| var_key.len() > len) {
+            best = Some((var, var_key.len()));
+        }
+    }
+    best.map(|(var, _)| Origin::Env(var.clone()))
+}
+
+impl Config {
+    /// Loads the configuration: built-in defaults < TOML file (if given; it must exist) <
+    /// `HOLDFAST_*` environment variables (`__` separates levels:
+    /// `HOLDFAST_MQTT__MAX_INFLIGHT=32`, `HOLDFAST_DATA_DIR=/var/lib/holdfast`,
+    /// `HOLDFAST_LOG__LEVEL=debug`). The result has passed [`Config::validate`].
+    ///
+    /// `HOLDFAST_INTEROP` and `HOLDFAST_TEST_*` are test switches, not configuration keys,
+    /// and are ignored here.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        let mut env = HashMap::new();
+        for (name, value) in std::env::vars_os() {
+            let Some(name) = name.to_str().map(str::to_string) else {
+                continue;
+            };
+            if !is_config_env_var(&name) {
+                continue;
+            }
+            let value = value.into_string().map_err(|_| ConfigError::Syntax {
+                origin: Origin::Env(name.clone()),
+                message: "value is not valid UTF-8".to_string(),
+            })?;
+            env.insert(name, value);
+        }
+        Config::load_from(file, env)
+    }
+
+    /// Like [`Config::load`], but takes the environment as a map (tests pass their own).
+    /// Every entry whose name starts with `HOLDFAST_` (any case) is treated as a key.
+    pub fn load_from(
+        file: Option<&Path>,
+        env: HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let file_source = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|cause| ConfigError::Read {
+                    path: path.to_path_buf(),
+                    cause,
+                })?;
+                let origin = Origin::File(path.to_path_buf());
+                let source = config::File::from_str(&text, config::FileFormat::Toml);
+                // The file on its own: errors here are the file's.
+                config::Config::builder()
+                    .add_source(source.clone())
+                    .build()
+                    .and_then(|c| c.try_deserialize::<Config>())
+                    .map_err(|e| ConfigError::from_config_crate(e, origin.clone()))?;
+                Some((source, origin))
+            }
+            None => None,
+        };
+
+        // The environment on its own: errors here name the variable.
+        config::Config::builder()
+            .add_source(env_source(&env))
+            .build()
+            .and_then(|c| c.try_deserialize::<Config>())
+            .map_err(|e| {
+                let mut err = ConfigError::from_config_crate(e, Origin::Environment);
+                if let ConfigError::Invalid { key, message, .. } = &mut err {
+                    if key == "listener" {
+                        *message = "listeners cannot be set from the environment; \
+                                    use [[listener]] tables in the config file"
+                            .to_string();
+                    }
+                }
+                let origin = err
+                    .key()
+                    .and_then(|key| env_origin(&env, key))
+                    .unwrap_or(Origin::Environment);
+                err.with_origin(origin)
+            })?;
+
+        // Both layered. Defaults come from the `#[serde(default)]` impls above.
+        let mut builder = config::Config::builder();
+        if let Some((source, _)) = &file_source {
+            builder = builder.add_source(source.clone());
+        }
+        let merged_origin = |key: Option<&str>| {
+            key.and_then(|k| env_origin(&env, k))
+                .or_else(|| file_source.as_ref().map(|(_, o)| o.clone()))
+                .unwrap_or(Origin::Config)
+        };
+        let cfg: Config = builder
+            .add_source(env_source(&env))
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| {
+                let err = ConfigError::from_config_crate(e, Origin::Config);
+                let origin = merged_origin(err.key());
+                err.with_origin(origin)
+            })?;
+
+        cfg.validate().map_err(|err| {
+            let origin = merged_origin(err.key());
+            err.with_origin(origin)
+        })?;
+        Ok(cfg)
+    }
+
+    /// Checks value ranges and formats. Errors name the key; their origin is
+    /// [`Origin::Config`] (the loaders replace it with the file or variable).
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::invalid("data_dir", "must not be empty"));
+        }
+        if self.listener.is_empty() {
+            return Err(ConfigError::invalid(
+                "listener",
+                "at least one [[listener]] is required",
+            ));
+        }
+        let mut seen: Vec<SocketAddr> = Vec::with_capacity(self.listener.len());
+        for (i, listener) in self.listener.iter().enumerate() {
+            let key = format!("listener[{i}].bind");
+            let addr = listener
+                .socket_addr()
+                .map_err(|message| ConfigError::invalid(&key, message))?;
+            if addr.port() != 0 && seen.contains(&addr) {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("`{}` is already used by another listener", listener.bind),
+                ));
+            }
+            seen.push(addr);
+        }
+        self.log.validate()?;
+        self.mqtt.validate()
+    }
+
+    /// The effective configuration as TOML (for `holdfast check-config`). Loading the
+    /// output again gives the same `Config`.
+    pub fn to_toml(&self) -> String {
+        match toml::to_string(self) {
+            Ok(text) => text,
+            // Only a non-UTF-8 `data_dir` set programmatically can get here; loaded
+            // configurations always come from strings.
+            Err(e) => format!("# cannot render the configuration as TOML: {e}\n"),
+        }
+    }
+}
+
+impl ListenerConfig {
+    /// The address to bind: `bind` parsed as `IP:PORT` (IPv6 in brackets, `[::]:1883`);
+    /// `localhost:PORT` means `127.0.0.1:PORT`. No DNS lookups.
+    pub fn socket_addr(&self) -> Result<SocketAddr, String> {
+        if let Ok(addr) = self.bind.parse::<SocketAddr>() {
+            return Ok(addr);
+        }
+        if let Some(port) = self.bind.strip_prefix("localhost:") {
+            if let Ok(port) = port.parse::<u16>() {
+                return Ok(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), port));
+            }
+        }
+        Err(format!(
+            "`{}` is not an address: expected IP:PORT such as `0.0.0.0:1883`, \
+             `127.0.0.1:1883`, `[::]:1883` or `localhost:1883`",
+            self.bind
+        ))
+    }
+}
+
+/// Level names accepted as a bare directive in `log.level`.
+const LEVEL_NAMES: &[&str] = &["off", "error", "warn", "info", "debug", "trace"];
+
+impl LogConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let level = self.level.trim();
+        if level.is_empty() {
+            return Err(ConfigError::invalid("log.level", "must not be empty"));
+        }
+        // A bare word like `verbose` parses as "target `verbose` at TRACE", which is
+        // almost always a typo for a level; insist on `target=level` for targets.
+        for directive in level.split(',').map(str::trim).filter(|d| !d.is_empty()) {
+            let bare = !directive.contains('=') && !directive.contains('[');
+            if bare && !LEVEL_NAMES.contains(&directive.to_ascii_lowercase().as_str()) {
+                return Err(ConfigError::invalid(
+                    "log.level",
+                    format!(
+                        "`{directive}` is not a level: use error, warn, info, debug, trace, \
+                         off, or a filter such as `info,holdfast=debug`"
+                    ),
+                ));
+            }
+        }
+        tracing_subscriber::EnvFilter::builder()
+            .parse(level)
+            .map_err(|e| {
+                ConfigError::invalid(
+                    "log.level",
+                    format!("`{level}` is not a valid tracing filter: {e}"),
+                )
+            })?;
+        Ok(())
+    }
+}
+
+impl MqttConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        if self.max_connections == 0 {
+            return Err(ConfigError::invalid(
+                "mqtt.max_connections",
+                "must be at least 1 (got 0)",
+            ));
+        }
+        if !(16..=268_435_455).contains(&self.max_packet_size) {
+            return Err(ConfigError::invalid(
+                "mqtt.max_packet_size",
+                format!(
+                    "must be between 16 and 268435455 bytes (got {})",
+                    self.max_packet_size
+                ),
+            ));
+        }
+        if self.max_inflight == 0 {
+            return Err(ConfigError::invalid(
+                "mqtt.max_inflight",
+                "must be between 1 and 65535 (got 0)",
+            ));
+        }
+        if !(1..=65_535).contains(&self.max_topic_length) {
+            return Err(ConfigError::invalid(
+                "mqtt.max_topic_length",
+                format!(
+                    "must be between 1 and 65535 bytes (got {})",
+                    self.max_topic_length
+                ),
+            ));
+        }
+        if self.max_topic_levels == 0 {
+            return Err(ConfigError::invalid(
+                "mqtt.max_topic_levels",
+                "must be at least 1 (got 0)",
+            ));
+        }
+        if self.max_qos > 2 {
+            return Err(ConfigError::invalid(
+                "mqtt.max_qos",
+                format!("must be 0, 1 or 2 (got {})", self.max_qos),
+            ));
+        }
+        if self.connect_timeout_secs == 0 {
+            return Err(ConfigError::invalid(
+                "mqtt.connect_timeout_secs",
+                "must be at least 1 second (got 0)",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn toml_file(text: &str) -> tempfile::NamedTempFile {
+        let mut file = tempfile::Builder::new()
+            .suffix(".toml")
+            .tempfile()
+            .expect("temp file");
+        file.write_all(text.as_bytes()).expect("write temp file");
+        file
+    }
+
+    fn load_err(file: Option<&Path>, pairs: &[(&str, &str)]) -> ConfigError {
+        Config::load_from(file, env(pairs)).expect_err("configuration should be rejected")
+    }
+
+    #[test]
+    fn defaults_validate() {
+        Config::default().validate().expect("defaults are valid");
+        let loaded = Config::load_from(None, HashMap::new()).expect("defaults load");
+        assert_eq!(loaded, Config::default());
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        let file = toml_file("");
+        let cfg = Config::load_from(Some(file.path()), HashMap::new()).expect("loads");
+        assert_eq!(cfg, Config::default());
+    }
+
+    #[test]
+    fn file_overrides_defaults_and_replaces_the_listener_list() {
+        let file = toml_file(
+            r#"
+            data_dir = "/var/lib/holdfast"
+            [[listener]]
+            bind = "0.0.0.0:1883"
+            [[listener]]
+            bind = "[::1]:1884"
+            [log]
+            format = "json"
+            [mqtt]
+            max_inflight = 16
+            queue_policy = "reject-new"
+            server_keep_alive = 30
+            "#,
+        );
+        let cfg = Config::load_from(Some(file.path()), HashMap::new()).expect("loads");
+        assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/holdfast"));
+        let binds: Vec<_> = cfg.listener.iter().map(|l| l.bind.as_str()).collect();
+        assert_eq!(binds, ["0.0.0.0:1883", "[::1]:1884"]);
+        assert_eq!(cfg.log.format, LogFormat::Json);
+        assert_eq!(cfg.mqtt.max_inflight, 16);
+        assert_eq!(cfg.mqtt.queue_policy, QueuePolicy::RejectNew);
+        assert_eq!(cfg.mqtt.server_keep_alive, Some(30));
+        // Untouched keys keep their defaults.
+        assert_eq!(cfg.mqtt.max_qos, 2);
+        assert_eq!(cfg.log.level, "info");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let file = toml_file("data_dir = \"/from/file\"\n[mqtt]\nmax_inflight = 16\n");
+        let cfg = Config::load_from(
+            Some(file.path()),
+            env(&[
+                ("HOLDFAST_MQTT__MAX_INFLIGHT", "32"),
+                ("HOLDFAST_DATA_DIR", "/var/lib/holdfast"),
+                ("HOLDFAST_LOG__LEVEL", "debug"),
+                ("HOLDFAST_LOG__FORMAT", "json"),
+                ("HOLDFAST_MQTT__ALLOW_ANONYMOUS", "false"),
+                ("HOLDFAST_MQTT__RETAIN_AVAILABLE", "true"),
+                ("HOLDFAST_MQTT__SERVER_KEEP_ALIVE", "60"),
+                ("HOLDFAST_MQTT__QUEUE_POLICY", "reject-new"),
+                ("HOLDFAST_MQTT__MAX_QUEUED_BYTES", "1048576"),
+            ]),
+        )
+        .expect("loads");
+        assert_eq!(cfg.mqtt.max_inflight, 32);
+        assert_eq!(cfg.data_dir, PathBuf::from("/var/lib/holdfast"));
+        assert_eq!(cfg.log.level, "debug");
+        assert_eq!(cfg.log.format, LogFormat::Json);
+        assert!(!cfg.mqtt.allow_anonymous);
+        assert!(cfg.mqtt.retain_available);
+        assert_eq!(cfg.mqtt.server_keep_alive, Some(60));
+        assert_eq!(cfg.mqtt.queue_policy, QueuePolicy::RejectNew);
+        assert_eq!(cfg.mqtt.max_queued_bytes, 1_048_576);
+    }
+
+    #[test]
+    fn unknown_key_in_file_names_key_and_file() {
+        for (text, key) in [
+            ("colour = \"blue\"\n", "colour"),
+            ("[mqtt]\nmax_qso = 1\n", "mqtt.max_qso"),
+            ("[log]\nlevle = \"debug\"\n", "log.levle"),
+            (
+                "[[listener]]\nbind = \"0.0.0.0:1883\"\nport = 1\n",
+                "listener[0].port",
+            ),
+        ] {
+            let file = toml_file(text);
+            let err = load_err(Some(file.path()), &[]);
+            assert!(
+                matches!(&err, ConfigError::UnknownKey { key: k, .. } if k == key),
+                "{err:?}"
+            );
+            let msg = err.to_string();
+            let prefix = format!(
+                "config file {}: key `{key}`: unknown key",
+                file.path().display()
+            );
+            assert!(msg.starts_with(&prefix), "{msg}");
+        }
+    }
+
+    #[test]
+    fn unknown_key_in_env_names_key_and_variable() {
+        let err = load_err(None, &[("HOLDFAST_MQTT__NOPE", "1")]);
+        assert_eq!(err.key(), Some("mqtt.nope"));
+        assert_eq!(err.origin(), Origin::Env("HOLDFAST_MQTT__NOPE".to_string()));
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(
+                "environment variable HOLDFAST_MQTT__NOPE: key `mqtt.nope`: unknown key"
+            ),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn test_switches_are_not_configuration_keys() {
+        assert!(!is_config_env_var("HOLDFAST_INTEROP"));
+        assert!(!is_config_env_var("HOLDFAST_TEST_SLOW"));
+        assert!(is_config_env_var("HOLDFAST_MQTT__MAX_QOS"));
+        assert!(!is_config_env_var("PATH"));
+        assert_eq!(
+            env_var_for_key("mqtt.max_inflight"),
+            "HOLDFAST_MQTT__MAX_INFLIGHT"
+        );
+        assert_eq!(
+            env_var_key("HOLDFAST_DATA_DIR").as_deref(),
+            Some("data_dir")
+        );
+    }
+
+    #[test]
+    fn bad_type_names_key_and_origin() {
+        let file = toml_file("[mqtt]\nmax_inflight = \"lots\"\n");
+        let err = load_err(Some(file.path()), &[]);
+        assert_eq!(err.key(), Some("mqtt.max_inflight"));
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "config file {}: key `mqtt.max_inflight`: ",
+                file.path().display()
+            )),
+            "{msg}"
+        );
+        assert!(msg.contains("lots"), "{msg}");
+
+        let err = load_err(None, &[("HOLDFAST_MQTT__RETAIN_AVAILABLE", "maybe")]);
+        assert_eq!(err.key(), Some("mqtt.retain_available"));
+        assert_eq!(
+            err.origin(),
+            Origin::Env("HOLDFAST_MQTT__RETAIN_AVAILABLE".to_string())
+        );
+
+        let err = load_err(None, &[("HOLDFAST_MQTT__MAX_INFLIGHT", "70000")]);
+        assert_eq!(err.key(), Some("mqtt.max_inflight"), "{err}");
+
+        let err = load_err(None, &[("HOLDFAST_LOG__FORMAT", "xml")]);
+        assert_eq!(err.key(), Some("log.format"), "{err}");
+    }
+
+    #[test]
+    fn bad_toml_syntax_names_the_file() {
+        let file = toml_file("[mqtt\nmax_qos = 1\n");
+        let err = load_err(Some(file.path()), &[]);
+        assert!(matches!(err, ConfigError::Syntax { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!(
+                "config file {}: invalid TOML",
+                file.path().display()
+            )),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_bind_is_rejected() {
+        let file = toml_file("[[listener]]\nbind = \"0.0.0.0\"\n");
+        let err = load_err(Some(file.path()), &[]);
+        assert_eq!(err.key(), Some("listener[0].bind"));
+        assert_eq!(err.origin(), Origin::File(file.path().to_path_buf()));
+        assert!(
+            err.to_string().contains("`0.0.0.0` is not an address"),
+            "{err}"
+        );
+
+        let err = load_err(None, &[("HOLDFAST_LISTENER", "0.0.0.0:1883")]);
+        assert_eq!(err.origin(), Origin::Env("HOLDFAST_LISTENER".to_string()));
+        assert!(err.to_string().contains("[[listener]] tables"), "{err}");
+
+        let file = toml_file("listener = []\n");
+        assert_eq!(load_err(Some(file.path()), &[]).key(), Some("listener"));
+
+        let file = toml_file(
+            "[[listener]]\nbind = \"1.2.3.4:1883\"\n[[listener]]\nbind = \"1.2.3.4:1883\"\n",
+        );
+        assert_eq!(
+            load_err(Some(file.path()), &[]).key(),
+            Some("listener[1].bind")
+        );
+    }
+
+    #[test]
+    fn bind_accepts_ip_literals_and_localhost() {
+        for (bind, expected) in [
+            ("0.0.0.0:1883", "0.0.0.0:1883"),
+            ("[::]:1883", "[::]:1883"),
+            ("localhost:1884", "127.0.0.1:1884"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+        ] {
+            let listener = ListenerConfig {
+                bind: bind.to_string(),
+            };
+            let addr = listener.socket_addr().expect("valid bind");
+            assert_eq!(addr.to_string(), expected);
+        }
+        for bad in ["example.com:1883", "127.0.0.1:99999", ":1883", "localhost"] {
+            let listener = ListenerConfig {
+                bind: bad.to_string(),
+            };
+            assert!(listener.socket_addr().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn max_qos_above_two_is_rejected_naming_the_origin() {
+        let file = toml_file("[mqtt]\nmax_qos = 3\n");
+        let err = load_err(Some(file.path()), &[]);
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "config file {}: key `mqtt.max_qos`: must be 0, 1 or 2 (got 3)",
+                file.path().display()
+            )
+        );
+        let err = load_err(Some(file.path()), &[("HOLDFAST_MQTT__MAX_QOS", "5")]);
+        assert_eq!(
+            err.to_string(),
+            "environment variable HOLDFAST_MQTT__MAX_QOS: key `mqtt.max_qos`: must be 0, 1 or 2 (got 5)"
+        );
+    }
+
+    #[test]
+    fn range_checks_name_their_keys() {
+        let cases: [(&str, &str); 7] = [
+            ("HOLDFAST_MQTT__MAX_INFLIGHT", "mqtt.max_inflight"),
+            ("HOLDFAST_MQTT__MAX_PACKET_SIZE", "mqtt.max_packet_size"),
+            ("HOLDFAST_MQTT__MAX_TOPIC_LENGTH", "mqtt.max_topic_length"),
+            ("HOLDFAST_MQTT__MAX_TOPIC_LEVELS", "mqtt.max_topic_levels"),
+            (
+                "HOLDFAST_MQTT__CONNECT_TIMEOUT_SECS",
+                "mqtt.connect_timeout_secs",
+            ),
+            ("HOLDFAST_MQTT__MAX_CONNECTIONS", "mqtt.max_connections"),
+            ("HOLDFAST_DATA_DIR", "data_dir"),
+        ];
+        for (var, key) in cases {
+            let value = if key == "data_dir" { "" } else { "0" };
+            let err = load_err(None, &[(var, value)]);
+            assert_eq!(err.key(), Some(key), "{err}");
+            assert_eq!(err.origin(), Origin::Env(var.to_string()));
+        }
+        let mut cfg = Config::default();
+        cfg.mqtt.max_packet_size = 268_435_456;
+        assert_eq!(
+            cfg.validate().expect_err("too big").key(),
+            Some("mqtt.max_packet_size")
+        );
+        cfg.mqtt.max_packet_size = 16;
+        cfg.mqtt.max_topic_length = 65_536;
+        assert_eq!(
+            cfg.validate().expect_err("too long").key(),
+            Some("mqtt.max_topic_length")
+        );
+    }
+
+    #[test]
+    fn log_level_must_be_a_filter() {
+        for good in [
+            "debug",
+            "WARN",
+            "info,holdfast=trace",
+            "holdfast::broker=debug",
+            "off",
+        ] {
+            let mut cfg = Config::default();
+            cfg.log.level = good.to_string();
+            cfg.validate().expect(good);
+        }
+        for bad in ["verbose", "holdfast=loud", "", "info,chatty"] {
+            let mut cfg = Config::default();
+            cfg.log.level = bad.to_string();
+            let err = cfg.validate().expect_err(bad);
+            assert_eq!(err.key(), Some("log.level"), "{bad}");
+            assert!(
+                err.to_string()
+                    .starts_with("configuration: key `log.level`"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn missing_file_is_an_error_naming_the_file() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("nope.toml");
+        let err = load_err(Some(&path), &[]);
+        assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with(&format!("config file {}: cannot read:", path.display())),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn to_toml_round_trips() {
+        let mut cfg = Config {
+            data_dir: PathBuf::from("/var/lib/holdfast"),
+            ..Config::default()
+        };
+        cfg.listener.push(ListenerConfig {
+            bind: "[::]:1884".to_string(),
+        });
+        cfg.log.format = LogFormat::Json;
+        cfg.mqtt.server_keep_alive = Some(120);
+        cfg.mqtt.queue_policy = QueuePolicy::RejectNew;
+        for cfg in [Config::default(), cfg] {
+            let file = toml_file(&cfg.to_toml());
+            let loaded = Config::load_from(Some(file.path()), HashMap::new())
+                .unwrap_or_else(|e| panic!("{e}\n{}", cfg.to_toml()));
+            assert_eq!(loaded, cfg);
+        }
+    }
+
+    /// Every key of the default configuration (plus the optional ones, which serialize to
+    /// nothing when unset) as dotted paths.
+    fn all_keys() -> Vec<String> {
+        let mut cfg = Config::default();
+        cfg.mqtt.server_keep_alive = Some(0);
+        let mut keys = Vec::new();
+        let table: toml::Table = toml::from_str(&cfg.to_toml()).expect("to_toml is TOML");
+        for (name, value) in table {
+            match value {
+                toml::Value::Table(inner) => {
+                    keys.extend(inner.keys().map(|k| format!("{name}.{k}")));
+                }
+                toml::Value::Array(items) => {
+                    for item in items.iter().filter_map(toml::Value::as_table) {
+                        keys.extend(item.keys().map(|k| format!("{name}.{k}")));
+                    }
+                }
+                _ => keys.push(name),
+            }
+        }
+        keys.sort();
+        keys.dedup();
+        keys
+    }
+
+    #[test]
+    fn every_key_is_documented() {
+        let example = include_str!("../examples/holdfast.toml");
+        let reference = include_str!("../docs/configuration.md");
+        let keys = all_keys();
+        for expected in [
+            "data_dir",
+            "listener.bind",
+            "log.level",
+            "mqtt.server_keep_alive",
+        ] {
+            assert!(keys.iter().any(|k| k == expected), "{keys:?}");
+        }
+        for key in keys {
+            let leaf = key.rsplit('.').next().unwrap_or(&key);
+            assert!(
+                example.contains(&format!("\n{leaf} = "))
+                    || example.contains(&format!("# {leaf} = ")),
+                "examples/holdfast.toml lacks `{key}`"
+            );
+            let documented = if key.starts_with("listener.") {
+                reference.contains(&format!("`[[listener]]` `{leaf}`"))
+            } else {
+                reference.contains(&format!("| `{key}` |"))
+                    && reference.contains(&format!("`{}`", env_var_for_key(&key)))
+            };
+            assert!(documented, "docs/configuration.md lacks `{key}`");
+        }
+    }
+
+    #[test]
+    fn example_file_loads_and_validates() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/holdfast.toml"
+        ));
+        let cfg = Config::load_from(Some(path), HashMap::new()).expect("example loads");
+        cfg.validate().expect("example validates");
     }
 }

@@ -7,4 +7,5 @@
 
 pub mod broker;
 pub mod config;
+pub mod observe;
 pub mod protocol;

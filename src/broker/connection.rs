@@ -175,6 +175,10 @@ where
         let deadline = Instant::now() + timeout;
         let max = self.shared.cfg.max_packet_size as usize;
         loop {
+            if self.rbuf.first().is_some_and(|&b| b != 0x10) {
+                // Not a CONNECT fixed header: no need to wait for the rest.
+                return Err(HandshakeError::NotConnect("a non-CONNECT packet"));
+            }
             match protocol::decode(&mut self.rbuf, ProtocolVersion::V311, max) {
                 Ok(Some(Packet::Connect(c))) => return Ok(Some(c)),
                 Ok(Some(other)) => return Err(HandshakeError::NotConnect(other.name())),
