@@ -10,7 +10,11 @@ use holdfast::config::Config;
 use tracing::info;
 
 #[derive(Parser)]
-#[command(name = "holdfast", version, about = "Edge MQTT gateway: local broker, durable sessions, store-and-forward bridge")]
+#[command(
+    name = "holdfast",
+    version,
+    about = "Edge MQTT gateway: local broker, durable sessions, store-and-forward bridge"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -6,9 +6,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use common::*;
-use holdfast::protocol::{
-    reason, Auth, ConnAck, Packet, ProtocolVersion, PubAckLike, QoS,
-};
+use holdfast::protocol::{reason, Auth, ConnAck, Packet, ProtocolVersion, PubAckLike, QoS};
 
 fn connack(p: Packet) -> ConnAck {
     match p {
@@ -31,7 +29,10 @@ async fn empty_client_id_gets_an_assigned_identifier() {
         RawClient::connect_with(b.addr, connect_packet(ProtocolVersion::V5, "", true)).await;
     let ack = connack(ack);
     assert_eq!(ack.reason_code, 0);
-    let id = ack.properties.assigned_client_identifier.expect("assigned id");
+    let id = ack
+        .properties
+        .assigned_client_identifier
+        .expect("assigned id");
     assert!(!id.is_empty());
 
     let (_c, ack) =
@@ -54,8 +55,12 @@ async fn empty_client_id_without_clean_start_is_rejected() {
     }
     // And on the wire, 3.1.1 sees return code 2.
     let mut c = RawClient::tcp(b.addr, ProtocolVersion::V311).await;
-    c.send(Packet::Connect(Box::new(connect_packet(ProtocolVersion::V311, "", false))))
-        .await;
+    c.send(Packet::Connect(Box::new(connect_packet(
+        ProtocolVersion::V311,
+        "",
+        false,
+    ))))
+    .await;
     let mut raw = [0u8; 4];
     use tokio::io::AsyncReadExt;
     c.stream.read_exact(&mut raw).await.unwrap();
@@ -74,7 +79,10 @@ async fn unsupported_protocol_level_gets_return_code_1_and_close() {
     .await;
     let seen = c.expect_closed().await;
     assert_eq!(seen.len(), 1);
-    assert_eq!(connack(seen[0].clone()).reason_code, reason::UNSUPPORTED_PROTOCOL_VERSION);
+    assert_eq!(
+        connack(seen[0].clone()).reason_code,
+        reason::UNSUPPORTED_PROTOCOL_VERSION
+    );
     b.shutdown().await;
 }
 
@@ -102,7 +110,10 @@ async fn idle_socket_is_closed_after_connect_timeout() {
     let t0 = Instant::now();
     assert!(c.expect_closed().await.is_empty());
     let took = t0.elapsed();
-    assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     b.shutdown().await;
 }
 
@@ -117,7 +128,10 @@ async fn keep_alive_timeout_closes_with_0x8d_after_one_and_a_half_intervals() {
     let seen = c.expect_closed().await;
     let took = t0.elapsed();
     assert_eq!(disconnect_reason(&seen), Some(reason::KEEP_ALIVE_TIMEOUT));
-    assert!(took >= Duration::from_millis(1400) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(1400) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
     b.shutdown().await;
 }
 
@@ -190,8 +204,12 @@ async fn max_connections_refuses_with_quota_exceeded_or_server_unavailable() {
         RawClient::connect_with(b.addr, connect_packet(ProtocolVersion::V5, "c", true)).await;
     assert_eq!(connack(ack).reason_code, reason::QUOTA_EXCEEDED);
     let mut c = RawClient::tcp(b.addr, ProtocolVersion::V311).await;
-    c.send(Packet::Connect(Box::new(connect_packet(ProtocolVersion::V311, "d", true))))
-        .await;
+    c.send(Packet::Connect(Box::new(connect_packet(
+        ProtocolVersion::V311,
+        "d",
+        true,
+    ))))
+    .await;
     let mut raw = [0u8; 4];
     use tokio::io::AsyncReadExt;
     c.stream.read_exact(&mut raw).await.unwrap();
@@ -223,7 +241,10 @@ async fn enhanced_authentication_is_refused_and_auth_packets_are_protocol_errors
 
     let mut c = RawClient::connect(b.addr, ProtocolVersion::V5, "auth").await;
     c.send(Packet::Auth(Auth::default())).await;
-    assert_eq!(disconnect_reason(&c.expect_closed().await), Some(reason::PROTOCOL_ERROR));
+    assert_eq!(
+        disconnect_reason(&c.expect_closed().await),
+        Some(reason::PROTOCOL_ERROR)
+    );
     b.shutdown().await;
 }
 
@@ -231,9 +252,16 @@ async fn enhanced_authentication_is_refused_and_auth_packets_are_protocol_errors
 async fn second_connect_is_a_protocol_error() {
     let b = start_broker(|_| {}).await;
     let mut c = RawClient::connect(b.addr, ProtocolVersion::V5, "twice").await;
-    c.send(Packet::Connect(Box::new(connect_packet(ProtocolVersion::V5, "twice", true))))
-        .await;
-    assert_eq!(disconnect_reason(&c.expect_closed().await), Some(reason::PROTOCOL_ERROR));
+    c.send(Packet::Connect(Box::new(connect_packet(
+        ProtocolVersion::V5,
+        "twice",
+        true,
+    ))))
+    .await;
+    assert_eq!(
+        disconnect_reason(&c.expect_closed().await),
+        Some(reason::PROTOCOL_ERROR)
+    );
     b.shutdown().await;
 }
 
@@ -252,7 +280,8 @@ async fn persistent_session_keeps_subscriptions_and_queues_while_offline() {
 
         let mut publ = RawClient::connect(b.addr, v, &format!("p-{v:?}")).await;
         for i in 0..20u16 {
-            publ.publish("q/x", &i.to_be_bytes(), QoS::AtLeastOnce, i + 1).await;
+            publ.publish("q/x", &i.to_be_bytes(), QoS::AtLeastOnce, i + 1)
+                .await;
             assert!(matches!(publ.recv().await, Some(Packet::PubAck(_))));
         }
 
@@ -281,7 +310,8 @@ async fn unacknowledged_messages_are_resent_with_dup_on_reconnect() {
     let second = c.recv_publish().await;
     assert!(!first.dup && !second.dup);
     // Ack the QoS 2 one half-way (PUBREC), then drop the connection.
-    c.send(Packet::PubRec(PubAckLike::new(second.packet_id))).await;
+    c.send(Packet::PubRec(PubAckLike::new(second.packet_id)))
+        .await;
     assert!(matches!(c.recv().await, Some(Packet::PubRel(_))));
     drop(c);
     tokio::time::sleep(Duration::from_millis(100)).await;

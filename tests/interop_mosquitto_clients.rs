@@ -5,8 +5,8 @@ mod common;
 
 use std::process::{Output, Stdio};
 
-use tokio::process::{Child, Command};
 use std::time::Duration;
+use tokio::process::{Child, Command};
 
 use common::*;
 use holdfast::protocol::{ProtocolVersion, QoS};
@@ -29,15 +29,26 @@ async fn publ(port: u16, args: &[&str]) {
         .output()
         .await
         .expect("spawn mosquitto_pub");
-    assert!(out.status.success(), "mosquitto_pub {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "mosquitto_pub {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 async fn finish(child: Child) -> Output {
-    child.wait_with_output().await.expect("wait for mosquitto_sub")
+    child
+        .wait_with_output()
+        .await
+        .expect("wait for mosquitto_sub")
 }
 
 fn stdout(o: &Output) -> String {
-    assert!(o.status.success(), "mosquitto_sub failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "mosquitto_sub failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -57,7 +68,20 @@ async fn mosquitto_clients_exchange_qos_0_1_2_in_all_versions() {
         let s = sub(port, &["-V", v, "-q", "2", "-t", "io/#", "-C", "3", "-v"]);
         settle().await;
         for q in ["0", "1", "2"] {
-            publ(port, &["-V", v, "-q", q, "-t", &format!("io/q{q}"), "-m", &format!("{v}-{q}")]).await;
+            publ(
+                port,
+                &[
+                    "-V",
+                    v,
+                    "-q",
+                    q,
+                    "-t",
+                    &format!("io/q{q}"),
+                    "-m",
+                    &format!("{v}-{q}"),
+                ],
+            )
+            .await;
         }
         let out = stdout(&finish(s).await);
         assert_eq!(
@@ -99,26 +123,61 @@ async fn mosquitto_v5_properties_pass_through() {
     let port = b.addr.port();
     let s = sub(
         port,
-        &["-V", "mqttv5", "-t", "props", "-C", "1", "-F", "%t|%p|%C|%R|%E|%P"],
+        &[
+            "-V",
+            "mqttv5",
+            "-t",
+            "props",
+            "-C",
+            "1",
+            "-F",
+            "%t|%p|%C|%R|%E|%P",
+        ],
     );
     settle().await;
     publ(
         port,
         &[
-            "-V", "mqttv5", "-t", "props", "-m", "body",
-            "-D", "publish", "content-type", "text/plain",
-            "-D", "publish", "response-topic", "answers",
-            "-D", "publish", "message-expiry-interval", "300",
-            "-D", "publish", "user-property", "site", "north",
+            "-V",
+            "mqttv5",
+            "-t",
+            "props",
+            "-m",
+            "body",
+            "-D",
+            "publish",
+            "content-type",
+            "text/plain",
+            "-D",
+            "publish",
+            "response-topic",
+            "answers",
+            "-D",
+            "publish",
+            "message-expiry-interval",
+            "300",
+            "-D",
+            "publish",
+            "user-property",
+            "site",
+            "north",
         ],
-    ).await;
+    )
+    .await;
     let out = stdout(&finish(s).await);
     let line = out.trim();
     let parts: Vec<&str> = line.split('|').collect();
-    assert_eq!(&parts[..4], ["props", "body", "text/plain", "answers"], "{line}");
+    assert_eq!(
+        &parts[..4],
+        ["props", "body", "text/plain", "answers"],
+        "{line}"
+    );
     let expiry: u32 = parts[4].parse().unwrap_or(0);
     assert!((298..=300).contains(&expiry), "{line}");
-    assert!(parts[5].contains("site") && parts[5].contains("north"), "{line}");
+    assert!(
+        parts[5].contains("site") && parts[5].contains("north"),
+        "{line}"
+    );
     b.shutdown().await;
 }
 
@@ -132,7 +191,16 @@ async fn mosquitto_sub_will_is_published_when_it_is_killed() {
     watcher.subscribe("lwt/#", QoS::AtMostOnce).await;
     let mut victim = sub(
         b.addr.port(),
-        &["-t", "anything", "--will-topic", "lwt/victim", "--will-payload", "offline", "-W", "30"],
+        &[
+            "-t",
+            "anything",
+            "--will-topic",
+            "lwt/victim",
+            "--will-payload",
+            "offline",
+            "-W",
+            "30",
+        ],
     );
     settle().await;
     victim.kill().await.expect("kill mosquitto_sub");
@@ -149,15 +217,24 @@ async fn mosquitto_shared_subscription_and_persistent_session() {
     let b = start_broker(|_| {}).await;
     let port = b.addr.port();
     // A persistent v3.1.1 session: subscribe, go away, messages queue, come back.
-    let s = sub(port, &["-c", "-i", "persist", "-q", "1", "-t", "pq/#", "-C", "1"]);
+    let s = sub(
+        port,
+        &["-c", "-i", "persist", "-q", "1", "-t", "pq/#", "-C", "1"],
+    );
     settle().await;
     publ(port, &["-q", "1", "-t", "pq/a", "-m", "first"]).await;
     assert_eq!(stdout(&finish(s).await).trim(), "first");
     for m in ["m1", "m2", "m3"] {
         publ(port, &["-q", "1", "-t", "pq/a", "-m", m]).await;
     }
-    let s = sub(port, &["-c", "-i", "persist", "-q", "1", "-t", "pq/#", "-C", "3"]);
-    assert_eq!(stdout(&finish(s).await).lines().collect::<Vec<_>>(), ["m1", "m2", "m3"]);
+    let s = sub(
+        port,
+        &["-c", "-i", "persist", "-q", "1", "-t", "pq/#", "-C", "3"],
+    );
+    assert_eq!(
+        stdout(&finish(s).await).lines().collect::<Vec<_>>(),
+        ["m1", "m2", "m3"]
+    );
 
     // Shared subscription: two v5 members split four messages.
     let a = sub(port, &["-V", "mqttv5", "-t", "$share/g/sh", "-C", "2"]);

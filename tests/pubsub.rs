@@ -44,7 +44,8 @@ async fn qos0_qos1_qos2_flows_in_every_protocol_version() {
         assert_eq!(p.qos, QoS::ExactlyOnce);
         sub.send(Packet::PubRec(PubAckLike::new(p.packet_id))).await;
         assert!(matches!(sub.recv().await, Some(Packet::PubRel(a)) if a.packet_id == p.packet_id));
-        sub.send(Packet::PubComp(PubAckLike::new(p.packet_id))).await;
+        sub.send(Packet::PubComp(PubAckLike::new(p.packet_id)))
+            .await;
         sub.expect_silence(Duration::from_millis(100)).await;
     }
     b.shutdown().await;
@@ -120,7 +121,8 @@ async fn overlapping_subscriptions_give_one_copy_with_highest_qos_and_all_identi
         ..Default::default()
     };
     sub.subscribe_opts("a/+", o(QoS::AtMostOnce), Some(5)).await;
-    sub.subscribe_opts("a/#", o(QoS::AtLeastOnce), Some(9)).await;
+    sub.subscribe_opts("a/#", o(QoS::AtLeastOnce), Some(9))
+        .await;
     let mut publ = RawClient::connect(b.addr, ProtocolVersion::V5, "pub").await;
     publ.publish("a/b", b"x", QoS::AtLeastOnce, 1).await;
     let p = sub.recv_publish().await;
@@ -137,19 +139,27 @@ async fn overlapping_subscriptions_give_one_copy_with_highest_qos_and_all_identi
 async fn shared_subscription_round_robins_within_a_group_for_v3_and_v5() {
     let b = start_broker(|_| {}).await;
     let mut members = Vec::new();
-    for (i, v) in [ProtocolVersion::V311, ProtocolVersion::V5, ProtocolVersion::V311]
-        .into_iter()
-        .enumerate()
+    for (i, v) in [
+        ProtocolVersion::V311,
+        ProtocolVersion::V5,
+        ProtocolVersion::V311,
+    ]
+    .into_iter()
+    .enumerate()
     {
         let mut c = RawClient::connect(b.addr, v, &format!("m{i}")).await;
-        assert_eq!(c.subscribe("$share/g/jobs/+", QoS::AtMostOnce).await, vec![0]);
+        assert_eq!(
+            c.subscribe("$share/g/jobs/+", QoS::AtMostOnce).await,
+            vec![0]
+        );
         members.push(c);
     }
     let mut other = RawClient::connect(b.addr, ProtocolVersion::V311, "other").await;
     other.subscribe("$share/h/jobs/#", QoS::AtMostOnce).await;
     let mut publ = RawClient::connect(b.addr, ProtocolVersion::V311, "pub").await;
     for i in 0..9 {
-        publ.publish(&format!("jobs/{i}"), b"j", QoS::AtMostOnce, 0).await;
+        publ.publish(&format!("jobs/{i}"), b"j", QoS::AtMostOnce, 0)
+            .await;
     }
     for m in members.iter_mut() {
         for _ in 0..3 {
@@ -172,7 +182,9 @@ async fn rumqttc_v4_and_v5_clients_exchange_messages() {
     let mut o4 = rumqttc::MqttOptions::new("r4", "127.0.0.1", port);
     o4.set_keep_alive(Duration::from_secs(5));
     let (c4, mut el4) = rumqttc::AsyncClient::new(o4, 100);
-    c4.subscribe("r/#", rumqttc::QoS::AtLeastOnce).await.unwrap();
+    c4.subscribe("r/#", rumqttc::QoS::AtLeastOnce)
+        .await
+        .unwrap();
     let sub_task = tokio::spawn(async move {
         let mut got = Vec::new();
         while got.len() < 10 {
@@ -191,9 +203,14 @@ async fn rumqttc_v4_and_v5_clients_exchange_messages() {
     let (c5, mut el5) = rumqttc::v5::AsyncClient::new(o5, 100);
     tokio::spawn(async move { while el5.poll().await.is_ok() {} });
     for i in 0..10u8 {
-        c5.publish("r/x", rumqttc::v5::mqttbytes::QoS::AtLeastOnce, false, vec![i])
-            .await
-            .unwrap();
+        c5.publish(
+            "r/x",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            false,
+            vec![i],
+        )
+        .await
+        .unwrap();
     }
     let got = tokio::time::timeout(Duration::from_secs(10), sub_task)
         .await

@@ -191,7 +191,11 @@ async fn will_delay_holds_the_will_and_reconnecting_cancels_it() {
     drop(c);
     let t0 = std::time::Instant::now();
     assert_eq!(&w.recv_publish().await.payload[..], b"gone");
-    assert!(t0.elapsed() >= Duration::from_millis(800), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() >= Duration::from_millis(800),
+        "{:?}",
+        t0.elapsed()
+    );
     b.shutdown().await;
 }
 

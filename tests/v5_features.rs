@@ -37,7 +37,10 @@ async fn properties_are_forwarded_to_subscribers() {
     assert_eq!(got.properties.payload_format_indicator, Some(1));
     assert_eq!(got.properties.content_type, m.properties.content_type);
     assert_eq!(got.properties.response_topic, m.properties.response_topic);
-    assert_eq!(got.properties.correlation_data, m.properties.correlation_data);
+    assert_eq!(
+        got.properties.correlation_data,
+        m.properties.correlation_data
+    );
     assert_eq!(got.properties.user_properties, m.properties.user_properties);
     b.shutdown().await;
 }
@@ -90,7 +93,10 @@ async fn expired_queued_messages_are_not_delivered_and_remaining_interval_is_for
     let (mut s, _) = RawClient::connect_with(b.addr, conn).await;
     let got = s.recv_publish().await;
     assert_eq!(&got.payload[..], b"long");
-    let left = got.properties.message_expiry_interval.expect("remaining interval");
+    let left = got
+        .properties
+        .message_expiry_interval
+        .expect("remaining interval");
     assert!((97..=99).contains(&left), "{left}");
     s.puback(got.packet_id).await;
     s.expect_silence(Duration::from_millis(150)).await;
@@ -126,13 +132,19 @@ async fn topic_alias_errors_disconnect() {
     let mut m = publish("a", b"1", QoS::AtMostOnce, 0);
     m.properties.topic_alias = Some(3);
     p.send(Packet::Publish(m)).await;
-    assert_eq!(disconnect_reason(&p.expect_closed().await), Some(reason::TOPIC_ALIAS_INVALID));
+    assert_eq!(
+        disconnect_reason(&p.expect_closed().await),
+        Some(reason::TOPIC_ALIAS_INVALID)
+    );
     // Unknown alias with an empty topic: protocol error.
     let mut p = RawClient::connect(b.addr, ProtocolVersion::V5, "p2").await;
     let mut m = publish("", b"1", QoS::AtMostOnce, 0);
     m.properties.topic_alias = Some(1);
     p.send(Packet::Publish(m)).await;
-    assert_eq!(disconnect_reason(&p.expect_closed().await), Some(reason::PROTOCOL_ERROR));
+    assert_eq!(
+        disconnect_reason(&p.expect_closed().await),
+        Some(reason::PROTOCOL_ERROR)
+    );
     b.shutdown().await;
 }
 
@@ -176,7 +188,10 @@ async fn incoming_packets_over_max_packet_size_disconnect_with_0x95() {
     let b = start_broker(|c| c.mqtt.max_packet_size = 128).await;
     let mut p = RawClient::connect(b.addr, ProtocolVersion::V5, "p").await;
     p.publish("big", &[1u8; 500], QoS::AtMostOnce, 0).await;
-    assert_eq!(disconnect_reason(&p.expect_closed().await), Some(reason::PACKET_TOO_LARGE));
+    assert_eq!(
+        disconnect_reason(&p.expect_closed().await),
+        Some(reason::PACKET_TOO_LARGE)
+    );
     b.shutdown().await;
 }
 
@@ -218,7 +233,10 @@ async fn no_local_on_a_shared_subscription_is_a_protocol_error() {
         }],
     }))
     .await;
-    assert_eq!(disconnect_reason(&c.expect_closed().await), Some(reason::PROTOCOL_ERROR));
+    assert_eq!(
+        disconnect_reason(&c.expect_closed().await),
+        Some(reason::PROTOCOL_ERROR)
+    );
     b.shutdown().await;
 }
 
@@ -251,7 +269,10 @@ async fn exceeding_our_receive_maximum_disconnects_with_0x93() {
         p.publish("x", b"q2", QoS::ExactlyOnce, i).await;
     }
     let seen = p.expect_closed().await;
-    assert_eq!(disconnect_reason(&seen), Some(reason::RECEIVE_MAXIMUM_EXCEEDED));
+    assert_eq!(
+        disconnect_reason(&seen),
+        Some(reason::RECEIVE_MAXIMUM_EXCEEDED)
+    );
     b.shutdown().await;
 }
 
@@ -267,7 +288,10 @@ async fn raising_session_expiry_from_zero_on_disconnect_is_a_protocol_error() {
         },
     }))
     .await;
-    assert_eq!(disconnect_reason(&c.expect_closed().await), Some(reason::PROTOCOL_ERROR));
+    assert_eq!(
+        disconnect_reason(&c.expect_closed().await),
+        Some(reason::PROTOCOL_ERROR)
+    );
     b.shutdown().await;
 }
 
@@ -299,7 +323,10 @@ async fn pubrel_for_unknown_packet_id_gets_0x92() {
     c.send(Packet::PubRel(PubAckLike::new(77))).await;
     match c.recv().await {
         Some(Packet::PubComp(a)) => {
-            assert_eq!((a.packet_id, a.reason_code), (77, reason::PACKET_IDENTIFIER_NOT_FOUND))
+            assert_eq!(
+                (a.packet_id, a.reason_code),
+                (77, reason::PACKET_IDENTIFIER_NOT_FOUND)
+            )
         }
         other => panic!("{other:?}"),
     }
@@ -310,11 +337,20 @@ async fn pubrel_for_unknown_packet_id_gets_0x92() {
 async fn subscribe_and_unsubscribe_reason_codes() {
     let b = start_broker(|c| c.mqtt.max_subscriptions_per_client = 2).await;
     let mut c = RawClient::connect(b.addr, ProtocolVersion::V5, "codes").await;
-    assert_eq!(c.subscribe("a/#/b", QoS::AtMostOnce).await, vec![reason::TOPIC_FILTER_INVALID]);
-    assert_eq!(c.subscribe("$share//x", QoS::AtMostOnce).await, vec![reason::TOPIC_FILTER_INVALID]);
+    assert_eq!(
+        c.subscribe("a/#/b", QoS::AtMostOnce).await,
+        vec![reason::TOPIC_FILTER_INVALID]
+    );
+    assert_eq!(
+        c.subscribe("$share//x", QoS::AtMostOnce).await,
+        vec![reason::TOPIC_FILTER_INVALID]
+    );
     assert_eq!(c.subscribe("one", QoS::AtLeastOnce).await, vec![1]);
     assert_eq!(c.subscribe("two", QoS::ExactlyOnce).await, vec![2]);
-    assert_eq!(c.subscribe("three", QoS::AtMostOnce).await, vec![reason::QUOTA_EXCEEDED]);
+    assert_eq!(
+        c.subscribe("three", QoS::AtMostOnce).await,
+        vec![reason::QUOTA_EXCEEDED]
+    );
     c.send(Packet::Unsubscribe(holdfast::protocol::Unsubscribe {
         packet_id: 5,
         user_properties: vec![],
@@ -323,7 +359,10 @@ async fn subscribe_and_unsubscribe_reason_codes() {
     .await;
     match c.recv().await {
         Some(Packet::UnsubAck(u)) => {
-            assert_eq!(u.reason_codes, vec![reason::SUCCESS, reason::NO_SUBSCRIPTION_EXISTED])
+            assert_eq!(
+                u.reason_codes,
+                vec![reason::SUCCESS, reason::NO_SUBSCRIPTION_EXISTED]
+            )
         }
         other => panic!("{other:?}"),
     }

@@ -27,8 +27,8 @@ use crate::config::{MqttConfig, QueuePolicy};
 use crate::protocol::reason;
 use crate::protocol::topic;
 use crate::protocol::{
-    AckProperties, ConnAck, Packet, PubAckLike, Publish, PublishProperties, QoS, SubAck,
-    Subscribe, UnsubAck, Unsubscribe, Will,
+    AckProperties, ConnAck, Packet, PubAckLike, Publish, PublishProperties, QoS, SubAck, Subscribe,
+    UnsubAck, Unsubscribe, Will,
 };
 
 /// How many events the router takes from its channel per wake-up.
@@ -96,7 +96,9 @@ pub enum RouterEvent {
         session_expiry: Option<u32>,
     },
     /// Graceful shutdown: publish wills, tell every client, then answer.
-    Shutdown { done: oneshot::Sender<()> },
+    Shutdown {
+        done: oneshot::Sender<()>,
+    },
 }
 
 /// Counters, for logs and tests.
@@ -411,10 +413,8 @@ impl Router {
             self.by_client.remove(&s.client_id);
         }
         let keys = s.tree_keys();
-        self.tree.unsubscribe_all(
-            sid,
-            keys.iter().map(|(f, g)| (f.as_str(), g.as_deref())),
-        );
+        self.tree
+            .unsubscribe_all(sid, keys.iter().map(|(f, g)| (f.as_str(), g.as_deref())));
         let lost = s.queue.len() + s.inflight.len();
         if lost > 0 {
             info!(client_id = %s.client_id, messages = lost, why, "session ended with undelivered messages");
@@ -474,6 +474,11 @@ impl Router {
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
+        if code == reason::QUOTA_EXCEEDED && !s.params.protocol.is_v5() {
+            // 3.x has no way to say "quota exceeded": leave the message unacknowledged so
+            // the client keeps it and retries later (the refusal was logged by the queue).
+            return;
+        }
         match qos {
             QoS::AtMostOnce => {}
             QoS::AtLeastOnce => {

@@ -51,8 +51,13 @@ pub fn v3_connack_return_code(v5_reason: u8) -> u8 {
         SUCCESS => 0x00,
         UNSUPPORTED_PROTOCOL_VERSION => 0x01,
         CLIENT_IDENTIFIER_NOT_VALID => 0x02,
-        SERVER_UNAVAILABLE | SERVER_BUSY | SERVER_SHUTTING_DOWN | USE_ANOTHER_SERVER
-        | SERVER_MOVED | CONNECTION_RATE_EXCEEDED | QUOTA_EXCEEDED => 0x03,
+        SERVER_UNAVAILABLE
+        | SERVER_BUSY
+        | SERVER_SHUTTING_DOWN
+        | USE_ANOTHER_SERVER
+        | SERVER_MOVED
+        | CONNECTION_RATE_EXCEEDED
+        | QUOTA_EXCEEDED => 0x03,
         BAD_USER_NAME_OR_PASSWORD | BAD_AUTHENTICATION_METHOD => 0x04,
         _ => 0x05, // not authorized covers banned, protocol errors and the rest
     }

@@ -10,8 +10,8 @@ use bytes::BytesMut;
 use holdfast::broker::Broker;
 use holdfast::config::{Config, ListenerConfig};
 use holdfast::protocol::{
-    self, Connect, ConnectProperties, Packet, ProtocolVersion, PubAckLike, Publish, QoS,
-    Subscribe, SubscribeFilter, SubscriptionOptions,
+    self, Connect, ConnectProperties, Packet, ProtocolVersion, PubAckLike, Publish, QoS, Subscribe,
+    SubscribeFilter, SubscriptionOptions,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -35,11 +35,13 @@ impl TestBroker {
 /// Starts a broker on 127.0.0.1:0 with a temp data dir; `tweak` adjusts the config.
 pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> TestBroker {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cfg = Config::default();
-    cfg.data_dir = dir.path().to_path_buf();
-    cfg.listener = vec![ListenerConfig {
-        bind: "127.0.0.1:0".into(),
-    }];
+    let mut cfg = Config {
+        data_dir: dir.path().to_path_buf(),
+        listener: vec![ListenerConfig {
+            bind: "127.0.0.1:0".into(),
+        }],
+        ..Config::default()
+    };
     cfg.mqtt.shutdown_timeout_secs = 2;
     tweak(&mut cfg);
     let broker = Broker::start(&cfg).await.expect("broker starts");
@@ -137,8 +139,15 @@ impl RawClient {
     }
 
     pub async fn subscribe(&mut self, filter: &str, qos: QoS) -> Vec<u8> {
-        self.subscribe_opts(filter, SubscriptionOptions { qos, ..Default::default() }, None)
-            .await
+        self.subscribe_opts(
+            filter,
+            SubscriptionOptions {
+                qos,
+                ..Default::default()
+            },
+            None,
+        )
+        .await
     }
 
     pub async fn subscribe_opts(
