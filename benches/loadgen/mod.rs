@@ -1,0 +1,5 @@
+//! Load generator for `broker_compare`.
+
+pub mod broker;
+pub mod client;
+pub mod scenario;
