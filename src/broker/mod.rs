@@ -128,6 +128,24 @@ impl Broker {
         })
     }
 
+    /// Drops a session (see `RouterEvent::DropSession`); true if it existed.
+    pub async fn drop_session(&self, client_id: &str) -> bool {
+        let (reply, rx) = oneshot::channel();
+        let ev = RouterEvent::DropSession {
+            client_id: client_id.to_string(),
+            reply,
+        };
+        if self.router_tx.send(ev).await.is_err() {
+            return false;
+        }
+        rx.await.unwrap_or(false)
+    }
+
+    /// A sender for router events (for in-process admin endpoints).
+    pub fn router_sender(&self) -> mpsc::Sender<RouterEvent> {
+        self.router_tx.clone()
+    }
+
     /// The addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs

@@ -426,8 +426,31 @@ impl Router {
                 will,
                 session_expiry,
             } => self.on_disconnected(conn, will, session_expiry),
+            RouterEvent::DropSession { client_id, reply } => {
+                let _ = reply.send(self.drop_session(&client_id));
+            }
             RouterEvent::Shutdown { .. } => {}
         }
+    }
+
+    fn drop_session(&mut self, client_id: &str) -> bool {
+        let Some(&sid) = self.by_client.get(client_id) else {
+            return false;
+        };
+        let mut will = None;
+        if let Some(s) = self.sessions.get_mut(&sid) {
+            if let Some(c) = s.conn.take() {
+                self.by_conn.remove(&c.id);
+                c.send(Outgoing::Disconnect(reason::ADMINISTRATIVE_ACTION));
+            }
+            will = s.will.take();
+        }
+        if let Some(w) = will {
+            self.publish_will(w);
+        }
+        warn!(client_id, "session dropped by an administrator");
+        self.end_session(sid, "dropped by an administrator");
+        true
     }
 
     // ----- store plumbing ----------------------------------------------------------------
