@@ -110,6 +110,13 @@ pub enum RouterEvent {
         /// A new Session Expiry Interval from the client's v5 DISCONNECT.
         session_expiry: Option<u32>,
     },
+    /// Administrative removal of a session (`holdfast sessions drop`): an online client is
+    /// disconnected with 0x98 Administrative action, its will published, the session and
+    /// its queue deleted. Answers whether the session existed.
+    DropSession {
+        client_id: String,
+        reply: oneshot::Sender<bool>,
+    },
     /// Graceful shutdown: publish wills, tell every client, commit, then answer.
     Shutdown {
         done: oneshot::Sender<()>,
