@@ -36,18 +36,18 @@ pub type ConnId = u64;
 
 /// Stop taking outgoing packets from the router while this many bytes wait for the socket.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
-/// Read buffer size hint.
-const READ_CHUNK: usize = 16 * 1024;
+/// Free space kept in the read buffer before a read: starts small (idle connections are
+/// cheap) and doubles up to `READ_MAX` while reads keep filling it.
+const READ_MIN: usize = 1024;
+const READ_MAX: usize = 64 * 1024;
 /// How long a closing connection may spend flushing its last bytes.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 
-/// What the router sends to a connection.
-// Nearly every value is a `Packet`; boxing it to shrink the rare `Disconnect` would cost an
-// allocation per message.
-#[allow(clippy::large_enum_variant)]
+/// What the router sends to a connection. Packets are boxed so that each connection's
+/// channel blocks stay small (an idle connection costs a few KiB, not tens).
 #[derive(Debug)]
 pub enum Outgoing {
-    Packet(Packet),
+    Packet(Box<Packet>),
     /// Close the connection; v5 clients get a DISCONNECT with this reason code first.
     Disconnect(u8),
 }
@@ -107,8 +107,8 @@ where
     let mut conn = Connection {
         reader,
         writer,
-        rbuf: BytesMut::with_capacity(READ_CHUNK),
-        wbuf: BytesMut::with_capacity(READ_CHUNK),
+        rbuf: BytesMut::with_capacity(READ_MIN),
+        wbuf: BytesMut::new(),
         version: ProtocolVersion::V311,
         peer,
         shared,
@@ -421,15 +421,21 @@ where
         let mut last_read = Instant::now();
         // A far-future deadline stands in for "no keep-alive".
         let never = Duration::from_secs(100 * 365 * 24 * 3600);
+        let mut read_room = READ_MIN;
         loop {
             let deadline = last_read + st.keep_alive.unwrap_or(never);
+            let spare = self.rbuf.capacity() - self.rbuf.len();
+            if spare < read_room {
+                self.rbuf.reserve(read_room);
+            }
+            let spare = self.rbuf.capacity() - self.rbuf.len();
             tokio::select! {
                 r = self.writer.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() => {
                     match r {
                         Ok(0) | Err(_) => return Close::Socket,
                         Ok(_) => {
-                            if self.wbuf.is_empty() && self.wbuf.capacity() > 4 * WRITE_HIGH_WATER {
-                                self.wbuf = BytesMut::with_capacity(READ_CHUNK);
+                            if self.wbuf.is_empty() && self.wbuf.capacity() > WRITE_HIGH_WATER {
+                                self.wbuf = BytesMut::new();
                             }
                         }
                     }
@@ -455,6 +461,7 @@ where
                 r = self.reader.read_buf(&mut self.rbuf) => {
                     match r {
                         Ok(0) | Err(_) => return Close::Socket,
+                        Ok(n) if n >= spare => read_room = (read_room * 2).min(READ_MAX),
                         Ok(_) => {}
                     }
                     last_read = Instant::now();
@@ -472,9 +479,6 @@ where
                             }
                         }
                     }
-                    if self.rbuf.capacity() < READ_CHUNK / 2 {
-                        self.rbuf.reserve(READ_CHUNK);
-                    }
                 }
                 _ = tokio::time::sleep_until(deadline), if st.keep_alive.is_some() => {
                     return Close::KeepAlive;
@@ -487,7 +491,7 @@ where
     fn on_outgoing(&mut self, st: &mut State, out: Outgoing) -> Option<Close> {
         let mut packet = match out {
             Outgoing::Disconnect(code) => return Some(Close::Server(code)),
-            Outgoing::Packet(p) => p,
+            Outgoing::Packet(p) => *p,
         };
         match &mut packet {
             Packet::Publish(p) if st.out_alias_max > 0 => apply_out_alias(st, p),

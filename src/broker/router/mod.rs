@@ -1565,7 +1565,7 @@ fn release(s: &mut Session, item: Held, ok: bool, stats: &mut RouterStats) {
             if matches!(p, Packet::Publish(_)) {
                 stats.publishes_out += 1;
             }
-            c.send(Outgoing::Packet(p));
+            c.send(Outgoing::Packet(Box::new(p)));
         }
         Held::Deliver { packet_id, dup } => {
             let Some(i) = s.inflight_position(packet_id) else {
@@ -1580,7 +1580,7 @@ fn release(s: &mut Session, item: Held, ok: bool, stats: &mut RouterStats) {
                 .message
                 .to_send(packet_id, dup, Instant::now());
             stats.publishes_out += 1;
-            c.send(Outgoing::Packet(Packet::Publish(p)));
+            c.send(Outgoing::Packet(Box::new(Packet::Publish(p))));
         }
         Held::PubAck {
             packet_id,
@@ -1600,11 +1600,11 @@ fn release(s: &mut Session, item: Held, ok: bool, stats: &mut RouterStats) {
                 reason::QUOTA_EXCEEDED
             };
             let ack = PubAckLike::with_reason(packet_id, code);
-            c.send(Outgoing::Packet(if qos2 {
+            c.send(Outgoing::Packet(Box::new(if qos2 {
                 Packet::PubRec(ack)
             } else {
                 Packet::PubAck(ack)
-            }));
+            })));
         }
     }
 }
