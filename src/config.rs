@@ -1097,6 +1097,7 @@ mod tests {
     fn every_key_is_documented() {
         let example = include_str!("../examples/holdfast.toml");
         let reference = include_str!("../docs/configuration.md");
+        let readme = include_str!("../README.md");
         let keys = all_keys();
         for expected in [
             "data_dir",
@@ -1120,6 +1121,12 @@ mod tests {
                     && reference.contains(&format!("`{}`", env_var_for_key(&key)))
             };
             assert!(documented, "docs/configuration.md lacks `{key}`");
+            let in_readme =
+                key.starts_with("listener.") || readme.contains(&format!("| `{key}` |"));
+            assert!(
+                in_readme,
+                "README.md's configuration reference lacks `{key}`"
+            );
         }
     }
 
