@@ -147,3 +147,50 @@ async fn a_subscriber_that_never_reads_does_not_stall_others() {
     drop(stalled);
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_fast_qos1_publisher_is_slowed_to_its_subscriber_instead_of_losing_messages() {
+    // Queue limit 1000 with drop-oldest: without backpressure a publisher that is acked at
+    // once would overflow the slow subscriber's queue and messages would be dropped.
+    let b = start_broker(|c| c.mqtt.max_queued_messages = 1000).await;
+    let mut sub = RawClient::connect(b.addr, ProtocolVersion::V311, "slow").await;
+    sub.subscribe("bp", QoS::AtLeastOnce).await;
+    let total: u32 = 5000;
+    let reader = tokio::spawn(async move {
+        let mut next = 0u32;
+        while next < total {
+            let p = sub.recv_publish().await;
+            let n = u32::from_be_bytes(p.payload[..4].try_into().unwrap());
+            assert_eq!(n, next, "in order, nothing dropped");
+            next += 1;
+            sub.puback(p.packet_id).await;
+            if next.is_multiple_of(100) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let mut p = RawClient::connect(b.addr, ProtocolVersion::V5, "fast").await;
+    // A well-behaved v5 publisher: at most 64 unacknowledged (the advertised Receive Maximum).
+    let mut outstanding = 0;
+    for i in 0..total {
+        while outstanding >= 64 {
+            match p.recv().await {
+                Some(Packet::PubAck(_)) => outstanding -= 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        p.publish(
+            "bp",
+            &i.to_be_bytes(),
+            QoS::AtLeastOnce,
+            (i % 60000 + 1) as u16,
+        )
+        .await;
+        outstanding += 1;
+    }
+    tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("subscriber received everything")
+        .unwrap();
+    b.shutdown().await;
+}

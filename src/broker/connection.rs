@@ -649,7 +649,9 @@ where
                 "retain not supported",
             ));
         }
-        if p.qos != QoS::AtMostOnce {
+        // Receive Maximum is a v5 promise (MQTT-3.3.4-7); 3.x clients never heard of it, so
+        // they are not held to it (their window is their own business).
+        if p.qos != QoS::AtMostOnce && self.version.is_v5() {
             st.incoming_unacked.insert(p.packet_id);
             if st.incoming_unacked.len() > usize::from(cfg.max_inflight) {
                 return Err(Close::Protocol(

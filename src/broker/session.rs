@@ -145,6 +145,10 @@ pub struct Session {
     pub held: VecDeque<(u64, Held)>,
     /// Incoming QoS 2 packet ids received (and routed) whose PUBREL has not come yet.
     pub incoming_qos2: HashSet<u16>,
+    /// Publishers whose acknowledgements wait until this session's queue shrinks
+    /// (backpressure: a fast QoS 1/2 publisher is slowed to its slowest subscriber's pace
+    /// instead of overflowing that subscriber's queue).
+    pub gated: Vec<SessionId>,
     /// The will of the current (or last) connection.
     pub will: Option<Will>,
     /// Messages dropped for this session by a queue policy or size limit.
@@ -176,6 +180,7 @@ impl Session {
             reading: false,
             held: VecDeque::new(),
             incoming_qos2: HashSet::new(),
+            gated: Vec::new(),
             will: None,
             dropped: 0,
             drop_episode: false,

@@ -48,6 +48,13 @@ use persist::*;
 const BATCH: usize = 256;
 /// Rows read back from disk at a time when a durable session's queue is spilled.
 const READ_BATCH: u32 = 64;
+/// Held output marked with this bit also waits for a subscriber's queue to shrink
+/// (backpressure on QoS 1/2 publishers).
+const GATE_BIT: u64 = 1 << 63;
+/// A clean, online subscriber queue this long gates its publishers' acknowledgements...
+const GATE_HIGH: u64 = 256;
+/// ...until it is down to this length.
+const GATE_LOW: u64 = 64;
 
 /// What the connection asks of the router when its CONNECT has been accepted.
 pub struct ConnectRequest {
@@ -190,6 +197,12 @@ pub struct Router {
     next_token: u64,
     cur: Pending,
     pending: HashMap<u64, Pending>,
+    /// Highest token the store has reported (tokens complete in order).
+    completed: u64,
+    /// Tokens whose commit failed (rare; consulted when gated output is released later).
+    failed: std::collections::HashSet<u64>,
+    /// Set by `route` when the publisher's acknowledgement must wait for a slow queue.
+    route_gated: bool,
     pub stats: RouterStats,
 }
 
@@ -221,6 +234,9 @@ impl Router {
             next_token: 1,
             cur: Pending::default(),
             pending: HashMap::new(),
+            completed: 0,
+            failed: std::collections::HashSet::new(),
+            route_gated: false,
             stats: RouterStats::default(),
         };
         r.recover(recovered);
@@ -526,6 +542,10 @@ impl Router {
     }
 
     fn on_committed(&mut self, token: u64, ok: bool) {
+        self.completed = self.completed.max(token);
+        if !ok {
+            self.failed.insert(token);
+        }
         let Some(p) = self.pending.remove(&token) else {
             return;
         };
@@ -548,7 +568,23 @@ impl Router {
         sids.dedup();
         for sid in sids {
             if let Some(s) = self.sessions.get_mut(&sid) {
-                flush_held(s, token, ok, &mut self.stats);
+                flush_held(s, self.completed, &self.failed, &mut self.stats);
+            }
+        }
+    }
+
+    /// Releases the acknowledgements of publishers that waited for `sid`'s queue.
+    fn ungate_waiters(&mut self, sid: SessionId) {
+        let waiters = match self.sessions.get_mut(&sid) {
+            Some(s) if !s.gated.is_empty() => std::mem::take(&mut s.gated),
+            _ => return,
+        };
+        for p in waiters {
+            if let Some(s) = self.sessions.get_mut(&p) {
+                for (t, _) in s.held.iter_mut() {
+                    *t &= !GATE_BIT;
+                }
+                flush_held(s, self.completed, &self.failed, &mut self.stats);
             }
         }
     }
@@ -729,6 +765,7 @@ impl Router {
         let Some(sid) = self.by_conn.remove(&conn) else {
             return; // already taken over
         };
+        self.ungate_waiters(sid);
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
@@ -837,6 +874,7 @@ impl Router {
 
     /// Removes a session and everything it holds. Queued messages go with it (counted).
     fn end_session(&mut self, sid: SessionId, why: &str) {
+        self.ungate_waiters(sid);
         let Some(s) = self.sessions.remove(&sid) else {
             return;
         };
@@ -922,7 +960,9 @@ impl Router {
             .properties
             .message_expiry_interval
             .map(|secs| received + Duration::from_secs(u64::from(secs)));
+        self.route_gated = false;
         let outcome = self.route(Some(sid), publish, expires_at);
+        let gated = std::mem::take(&mut self.route_gated);
         let code = match outcome {
             RouteOutcome::Delivered => reason::SUCCESS,
             RouteOutcome::NoSubscribers => reason::NO_MATCHING_SUBSCRIBERS,
@@ -949,11 +989,14 @@ impl Router {
                 });
             }
         }
-        let token = if self.ops.len() > self.event_ops_start {
+        let mut token = if self.ops.len() > self.event_ops_start {
             self.next_token
         } else {
             0
         };
+        if gated {
+            token |= GATE_BIT;
+        }
         let item = Held::PubAck {
             packet_id,
             qos2: qos == QoS::ExactlyOnce,
@@ -1128,8 +1171,21 @@ impl Router {
                 publish: p,
                 expires_at,
             };
-            if !self.deliver(m.session, msg) {
+            let target = m.session;
+            if !self.deliver(target, msg) {
                 outcome = RouteOutcome::QuotaExceeded;
+            }
+            // Backpressure: a clean online subscriber falling behind a QoS 1/2 publisher
+            // holds the publisher's acknowledgements until it catches up.
+            if let (Some(p), true) = (publisher, publish.qos != QoS::AtMostOnce) {
+                if let Some(t) = self.sessions.get_mut(&target) {
+                    if p != target && !t.durable && t.is_online() && t.queue_len >= GATE_HIGH {
+                        if !t.gated.contains(&p) {
+                            t.gated.push(p);
+                        }
+                        self.route_gated = true;
+                    }
+                }
             }
         }
         self.matches = matches;
@@ -1319,6 +1375,13 @@ impl Router {
                 s.drop_episode = false;
                 info!(client_id = %s.client_id, dropped_total = s.dropped, "client queue drained");
             }
+        }
+        if self
+            .sessions
+            .get(&sid)
+            .is_some_and(|s| !s.gated.is_empty() && s.queue_len <= GATE_LOW)
+        {
+            self.ungate_waiters(sid);
         }
         if let Some((from_seq, next_seq_at_request)) = read_from {
             debug!(sid, from_seq, "reading queue back from disk");
@@ -1536,23 +1599,28 @@ fn hold(s: &mut Session, token: u64, item: Held, cur: &mut Pending, stats: &mut 
     if token == 0 && s.held.is_empty() {
         release(s, item, true, stats);
     } else {
-        if token != 0 {
+        if token & !GATE_BIT != 0 {
             cur.sids.push(s.id);
         }
         s.held.push_back((token, item));
     }
 }
 
-/// Releases held output up to (and including) the items of the committed `token`.
-fn flush_held(s: &mut Session, token: u64, ok: bool, stats: &mut RouterStats) {
+/// Releases held output whose tokens are committed (up to `completed`) and not gated.
+fn flush_held(
+    s: &mut Session,
+    completed: u64,
+    failed: &std::collections::HashSet<u64>,
+    stats: &mut RouterStats,
+) {
     while let Some((t, _)) = s.held.front() {
-        if *t != 0 && *t > token {
+        if *t & GATE_BIT != 0 || *t > completed {
             break;
         }
         let Some((t, item)) = s.held.pop_front() else {
             break;
         };
-        release(s, item, t == 0 || ok, stats);
+        release(s, item, t == 0 || !failed.contains(&t), stats);
     }
 }
 
