@@ -359,3 +359,17 @@ async fn v5_session_expiry_ends_the_session() {
     assert!(!connack(ack).session_present);
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn mosquitto_bridge_connect_with_the_private_bit_is_accepted() {
+    let b = start_broker(|_| {}).await;
+    let mut c = RawClient::tcp(b.addr, ProtocolVersion::V311).await;
+    // CONNECT "MQTT" level 0x84 (bridge bit), clean session, keep-alive 60, id "br".
+    c.send_raw(&[
+        0x10, 0x0e, 0x00, 0x04, b'M', b'Q', b'T', b'T', 0x84, 0x02, 0x00, 0x3c, 0x00, 0x02, b'b',
+        b'r',
+    ])
+    .await;
+    assert_eq!(connack(c.recv().await.expect("CONNACK")).reason_code, 0);
+    b.shutdown().await;
+}

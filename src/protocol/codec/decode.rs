@@ -212,9 +212,11 @@ fn connect(r: &mut Reader) -> Result<Connect> {
     let name_len = usize::from(r.u16()?);
     let name = r.slice(name_len)?;
     let level = r.u8()?;
+    // Mosquitto bridges set bit 7 of the level ("try_private") to say "I am a bridge";
+    // the protocol is otherwise the same, so accept it as that level.
     let protocol = match (name, level) {
-        (b"MQIsdp", 3) => ProtocolVersion::V31,
-        (b"MQTT", 4) => ProtocolVersion::V311,
+        (b"MQIsdp", 3 | 0x83) => ProtocolVersion::V31,
+        (b"MQTT", 4 | 0x84) => ProtocolVersion::V311,
         (b"MQTT", 5) => ProtocolVersion::V5,
         (b"MQIsdp" | b"MQTT", level) => return Err(DecodeError::UnsupportedProtocolVersion(level)),
         _ => return Err(DecodeError::InvalidProtocolName),
