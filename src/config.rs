@@ -31,6 +31,8 @@ pub struct Config {
     pub log: LogConfig,
     pub mqtt: MqttConfig,
     pub store: StoreConfig,
+    /// Upstream bridges, `[[bridge]]` tables (none by default).
+    pub bridge: Vec<crate::bridge::BridgeConfig>,
 }
 
 /// The durable store (SQLite file `<data_dir>/holdfast.db`).
@@ -175,6 +177,7 @@ impl Default for Config {
             log: LogConfig::default(),
             mqtt: MqttConfig::default(),
             store: StoreConfig::default(),
+            bridge: Vec::new(),
         }
     }
 }
@@ -305,7 +308,7 @@ impl ConfigError {
         }
     }
 
-    fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(key: impl Into<String>, message: impl Into<String>) -> Self {
         ConfigError::Invalid {
             origin: Origin::Config,
             key: key.into(),
@@ -585,7 +588,17 @@ impl Config {
         }
         self.log.validate()?;
         self.mqtt.validate()?;
-        self.store.validate()
+        self.store.validate()?;
+        for (i, b) in self.bridge.iter().enumerate() {
+            b.validate(i)?;
+            if self.bridge[..i].iter().any(|o| o.name == b.name) {
+                return Err(ConfigError::invalid(
+                    format!("bridge[{i}].name"),
+                    format!("`{}` is used by another bridge", b.name),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The effective configuration as TOML (for `holdfast check-config`). Loading the
@@ -1073,6 +1086,7 @@ mod tests {
     fn all_keys() -> Vec<String> {
         let mut cfg = Config::default();
         cfg.mqtt.server_keep_alive = Some(0);
+        cfg.bridge = vec![crate::bridge::BridgeConfig::example()];
         let mut keys = Vec::new();
         let table: toml::Table = toml::from_str(&cfg.to_toml()).expect("to_toml is TOML");
         for (name, value) in table {
@@ -1082,7 +1096,16 @@ mod tests {
                 }
                 toml::Value::Array(items) => {
                     for item in items.iter().filter_map(toml::Value::as_table) {
-                        keys.extend(item.keys().map(|k| format!("{name}.{k}")));
+                        for (k, v) in item {
+                            match v {
+                                toml::Value::Array(inner) => {
+                                    for t in inner.iter().filter_map(toml::Value::as_table) {
+                                        keys.extend(t.keys().map(|l| format!("{name}.{k}.{l}")));
+                                    }
+                                }
+                                _ => keys.push(format!("{name}.{k}")),
+                            }
+                        }
                     }
                 }
                 _ => keys.push(name),

@@ -5,6 +5,7 @@
 //! - `broker`: listeners, connections, sessions, the router (subscriptions, retained
 //!   messages, fan-out).
 
+pub mod bridge;
 pub mod broker;
 pub mod config;
 pub mod observe;

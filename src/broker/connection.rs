@@ -62,6 +62,17 @@ pub struct ConnLink {
 }
 
 impl ConnLink {
+    /// A link for an internal session (the bridge), with its receiving end.
+    pub fn new(id: ConnId) -> (ConnLink, mpsc::UnboundedReceiver<Outgoing>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let link = ConnLink {
+            id,
+            tx,
+            backlog: Arc::new(AtomicUsize::new(0)),
+        };
+        (link, rx)
+    }
+
     pub fn send(&self, out: Outgoing) {
         self.backlog.fetch_add(1, Ordering::Relaxed);
         // A closed channel means the connection is gone; its Disconnected event follows.
@@ -325,6 +336,9 @@ where
             let id = assign_client_id();
             assigned = Some(id.clone());
             id.into()
+        } else if c.client_id.starts_with(crate::bridge::INTERNAL_PREFIX) {
+            // Reserved for the bridges' internal sessions.
+            return Err(reason::CLIENT_IDENTIFIER_NOT_VALID);
         } else {
             c.client_id.as_str().into()
         };
@@ -353,6 +367,7 @@ where
             protocol: c.protocol,
             window: cfg.max_inflight.min(client_receive_max).max(1),
             max_packet_size: c.properties.maximum_packet_size.unwrap_or(u32::MAX),
+            compact_packet_ids: false,
         };
         let mut props = ConnAckProperties::default();
         if v5 {

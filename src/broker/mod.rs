@@ -115,6 +115,14 @@ impl Broker {
         for l in listeners {
             tokio::spawn(listener::accept_loop(l, shared.clone(), tracker.clone()));
         }
+        for b in &cfg.bridge {
+            info!(bridge = %b.name, address = %b.address, "starting bridge");
+            tracker.spawn(crate::bridge::run(
+                b.clone(),
+                shared.clone(),
+                shutdown.clone(),
+            ));
+        }
         for a in &local_addrs {
             info!(addr = %a, "listening for MQTT");
         }

@@ -110,6 +110,9 @@ pub struct ClientParams {
     pub window: u16,
     /// Largest packet the client accepts (v5 Maximum Packet Size), whole packet.
     pub max_packet_size: u32,
+    /// Hand out the smallest free packet id (1..=window) instead of cycling through all
+    /// 65535: the bridge's rumqttc client only accepts ids up to its in-flight limit.
+    pub compact_packet_ids: bool,
 }
 
 pub struct Session {
@@ -205,6 +208,13 @@ impl Session {
     /// Next free packet id (1..=65535, skipping ids in flight). The window is never larger
     /// than 65535, so a free id always exists.
     pub fn allocate_packet_id(&mut self) -> u16 {
+        if self.params.compact_packet_ids {
+            let mut id = 1u16;
+            while self.inflight.iter().any(|m| m.packet_id == id) {
+                id = id.wrapping_add(1).max(1);
+            }
+            return id;
+        }
         loop {
             self.next_packet_id = self.next_packet_id.wrapping_add(1);
             if self.next_packet_id == 0 {

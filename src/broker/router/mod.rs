@@ -268,6 +268,7 @@ impl Router {
                 protocol: protocol_from_level(rs.protocol),
                 window: self.cfg.max_inflight,
                 max_packet_size: u32::MAX,
+                compact_packet_ids: false,
             };
             let client_id: Arc<str> = rs.client_id.as_str().into();
             let mut s = Session::new(sid, client_id.clone(), params, true);

@@ -1,0 +1,216 @@
+//! `[[bridge]]` settings: one upstream broker each, with `[[bridge.topic]]` rules in the
+//! form Mosquitto users know (`pattern`, `direction`, `qos`, `local_prefix`, `remote_prefix`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Local → upstream.
+    Out,
+    /// Upstream → local.
+    In,
+    Both,
+}
+
+impl Direction {
+    pub fn is_out(self) -> bool {
+        matches!(self, Direction::Out | Direction::Both)
+    }
+    pub fn is_in(self) -> bool {
+        matches!(self, Direction::In | Direction::Both)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicRule {
+    /// Topic filter (wildcards allowed) relative to the prefixes.
+    pub pattern: String,
+    #[serde(default = "default_direction")]
+    pub direction: Direction,
+    /// QoS on the upstream side (0 or 1).
+    #[serde(default = "default_qos")]
+    pub qos: u8,
+    /// Local topic = local_prefix + X.
+    #[serde(default)]
+    pub local_prefix: String,
+    /// Remote topic = remote_prefix + X.
+    #[serde(default)]
+    pub remote_prefix: String,
+}
+
+fn default_direction() -> Direction {
+    Direction::Out
+}
+fn default_qos() -> u8 {
+    1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BridgeProtocol {
+    #[serde(rename = "3.1.1")]
+    V311,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BridgeConfig {
+    /// Short name: used in logs, in the internal session id (`$bridge/<name>`) and status.
+    pub name: String,
+    /// Upstream broker `host:port`.
+    pub address: String,
+    /// MQTT version spoken upstream.
+    #[serde(default = "default_protocol")]
+    pub protocol: BridgeProtocol,
+    /// Client id upstream; stable across restarts so the upstream session persists.
+    /// Default: `holdfast-<hostname>-<name>`.
+    #[serde(default)]
+    pub client_id: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Keep-alive upstream, seconds (also bounds half-open link detection: ~1.5×).
+    #[serde(default = "default_keepalive")]
+    pub keepalive_secs: u16,
+    /// QoS 1 messages in flight upstream.
+    #[serde(default = "default_inflight")]
+    pub inflight: u16,
+    /// Reconnect backoff bounds, milliseconds (exponential with full jitter).
+    #[serde(default = "default_backoff_min")]
+    pub reconnect_min_ms: u64,
+    #[serde(default = "default_backoff_max")]
+    pub reconnect_max_ms: u64,
+    /// Seconds to establish TCP + MQTT upstream before giving up on an attempt.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_secs: u64,
+    /// Drain limit after a reconnect, messages per second (0 = full speed).
+    #[serde(default)]
+    pub max_rate: u32,
+    #[serde(default)]
+    pub topic: Vec<TopicRule>,
+}
+
+fn default_protocol() -> BridgeProtocol {
+    BridgeProtocol::V311
+}
+fn default_keepalive() -> u16 {
+    30
+}
+fn default_inflight() -> u16 {
+    32
+}
+fn default_backoff_min() -> u64 {
+    500
+}
+fn default_backoff_max() -> u64 {
+    60_000
+}
+fn default_connect_timeout() -> u64 {
+    15
+}
+
+impl BridgeConfig {
+    /// A filled-in example (documentation and tests).
+    pub fn example() -> Self {
+        BridgeConfig {
+            name: "cloud".into(),
+            address: "broker.example.com:1883".into(),
+            protocol: BridgeProtocol::V311,
+            client_id: Some("gateway-17".into()),
+            username: Some("gateway-17".into()),
+            password: Some("secret".into()),
+            keepalive_secs: default_keepalive(),
+            inflight: default_inflight(),
+            reconnect_min_ms: default_backoff_min(),
+            reconnect_max_ms: default_backoff_max(),
+            connect_timeout_secs: default_connect_timeout(),
+            max_rate: 0,
+            topic: vec![TopicRule {
+                pattern: "sensors/#".into(),
+                direction: Direction::Out,
+                qos: 1,
+                local_prefix: String::new(),
+                remote_prefix: "site-17/".into(),
+            }],
+        }
+    }
+
+    /// The client id used upstream.
+    pub fn effective_client_id(&self) -> String {
+        if let Some(id) = &self.client_id {
+            return id.clone();
+        }
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "gateway".into());
+        format!("holdfast-{host}-{}", self.name)
+    }
+
+    pub fn validate(&self, i: usize) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("bridge[{i}].{k}");
+        if self.name.is_empty() || self.name.contains(['/', '+', '#']) {
+            return Err(ConfigError::invalid(
+                key("name"),
+                "must be non-empty without '/', '+' or '#'",
+            ));
+        }
+        match self.address.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+            _ => {
+                return Err(ConfigError::invalid(
+                    key("address"),
+                    format!("`{}` is not HOST:PORT", self.address),
+                ))
+            }
+        }
+        if self.inflight == 0 {
+            return Err(ConfigError::invalid(key("inflight"), "must be at least 1"));
+        }
+        if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
+            return Err(ConfigError::invalid(
+                key("reconnect_max_ms"),
+                "needs 0 < reconnect_min_ms <= reconnect_max_ms",
+            ));
+        }
+        if self.topic.is_empty() {
+            return Err(ConfigError::invalid(
+                key("topic"),
+                "a bridge needs at least one [[bridge.topic]] rule",
+            ));
+        }
+        for (j, t) in self.topic.iter().enumerate() {
+            let tk = |k: &str| format!("bridge[{i}].topic[{j}].{k}");
+            if t.qos > 1 {
+                return Err(ConfigError::invalid(
+                    tk("qos"),
+                    format!("must be 0 or 1 (got {})", t.qos),
+                ));
+            }
+            let local = format!("{}{}", t.local_prefix, t.pattern);
+            let remote = format!("{}{}", t.remote_prefix, t.pattern);
+            for (what, filter) in [("local_prefix", &local), ("remote_prefix", &remote)] {
+                if !crate::protocol::topic::valid_topic_filter(filter) {
+                    return Err(ConfigError::invalid(
+                        tk(if filter == &local && what == "local_prefix" {
+                            "pattern"
+                        } else {
+                            what
+                        }),
+                        format!("`{filter}` is not a valid topic filter"),
+                    ));
+                }
+            }
+            if t.local_prefix.contains(['+', '#']) || t.remote_prefix.contains(['+', '#']) {
+                return Err(ConfigError::invalid(
+                    tk("local_prefix"),
+                    "prefixes must not contain wildcards",
+                ));
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,513 @@
+//! The upstream bridge: one task per `[[bridge]]`, carrying local topics up and cloud
+//! topics down through a rumqttc client with a persistent upstream session.
+//!
+//! # Design
+//! The outbox is an internal *durable session* of the router (client id
+//! `$bridge/<name>`), subscribed (with No Local) to the local side of every `out` rule.
+//! So everything the store guarantees for durable sessions holds for uplink data:
+//! - a local QoS 1 publish matching an `out` rule is committed to the bridge's queue
+//!   before the publisher's PUBACK;
+//! - the bridge gets messages in order, with packet ids assigned by the router and stored
+//!   with the row (compact ids 1..=inflight, as rumqttc requires); the same id is used
+//!   upstream, so nothing has to be guessed from rumqttc's event order;
+//! - a row is deleted only when the upstream PUBACK for that packet id arrives and the
+//!   bridge forwards it to the router as the session's PUBACK;
+//! - when the link drops, the bridge detaches the internal session; on reconnect it
+//!   re-attaches it, and the router resends what was in flight (DUP, same packet id) before
+//!   anything newer, exactly as for a client; across a gateway restart the same happens from
+//!   the rows on disk.
+//!
+//! Downlink: messages from upstream subscriptions (`in` rules) are published into the
+//! router by the internal session; the router's PUBACK for them comes only after the local
+//! commit, and only then is the upstream PUBACK sent (rumqttc manual acks). Messages that
+//! came down are never sent back up: the internal session's subscriptions use No Local.
+//!
+//! rumqttc 0.25.1 is driven through its public `EventLoop::pending` queue only (see
+//! `../shared/research/crates.md` §2): the request channel is never used, `pending` and
+//! `state` are reset after every connection error (dropping rumqttc's own replay, which
+//! would go out without DUP), and `poll()` is only raced against other futures while
+//! `pending` is empty, when it can only be waiting in cancel-safe places.
+
+pub mod config;
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rumqttc::{
+    AsyncClient, Event, EventLoop, MqttOptions, MqttState, Packet as RPacket, Request,
+    SubscribeFilter,
+};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+pub use config::{BridgeConfig, Direction, TopicRule};
+
+use crate::broker::connection::{ConnLink, Outgoing, Shared};
+use crate::broker::router::{ConnectRequest, RouterEvent, WillAction};
+use crate::broker::session::ClientParams;
+use crate::protocol::{
+    topic, ConnAck, Packet, ProtocolVersion, Publish, QoS, Subscribe, SubscribeFilter as Sf,
+    SubscriptionOptions,
+};
+
+/// Prefix of the internal session ids; clients may not use it.
+pub const INTERNAL_PREFIX: &str = "$bridge/";
+
+/// Why a connected period ended.
+enum End {
+    Shutdown,
+    Lost(String),
+}
+
+/// The bridge task: runs until `shutdown`.
+pub async fn run(cfg: BridgeConfig, shared: Arc<Shared>, shutdown: CancellationToken) {
+    Bridge::new(cfg, shared, shutdown).run().await
+}
+
+struct Bridge {
+    cfg: BridgeConfig,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+    internal_id: Arc<str>,
+    /// `out` rules as (local filter, local prefix, remote prefix).
+    out: Vec<(String, String, String)>,
+    /// `in` rules as (remote filter, remote prefix, local prefix, qos).
+    inbound: Vec<(String, String, String, u8)>,
+}
+
+impl Bridge {
+    fn new(cfg: BridgeConfig, shared: Arc<Shared>, shutdown: CancellationToken) -> Self {
+        let out = cfg
+            .topic
+            .iter()
+            .filter(|t| t.direction.is_out())
+            .map(|t| {
+                (
+                    format!("{}{}", t.local_prefix, t.pattern),
+                    t.local_prefix.clone(),
+                    t.remote_prefix.clone(),
+                )
+            })
+            .collect();
+        let inbound = cfg
+            .topic
+            .iter()
+            .filter(|t| t.direction.is_in())
+            .map(|t| {
+                (
+                    format!("{}{}", t.remote_prefix, t.pattern),
+                    t.remote_prefix.clone(),
+                    t.local_prefix.clone(),
+                    t.qos,
+                )
+            })
+            .collect();
+        Bridge {
+            internal_id: format!("{INTERNAL_PREFIX}{}", cfg.name).into(),
+            cfg,
+            shared,
+            shutdown,
+            out,
+            inbound,
+        }
+    }
+
+    async fn run(self) {
+        let mut backoff = Backoff::new(self.cfg.reconnect_min_ms, self.cfg.reconnect_max_ms);
+        let mut last_error = String::new();
+        while !self.shutdown.is_cancelled() {
+            let (client, mut el) = self.client();
+            let connected = tokio::select! {
+                r = el.poll() => r,
+                _ = self.shutdown.cancelled() => break,
+            };
+            match connected {
+                Ok(Event::Incoming(RPacket::ConnAck(ack)))
+                    if ack.code == rumqttc::ConnectReturnCode::Success =>
+                {
+                    info!(bridge = %self.cfg.name, address = %self.cfg.address, session_present = ack.session_present, "bridge connected upstream");
+                    last_error.clear();
+                    backoff.reset();
+                }
+                other => {
+                    let e = match other {
+                        Ok(ev) => format!("unexpected first event {ev:?}"),
+                        Err(e) => e.to_string(),
+                    };
+                    if e != last_error {
+                        warn!(bridge = %self.cfg.name, address = %self.cfg.address, cause = %e, "bridge cannot connect upstream (retrying with backoff; logged once per distinct error)");
+                        last_error = e;
+                    }
+                    if self.pause(backoff.next()).await {
+                        break;
+                    }
+                    continue;
+                }
+            }
+            // Start from a clean rumqttc state: the router resends what is in flight.
+            el.pending.clear();
+            el.state = MqttState::new(self.cfg.inflight, true);
+            let end = match self.subscribe_upstream(&mut el).await {
+                Err(e) => End::Lost(e),
+                Ok(()) => self.connected(&mut el).await,
+            };
+            drop(client);
+            match end {
+                End::Shutdown => break,
+                End::Lost(e) => {
+                    warn!(bridge = %self.cfg.name, cause = %e, "bridge link lost; messages stay queued on disk");
+                    last_error = e;
+                    if self.pause(backoff.next()).await {
+                        break;
+                    }
+                }
+            }
+        }
+        debug!(bridge = %self.cfg.name, "bridge stopped");
+    }
+
+    /// Sleeps for a backoff step; true if shutdown came first.
+    async fn pause(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            _ = self.shutdown.cancelled() => true,
+        }
+    }
+
+    fn client(&self) -> (AsyncClient, EventLoop) {
+        let (host, port) = self
+            .cfg
+            .address
+            .rsplit_once(':')
+            .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_string(), p)))
+            .unwrap_or_else(|| (self.cfg.address.clone(), 1883));
+        let mut opts = MqttOptions::new(self.cfg.effective_client_id(), host, port);
+        opts.set_clean_session(false);
+        opts.set_manual_acks(true);
+        opts.set_inflight(self.cfg.inflight);
+        opts.set_keep_alive(Duration::from_secs(u64::from(
+            self.cfg.keepalive_secs.max(5),
+        )));
+        opts.set_max_packet_size(
+            self.shared.cfg.max_packet_size as usize + 1024,
+            self.shared.cfg.max_packet_size as usize + 1024,
+        );
+        if let Some(u) = &self.cfg.username {
+            opts.set_credentials(u.clone(), self.cfg.password.clone().unwrap_or_default());
+        }
+        let (client, mut el) = AsyncClient::new(opts, 1);
+        el.network_options
+            .set_connection_timeout(self.cfg.connect_timeout_secs.max(1));
+        (client, el)
+    }
+
+    /// Subscribes the `in` rules upstream and waits for the SUBACK (before any publish is
+    /// in flight, so packet ids cannot clash).
+    async fn subscribe_upstream(&self, el: &mut EventLoop) -> Result<(), String> {
+        if self.inbound.is_empty() {
+            return Ok(());
+        }
+        let filters = self.inbound.iter().map(|(f, _, _, q)| {
+            SubscribeFilter::new(
+                f.clone(),
+                if *q == 0 {
+                    rumqttc::QoS::AtMostOnce
+                } else {
+                    rumqttc::QoS::AtLeastOnce
+                },
+            )
+        });
+        el.pending
+            .push_back(Request::Subscribe(rumqttc::Subscribe::new_many(filters)));
+        let deadline = Instant::now() + Duration::from_secs(self.cfg.connect_timeout_secs.max(1));
+        loop {
+            match tokio::time::timeout_at(deadline, el.poll()).await {
+                Err(_) => return Err("no SUBACK from upstream".into()),
+                Ok(Err(e)) => return Err(e.to_string()),
+                Ok(Ok(Event::Incoming(RPacket::SubAck(_)))) => return Ok(()),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Attaches the internal session and moves messages both ways until the link drops.
+    async fn connected(&self, el: &mut EventLoop) -> End {
+        let conn = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        let (link, mut rx) = ConnLink::new(conn);
+        let router = &self.shared.router;
+        let attach = RouterEvent::Connect(Box::new(ConnectRequest {
+            link,
+            client_id: self.internal_id.clone(),
+            clean_start: false,
+            expiry_interval: u32::MAX,
+            will: None,
+            params: ClientParams {
+                protocol: ProtocolVersion::V311,
+                window: self.cfg.inflight.min(self.shared.cfg.max_inflight).max(1),
+                max_packet_size: u32::MAX,
+                compact_packet_ids: true,
+            },
+            connack: ConnAck::default(),
+        }));
+        if router.send(attach).await.is_err() {
+            return End::Shutdown;
+        }
+        let subscribe = RouterEvent::Subscribe {
+            conn,
+            subscribe: Subscribe {
+                packet_id: 1,
+                subscription_identifier: None,
+                user_properties: Vec::new(),
+                filters: self
+                    .out
+                    .iter()
+                    .map(|(filter, _, _)| Sf {
+                        filter: filter.clone(),
+                        options: SubscriptionOptions {
+                            qos: QoS::AtLeastOnce,
+                            no_local: true,
+                            retain_as_published: true,
+                            retain_handling: 1,
+                        },
+                    })
+                    .collect(),
+            },
+        };
+        if !self.out.is_empty() && router.send(subscribe).await.is_err() {
+            return End::Shutdown;
+        }
+        let end = self.pump(el, conn, &mut rx).await;
+        let _ = router
+            .send(RouterEvent::Disconnected {
+                conn,
+                will: WillAction::Discard,
+                session_expiry: None,
+            })
+            .await;
+        end
+    }
+
+    async fn pump(
+        &self,
+        el: &mut EventLoop,
+        conn: u64,
+        rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+    ) -> End {
+        let router = &self.shared.router;
+        // Downlink messages waiting for the local commit, by upstream packet id.
+        let mut downlink: HashMap<u16, rumqttc::Publish> = HashMap::new();
+        let interval = (self.cfg.max_rate > 0)
+            .then(|| Duration::from_secs_f64(1.0 / f64::from(self.cfg.max_rate)));
+        let mut next_send = Instant::now();
+        loop {
+            let may_take = interval.is_none() || Instant::now() >= next_send;
+            if may_take {
+                while let Ok(out) = rx.try_recv() {
+                    if let Some(end) = self.outgoing(el, out, &mut downlink, conn).await {
+                        return end;
+                    }
+                    if let Some(i) = interval {
+                        next_send = next_send.max(Instant::now() - i) + i;
+                        if Instant::now() < next_send {
+                            break;
+                        }
+                    }
+                }
+            }
+            let ev = if el.pending.is_empty() {
+                tokio::select! {
+                    _ = self.shutdown.cancelled() => return End::Shutdown,
+                    out = rx.recv(), if Instant::now() >= next_send => match out {
+                        None => return End::Shutdown,
+                        Some(out) => {
+                            if let Some(end) = self.outgoing(el, out, &mut downlink, conn).await {
+                                return end;
+                            }
+                            if let Some(i) = interval {
+                                next_send = next_send.max(Instant::now() - i) + i;
+                            }
+                            continue;
+                        }
+                    },
+                    _ = tokio::time::sleep_until(next_send), if Instant::now() < next_send => continue,
+                    ev = el.poll() => ev,
+                }
+            } else {
+                // rumqttc may be writing: never cancel it here.
+                el.poll().await
+            };
+            match ev {
+                Err(e) => return End::Lost(e.to_string()),
+                Ok(Event::Incoming(RPacket::PubAck(a))) => {
+                    let ev = RouterEvent::PubAck {
+                        conn,
+                        packet_id: a.pkid,
+                    };
+                    if router.send(ev).await.is_err() {
+                        return End::Shutdown;
+                    }
+                }
+                Ok(Event::Incoming(RPacket::Publish(p))) => {
+                    let Some(local) = self.local_topic(&p.topic) else {
+                        warn!(bridge = %self.cfg.name, topic = %p.topic, "downlink message matches no `in` rule; acknowledged and dropped");
+                        if p.qos != rumqttc::QoS::AtMostOnce {
+                            el.pending
+                                .push_back(Request::PubAck(rumqttc::PubAck::new(p.pkid)));
+                        }
+                        continue;
+                    };
+                    let qos = match p.qos {
+                        rumqttc::QoS::AtMostOnce => QoS::AtMostOnce,
+                        _ => QoS::AtLeastOnce,
+                    };
+                    let publish = Publish {
+                        dup: false,
+                        qos,
+                        retain: p.retain,
+                        topic: local.into(),
+                        packet_id: if qos == QoS::AtMostOnce { 0 } else { p.pkid },
+                        properties: Default::default(),
+                        payload: p.payload.clone(),
+                    };
+                    if qos != QoS::AtMostOnce {
+                        downlink.insert(p.pkid, p);
+                    }
+                    let ev = RouterEvent::Publish {
+                        conn,
+                        publish,
+                        received: Instant::now(),
+                    };
+                    if router.send(ev).await.is_err() {
+                        return End::Shutdown;
+                    }
+                }
+                Ok(Event::Incoming(RPacket::Disconnect)) => {
+                    return End::Lost("upstream sent DISCONNECT".into())
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Handles one packet from the router. `Some` ends the connected period.
+    async fn outgoing(
+        &self,
+        el: &mut EventLoop,
+        out: Outgoing,
+        downlink: &mut HashMap<u16, rumqttc::Publish>,
+        conn: u64,
+    ) -> Option<End> {
+        let packet = match out {
+            Outgoing::Disconnect(_) => {
+                return Some(if self.shutdown.is_cancelled() {
+                    End::Shutdown
+                } else {
+                    End::Lost("detached by the router".into())
+                })
+            }
+            Outgoing::Packet(p) => *p,
+        };
+        match packet {
+            Packet::Publish(p) => match self.remote_topic(&p.topic) {
+                Some(remote) => {
+                    let rp = rumqttc::Publish {
+                        dup: p.dup,
+                        qos: if p.qos == QoS::AtMostOnce {
+                            rumqttc::QoS::AtMostOnce
+                        } else {
+                            rumqttc::QoS::AtLeastOnce
+                        },
+                        retain: p.retain,
+                        topic: remote,
+                        pkid: p.packet_id,
+                        payload: p.payload,
+                    };
+                    el.pending.push_back(Request::Publish(rp));
+                }
+                None => {
+                    // Cannot happen (the session only subscribes `out` rules); don't let
+                    // it block the queue.
+                    if p.qos != QoS::AtMostOnce {
+                        let ev = RouterEvent::PubAck {
+                            conn,
+                            packet_id: p.packet_id,
+                        };
+                        let _ = self.shared.router.send(ev).await;
+                    }
+                }
+            },
+            Packet::PubAck(a) => {
+                // The router committed (or refused) a downlink message.
+                if let Some(p) = downlink.remove(&a.packet_id) {
+                    if a.reason_code < 0x80 {
+                        el.pending
+                            .push_back(Request::PubAck(rumqttc::PubAck::new(p.pkid)));
+                    } else {
+                        warn!(bridge = %self.cfg.name, topic = %p.topic, code = a.reason_code, "downlink message refused locally; not acknowledged upstream (it will be redelivered)");
+                    }
+                }
+            }
+            _ => {}
+        }
+        None
+    }
+
+    /// Local topic → remote topic through the first matching `out` rule.
+    fn remote_topic(&self, local: &str) -> Option<String> {
+        self.out
+            .iter()
+            .find(|(filter, _, _)| topic::matches(filter, local))
+            .map(|(_, lp, rp)| format!("{rp}{}", &local[lp.len()..]))
+    }
+
+    /// Remote topic → local topic through the first matching `in` rule.
+    fn local_topic(&self, remote: &str) -> Option<String> {
+        self.inbound
+            .iter()
+            .find(|(filter, _, _, _)| topic::matches(filter, remote))
+            .map(|(_, rp, lp, _)| format!("{lp}{}", &remote[rp.len()..]))
+    }
+}
+
+/// Exponential backoff with full jitter.
+struct Backoff {
+    min: u64,
+    max: u64,
+    current: u64,
+    seed: u64,
+}
+
+impl Backoff {
+    fn new(min_ms: u64, max_ms: u64) -> Self {
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+            | 1;
+        Backoff {
+            min: min_ms.max(1),
+            max: max_ms.max(min_ms.max(1)),
+            current: min_ms.max(1),
+            seed,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.current = self.min;
+    }
+
+    fn next(&mut self) -> Duration {
+        // xorshift64
+        self.seed ^= self.seed << 13;
+        self.seed ^= self.seed >> 7;
+        self.seed ^= self.seed << 17;
+        let span = self.current.max(self.min);
+        let wait = self.min + self.seed % span.max(1);
+        self.current = (self.current.saturating_mul(2)).min(self.max);
+        Duration::from_millis(wait.min(self.max))
+    }
+}
