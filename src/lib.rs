@@ -4,7 +4,9 @@
 //! - `config`: typed settings loaded from defaults, a TOML file and `HOLDFAST_*` variables.
 //! - `broker`: listeners, connections, sessions, the router (subscriptions, retained
 //!   messages, fan-out).
+//! - `admin`: operator commands (`sessions`, `backup`) and the broker's admin socket.
 
+pub mod admin;
 pub mod broker;
 pub mod config;
 pub mod observe;
