@@ -210,7 +210,13 @@ impl AdminSocket {
         let task = match tokio::net::UnixListener::from_std(self.listener) {
             Ok(listener) => {
                 info!(path = %self.path.display(), "admin socket listening");
-                tokio::spawn(accept_loop(listener, router, shutdown, stop.clone(), self.db))
+                tokio::spawn(accept_loop(
+                    listener,
+                    router,
+                    shutdown,
+                    stop.clone(),
+                    self.db,
+                ))
             }
             Err(e) => {
                 warn!(path = %self.path.display(), error = %e, "admin socket unusable");
@@ -352,7 +358,10 @@ async fn drop_on_broker(
         })
         .await
         .ok()
-        .and_then(|r| r.map_err(|e| debug!(error = %e, "admin: session lookup")).ok())
+        .and_then(|r| {
+            r.map_err(|e| debug!(error = %e, "admin: session lookup"))
+                .ok()
+        })
         .flatten()
     };
     let (reply, rx) = oneshot::channel();
@@ -711,7 +720,11 @@ pub fn human_secs(secs: i64) -> String {
 /// Client ids are printed as they are unless they contain spaces, quotes or control
 /// characters; then they are quoted and escaped.
 pub fn display_id(id: &str) -> String {
-    if id.is_empty() || id.chars().any(|c| c.is_whitespace() || c.is_control() || c == '"') {
+    if id.is_empty()
+        || id
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '"')
+    {
         format!("\"{}\"", id.escape_debug())
     } else {
         id.to_string()
@@ -855,9 +868,11 @@ pub fn format_detail(d: &SessionDetail, now_ms: i64) -> String {
     let _ = writeln!(out, "incoming QoS 2:  {qos2}");
     let _ = writeln!(out, "\nsubscriptions ({}):", d.subscriptions.len());
     if !d.subscriptions.is_empty() {
-        let mut rows = vec![["FILTER", "QOS", "NO-LOCAL", "RAP", "RETAIN-HANDLING", "ID"]
-            .map(String::from)
-            .to_vec()];
+        let mut rows = vec![
+            ["FILTER", "QOS", "NO-LOCAL", "RAP", "RETAIN-HANDLING", "ID"]
+                .map(String::from)
+                .to_vec(),
+        ];
         let yes_no = |b: bool| if b { "yes" } else { "no" }.to_string();
         for sub in &d.subscriptions {
             rows.push(vec![
@@ -880,9 +895,11 @@ pub fn format_detail(d: &SessionDetail, now_ms: i64) -> String {
         s.queued
     );
     if !d.queue.is_empty() {
-        let mut rows = vec![["SEQ", "STATE", "PKT-ID", "QOS", "SIZE", "EXPIRES", "TOPIC"]
-            .map(String::from)
-            .to_vec()];
+        let mut rows = vec![
+            ["SEQ", "STATE", "PKT-ID", "QOS", "SIZE", "EXPIRES", "TOPIC"]
+                .map(String::from)
+                .to_vec(),
+        ];
         for q in &d.queue {
             rows.push(vec![
                 q.seq.to_string(),

@@ -168,7 +168,11 @@ fn sessions(command: SessionsCommand) -> anyhow::Result<()> {
                     "broker not running: deleted session {shown} from {} \
                      ({queued} queued message(s) discarded{})",
                     holdfast::store::db_path(&dir).display(),
-                    if had_will { ", pending will discarded" } else { "" }
+                    if had_will {
+                        ", pending will discarded"
+                    } else {
+                        ""
+                    }
                 ),
                 admin::DropOutcome::NotFound { broker_running } => anyhow::bail!(
                     "no session with client id {client_id:?} {}",
@@ -187,7 +191,7 @@ fn sessions(command: SessionsCommand) -> anyhow::Result<()> {
 fn backup(file: PathBuf, config: Option<PathBuf>, force: bool) -> anyhow::Result<()> {
     let r = admin::backup(&data_dir(config)?, &file, force)?;
     println!(
-        "backup written to {}: {} bytes ({} pages in {} steps), {} session(s), {} queued message(s), \
+        "backup written to {}: {} bytes ({} pages in {} step(s)), {} session(s), {} queued message(s), \
          integrity ok, {:.2}s",
         r.path.display(),
         r.bytes,

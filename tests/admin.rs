@@ -340,7 +340,10 @@ async fn list_show_and_drop_on_a_running_and_a_stopped_broker() {
     assert!(find(&list_json(&cfg).await, odd).is_none());
 
     let err = fails(&["sessions", "drop", "nobody"], &cfg).await;
-    assert!(err.contains("\"nobody\"") && err.contains("running broker"), "{err}");
+    assert!(
+        err.contains("\"nobody\"") && err.contains("running broker"),
+        "{err}"
+    );
 
     // The broker keeps working.
     assert_eq!(again.subscribe("a/b", QoS::AtLeastOnce).await, [1]);
@@ -357,7 +360,10 @@ async fn list_show_and_drop_on_a_running_and_a_stopped_broker() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("already running"), "{err}");
-    assert!(sock.exists(), "the refused broker must leave the socket alone");
+    assert!(
+        sock.exists(),
+        "the refused broker must leave the socket alone"
+    );
 
     // --- drop with the broker stopped ---------------------------------------------------
     drop(publisher);
@@ -389,7 +395,10 @@ async fn list_show_and_drop_on_a_running_and_a_stopped_broker() {
     assert!(!present);
     drop(c);
     let (c, present) = connect_durable(d.addr, ProtocolVersion::V5, "online-v5", None).await;
-    assert!(present, "the session created after the drop survives the restart");
+    assert!(
+        present,
+        "the session created after the drop survives the restart"
+    );
     drop(c);
     d.stop().await;
 }
@@ -414,7 +423,7 @@ async fn backup_of_a_busy_broker_restores_and_resumes() {
         let (stop, sent) = (stop.clone(), sent.clone());
         tokio::spawn(async move {
             let mut c = RawClient::connect(addr, ProtocolVersion::V5, "loader").await;
-            let payload = vec![b'x'; 512];
+            let payload = vec![b'x'; 4096];
             let mut id = 0u16;
             while !stop.load(Ordering::Relaxed) {
                 id = id % 60_000 + 1;
@@ -427,7 +436,8 @@ async fn backup_of_a_busy_broker_restores_and_resumes() {
             }
         })
     };
-    while sent.load(Ordering::Relaxed) < 200 {
+    // Enough for a database of several backup steps (256 pages each).
+    while sent.load(Ordering::Relaxed) < 500 {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
@@ -437,6 +447,14 @@ async fn backup_of_a_busy_broker_restores_and_resumes() {
     let out = ok(&["backup", &file_s], &cfg).await;
     assert!(out.contains("integrity ok"), "{out}");
     assert!(out.contains("1 session(s)"), "{out}");
+    // "... bytes (P pages in S step(s)) ...": several steps, and no restart although the
+    // broker committed all along (the copy reads one snapshot).
+    let words: Vec<&str> = out.split_whitespace().collect();
+    let at = words.iter().position(|w| *w == "pages").expect("pages");
+    let pages: u64 = words[at - 1].trim_start_matches('(').parse().unwrap();
+    let steps: u64 = words[at + 2].parse().unwrap();
+    assert!(pages > 256, "{out}");
+    assert_eq!(steps, pages.div_ceil(256), "{out}");
     let err = fails(&["backup", &file_s], &cfg).await;
     assert!(err.contains("--force") && err.contains(&file_s), "{err}");
     let out = ok(&["backup", &file_s, "--force"], &cfg).await;
@@ -488,7 +506,7 @@ async fn backup_of_a_busy_broker_restores_and_resumes() {
     assert!(present, "the restored session resumes");
     let p = sub.recv_publish().await;
     assert_eq!(&*p.topic, "load/a");
-    assert_eq!(p.payload.len(), 512);
+    assert_eq!(p.payload.len(), 4096);
     drop(sub);
     assert_eq!(d.data, restored);
     d.stop().await;
@@ -507,7 +525,10 @@ async fn missing_database_is_named() {
         vec!["backup", "/tmp/never-written.db"],
     ] {
         let err = fails(&cmd, &cfg).await;
-        assert!(err.contains(&db) && err.contains("does not exist"), "{cmd:?}: {err}");
+        assert!(
+            err.contains(&db) && err.contains("does not exist"),
+            "{cmd:?}: {err}"
+        );
     }
     assert!(!Path::new("/tmp/never-written.db").exists());
 }
