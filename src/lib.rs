@@ -4,7 +4,10 @@
 //! - `config`: typed settings loaded from defaults, a TOML file and `HOLDFAST_*` variables.
 //! - `broker`: listeners, connections, sessions, the router (subscriptions, retained
 //!   messages, fan-out).
+//! - `bridge`: upstream connections with a durable outbox (an internal session).
+//! - `admin`: operator commands (`sessions`, `backup`) and the broker's admin socket.
 
+pub mod admin;
 pub mod bridge;
 pub mod broker;
 pub mod config;

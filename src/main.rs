@@ -1,10 +1,12 @@
-//! `holdfast` command line: `run` the daemon, `check-config` a file.
+//! `holdfast` command line: `run` the daemon, `check-config` a file, inspect and drop
+//! durable `sessions`, `backup` the store (logic in `holdfast::admin`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use holdfast::admin;
 use holdfast::broker::Broker;
 use holdfast::config::Config;
 use tracing::info;
@@ -34,6 +36,60 @@ enum Command {
         /// TOML configuration file.
         file: PathBuf,
     },
+    /// Inspect or drop durable sessions (reads `<data_dir>/holdfast.db`).
+    Sessions {
+        #[command(subcommand)]
+        command: SessionsCommand,
+    },
+    /// Consistent online backup of the store (works while the broker runs).
+    ///
+    /// Restore: stop the broker, copy FILE to `<data_dir>/holdfast.db`, remove
+    /// `holdfast.db-wal` and `holdfast.db-shm`, start the broker.
+    Backup {
+        /// Where to write the copy (must not exist unless --force).
+        file: PathBuf,
+        /// TOML configuration file (for `data_dir`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Overwrite FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionsCommand {
+    /// One line per durable session: protocol, state, expiry, queue, subscriptions.
+    List {
+        /// TOML configuration file (for `data_dir`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// One JSON object per session and line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Everything about one session: subscriptions, queued messages, QoS 2 state, will.
+    Show {
+        client_id: String,
+        /// TOML configuration file (for `data_dir`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// How many queued messages to show.
+        #[arg(long, default_value_t = 10)]
+        limit: u32,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a session, its subscriptions and queued messages. On a running broker an
+    /// online client is disconnected (v5: reason 0x98) and its will published; with the
+    /// broker stopped the rows are deleted from the database (a pending will is discarded).
+    Drop {
+        client_id: String,
+        /// TOML configuration file (for `data_dir`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -41,6 +97,12 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => run(config),
         Command::CheckConfig { file } => check_config(file),
+        Command::Sessions { command } => sessions(command),
+        Command::Backup {
+            file,
+            config,
+            force,
+        } => backup(file, config, force),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -55,6 +117,90 @@ fn check_config(file: PathBuf) -> anyhow::Result<()> {
     let cfg = Config::load(Some(&file))?;
     print!("{}", cfg.to_toml());
     eprintln!("holdfast: {} is valid", file.display());
+    Ok(())
+}
+
+fn data_dir(config: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    Ok(Config::load(config.as_deref())?.data_dir)
+}
+
+fn sessions(command: SessionsCommand) -> anyhow::Result<()> {
+    let now = holdfast::store::unix_ms();
+    match command {
+        SessionsCommand::List { config, json } => {
+            let sessions = admin::list_sessions(&data_dir(config)?)?;
+            if json {
+                for s in &sessions {
+                    println!("{}", serde_json::to_string(s)?);
+                }
+            } else {
+                print!("{}", admin::format_list(&sessions, now));
+            }
+        }
+        SessionsCommand::Show {
+            client_id,
+            config,
+            limit,
+            json,
+        } => {
+            let dir = data_dir(config)?;
+            let Some(detail) = admin::show_session(&dir, &client_id, limit)? else {
+                anyhow::bail!(
+                    "no durable session with client id {client_id:?} in {}",
+                    holdfast::store::db_path(&dir).display()
+                );
+            };
+            if json {
+                println!("{}", serde_json::to_string(&detail)?);
+            } else {
+                print!("{}", admin::format_detail(&detail, now));
+            }
+        }
+        SessionsCommand::Drop { client_id, config } => {
+            let dir = data_dir(config)?;
+            let shown = admin::display_id(&client_id);
+            match admin::drop_session(&dir, &client_id)? {
+                admin::DropOutcome::DroppedByBroker => println!(
+                    "dropped session {shown} on the running broker \
+                     (client disconnected if online, will published if any)"
+                ),
+                admin::DropOutcome::DeletedOffline { queued, had_will } => println!(
+                    "broker not running: deleted session {shown} from {} \
+                     ({queued} queued message(s) discarded{})",
+                    holdfast::store::db_path(&dir).display(),
+                    if had_will {
+                        ", pending will discarded"
+                    } else {
+                        ""
+                    }
+                ),
+                admin::DropOutcome::NotFound { broker_running } => anyhow::bail!(
+                    "no session with client id {client_id:?} {}",
+                    if broker_running {
+                        "on the running broker".to_string()
+                    } else {
+                        format!("in {}", holdfast::store::db_path(&dir).display())
+                    }
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn backup(file: PathBuf, config: Option<PathBuf>, force: bool) -> anyhow::Result<()> {
+    let r = admin::backup(&data_dir(config)?, &file, force)?;
+    println!(
+        "backup written to {}: {} bytes ({} pages in {} step(s)), {} session(s), {} queued message(s), \
+         integrity ok, {:.2}s",
+        r.path.display(),
+        r.bytes,
+        r.pages,
+        r.steps,
+        r.sessions,
+        r.queued,
+        r.duration.as_secs_f64()
+    );
     Ok(())
 }
 

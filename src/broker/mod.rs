@@ -44,6 +44,8 @@ pub enum BrokerError {
     },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Admin(#[from] crate::admin::AdminSocketError),
 }
 
 /// A running broker.
@@ -54,6 +56,7 @@ pub struct Broker {
     router_tx: mpsc::Sender<RouterEvent>,
     router: JoinHandle<()>,
     shutdown_timeout: Duration,
+    admin: crate::admin::AdminHandle,
 }
 
 impl Broker {
@@ -86,6 +89,8 @@ impl Broker {
             budget_policy: cfg.store.budget_policy,
             on_corrupt: cfg.store.on_corrupt,
         };
+        // Before the store: refuses to start if another broker answers on the socket.
+        let admin = crate::admin::AdminSocket::bind(&cfg.data_dir)?;
         let t0 = std::time::Instant::now();
         let (store, recovered, store_rx) = crate::store::Store::open(&opts)?; // start-up: blocking briefly is fine
         info!(
@@ -126,6 +131,7 @@ impl Broker {
         for a in &local_addrs {
             info!(addr = %a, "listening for MQTT");
         }
+        let admin = admin.serve(router_tx.clone(), shutdown.clone());
         Ok(Broker {
             local_addrs,
             shutdown,
@@ -133,6 +139,7 @@ impl Broker {
             router_tx,
             router,
             shutdown_timeout: Duration::from_secs(cfg.mqtt.shutdown_timeout_secs),
+            admin,
         })
     }
 
@@ -186,6 +193,9 @@ impl Broker {
         }
         drop(self.router_tx);
         let _ = tokio::time::timeout_at(deadline, self.router).await;
+        // Last: while the socket exists a `sessions drop` asks (and is refused) instead of
+        // editing the database under the stopping broker.
+        self.admin.close().await;
         info!("stopped");
     }
 }
