@@ -50,7 +50,7 @@ use crate::broker::connection::{ConnLink, Outgoing, Shared};
 use crate::broker::router::{ConnectRequest, RouterEvent, WillAction};
 use crate::broker::session::ClientParams;
 use crate::protocol::{
-    topic, ConnAck, Packet, ProtocolVersion, Publish, QoS, Subscribe, SubscribeFilter as Sf,
+    topic, ConnAck, Packet, ProtocolVersion, Publish, QoS, SubscribeFilter as Sf,
     SubscriptionOptions,
 };
 
@@ -61,6 +61,32 @@ pub const INTERNAL_PREFIX: &str = "$bridge/";
 enum End {
     Shutdown,
     Lost(String),
+}
+
+/// The internal session of a bridge: its client id and the subscriptions that make it the
+/// outbox (the local side of every `out` rule, No Local so downlink never goes back up).
+/// The router creates it at start-up, so messages are kept from the first moment, whether
+/// or not the upstream is reachable.
+pub fn internal_session(cfg: &BridgeConfig) -> (Arc<str>, Vec<Sf>) {
+    let filters = cfg
+        .topic
+        .iter()
+        .filter(|t| t.direction.is_out())
+        .map(|t| Sf {
+            filter: format!("{}{}", t.local_prefix, t.pattern),
+            options: SubscriptionOptions {
+                qos: if t.qos == 0 {
+                    QoS::AtMostOnce
+                } else {
+                    QoS::AtLeastOnce
+                },
+                no_local: true,
+                retain_as_published: true,
+                retain_handling: 1,
+            },
+        })
+        .collect();
+    (format!("{INTERNAL_PREFIX}{}", cfg.name).into(), filters)
 }
 
 /// The bridge task: runs until `shutdown`.
@@ -254,30 +280,6 @@ impl Bridge {
             connack: ConnAck::default(),
         }));
         if router.send(attach).await.is_err() {
-            return End::Shutdown;
-        }
-        let subscribe = RouterEvent::Subscribe {
-            conn,
-            subscribe: Subscribe {
-                packet_id: 1,
-                subscription_identifier: None,
-                user_properties: Vec::new(),
-                filters: self
-                    .out
-                    .iter()
-                    .map(|(filter, _, _)| Sf {
-                        filter: filter.clone(),
-                        options: SubscriptionOptions {
-                            qos: QoS::AtLeastOnce,
-                            no_local: true,
-                            retain_as_published: true,
-                            retain_handling: 1,
-                        },
-                    })
-                    .collect(),
-            },
-        };
-        if !self.out.is_empty() && router.send(subscribe).await.is_err() {
             return End::Shutdown;
         }
         let end = self.pump(el, conn, &mut rx).await;

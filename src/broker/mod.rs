@@ -107,6 +107,10 @@ impl Broker {
                 store_rx,
                 recovered,
                 Duration::from_secs(cfg.store.sweep_interval_secs),
+                cfg.bridge
+                    .iter()
+                    .map(crate::bridge::internal_session)
+                    .collect(),
             )
             .run(),
         );

@@ -214,6 +214,7 @@ impl Router {
         store_rx: mpsc::UnboundedReceiver<StoreEvent>,
         recovered: Recovered,
         sweep_every: Duration,
+        internal: Vec<(Arc<str>, Vec<crate::protocol::SubscribeFilter>)>,
     ) -> Self {
         let mut r = Router {
             cfg,
@@ -240,7 +241,97 @@ impl Router {
             stats: RouterStats::default(),
         };
         r.recover(recovered);
+        for (client_id, filters) in internal {
+            r.ensure_internal(client_id, filters);
+        }
+        r.submit();
         r
+    }
+
+    /// Creates (or updates) an internal durable session, such as a bridge's outbox, with
+    /// exactly the given subscriptions. It exists from start-up, so messages are kept
+    /// whether or not its owner is attached.
+    fn ensure_internal(
+        &mut self,
+        client_id: Arc<str>,
+        filters: Vec<crate::protocol::SubscribeFilter>,
+    ) {
+        let params = ClientParams {
+            protocol: crate::protocol::ProtocolVersion::V311,
+            window: self.cfg.max_inflight,
+            max_packet_size: u32::MAX,
+            compact_packet_ids: true,
+        };
+        let sid = match self.by_client.get(&client_id) {
+            Some(&sid) => sid,
+            None => {
+                let sid = self.next_session;
+                self.next_session += 1;
+                let mut s = Session::new(sid, client_id.clone(), params, true);
+                s.expiry_interval = u32::MAX;
+                s.offline_since_ms = unix_ms();
+                self.ops.push(Op::UpsertSession {
+                    sid,
+                    client_id: client_id.clone(),
+                    protocol: 4,
+                    expiry: u32::MAX,
+                    will: None,
+                });
+                self.ops.push(Op::SessionOffline {
+                    sid,
+                    at_ms: s.offline_since_ms,
+                    expiry: u32::MAX,
+                    will: None,
+                });
+                self.sessions.insert(sid, s);
+                self.by_client.insert(client_id.clone(), sid);
+                sid
+            }
+        };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        s.params = params;
+        let wanted: HashMap<String, SubscriptionData> = filters
+            .into_iter()
+            .map(|f| {
+                (
+                    f.filter,
+                    SubscriptionData {
+                        options: f.options,
+                        identifier: None,
+                    },
+                )
+            })
+            .collect();
+        let stale: Vec<String> = s
+            .subscriptions
+            .keys()
+            .filter(|k| !wanted.contains_key(*k))
+            .cloned()
+            .collect();
+        for full in stale {
+            s.subscriptions.remove(&full);
+            let (filter, group) = super::session::split_share(&full);
+            self.tree.unsubscribe(&filter, group.as_deref(), sid);
+            self.ops.push(Op::Unsubscribe { sid, filter: full });
+        }
+        for (full, data) in wanted {
+            if s.subscriptions.get(&full) == Some(&data) {
+                continue;
+            }
+            let (filter, group) = super::session::split_share(&full);
+            self.tree
+                .subscribe(&filter, group.as_deref(), sid, data.clone());
+            self.ops.push(Op::Subscribe {
+                sid,
+                filter: full.clone(),
+                options: options_to_byte(&data.options),
+                identifier: None,
+            });
+            s.subscriptions.insert(full, data);
+        }
+        info!(client_id = %client_id, subscriptions = s.subscriptions.len(), queued = s.queue_len, "internal session ready");
     }
 
     /// Rebuilds sessions, subscriptions, in-flight state and retained messages from the
