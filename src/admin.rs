@@ -205,6 +205,7 @@ impl AdminSocket {
         self,
         router: mpsc::Sender<RouterEvent>,
         shutdown: CancellationToken,
+        shared: std::sync::Arc<crate::broker::connection::Shared>,
     ) -> AdminHandle {
         let stop = CancellationToken::new();
         let task = match tokio::net::UnixListener::from_std(self.listener) {
@@ -216,6 +217,7 @@ impl AdminSocket {
                     shutdown,
                     stop.clone(),
                     self.db,
+                    shared,
                 ))
             }
             Err(e) => {
@@ -269,6 +271,7 @@ async fn accept_loop(
     shutdown: CancellationToken,
     stop: CancellationToken,
     db: PathBuf,
+    shared: std::sync::Arc<crate::broker::connection::Shared>,
 ) {
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
@@ -277,10 +280,11 @@ async fn accept_loop(
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     let (router, shutdown, db) = (router.clone(), shutdown.clone(), db.clone());
+                    let shared = shared.clone();
                     tasks.spawn(async move {
                         let _ = tokio::time::timeout(
                             REQUEST_TIMEOUT,
-                            serve_one(stream, router, shutdown, db),
+                            serve_one(stream, router, shutdown, db, shared),
                         )
                         .await;
                     });
@@ -301,6 +305,7 @@ async fn serve_one(
     router: mpsc::Sender<RouterEvent>,
     shutdown: CancellationToken,
     db: PathBuf,
+    shared: std::sync::Arc<crate::broker::connection::Shared>,
 ) {
     let (r, mut w) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(r.take(MAX_REQUEST));
@@ -309,7 +314,7 @@ async fn serve_one(
         Ok(_) if line.last() == Some(&b'\n') => {
             line.pop();
             match std::str::from_utf8(&line) {
-                Ok(req) => handle_request(req, &router, &shutdown, &db).await,
+                Ok(req) => handle_request(req, &router, &shutdown, &db, &shared).await,
                 Err(_) => "err request is not UTF-8".to_string(),
             }
         }
@@ -325,10 +330,30 @@ async fn handle_request(
     router: &mpsc::Sender<RouterEvent>,
     shutdown: &CancellationToken,
     db: &Path,
+    shared: &crate::broker::connection::Shared,
 ) -> String {
     let (cmd, arg) = req.split_once(' ').unwrap_or((req, ""));
     match cmd {
         "ping" => format!("ok holdfast {}", env!("CARGO_PKG_VERSION")),
+        "bridges" => {
+            let mut items = Vec::new();
+            for j in crate::bridge::all_status_json(shared).await {
+                let mut v: serde_json::Value = match serde_json::from_str(&j) {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                };
+                let name = v["name"].as_str().unwrap_or_default().to_string();
+                let id = format!("{}{name}", crate::bridge::INTERNAL_PREFIX);
+                let db = db.to_path_buf();
+                let oldest = tokio::task::spawn_blocking(move || oldest_enqueued(&db, &id))
+                    .await
+                    .ok()
+                    .flatten();
+                v["oldest_enqueued_ms"] = serde_json::json!(oldest);
+                items.push(v);
+            }
+            format!("ok {}", serde_json::Value::Array(items))
+        }
         "drop" => match decode_client_id(arg) {
             Ok(id) => drop_on_broker(id, router, shutdown, db).await,
             Err(e) => format!("err bad client id: {e}"),
@@ -935,6 +960,88 @@ pub enum DropOutcome {
     DeletedOffline { queued: u64, had_will: bool },
     /// No such session (on the running broker, or in the database).
     NotFound { broker_running: bool },
+}
+
+/// Unix ms when the oldest message still queued for `client_id` was enqueued.
+pub fn oldest_enqueued(db: &Path, client_id: &str) -> Option<i64> {
+    let conn = open_ro(db).ok()?;
+    let sid: i64 = conn
+        .query_row(
+            "SELECT sid FROM session WHERE client_id = ?1",
+            [client_id],
+            |r| r.get(0),
+        )
+        .ok()?;
+    let lo = sid << crate::store::SEQ_BITS;
+    let hi = (sid + 1) << crate::store::SEQ_BITS;
+    conn.query_row(
+        "SELECT enqueued_at FROM queue WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT 1",
+        [lo, hi],
+        |r| r.get::<_, Option<i64>>(0),
+    )
+    .ok()
+    .flatten()
+}
+
+/// Bridge status: from the running gateway, or (None) when no broker is running.
+pub fn bridge_status(data_dir: &Path) -> anyhow::Result<Option<Vec<serde_json::Value>>> {
+    match ask_broker(data_dir, "bridges")? {
+        Ask::NoBroker => Ok(None),
+        Ask::Answer(line) => {
+            let Some(json) = line.strip_prefix("ok ") else {
+                bail!("the broker answered: {line}");
+            };
+            let v: serde_json::Value = serde_json::from_str(json)?;
+            Ok(Some(v.as_array().cloned().unwrap_or_default()))
+        }
+    }
+}
+
+/// Formats bridge status for people.
+pub fn format_bridges(items: &[serde_json::Value], now_ms: i64) -> String {
+    let mut rows = vec![[
+        "BRIDGE",
+        "ADDRESS",
+        "STATE",
+        "BACKLOG",
+        "BYTES",
+        "INFLIGHT",
+        "OLDEST",
+        "SENT",
+        "ACKED",
+        "DROPPED",
+        "LAST ERROR",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect::<Vec<_>>()];
+    for v in items {
+        let since = v["since_ms"].as_i64().unwrap_or(now_ms);
+        let state = if v["connected"].as_bool().unwrap_or(false) {
+            format!("connected {}", human_secs((now_ms - since) / 1000))
+        } else {
+            format!("down {}", human_secs((now_ms - since) / 1000))
+        };
+        let outbox = &v["outbox"];
+        let oldest = v["oldest_enqueued_ms"]
+            .as_i64()
+            .map(|t| human_secs((now_ms - t).max(0) / 1000))
+            .unwrap_or_else(|| "-".into());
+        rows.push(vec![
+            v["name"].as_str().unwrap_or("?").to_string(),
+            v["address"].as_str().unwrap_or("?").to_string(),
+            state,
+            outbox["queued"].as_u64().unwrap_or(0).to_string(),
+            bytes_text(outbox["queued_bytes"].as_u64().unwrap_or(0)),
+            outbox["inflight"].as_u64().unwrap_or(0).to_string(),
+            oldest,
+            v["sent"].as_u64().unwrap_or(0).to_string(),
+            v["acked"].as_u64().unwrap_or(0).to_string(),
+            outbox["dropped"].as_u64().unwrap_or(0).to_string(),
+            v["last_error"].as_str().unwrap_or("-").to_string(),
+        ]);
+    }
+    table(&rows)
 }
 
 /// Outcome of asking the admin socket.

@@ -41,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         command: SessionsCommand,
     },
+    /// Upstream bridges.
+    Bridge {
+        #[command(subcommand)]
+        command: BridgeCommand,
+    },
     /// Consistent online backup of the store (works while the broker runs).
     ///
     /// Restore: stop the broker, copy FILE to `<data_dir>/holdfast.db`, remove
@@ -54,6 +59,21 @@ enum Command {
         /// Overwrite FILE if it exists.
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum BridgeCommand {
+    /// Per bridge: link state and since when, outbox backlog (messages, bytes, age of the
+    /// oldest), messages sent/acknowledged/dropped, last error. Asks the running gateway;
+    /// with none running, shows the backlog stored on disk.
+    Status {
+        /// TOML configuration file (for `data_dir`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print a JSON array.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -98,6 +118,7 @@ fn main() -> ExitCode {
         Command::Run { config } => run(config),
         Command::CheckConfig { file } => check_config(file),
         Command::Sessions { command } => sessions(command),
+        Command::Bridge { command } => bridge(command),
         Command::Backup {
             file,
             config,
@@ -117,6 +138,44 @@ fn check_config(file: PathBuf) -> anyhow::Result<()> {
     let cfg = Config::load(Some(&file))?;
     print!("{}", cfg.to_toml());
     eprintln!("holdfast: {} is valid", file.display());
+    Ok(())
+}
+
+fn bridge(command: BridgeCommand) -> anyhow::Result<()> {
+    let BridgeCommand::Status { config, json } = command;
+    let dir = data_dir(config)?;
+    match holdfast::admin::bridge_status(&dir)? {
+        Some(items) => {
+            if json {
+                println!("{}", serde_json::Value::Array(items));
+            } else {
+                print!(
+                    "{}",
+                    holdfast::admin::format_bridges(&items, holdfast::store::unix_ms())
+                );
+            }
+        }
+        None => {
+            eprintln!(
+                "holdfast: no gateway running on {}; backlog on disk:",
+                dir.display()
+            );
+            let sessions = holdfast::admin::list_sessions(&dir)?;
+            for s in sessions
+                .iter()
+                .filter(|s| s.client_id.starts_with(holdfast::bridge::INTERNAL_PREFIX))
+            {
+                println!(
+                    "{}  queued {}  bytes {}  in flight {}  dropped {}",
+                    &s.client_id[holdfast::bridge::INTERNAL_PREFIX.len()..],
+                    s.queued,
+                    s.queued_bytes,
+                    s.inflight,
+                    s.dropped
+                );
+            }
+        }
+    }
     Ok(())
 }
 

@@ -163,3 +163,102 @@ async fn messages_published_while_upstream_is_down_arrive_in_order_after_it_retu
     gw.shutdown().await;
     up.shutdown().await;
 }
+
+#[tokio::test]
+async fn status_is_published_under_sys_and_reported_by_the_cli() {
+    let up = start_broker(|_| {}).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let cfg = dir.path().join("holdfast.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "data_dir = \"{}\"\n[log]\nlevel = \"warn\"\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n\
+             [[bridge]]\nname = \"cloud\"\naddress = \"{}\"\nclient_id = \"gw-cli\"\n\
+             reconnect_min_ms = 50\nreconnect_max_ms = 200\n\
+             [[bridge.topic]]\npattern = \"sensors/#\"\ndirection = \"out\"\nremote_prefix = \"gw/\"\n",
+            dir.path().join("data").display(),
+            up.addr
+        ),
+    )
+    .unwrap();
+    let bin = env!("CARGO_BIN_EXE_holdfast");
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let _child = Kill(
+        std::process::Command::new(bin)
+            .args(["run", "--config"])
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let gw: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(gw).await.is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gateway did not start"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut watcher = RawClient::connect(gw, ProtocolVersion::V311, "watcher").await;
+    watcher
+        .subscribe("$SYS/holdfast/bridge/cloud/state", QoS::AtMostOnce)
+        .await;
+    // The retained state settles on "connected".
+    let mut state = String::new();
+    for _ in 0..5 {
+        match watcher.recv_timeout(Duration::from_secs(3)).await {
+            Ok(Some(Packet::Publish(p))) => {
+                state = String::from_utf8_lossy(&p.payload).into_owned();
+                if state == "connected" {
+                    break;
+                }
+            }
+            _ => break,
+        }
+    }
+    assert_eq!(state, "connected");
+    let mut sensor = RawClient::connect(gw, ProtocolVersion::V311, "sensor").await;
+    publish_acked(&mut sensor, "sensors/x", b"1", 1).await;
+
+    let status = |json: bool| {
+        let mut c = std::process::Command::new(bin);
+        c.args(["bridge", "status", "--config"]).arg(&cfg);
+        if json {
+            c.arg("--json");
+        }
+        let out = c.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let text = status(false);
+    assert!(
+        text.contains("cloud") && text.contains("connected"),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(status(true).trim()).unwrap();
+    assert_eq!(json[0]["name"], "cloud");
+    assert_eq!(json[0]["connected"], true);
+
+    // Upstream gone: the state flips and the CLI shows the link down.
+    up.shutdown().await;
+    let p = watcher.recv_publish().await;
+    assert_eq!(&p.payload[..], b"disconnected");
+    let json: serde_json::Value = serde_json::from_str(status(true).trim()).unwrap();
+    assert_eq!(json[0]["connected"], false);
+}

@@ -57,6 +57,29 @@ use crate::protocol::{
 /// Prefix of the internal session ids; clients may not use it.
 pub const INTERNAL_PREFIX: &str = "$bridge/";
 
+/// Live status of one bridge (`holdfast bridge status`, `$SYS/holdfast/bridge/<name>/...`).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct BridgeStatus {
+    pub name: String,
+    pub address: String,
+    pub client_id: String,
+    pub connected: bool,
+    /// Unix ms of the last change of `connected`.
+    pub since_ms: i64,
+    pub last_error: Option<String>,
+    /// Messages handed to the upstream connection (resends included).
+    pub sent: u64,
+    /// Upstream PUBACKs received (each deletes a message from the outbox).
+    pub acked: u64,
+    /// Messages received from upstream (downlink).
+    pub received: u64,
+    /// Successful connections since start.
+    pub connects: u64,
+}
+
+/// How often the bridge publishes its statistics under `$SYS`.
+const STATS_EVERY: Duration = Duration::from_secs(10);
+
 /// Why a connected period ended.
 enum End {
     Shutdown,
@@ -142,7 +165,104 @@ impl Bridge {
         }
     }
 
+    fn status(&self, f: impl FnOnce(&mut BridgeStatus)) {
+        if let Ok(mut all) = self.shared.bridges.lock() {
+            let st = all.entry(self.cfg.name.clone()).or_default();
+            f(st);
+        }
+    }
+
+    /// Records a change of link state: status, `$SYS` topic, log (by the caller).
+    async fn set_connected(&self, connected: bool, error: Option<String>) {
+        let now = crate::store::unix_ms();
+        self.status(|st| {
+            if st.connected != connected {
+                st.since_ms = now;
+            }
+            st.connected = connected;
+            if connected {
+                st.connects += 1;
+            }
+            if error.is_some() {
+                st.last_error = error;
+            }
+        });
+        let state = if connected {
+            "connected"
+        } else {
+            "disconnected"
+        };
+        self.sys("state", state.as_bytes().to_vec()).await;
+    }
+
+    /// Publishes a retained `$SYS/holdfast/bridge/<name>/<leaf>` message locally.
+    async fn sys(&self, leaf: &str, payload: Vec<u8>) {
+        let publish = Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: true,
+            topic: format!("$SYS/holdfast/bridge/{}/{leaf}", self.cfg.name).into(),
+            packet_id: 0,
+            properties: Default::default(),
+            payload: payload.into(),
+        };
+        let _ = self
+            .shared
+            .router
+            .send(RouterEvent::InternalPublish { publish })
+            .await;
+    }
+
+    /// Publishes the bridge's statistics (status + outbox figures) every `STATS_EVERY`.
+    async fn stats_loop(
+        shared: Arc<Shared>,
+        name: String,
+        internal_id: Arc<str>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(STATS_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let Some(json) = status_json(&shared, &name, &internal_id).await else {
+                continue;
+            };
+            let publish = Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: true,
+                topic: format!("$SYS/holdfast/bridge/{name}/stats").into(),
+                packet_id: 0,
+                properties: Default::default(),
+                payload: json.into_bytes().into(),
+            };
+            if shared
+                .router
+                .send(RouterEvent::InternalPublish { publish })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+
     async fn run(self) {
+        self.status(|st| {
+            st.name = self.cfg.name.clone();
+            st.address = self.cfg.address.clone();
+            st.client_id = self.cfg.effective_client_id();
+            st.since_ms = crate::store::unix_ms();
+        });
+        self.sys("state", b"disconnected".to_vec()).await;
+        tokio::spawn(Self::stats_loop(
+            self.shared.clone(),
+            self.cfg.name.clone(),
+            self.internal_id.clone(),
+            self.shutdown.clone(),
+        ));
         let mut backoff = Backoff::new(self.cfg.reconnect_min_ms, self.cfg.reconnect_max_ms);
         let mut last_error = String::new();
         while !self.shutdown.is_cancelled() {
@@ -158,6 +278,7 @@ impl Bridge {
                     info!(bridge = %self.cfg.name, address = %self.cfg.address, session_present = ack.session_present, "bridge connected upstream");
                     last_error.clear();
                     backoff.reset();
+                    self.set_connected(true, None).await;
                 }
                 other => {
                     let e = match other {
@@ -166,6 +287,7 @@ impl Bridge {
                     };
                     if e != last_error {
                         warn!(bridge = %self.cfg.name, address = %self.cfg.address, cause = %e, "bridge cannot connect upstream (retrying with backoff; logged once per distinct error)");
+                        self.status(|st| st.last_error = Some(e.clone()));
                         last_error = e;
                     }
                     if self.pause(backoff.next()).await {
@@ -182,6 +304,11 @@ impl Bridge {
                 Ok(()) => self.connected(&mut el).await,
             };
             drop(client);
+            let error = match &end {
+                End::Shutdown => None,
+                End::Lost(e) => Some(e.clone()),
+            };
+            self.set_connected(false, error).await;
             match end {
                 End::Shutdown => break,
                 End::Lost(e) => {
@@ -345,6 +472,7 @@ impl Bridge {
             match ev {
                 Err(e) => return End::Lost(e.to_string()),
                 Ok(Event::Incoming(RPacket::PubAck(a))) => {
+                    self.status(|st| st.acked += 1);
                     let ev = RouterEvent::PubAck {
                         conn,
                         packet_id: a.pkid,
@@ -354,6 +482,7 @@ impl Bridge {
                     }
                 }
                 Ok(Event::Incoming(RPacket::Publish(p))) => {
+                    self.status(|st| st.received += 1);
                     let Some(local) = self.local_topic(&p.topic) else {
                         warn!(bridge = %self.cfg.name, topic = %p.topic, "downlink message matches no `in` rule; acknowledged and dropped");
                         if p.qos != rumqttc::QoS::AtMostOnce {
@@ -429,6 +558,7 @@ impl Bridge {
                         payload: p.payload,
                     };
                     el.pending.push_back(Request::Publish(rp));
+                    self.status(|st| st.sent += 1);
                 }
                 None => {
                     // Cannot happen (the session only subscribes `out` rules); don't let
@@ -473,6 +603,44 @@ impl Bridge {
             .find(|(filter, _, _, _)| topic::matches(filter, remote))
             .map(|(_, rp, lp, _)| format!("{lp}{}", &remote[rp.len()..]))
     }
+}
+
+/// One bridge's status merged with its outbox figures from the router, as JSON.
+pub async fn status_json(shared: &Shared, name: &str, internal_id: &str) -> Option<String> {
+    let status = shared.bridges.lock().ok()?.get(name).cloned()?;
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let ask = RouterEvent::SessionStats {
+        client_id: internal_id.to_string(),
+        reply,
+    };
+    let outbox = if shared.router.send(ask).await.is_ok() {
+        rx.await.ok().flatten()
+    } else {
+        None
+    };
+    #[derive(serde::Serialize)]
+    struct Full {
+        #[serde(flatten)]
+        status: BridgeStatus,
+        outbox: Option<crate::broker::router::SessionStats>,
+    }
+    serde_json::to_string(&Full { status, outbox }).ok()
+}
+
+/// Every bridge's status as JSON objects (admin socket).
+pub async fn all_status_json(shared: &Shared) -> Vec<String> {
+    let names: Vec<String> = match shared.bridges.lock() {
+        Ok(all) => all.keys().cloned().collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut out = Vec::new();
+    for name in names {
+        let id = format!("{INTERNAL_PREFIX}{name}");
+        if let Some(j) = status_json(shared, &name, &id).await {
+            out.push(j);
+        }
+    }
+    out
 }
 
 /// Exponential backoff with full jitter.

@@ -92,6 +92,8 @@ pub struct Shared {
     pub next_conn_id: AtomicU64,
     /// Connections that completed CONNECT and are counted against `max_connections`.
     pub connected: AtomicUsize,
+    /// Live status of each bridge, by name (for `holdfast bridge status`).
+    pub bridges: std::sync::Mutex<std::collections::BTreeMap<String, crate::bridge::BridgeStatus>>,
 }
 
 /// Why the loop ended.

@@ -120,6 +120,7 @@ impl Broker {
             shutdown: shutdown.clone(),
             next_conn_id: AtomicU64::new(1),
             connected: AtomicUsize::new(0),
+            bridges: Default::default(),
         });
         for l in listeners {
             tokio::spawn(listener::accept_loop(l, shared.clone(), tracker.clone()));
@@ -135,7 +136,7 @@ impl Broker {
         for a in &local_addrs {
             info!(addr = %a, "listening for MQTT");
         }
-        let admin = admin.serve(router_tx.clone(), shutdown.clone());
+        let admin = admin.serve(router_tx.clone(), shutdown.clone(), shared.clone());
         Ok(Broker {
             local_addrs,
             shutdown,

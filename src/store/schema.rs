@@ -9,8 +9,13 @@ use rusqlite::Connection;
 use super::StoreError;
 
 /// (name, SQL), in order. Version N = the first N entries applied.
-pub const MIGRATIONS: &[(&str, &str)] =
-    &[("0001_init", include_str!("../../migrations/0001_init.sql"))];
+pub const MIGRATIONS: &[(&str, &str)] = &[
+    ("0001_init", include_str!("../../migrations/0001_init.sql")),
+    (
+        "0002_queue_enqueued_at",
+        include_str!("../../migrations/0002_queue_enqueued_at.sql"),
+    ),
+];
 
 /// The schema version this binary writes.
 pub fn latest_version() -> u32 {

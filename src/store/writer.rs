@@ -448,8 +448,9 @@ fn apply<'a>(conn: &mut Connection, ops: impl Iterator<Item = &'a Op>) -> rusqli
                 packet,
             } => {
                 tx.prepare_cached(
-                    "INSERT OR REPLACE INTO queue (id, state, packet_id, expires_at, size, packet)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    "INSERT OR REPLACE INTO queue (id, state, packet_id, expires_at, size, packet,
+                                                   enqueued_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
                 )?
                 .execute(params![
                     queue_id(*sid, *seq),
@@ -457,7 +458,8 @@ fn apply<'a>(conn: &mut Connection, ops: impl Iterator<Item = &'a Op>) -> rusqli
                     packet_id.map(i64::from),
                     expires_at,
                     *size,
-                    &packet[..]
+                    &packet[..],
+                    now
                 ])?;
                 let d = per.entry(*sid).or_default();
                 d.queued += 1;

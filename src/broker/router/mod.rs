@@ -124,10 +124,31 @@ pub enum RouterEvent {
         client_id: String,
         reply: oneshot::Sender<bool>,
     },
+    /// A message from inside the gateway (status topics): routed like a publish from
+    /// nobody, retained if flagged.
+    InternalPublish {
+        publish: Publish,
+    },
+    /// Queue figures of a session, by client id.
+    SessionStats {
+        client_id: String,
+        reply: oneshot::Sender<Option<SessionStats>>,
+    },
     /// Graceful shutdown: publish wills, tell every client, commit, then answer.
     Shutdown {
         done: oneshot::Sender<()>,
     },
+}
+
+/// Queue figures of one session.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct SessionStats {
+    pub online: bool,
+    /// Messages waiting (in memory or on disk), not counting in-flight ones.
+    pub queued: u64,
+    pub queued_bytes: u64,
+    pub inflight: u64,
+    pub dropped: u64,
 }
 
 /// Counters, for logs and tests.
@@ -541,6 +562,23 @@ impl Router {
                 will,
                 session_expiry,
             } => self.on_disconnected(conn, will, session_expiry),
+            RouterEvent::InternalPublish { publish } => {
+                self.route(None, publish, None);
+            }
+            RouterEvent::SessionStats { client_id, reply } => {
+                let stats = self
+                    .by_client
+                    .get(client_id.as_str())
+                    .and_then(|sid| self.sessions.get(sid))
+                    .map(|s| SessionStats {
+                        online: s.is_online(),
+                        queued: s.queue_len,
+                        queued_bytes: s.queued_bytes,
+                        inflight: s.inflight.len() as u64,
+                        dropped: s.dropped,
+                    });
+                let _ = reply.send(stats);
+            }
             RouterEvent::DropSession { client_id, reply } => {
                 let _ = reply.send(self.drop_session(&client_id));
             }
