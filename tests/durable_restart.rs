@@ -630,3 +630,62 @@ async fn subscriptions_survive_restarts_including_shared() {
         sub3.expect_silence(Duration::from_millis(200)).await;
     }
 }
+
+/// A session created without expiry (v5 expiry 0 / 3.1.1 clean session 1) and taken over,
+/// while still connected, by a connection that resumes it (clean start 0) with a Session
+/// Expiry Interval > 0 is a durable session from then on: what is queued for it while it is
+/// offline is acknowledged to publishers, so it must survive a SIGKILL.
+async fn session_made_durable_by_takeover(version: ProtocolVersion) {
+    let mut d = Daemon::started("").await;
+    let first = if version == V5 {
+        durable(V5, "dev", true, 0)
+    } else {
+        connect_packet(V3, "dev", true)
+    };
+    let mut old = connect_expect(d.addr, first, false).await;
+    assert_eq!(old.subscribe("t/u", QoS::AtLeastOnce).await, vec![1]);
+    // Two messages in flight (received, not acknowledged) when the session is taken over.
+    let msgs = payloads(5);
+    let mut publisher = RawClient::connect(d.addr, V5, "pub").await;
+    publish_qos1_all(&mut publisher, "t/u", &msgs[..2]).await;
+    let mut ids = Vec::new();
+    for want in &msgs[..2] {
+        let p = old.recv_publish().await;
+        assert_eq!(p.payload.as_ref(), &want[..]);
+        ids.push(p.packet_id);
+    }
+    let mut new = connect_expect(d.addr, durable(version, "dev", false, 300), true).await;
+    let _ = old.expect_closed().await;
+    for (want, id) in msgs[..2].iter().zip(&ids) {
+        let p = new.recv_publish().await;
+        assert_eq!(
+            (p.payload.as_ref(), p.packet_id, p.dup),
+            (&want[..], *id, true)
+        );
+    }
+    disconnect(new).await;
+    // Three more queued while it is offline.
+    publish_qos1_all(&mut publisher, "t/u", &msgs[2..]).await;
+
+    d.kill_and_restart().await;
+    let mut c = connect_expect(d.addr, durable(version, "dev", false, 300), true).await;
+    for (want, id) in msgs[..2].iter().zip(&ids) {
+        let p = c.recv_publish().await;
+        assert_eq!(
+            (p.payload.as_ref(), p.packet_id, p.dup),
+            (&want[..], *id, true)
+        );
+        c.puback(*id).await;
+    }
+    drain_in_order(&mut c, &msgs[2..]).await;
+}
+
+#[tokio::test]
+async fn session_made_durable_by_takeover_survives_sigkill_v5() {
+    session_made_durable_by_takeover(V5).await;
+}
+
+#[tokio::test]
+async fn session_made_durable_by_takeover_survives_sigkill_v311() {
+    session_made_durable_by_takeover(V3).await;
+}
