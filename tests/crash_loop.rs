@@ -9,7 +9,8 @@
 //!   form a subsequence of what the publisher put on the wire, in order (a message the
 //!   publisher resent after a reconnect may legitimately arrive twice; anything else twice
 //!   is a bug);
-//! - a message seen again must carry DUP = 1 and a packet id it was delivered with before;
+//! - a message seen again must carry DUP = 1 and a packet id it was delivered with before
+//!   (unless it is another copy the publisher resent, matched as a fresh delivery);
 //! - a resumed subscriber session is always present (CONNACK Session Present = 1).
 //!
 //! Like a real client, the publisher keeps its unacknowledged messages and resends them
@@ -32,7 +33,6 @@ use holdfast::protocol::{
     reason, ConnAck, Connect, ConnectProperties, Packet, ProtocolVersion, PubAckLike, Publish, QoS,
     Subscribe, SubscribeFilter, SubscriptionOptions,
 };
-use tokio::time::Instant;
 
 const TOPIC: &str = "crash/seq";
 /// Unacknowledged messages the publisher allows itself (below the broker's Receive Maximum).
@@ -232,27 +232,29 @@ impl Subscriber {
         if self.received.len() <= seq as usize {
             self.received.resize(seq as usize + 1, false);
         }
-        if p.dup && self.received[seq as usize] {
-            let ids = &self.packet_ids[&seq];
-            assert!(
-                ids.contains(&p.packet_id),
-                "seq {seq} redelivered with packet id {}, it was delivered with {ids:?}",
-                p.packet_id
-            );
+        if p.dup && self.received[seq as usize] && self.packet_ids[&seq].contains(&p.packet_id) {
             self.counts.redelivered += 1;
             return;
         }
-        // A fresh delivery: the next copy of `seq` the publisher put on the wire.
+        // A fresh delivery: the next copy of `seq` the publisher put on the wire. (Also a
+        // DUP = 1 delivery with a packet id never seen for this seq: the broker sent that
+        // copy before a crash, but it did not arrive; it must be another copy the
+        // publisher sent, or it is a redelivery with a changed packet id.)
         match log[self.pos..].iter().position(|&s| s == seq) {
             Some(i) => self.pos += i + 1,
             None => {
                 let before = log[..self.pos].iter().rposition(|&s| s == seq);
                 let context = &log[self.pos.saturating_sub(8)..(self.pos + 8).min(log.len())];
                 panic!(
-                    "seq {seq} (dup = {}, packet id {}) delivered out of order or twice: \
-                     already received = {}, publisher wire log position of it before the \
-                     current point = {before:?}, current point = {}, log around it = {context:?}",
-                    p.dup, p.packet_id, self.received[seq as usize], self.pos
+                    "seq {seq} (dup = {}, packet id {}) delivered out of order, twice without \
+                     DUP, or redelivered with another packet id: already received = {} (packet \
+                     ids {:?}), publisher wire log position of it before the current point = \
+                     {before:?}, current point = {}, log around it = {context:?}",
+                    p.dup,
+                    p.packet_id,
+                    self.received[seq as usize],
+                    self.packet_ids.get(&seq),
+                    self.pos
                 );
             }
         }
