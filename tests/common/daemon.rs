@@ -89,14 +89,20 @@ impl Daemon {
         use std::io::Write;
         let mut marker = log.try_clone().expect("log");
         let _ = writeln!(marker, "----- test: start #{} -----", self.starts);
-        let child = Command::new(BIN)
-            .args(["run", "--config"])
+        let mut cmd = Command::new(BIN);
+        cmd.args(["run", "--config"])
             .arg(&self.config)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .expect("spawn holdfast");
+            .stderr(Stdio::from(log));
+        // The crash test's own switches are not configuration keys: the broker refuses
+        // unknown HOLDFAST_* variables, so they are not passed on.
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("HOLDFAST_CRASH_") {
+                cmd.env_remove(&k);
+            }
+        }
+        let child = cmd.spawn().expect("spawn holdfast");
         self.child = Some(child);
     }
 
