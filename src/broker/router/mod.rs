@@ -835,6 +835,10 @@ impl Router {
         s.expiry_interval = expiry_interval;
         s.will = will;
         s.conn = Some(link);
+        // A session kept in memory only, resumed with a Session Expiry Interval, is durable
+        // from now on: write what it holds, or what it acknowledges would die with the process.
+        let promote = !s.durable && expiry_interval > 0;
+        s.durable |= promote;
         if s.durable {
             self.ops.push(Op::UpsertSession {
                 sid,
@@ -843,6 +847,9 @@ impl Router {
                 expiry: expiry_interval,
                 will: s.will.as_ref().map(will_to_stored),
             });
+        }
+        if promote {
+            session_state_ops(s, &mut self.ops);
         }
         connack.session_present = resumed;
         let token = if self.ops.len() > self.event_ops_start {

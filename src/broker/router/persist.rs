@@ -128,3 +128,45 @@ pub fn protocol_from_level(level: u8) -> ProtocolVersion {
         _ => ProtocolVersion::V311,
     }
 }
+
+/// Ops that write the whole state of a session that was kept in memory only (created
+/// without a Session Expiry Interval) and becomes durable because a connection resumed it
+/// with one: its subscriptions, in-flight and queued messages and incoming QoS 2 ids. The
+/// caller pushes `Op::UpsertSession` first.
+pub fn session_state_ops(s: &crate::broker::session::Session, ops: &mut Vec<crate::store::Op>) {
+    use crate::broker::session::InflightState;
+    use crate::store::Op;
+    let sid = s.id;
+    for (filter, data) in &s.subscriptions {
+        ops.push(Op::Subscribe {
+            sid,
+            filter: filter.clone(),
+            options: options_to_byte(&data.options),
+            identifier: data.identifier,
+        });
+    }
+    let enqueue = |seq, packet_id, m: &crate::broker::session::Message| Op::Enqueue {
+        sid,
+        seq,
+        packet_id,
+        expires_at: instant_to_unix(m.expires_at),
+        size: m.publish.payload.len() as u32,
+        packet: encode_publish(&m.publish),
+    };
+    for m in &s.inflight {
+        ops.push(enqueue(m.seq, Some(m.packet_id), &m.message));
+        if m.state == InflightState::AwaitingComp {
+            ops.push(Op::MarkReleased { sid, seq: m.seq });
+        }
+    }
+    for q in &s.queue {
+        ops.push(enqueue(q.seq, None, &q.message));
+    }
+    for &packet_id in &s.incoming_qos2 {
+        ops.push(Op::IncomingQos2 {
+            sid,
+            packet_id,
+            present: true,
+        });
+    }
+}
