@@ -93,6 +93,10 @@ async fn offline_subscriber(addr: SocketAddr, id: &str) {
 /// None if none came within `wait`.
 async fn publish1(c: &mut RawClient, i: u32, pid: u16, wait: Duration) -> Option<u8> {
     c.publish("t/a", &payload(i), QoS::AtLeastOnce, pid).await;
+    ack_of(c, pid, wait).await
+}
+
+async fn ack_of(c: &mut RawClient, pid: u16, wait: Duration) -> Option<u8> {
     match c.recv_timeout(wait).await {
         Ok(Some(Packet::PubAck(a))) => {
             assert_eq!(a.packet_id, pid);
@@ -233,6 +237,78 @@ async fn budget_reject_new_refuses_without_losing_what_was_acknowledged_and_reco
     let mut want: Vec<u32> = (9000..9050).collect();
     want.push(5000);
     assert_eq!(got, want);
+    b.shutdown().await;
+}
+
+/// Messages the store refused must not stay in the subscriber's queue accounting: once the
+/// budget has room again, `max_queued_bytes` admits as much as it did before the refusals.
+/// Three subscribers to `t/b` fill the budget; `a`, with an empty queue, then has its
+/// messages refused by the store (not by its queue limit).
+#[tokio::test]
+async fn budget_refusals_leave_no_phantom_bytes_in_the_queue_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start_in(dir.path(), |c| {
+        budget(c, BudgetPolicy::RejectNew);
+        c.mqtt.max_queued_bytes = 100 * 1024;
+        c.mqtt.queue_policy = QueuePolicy::RejectNew;
+    })
+    .await;
+    for id in ["b1", "b2", "b3", "a"] {
+        let (mut s, _) = connect_durable(b.addr, id, true).await;
+        let filter = if id == "a" { "t/a" } else { "t/b" };
+        s.subscribe(filter, QoS::AtLeastOnce).await;
+        disconnect(s).await;
+    }
+    let mut p = RawClient::connect(b.addr, ProtocolVersion::V5, "p").await;
+    let mut filled = 0;
+    loop {
+        p.publish("t/b", &payload(filled), QoS::AtLeastOnce, 1)
+            .await;
+        match p.recv().await {
+            Some(Packet::PubAck(a)) if a.reason_code == 0 => filled += 1,
+            Some(Packet::PubAck(a)) if a.reason_code == reason::QUOTA_EXCEEDED => break,
+            other => panic!("{other:?}"),
+        }
+        assert!(filled < 100, "each b queue stays under its 100 KiB limit");
+    }
+    // What still fits a single copy is accepted; then 120 refusals by the store.
+    let mut a_accepted = Vec::new();
+    let mut refused = 0;
+    for i in 0..1000 {
+        match publish1(&mut p, i, 1, TIMEOUT).await {
+            Some(reason::SUCCESS) => {
+                assert_eq!(refused, 0);
+                a_accepted.push(i);
+            }
+            Some(reason::QUOTA_EXCEEDED) => {
+                refused += 1;
+                if refused == 120 {
+                    break;
+                }
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+    assert!(a_accepted.len() < 10, "{a_accepted:?}");
+    for id in ["b1", "b2", "b3"] {
+        let (mut s, _) = connect_durable(b.addr, id, false).await;
+        assert_eq!(
+            drain(&mut s, Duration::from_millis(500)).await.len(),
+            filled as usize
+        );
+        disconnect(s).await;
+    }
+    // Space is back and a's queue is (nearly) empty: 50 KiB fit its 100 KiB limit.
+    for i in 0..50 {
+        assert_eq!(
+            publish1(&mut p, 1000 + i, 1, TIMEOUT).await,
+            Some(reason::SUCCESS),
+            "message {i} for the empty queue of a"
+        );
+    }
+    let (mut a, _) = connect_durable(b.addr, "a", false).await;
+    a_accepted.extend(1000..1050);
+    assert_eq!(drain(&mut a, Duration::from_millis(500)).await, a_accepted);
     b.shutdown().await;
 }
 
