@@ -3,7 +3,7 @@
 //! reports each token. Reads that must see earlier writes (queue read-back) and
 //! maintenance (expiry sweep, checkpoint) run between groups, in submission order.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
@@ -164,6 +164,17 @@ impl Writer {
             return;
         }
         let mut attempts = 0;
+        // Rows this group marks as sent: the router sends them once it commits, so the
+        // budget must not drop them (they are still state 0 on disk until then).
+        let sending: HashSet<(Sid, u64)> = self
+            .retry
+            .iter()
+            .chain(group.iter().flat_map(|(_, ops)| ops.iter()))
+            .filter_map(|op| match op {
+                Op::MarkSent { sid, seq, .. } => Some((*sid, *seq)),
+                _ => None,
+            })
+            .collect();
         loop {
             let ops = self
                 .retry
@@ -191,7 +202,7 @@ impl Writer {
                     if full
                         && self.opts.budget_policy == BudgetPolicy::DropOldest
                         && attempts <= 8
-                        && self.make_room()
+                        && self.make_room(&sending)
                     {
                         continue;
                     }
@@ -213,36 +224,49 @@ impl Writer {
     }
 
     /// Disk budget reached under drop-oldest: deletes the oldest unsent messages of the
-    /// session with the longest queue. Returns false if there was nothing to drop.
-    fn make_room(&mut self) -> bool {
+    /// session with the longest queue that has any (rows in flight, or being sent by the
+    /// group that failed, are not dropped). Returns false if there was nothing to drop.
+    fn make_room(&mut self, sending: &HashSet<(Sid, u64)>) -> bool {
         let result = (|| -> rusqlite::Result<Vec<(Sid, u64, u32)>> {
             let tx = self.conn.transaction()?;
-            let sid: Option<i64> = tx
-                .query_row(
-                    "SELECT sid FROM session WHERE queued > 0 ORDER BY queued DESC LIMIT 1",
-                    [],
-                    |r| r.get(0),
-                )
-                .ok();
-            let Some(sid) = sid else {
-                return Ok(Vec::new());
-            };
-            let sid = sid as Sid;
+            let sids: Vec<i64> = tx
+                .prepare_cached("SELECT sid FROM session WHERE queued > 0 ORDER BY queued DESC")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
             let mut removed = Vec::new();
-            {
-                let mut st = tx.prepare_cached(
-                    "DELETE FROM queue WHERE id IN (SELECT id FROM queue WHERE id >= ?1 AND id < ?2
-                     AND state = 0 ORDER BY id LIMIT ?3) RETURNING id, size",
-                )?;
-                let mut rows = st.query(params![
-                    queue_id(sid, 0),
-                    queue_id(sid + 1, 0),
-                    BUDGET_DROP_ROWS
-                ])?;
-                while let Some(r) = rows.next()? {
-                    let (_, seq) = split_queue_id(r.get(0)?);
-                    removed.push((sid, seq, r.get::<_, i64>(1)? as u32));
+            let mut sid = 0;
+            for s in sids {
+                sid = s as Sid;
+                let skip = sending.iter().filter(|(x, _)| *x == sid).count() as i64;
+                let candidates: Vec<(i64, i64)> = tx
+                    .prepare_cached(
+                        "SELECT id, size FROM queue WHERE id >= ?1 AND id < ?2 AND state = 0
+                         ORDER BY id LIMIT ?3",
+                    )?
+                    .query_map(
+                        params![
+                            queue_id(sid, 0),
+                            queue_id(sid + 1, 0),
+                            BUDGET_DROP_ROWS + skip
+                        ],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )?
+                    .collect::<rusqlite::Result<_>>()?;
+                let mut del = tx.prepare_cached("DELETE FROM queue WHERE id = ?1")?;
+                for (id, size) in candidates {
+                    let (_, seq) = split_queue_id(id);
+                    if sending.contains(&(sid, seq)) || removed.len() as i64 >= BUDGET_DROP_ROWS {
+                        continue;
+                    }
+                    del.execute([id])?;
+                    removed.push((sid, seq, size as u32));
                 }
+                if !removed.is_empty() {
+                    break;
+                }
+            }
+            if removed.is_empty() {
+                return Ok(removed);
             }
             let bytes: i64 = removed.iter().map(|r| i64::from(r.2)).sum();
             let n = removed.len() as i64;

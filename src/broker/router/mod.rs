@@ -192,7 +192,8 @@ struct Pending {
     /// Sessions with held output carrying this token.
     sids: Vec<SessionId>,
     /// Messages queued (not in flight) under this token: undone if the commit fails.
-    enqueued: Vec<(SessionId, u64)>,
+    /// (session, seq, payload bytes).
+    enqueued: Vec<(SessionId, u64, u64)>,
 }
 
 pub struct Router {
@@ -681,14 +682,14 @@ impl Router {
         };
         if !ok {
             self.stats.refused_store_failure += 1;
-            for (sid, seq) in p.enqueued {
+            for (sid, seq, size) in p.enqueued {
                 if let Some(s) = self.sessions.get_mut(&sid) {
                     if let Some(i) = s.queue.iter().position(|q| q.seq == seq) {
                         if let Some(q) = s.queue.remove(i) {
                             s.forget_queued(q.message.publish.payload.len() as u64);
                         }
                     } else if s.spilled_from.is_some() {
-                        s.forget_queued(0);
+                        s.forget_queued(size);
                     }
                 }
             }
@@ -1438,7 +1439,7 @@ impl Router {
                 size: len as u32,
                 packet: encode_publish(&msg.publish),
             });
-            cur.enqueued.push((sid, seq));
+            cur.enqueued.push((sid, seq, len));
         }
         s.push_queue(Queued { seq, message: msg });
         true
