@@ -559,7 +559,18 @@ async fn half_open_link_is_detected_and_the_backlog_follows_in_order() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let detected = t0.elapsed();
-    cloud.expect_no_new(Duration::from_millis(500)).await;
+    // Stay dead a little longer: the first new attempt gets no CONNACK and is given up
+    // after connect_timeout_secs, and the bridge tries again. (When the link heals, the
+    // proxy delivers the abandoned attempts' CONNECTs too, as TCP would: session takeovers
+    // upstream that the bridge must ride out.)
+    let retried = Instant::now();
+    while proxy.accepted() < accepted + 2 {
+        assert!(
+            retried.elapsed() < Duration::from_secs(2 + 1 + 2),
+            "no retry after a silent connect attempt"
+        );
+        cloud.expect_no_new(Duration::from_millis(100)).await;
+    }
     proxy.blackhole(false);
     let t1 = Instant::now();
     cloud.wait_for(60, Duration::from_secs(15)).await;
@@ -735,7 +746,9 @@ async fn downlink_outage(up: SocketAddr, test: &str) {
     let mut cloud_pub = publisher(up, "cloud-pub").await;
     publish_seqs(&mut cloud_pub, DOWN_REMOTE, 0..10, 10).await;
     local.wait_for(10, Duration::from_secs(5)).await;
-
+    // Cut at once: the bridge may not have sent the upstream PUBACKs for these yet (they
+    // follow the local commit), so some come down again after recovery: QoS 1 copies,
+    // counted as redeliveries, never out of order.
     proxy.outage();
     local.go_offline();
     publish_seqs(&mut cloud_pub, DOWN_REMOTE, 10..60, 10).await;
@@ -843,6 +856,10 @@ async fn drain_of_10k_queued_messages_after_an_outage() {
     proxy.refuse(false);
     cloud.wait_for(N, Duration::from_secs(90)).await;
     let drained_in = t1.elapsed();
+    // Measured ~650-850 msg/s (debug build, 2 shared cores), whatever the fsync mode or
+    // in-flight window: rumqttc's EventLoop::next_request sleeps `pending_throttle` (0 by
+    // default, still ~1 ms with tokio's timer) before every request taken from `pending`,
+    // which the bridge uses for every PUBLISH and PUBACK.
     eprintln!(
         "[drain] queued {N} in {queued_in:?} ({:.0} msg/s); drained upstream in {drained_in:?} ({:.0} msg/s incl. reconnect backoff)",
         f64::from(N) / queued_in.as_secs_f64(),
