@@ -73,7 +73,9 @@ pub struct BridgeConfig {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
-    /// Keep-alive upstream, seconds (also bounds half-open link detection: ~1.5×).
+    /// Keep-alive upstream, seconds (min 5). Also bounds half-open link detection: up to
+    /// 2× (rumqttc pings every keep-alive whatever the traffic and gives up at the second
+    /// unanswered ping), then `connect_timeout_secs` per silent reconnect attempt.
     #[serde(default = "default_keepalive")]
     pub keepalive_secs: u16,
     /// QoS 1 messages in flight upstream.

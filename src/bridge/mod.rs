@@ -301,7 +301,7 @@ impl Bridge {
             el.state = MqttState::new(self.cfg.inflight, true);
             let end = match self.subscribe_upstream(&mut el).await {
                 Err(e) => End::Lost(e),
-                Ok(()) => self.connected(&mut el).await,
+                Ok(early) => self.connected(&mut el, early).await,
             };
             drop(client);
             let error = match &end {
@@ -360,9 +360,19 @@ impl Bridge {
 
     /// Subscribes the `in` rules upstream and waits for the SUBACK (before any publish is
     /// in flight, so packet ids cannot clash).
-    async fn subscribe_upstream(&self, el: &mut EventLoop) -> Result<(), String> {
+    ///
+    /// An upstream that kept our session sends what it queued for us right after CONNACK,
+    /// before it even reads the SUBSCRIBE; those PUBLISHes are returned, to be handled first
+    /// once the internal session is attached. (Dropping them would leave them unacknowledged
+    /// upstream: a 3.1.1 broker resends only on the next reconnect, and meanwhile they hold
+    /// its in-flight window, so the downlink would stall.)
+    async fn subscribe_upstream(
+        &self,
+        el: &mut EventLoop,
+    ) -> Result<Vec<rumqttc::Publish>, String> {
+        let mut early = Vec::new();
         if self.inbound.is_empty() {
-            return Ok(());
+            return Ok(early);
         }
         let filters = self.inbound.iter().map(|(f, _, _, q)| {
             SubscribeFilter::new(
@@ -381,14 +391,15 @@ impl Bridge {
             match tokio::time::timeout_at(deadline, el.poll()).await {
                 Err(_) => return Err("no SUBACK from upstream".into()),
                 Ok(Err(e)) => return Err(e.to_string()),
-                Ok(Ok(Event::Incoming(RPacket::SubAck(_)))) => return Ok(()),
+                Ok(Ok(Event::Incoming(RPacket::SubAck(_)))) => return Ok(early),
+                Ok(Ok(Event::Incoming(RPacket::Publish(p)))) => early.push(p),
                 Ok(Ok(_)) => {}
             }
         }
     }
 
     /// Attaches the internal session and moves messages both ways until the link drops.
-    async fn connected(&self, el: &mut EventLoop) -> End {
+    async fn connected(&self, el: &mut EventLoop, early: Vec<rumqttc::Publish>) -> End {
         let conn = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let (link, mut rx) = ConnLink::new(conn);
         let router = &self.shared.router;
@@ -409,7 +420,7 @@ impl Bridge {
         if router.send(attach).await.is_err() {
             return End::Shutdown;
         }
-        let end = self.pump(el, conn, &mut rx).await;
+        let end = self.pump(el, conn, &mut rx, early).await;
         let _ = router
             .send(RouterEvent::Disconnected {
                 conn,
@@ -425,10 +436,16 @@ impl Bridge {
         el: &mut EventLoop,
         conn: u64,
         rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+        early: Vec<rumqttc::Publish>,
     ) -> End {
         let router = &self.shared.router;
         // Downlink messages waiting for the local commit, by upstream packet id.
         let mut downlink: HashMap<u16, rumqttc::Publish> = HashMap::new();
+        for p in early {
+            if let Some(end) = self.downlink(el, p, &mut downlink, conn).await {
+                return end;
+            }
+        }
         let interval = (self.cfg.max_rate > 0)
             .then(|| Duration::from_secs_f64(1.0 / f64::from(self.cfg.max_rate)));
         let mut next_send = Instant::now();
@@ -483,37 +500,8 @@ impl Bridge {
                 }
                 Ok(Event::Incoming(RPacket::Publish(p))) => {
                     self.status(|st| st.received += 1);
-                    let Some(local) = self.local_topic(&p.topic) else {
-                        warn!(bridge = %self.cfg.name, topic = %p.topic, "downlink message matches no `in` rule; acknowledged and dropped");
-                        if p.qos != rumqttc::QoS::AtMostOnce {
-                            el.pending
-                                .push_back(Request::PubAck(rumqttc::PubAck::new(p.pkid)));
-                        }
-                        continue;
-                    };
-                    let qos = match p.qos {
-                        rumqttc::QoS::AtMostOnce => QoS::AtMostOnce,
-                        _ => QoS::AtLeastOnce,
-                    };
-                    let publish = Publish {
-                        dup: false,
-                        qos,
-                        retain: p.retain,
-                        topic: local.into(),
-                        packet_id: if qos == QoS::AtMostOnce { 0 } else { p.pkid },
-                        properties: Default::default(),
-                        payload: p.payload.clone(),
-                    };
-                    if qos != QoS::AtMostOnce {
-                        downlink.insert(p.pkid, p);
-                    }
-                    let ev = RouterEvent::Publish {
-                        conn,
-                        publish,
-                        received: Instant::now(),
-                    };
-                    if router.send(ev).await.is_err() {
-                        return End::Shutdown;
+                    if let Some(end) = self.downlink(el, p, &mut downlink, conn).await {
+                        return end;
                     }
                 }
                 Ok(Event::Incoming(RPacket::Disconnect)) => {
@@ -522,6 +510,50 @@ impl Bridge {
                 Ok(_) => {}
             }
         }
+    }
+
+    /// Hands one message from upstream to the router (its upstream PUBACK waits for the
+    /// router's). `Some` ends the connected period.
+    async fn downlink(
+        &self,
+        el: &mut EventLoop,
+        p: rumqttc::Publish,
+        downlink: &mut HashMap<u16, rumqttc::Publish>,
+        conn: u64,
+    ) -> Option<End> {
+        let Some(local) = self.local_topic(&p.topic) else {
+            warn!(bridge = %self.cfg.name, topic = %p.topic, "downlink message matches no `in` rule; acknowledged and dropped");
+            if p.qos != rumqttc::QoS::AtMostOnce {
+                el.pending
+                    .push_back(Request::PubAck(rumqttc::PubAck::new(p.pkid)));
+            }
+            return None;
+        };
+        let qos = match p.qos {
+            rumqttc::QoS::AtMostOnce => QoS::AtMostOnce,
+            _ => QoS::AtLeastOnce,
+        };
+        let publish = Publish {
+            dup: false,
+            qos,
+            retain: p.retain,
+            topic: local.into(),
+            packet_id: if qos == QoS::AtMostOnce { 0 } else { p.pkid },
+            properties: Default::default(),
+            payload: p.payload.clone(),
+        };
+        if qos != QoS::AtMostOnce {
+            downlink.insert(p.pkid, p);
+        }
+        let ev = RouterEvent::Publish {
+            conn,
+            publish,
+            received: Instant::now(),
+        };
+        if self.shared.router.send(ev).await.is_err() {
+            return Some(End::Shutdown);
+        }
+        None
     }
 
     /// Handles one packet from the router. `Some` ends the connected period.

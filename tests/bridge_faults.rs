@@ -1,0 +1,893 @@
+//! The bridge under link faults: the gateway (in-process Holdfast, or the real binary) is
+//! bridged to an upstream (a second Holdfast, or Debian's Mosquitto started by the test)
+//! through `common/proxy.rs`, a TCP proxy modelling the LTE link (cut, refuse, blackhole).
+//!
+//! Every uplink message carries a sequence number (u32 BE). The cloud subscriber is durable
+//! and checks, as messages arrive, that the first copies of the sequence numbers are exactly
+//! 0, 1, 2, ... (no gap, no reordering); later copies of an already seen number are counted
+//! as redeliveries (QoS 1 after a lost PUBACK) and reported.
+//!
+//! Mosquitto tests skip loudly without Mosquitto unless `HOLDFAST_INTEROP=1`.
+
+mod common;
+#[path = "common/proxy.rs"]
+mod proxy;
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::*;
+use holdfast::bridge::{BridgeConfig, Direction, TopicRule};
+use holdfast::protocol::{Packet, ProtocolVersion, QoS};
+use proxy::Proxy;
+use tokio::time::Instant;
+
+const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
+/// Uplink data: local topic and its name upstream.
+const UP_LOCAL: &str = "sensors/seq";
+const UP_REMOTE: &str = "site/sensors/seq";
+/// Downlink data: topic in the cloud and its local name.
+const DOWN_REMOTE: &str = "site/cmd/seq";
+const DOWN_LOCAL: &str = "cmd/seq";
+/// Link probes (not counted as data).
+const PROBE_LOCAL: &str = "sensors/probe";
+
+fn bridge_to(addr: SocketAddr, client_id: &str) -> BridgeConfig {
+    BridgeConfig {
+        name: "up".into(),
+        address: addr.to_string(),
+        client_id: Some(client_id.into()),
+        username: None,
+        password: None,
+        keepalive_secs: 5,
+        inflight: 32,
+        reconnect_min_ms: 100,
+        reconnect_max_ms: 1000,
+        connect_timeout_secs: 2,
+        max_rate: 0,
+        topic: vec![
+            TopicRule {
+                pattern: "sensors/#".into(),
+                direction: Direction::Out,
+                qos: 1,
+                local_prefix: String::new(),
+                remote_prefix: "site/".into(),
+            },
+            TopicRule {
+                pattern: "cmd/#".into(),
+                direction: Direction::In,
+                qos: 1,
+                local_prefix: String::new(),
+                remote_prefix: "site/".into(),
+            },
+        ],
+        ..BridgeConfig::example()
+    }
+}
+
+async fn gateway(up: SocketAddr) -> TestBroker {
+    start_broker(|c| c.bridge = vec![bridge_to(up, "gw-faults")]).await
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+fn pid_for(seq: u32) -> u16 {
+    (seq % 65535) as u16 + 1
+}
+
+// ---------------------------------------------------------------------------------------
+// Publishers
+
+/// Connects a clean publisher, retrying while the broker (re)starts.
+async fn publisher(addr: SocketAddr, id: &str) -> RawClient {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return RawClient::connect(addr, ProtocolVersion::V311, id).await;
+        }
+        assert!(Instant::now() < deadline, "{addr} does not accept");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn publish_acked(c: &mut RawClient, topic: &str, payload: &[u8], id: u16) {
+    c.publish(topic, payload, QoS::AtLeastOnce, id).await;
+    match c.recv().await {
+        Some(Packet::PubAck(a)) => {
+            assert!(a.reason_code < 0x80, "{a:?}");
+            assert_eq!(a.packet_id, id);
+        }
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+}
+
+/// Publishes `seqs` on `topic`, `window` at a time, and waits for every PUBACK.
+async fn publish_seqs(c: &mut RawClient, topic: &str, seqs: std::ops::Range<u32>, window: u32) {
+    let mut next = seqs.start;
+    while next < seqs.end {
+        let batch = (seqs.end - next).min(window);
+        for s in next..next + batch {
+            c.publish(topic, &s.to_be_bytes(), QoS::AtLeastOnce, pid_for(s))
+                .await;
+        }
+        for _ in 0..batch {
+            match c.recv().await {
+                Some(Packet::PubAck(a)) => assert!(a.reason_code < 0x80, "{a:?}"),
+                other => panic!("expected PUBACK, got {other:?}"),
+            }
+        }
+        next += batch;
+    }
+}
+
+/// Publishes `count` messages from `from` at `rate` per second, each waiting for its PUBACK;
+/// returns how many were acknowledged.
+fn steady_publisher(
+    addr: SocketAddr,
+    from: u32,
+    count: u32,
+    rate: u32,
+) -> tokio::task::JoinHandle<u32> {
+    tokio::spawn(async move {
+        let mut c = publisher(addr, "steady").await;
+        let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / f64::from(rate)));
+        for s in from..from + count {
+            tick.tick().await;
+            publish_acked(&mut c, UP_LOCAL, &s.to_be_bytes(), pid_for(s)).await;
+        }
+        count
+    })
+}
+
+async fn probe(addr: SocketAddr) {
+    let mut c = publisher(addr, "prober").await;
+    publish_acked(&mut c, PROBE_LOCAL, b"probe", 1).await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The checking subscriber
+
+/// A durable (clean session false) QoS 1 subscriber that reconnects by itself when its
+/// broker goes away, acknowledges everything, and checks the order of sequence numbers
+/// on `topic` as they arrive.
+struct SeqSub {
+    addr: SocketAddr,
+    id: String,
+    topic: String,
+    c: Option<RawClient>,
+    /// Next sequence number expected (all below arrived, in order).
+    next: u32,
+    /// Copies of already seen numbers, and how many of them had DUP set.
+    dups: u32,
+    dups_flagged: u32,
+    probes: u32,
+    reconnects: u32,
+}
+
+impl SeqSub {
+    async fn start(addr: SocketAddr, id: &str, filter: &str, topic: &str) -> SeqSub {
+        let mut s = SeqSub {
+            addr,
+            id: id.into(),
+            topic: topic.into(),
+            c: None,
+            next: 0,
+            dups: 0,
+            dups_flagged: 0,
+            probes: 0,
+            reconnects: 0,
+        };
+        s.connect(Instant::now() + Duration::from_secs(10)).await;
+        let mut c = s.c.take().unwrap();
+        assert_eq!(c.subscribe(filter, QoS::AtLeastOnce).await, vec![1]);
+        s.c = Some(c);
+        s
+    }
+
+    /// (Re)connects with clean session false, retrying until `deadline`.
+    async fn connect(&mut self, deadline: Instant) {
+        loop {
+            if let Ok(Ok(stream)) = tokio::time::timeout(
+                Duration::from_secs(1),
+                tokio::net::TcpStream::connect(self.addr),
+            )
+            .await
+            {
+                drop(stream);
+                let (c, ack) = RawClient::connect_with(
+                    self.addr,
+                    connect_packet(ProtocolVersion::V311, &self.id, false),
+                )
+                .await;
+                if matches!(ack, Packet::ConnAck(ref a) if a.reason_code == 0) {
+                    self.c = Some(c);
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: cannot reconnect to {}",
+                self.id,
+                self.addr
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Disconnects (the durable session keeps collecting).
+    fn go_offline(&mut self) {
+        self.c = None;
+    }
+
+    fn handle(&mut self, p: holdfast::protocol::Publish) {
+        if *p.topic == *self.topic {
+            let seq = u32::from_be_bytes(p.payload[..4].try_into().unwrap());
+            if seq == self.next {
+                self.next += 1;
+            } else if seq < self.next {
+                self.dups += 1;
+                self.dups_flagged += u32::from(p.dup);
+            } else {
+                panic!(
+                    "{}: gap or reordering: got #{seq} while expecting #{} (a message was lost or overtaken)",
+                    self.id, self.next
+                );
+            }
+        } else if p.topic.ends_with("/probe") {
+            self.probes += 1;
+        }
+    }
+
+    /// Reads until `done(self)` holds; panics after `within`.
+    async fn until(&mut self, within: Duration, what: &str, done: impl Fn(&SeqSub) -> bool) {
+        if !self.try_until(within, &done).await {
+            panic!(
+                "{}: timed out after {within:?} waiting for {what} (next #{}, {} dups, {} reconnects)",
+                self.id, self.next, self.dups, self.reconnects
+            );
+        }
+    }
+
+    /// Reads until `done(self)` holds (true) or `within` passes (false).
+    async fn try_until(&mut self, within: Duration, done: &impl Fn(&SeqSub) -> bool) -> bool {
+        let deadline = Instant::now() + within;
+        while !done(self) {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            if self.c.is_none() {
+                self.connect(deadline + Duration::from_secs(5)).await;
+                self.reconnects += 1;
+            }
+            let c = self.c.as_mut().unwrap();
+            match c
+                .recv_timeout(deadline.saturating_duration_since(now))
+                .await
+            {
+                Err(()) => {}
+                Ok(None) => self.c = None,
+                Ok(Some(Packet::Publish(p))) => {
+                    if p.qos != QoS::AtMostOnce {
+                        c.puback(p.packet_id).await;
+                    }
+                    self.handle(p);
+                }
+                Ok(Some(Packet::PingResp)) | Ok(Some(Packet::SubAck(_))) => {}
+                Ok(Some(other)) => panic!("{}: unexpected {other:?}", self.id),
+            }
+        }
+        true
+    }
+
+    /// Waits until #0..#n-1 all arrived (in order).
+    async fn wait_for(&mut self, n: u32, within: Duration) {
+        self.until(within, &format!("#{}", n.saturating_sub(1)), |s| {
+            s.next >= n
+        })
+        .await
+    }
+
+    /// Asserts nothing new arrives for `t` (duplicates are fine).
+    async fn expect_no_new(&mut self, t: Duration) {
+        let before = self.next;
+        let deadline = Instant::now() + t;
+        while Instant::now() < deadline {
+            if let Some(c) = self.c.as_mut() {
+                match c.recv_timeout(deadline - Instant::now()).await {
+                    Ok(Some(Packet::Publish(p))) => {
+                        c.puback(p.packet_id).await;
+                        self.handle(p);
+                    }
+                    Ok(None) => self.c = None,
+                    _ => {}
+                }
+            } else {
+                tokio::time::sleep(deadline - Instant::now()).await;
+            }
+        }
+        assert_eq!(self.next, before, "{}: unexpected new messages", self.id);
+    }
+
+    fn report(&self, test: &str) {
+        eprintln!(
+            "[{test}] {}: {} messages in order, {} redelivered copies ({} with DUP), {} reconnects",
+            self.id, self.next, self.dups, self.dups_flagged, self.reconnects
+        );
+    }
+}
+
+/// Publishes a probe on the gateway until one arrives upstream: the bridge is connected
+/// and (since it subscribes before attaching the outbox) its `in` rules are subscribed.
+async fn wait_link(gw: SocketAddr, cloud: &mut SeqSub, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        probe(gw).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "bridge did not come up within {within:?}");
+        let want = cloud.probes + 1;
+        if cloud
+            .try_until(left.min(Duration::from_secs(2)), &|s| s.probes >= want)
+            .await
+        {
+            return;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Mosquitto as upstream
+
+fn mosquitto_bin() -> Option<PathBuf> {
+    ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"]
+        .into_iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
+/// Mosquitto available (or skip loudly; HOLDFAST_INTEROP=1 makes absence fail).
+fn have_mosquitto() -> bool {
+    if !have_mosquitto_tools() {
+        return false;
+    }
+    if mosquitto_bin().is_none() {
+        if std::env::var("HOLDFAST_INTEROP").as_deref() == Ok("1") {
+            panic!("HOLDFAST_INTEROP=1 but the mosquitto broker is not installed");
+        }
+        eprintln!(
+            "\n*** SKIPPED: /usr/sbin/mosquitto not installed (apt-get install mosquitto) ***\n"
+        );
+        return false;
+    }
+    true
+}
+
+/// A Mosquitto broker on 127.0.0.1 with persistence in a temp dir; killed on drop.
+struct Mosquitto {
+    child: Option<Child>,
+    port: u16,
+    dir: tempfile::TempDir,
+}
+
+impl Mosquitto {
+    async fn start() -> Mosquitto {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let user = Command::new("id")
+            .arg("-un")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default();
+        let mut conf = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\n\
+             persistence_location {}/\nmax_queued_messages 20000\nlog_dest stderr\n",
+            dir.path().display()
+        );
+        if user == "root" {
+            // Otherwise it switches to the `mosquitto` user, which cannot write the temp dir.
+            conf.push_str("user root\n");
+        }
+        std::fs::write(dir.path().join("mosquitto.conf"), conf).unwrap();
+        let mut m = Mosquitto {
+            child: None,
+            port,
+            dir,
+        };
+        m.spawn().await;
+        m
+    }
+
+    fn addr(&self) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    async fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("mosquitto.log"))
+            .unwrap();
+        let child = Command::new(mosquitto_bin().unwrap())
+            .arg("-c")
+            .arg(self.dir.path().join("mosquitto.conf"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(self.addr()).await.is_err() {
+            if let Some(Ok(Some(st))) = self.child.as_mut().map(|c| c.try_wait()) {
+                panic!("mosquitto exited: {st}: {}", self.log());
+            }
+            assert!(Instant::now() < deadline, "mosquitto does not listen");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// Stops it with SIGTERM (it saves its database) and waits for the exit.
+    async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), "-TERM");
+            wait_child(&mut c, Duration::from_secs(10)).await;
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+async fn wait_child(c: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(st) = c.try_wait().expect("try_wait") {
+            return st;
+        }
+        if Instant::now() > deadline {
+            let _ = c.kill();
+            panic!("child {} did not exit within {within:?}", c.id());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Uplink under outages
+
+/// Steady QoS 1 publishing (50 msg/s for 4 s) with a 2 s outage (cut + refuse) in the
+/// middle: every acknowledged message arrives upstream, in order.
+async fn uplink_outage(up: SocketAddr, test: &str) {
+    let proxy = Proxy::start(up).await;
+    let mut cloud = SeqSub::start(up, "cloud-sub", "site/#", UP_REMOTE).await;
+    let gw = gateway(proxy.addr).await;
+    wait_link(gw.addr, &mut cloud, Duration::from_secs(10)).await;
+
+    let t0 = Instant::now();
+    let publisher = steady_publisher(gw.addr, 0, 200, 50);
+    cloud
+        .until(Duration::from_secs(5), "a first part", |s| s.next >= 50)
+        .await;
+    proxy.outage();
+    let acc = proxy.accepted();
+    // Keep reading (nothing new can come) while the link is down.
+    cloud.expect_no_new(Duration::from_secs(2)).await;
+    assert!(
+        proxy.refused() > 0 || proxy.accepted() > acc,
+        "the bridge retries during the outage"
+    );
+    proxy.restore();
+    let acked = publisher.await.unwrap();
+    assert_eq!(acked, 200);
+    cloud.wait_for(acked, Duration::from_secs(15)).await;
+    eprintln!(
+        "[{test}] {acked} messages, all delivered {:?} after the start",
+        t0.elapsed()
+    );
+    cloud.report(test);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn uplink_survives_an_outage_mid_stream_holdfast_upstream() {
+    let up = start_broker(|_| {}).await;
+    uplink_outage(up.addr, "uplink-outage/holdfast").await;
+    up.shutdown().await;
+}
+
+#[tokio::test]
+async fn uplink_survives_an_outage_mid_stream_mosquitto_upstream() {
+    if !have_mosquitto() {
+        return;
+    }
+    let mq = Mosquitto::start().await;
+    uplink_outage(mq.addr(), "uplink-outage/mosquitto").await;
+}
+
+/// A half-open link (bytes stop, nothing closes) longer than keep-alive: the bridge notices
+/// through its pings (≤ 2 × keepalive), gives up the dead connection, keeps retrying, and
+/// once the link heals the messages published meanwhile arrive, in order.
+#[tokio::test]
+async fn half_open_link_is_detected_and_the_backlog_follows_in_order() {
+    let up = start_broker(|_| {}).await;
+    let proxy = Proxy::start(up.addr).await;
+    let mut cloud = SeqSub::start(up.addr, "cloud-sub", "site/#", UP_REMOTE).await;
+    let gw = gateway(proxy.addr).await;
+    wait_link(gw.addr, &mut cloud, Duration::from_secs(10)).await;
+    let mut sensor = publisher(gw.addr, "sensor").await;
+    publish_seqs(&mut sensor, UP_LOCAL, 0..10, 10).await;
+    cloud.wait_for(10, Duration::from_secs(5)).await;
+
+    let accepted = proxy.accepted();
+    let t0 = Instant::now();
+    proxy.blackhole(true);
+    // Acknowledged locally while the link is dead (more than the in-flight window).
+    publish_seqs(&mut sensor, UP_LOCAL, 10..60, 10).await;
+    // keepalive 5 s: the second unanswered ping (≤ 10 s) ends the connection; the bridge
+    // then opens a new one (silent too, timed out after connect_timeout_secs = 2).
+    let limit = Duration::from_secs(2 * 5 + 2 + 2);
+    while proxy.accepted() == accepted {
+        assert!(
+            t0.elapsed() < limit,
+            "half-open link not detected within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let detected = t0.elapsed();
+    // Stay dead a little longer: the first new attempt gets no CONNACK and is given up
+    // after connect_timeout_secs, and the bridge tries again. (When the link heals, the
+    // proxy delivers the abandoned attempts' CONNECTs too, as TCP would: session takeovers
+    // upstream that the bridge must ride out.)
+    let retried = Instant::now();
+    while proxy.accepted() < accepted + 2 {
+        assert!(
+            retried.elapsed() < Duration::from_secs(2 + 1 + 2),
+            "no retry after a silent connect attempt"
+        );
+        cloud.expect_no_new(Duration::from_millis(100)).await;
+    }
+    proxy.blackhole(false);
+    let t1 = Instant::now();
+    cloud.wait_for(60, Duration::from_secs(15)).await;
+    eprintln!(
+        "[half-open] dead link detected after {detected:?}; backlog delivered {:?} after the link healed; {} connections accepted by the proxy",
+        t1.elapsed(),
+        proxy.accepted()
+    );
+    cloud.report("half-open");
+    // And the link keeps working afterwards.
+    publish_seqs(&mut sensor, UP_LOCAL, 60..70, 10).await;
+    cloud.wait_for(70, Duration::from_secs(10)).await;
+    gw.shutdown().await;
+    up.shutdown().await;
+}
+
+/// The upstream Mosquitto is restarted (SIGTERM, it saves its database; started again on
+/// the same port and persistence dir) while the gateway keeps publishing: nothing lost.
+#[tokio::test]
+async fn upstream_mosquitto_restart_while_publishing_loses_nothing() {
+    if !have_mosquitto() {
+        return;
+    }
+    let mut mq = Mosquitto::start().await;
+    let mut cloud = SeqSub::start(mq.addr(), "cloud-sub", "site/#", UP_REMOTE).await;
+    let gw = gateway(mq.addr()).await;
+    wait_link(gw.addr, &mut cloud, Duration::from_secs(10)).await;
+
+    let publisher = steady_publisher(gw.addr, 0, 200, 50);
+    cloud
+        .until(Duration::from_secs(5), "a first part", |s| s.next >= 50)
+        .await;
+    cloud.go_offline();
+    mq.stop().await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    mq.spawn().await;
+    let acked = publisher.await.unwrap();
+    cloud.wait_for(acked, Duration::from_secs(20)).await;
+    cloud.report("mosquitto-restart");
+    gw.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// The real binary, SIGKILLed with a backlog
+
+fn write_gateway_config(dir: &Path, port: u16, upstream: SocketAddr) -> PathBuf {
+    let path = dir.join("holdfast.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"data_dir = "{data}"
+[[listener]]
+bind = "127.0.0.1:{port}"
+[log]
+level = "info"
+
+[[bridge]]
+name = "up"
+address = "{upstream}"
+client_id = "gw-binary"
+keepalive_secs = 5
+inflight = 16
+reconnect_min_ms = 100
+reconnect_max_ms = 1000
+connect_timeout_secs = 2
+max_rate = 200
+
+[[bridge.topic]]
+pattern = "sensors/#"
+direction = "out"
+qos = 1
+remote_prefix = "site/"
+"#,
+            data = dir.join("data").display()
+        ),
+    )
+    .unwrap();
+    path
+}
+
+async fn spawn_gateway(config: &Path, port: u16, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(config)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn holdfast");
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        if let Ok(Some(st)) = child.try_wait() {
+            panic!("holdfast exited early: {st}");
+        }
+        assert!(Instant::now() < deadline, "holdfast does not listen");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    child
+}
+
+fn sigkill(c: &mut Child) {
+    c.kill().expect("SIGKILL");
+    c.wait().expect("reap");
+}
+
+/// The real binary is SIGKILLed twice: while the upstream is unreachable with messages
+/// queued, and again while the backlog drains (max_rate = 200 msg/s). Every message it
+/// acknowledged before each kill arrives upstream, in order.
+#[tokio::test]
+async fn gateway_killed_during_outage_and_during_drain_loses_nothing() {
+    let up = start_broker(|_| {}).await;
+    let proxy = Proxy::start(up.addr).await;
+    proxy.refuse(true);
+    let mut cloud = SeqSub::start(up.addr, "cloud-sub", "site/#", UP_REMOTE).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let gw_addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let config = write_gateway_config(dir.path(), port, proxy.addr);
+    let log = dir.path().join("holdfast.log");
+
+    let mut gw = spawn_gateway(&config, port, &log).await;
+    let mut sensor = publisher(gw_addr, "sensor").await;
+    publish_seqs(&mut sensor, UP_LOCAL, 0..150, 25).await;
+    drop(sensor);
+    sigkill(&mut gw); // upstream unreachable, 150 acknowledged messages queued
+
+    let mut gw = spawn_gateway(&config, port, &log).await;
+    let mut sensor = publisher(gw_addr, "sensor").await;
+    publish_seqs(&mut sensor, UP_LOCAL, 150..300, 25).await;
+    drop(sensor);
+    cloud.expect_no_new(Duration::from_millis(300)).await;
+    proxy.refuse(false);
+    // Kill it again in the middle of the drain.
+    cloud
+        .until(Duration::from_secs(10), "the drain to start", |s| {
+            s.next >= 60
+        })
+        .await;
+    sigkill(&mut gw);
+    let drained_before_kill = cloud.next;
+    assert!(
+        drained_before_kill < 300,
+        "killed after the drain ended; raise the count"
+    );
+
+    let mut gw = spawn_gateway(&config, port, &log).await;
+    cloud.wait_for(300, Duration::from_secs(20)).await;
+    eprintln!("[binary-kill] second kill after #{drained_before_kill} had arrived upstream");
+    cloud.report("binary-kill");
+    signal(gw.id(), "-TERM");
+    wait_child(&mut gw, Duration::from_secs(10)).await;
+    up.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Downlink
+
+/// Messages published in the cloud while the link is cut are kept by the upstream for the
+/// bridge's persistent session and arrive locally (to a durable subscriber that was offline
+/// too) after recovery, in order.
+async fn downlink_outage(up: SocketAddr, test: &str) {
+    let proxy = Proxy::start(up).await;
+    let mut cloud = SeqSub::start(up, "cloud-sub", "site/sensors/#", UP_REMOTE).await;
+    let gw = gateway(proxy.addr).await;
+    let mut local = SeqSub::start(gw.addr, "local-sub", "cmd/#", DOWN_LOCAL).await;
+    wait_link(gw.addr, &mut cloud, Duration::from_secs(10)).await;
+
+    let mut cloud_pub = publisher(up, "cloud-pub").await;
+    publish_seqs(&mut cloud_pub, DOWN_REMOTE, 0..10, 10).await;
+    local.wait_for(10, Duration::from_secs(5)).await;
+    // Cut at once: the bridge may not have sent the upstream PUBACKs for these yet (they
+    // follow the local commit), so some come down again after recovery: QoS 1 copies,
+    // counted as redeliveries, never out of order.
+    proxy.outage();
+    local.go_offline();
+    publish_seqs(&mut cloud_pub, DOWN_REMOTE, 10..60, 10).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    proxy.restore();
+    wait_link(gw.addr, &mut cloud, Duration::from_secs(10)).await;
+    local.wait_for(60, Duration::from_secs(10)).await;
+    // And live traffic flows after the backlog.
+    publish_seqs(&mut cloud_pub, DOWN_REMOTE, 60..70, 10).await;
+    local.wait_for(70, Duration::from_secs(5)).await;
+    local.report(test);
+    gw.shutdown().await;
+}
+
+#[tokio::test]
+async fn downlink_published_during_an_outage_arrives_after_recovery_holdfast_upstream() {
+    let up = start_broker(|_| {}).await;
+    downlink_outage(up.addr, "downlink-outage/holdfast").await;
+    up.shutdown().await;
+}
+
+#[tokio::test]
+async fn downlink_published_during_an_outage_arrives_after_recovery_mosquitto_upstream() {
+    if !have_mosquitto() {
+        return;
+    }
+    let mq = Mosquitto::start().await;
+    downlink_outage(mq.addr(), "downlink-outage/mosquitto").await;
+}
+
+/// Basic interop with Mosquitto as the upstream: uplink mapping and order, downlink
+/// mapping and order, no loop.
+#[tokio::test]
+async fn mosquitto_upstream_uplink_and_downlink() {
+    if !have_mosquitto() {
+        return;
+    }
+    let mq = Mosquitto::start().await;
+    let mut cloud = SeqSub::start(mq.addr(), "cloud-sub", "site/#", UP_REMOTE).await;
+    let gw = gateway(mq.addr()).await;
+    let mut local = SeqSub::start(gw.addr, "local-sub", "cmd/#", DOWN_LOCAL).await;
+    wait_link(gw.addr, &mut cloud, Duration::from_secs(10)).await;
+
+    let mut sensor = publisher(gw.addr, "sensor").await;
+    publish_seqs(&mut sensor, UP_LOCAL, 0..100, 20).await;
+    cloud.wait_for(100, Duration::from_secs(10)).await;
+    let mut cloud_pub = publisher(mq.addr(), "cloud-pub").await;
+    publish_seqs(&mut cloud_pub, DOWN_REMOTE, 0..100, 20).await;
+    local.wait_for(100, Duration::from_secs(10)).await;
+    // What came down is not sent back up (the cloud sub sees site/cmd/seq once each: as
+    // its own subscription, not as a bridge echo).
+    let mut seen = 0;
+    let deadline = Instant::now() + Duration::from_millis(800);
+    while let Some(c) = cloud.c.as_mut() {
+        match c
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .await
+        {
+            Ok(Some(Packet::Publish(p))) => {
+                c.puback(p.packet_id).await;
+                if *p.topic == *DOWN_REMOTE {
+                    seen += 1;
+                }
+            }
+            _ => break,
+        }
+    }
+    assert!(
+        seen <= 100,
+        "{seen} copies of 100 downlink messages upstream: a loop"
+    );
+    assert_eq!(
+        (cloud.dups, local.dups),
+        (0, 0),
+        "no redelivery without faults"
+    );
+    gw.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Drain
+
+/// 10k messages queued during an outage drain upstream after recovery (rate printed).
+///
+/// The gateway runs with `mqtt.max_queued_messages = 0` (unlimited): with the default
+/// (1000, drop-oldest) the outbox drops acknowledged messages, see
+/// `outbox_is_not_subject_to_client_queue_limits`.
+#[tokio::test]
+async fn drain_of_10k_queued_messages_after_an_outage() {
+    const N: u32 = 10_000;
+    let up = start_broker(|_| {}).await;
+    let proxy = Proxy::start(up.addr).await;
+    proxy.refuse(true);
+    let mut cloud = SeqSub::start(up.addr, "cloud-sub", "site/#", UP_REMOTE).await;
+    let gw = start_broker(|c| {
+        c.bridge = vec![bridge_to(proxy.addr, "gw-drain")];
+        c.mqtt.max_queued_messages = 0;
+    })
+    .await;
+    let mut sensor = publisher(gw.addr, "sensor").await;
+    let t0 = Instant::now();
+    publish_seqs(&mut sensor, UP_LOCAL, 0..N, 100).await;
+    let queued_in = t0.elapsed();
+    let t1 = Instant::now();
+    proxy.refuse(false);
+    cloud.wait_for(N, Duration::from_secs(90)).await;
+    let drained_in = t1.elapsed();
+    // Measured ~650-850 msg/s (debug build, 2 shared cores), whatever the fsync mode or
+    // in-flight window: rumqttc's EventLoop::next_request sleeps `pending_throttle` (0 by
+    // default, still ~1 ms with tokio's timer) before every request taken from `pending`,
+    // which the bridge uses for every PUBLISH and PUBACK.
+    eprintln!(
+        "[drain] queued {N} in {queued_in:?} ({:.0} msg/s); drained upstream in {drained_in:?} ({:.0} msg/s incl. reconnect backoff)",
+        f64::from(N) / queued_in.as_secs_f64(),
+        f64::from(N) / drained_in.as_secs_f64()
+    );
+    cloud.report("drain");
+    gw.shutdown().await;
+    up.shutdown().await;
+}
+
+/// Pins a broker bug (see the report / `src/broker/router/mod.rs` `Router::deliver`): the
+/// bridge outbox is an ordinary durable session for the queue limits, so with the default
+/// `max_queued_messages = 1000` and `queue_policy = drop-oldest`, an outage longer than
+/// ~1000 messages silently deletes the oldest messages that were already acknowledged to
+/// their publishers.
+#[tokio::test]
+#[ignore = "BUG (src/broker): the bridge outbox obeys max_queued_messages/drop-oldest and drops acknowledged messages"]
+async fn outbox_is_not_subject_to_client_queue_limits() {
+    const N: u32 = 1_500;
+    let up = start_broker(|_| {}).await;
+    let proxy = Proxy::start(up.addr).await;
+    proxy.refuse(true);
+    let mut cloud = SeqSub::start(up.addr, "cloud-sub", "site/#", UP_REMOTE).await;
+    let gw = gateway(proxy.addr).await; // default queue limits
+    let mut sensor = publisher(gw.addr, "sensor").await;
+    publish_seqs(&mut sensor, UP_LOCAL, 0..N, 100).await;
+    proxy.refuse(false);
+    cloud.wait_for(N, Duration::from_secs(30)).await;
+    gw.shutdown().await;
+    up.shutdown().await;
+}
