@@ -876,7 +876,6 @@ async fn drain_of_10k_queued_messages_after_an_outage() {
 /// ~1000 messages silently deletes the oldest messages that were already acknowledged to
 /// their publishers.
 #[tokio::test]
-#[ignore = "BUG (src/broker): the bridge outbox obeys max_queued_messages/drop-oldest and drops acknowledged messages"]
 async fn outbox_is_not_subject_to_client_queue_limits() {
     const N: u32 = 1_500;
     let up = start_broker(|_| {}).await;

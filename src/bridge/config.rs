@@ -92,10 +92,28 @@ pub struct BridgeConfig {
     /// Drain limit after a reconnect, messages per second (0 = full speed).
     #[serde(default)]
     pub max_rate: u32,
+    /// Outbox budget: most messages waiting for the upstream (0 = limited only by the
+    /// store's disk budget).
+    #[serde(default)]
+    pub max_queued_messages: u64,
+    /// Outbox budget in payload bytes (0 = limited only by the store's disk budget).
+    #[serde(default)]
+    pub max_queued_bytes: u64,
+    /// Messages waiting longer than this are dropped (counted as expired), seconds;
+    /// 0 = kept until delivered.
+    #[serde(default)]
+    pub max_age_secs: u32,
+    /// When the outbox budget is reached: `reject-new` (local v5 publishers get 0x97, 3.x
+    /// publishers no ack) or `drop-oldest` (counted).
+    #[serde(default = "default_policy")]
+    pub queue_policy: crate::config::QueuePolicy,
     #[serde(default)]
     pub topic: Vec<TopicRule>,
 }
 
+fn default_policy() -> crate::config::QueuePolicy {
+    crate::config::QueuePolicy::RejectNew
+}
 fn default_protocol() -> BridgeProtocol {
     BridgeProtocol::V311
 }
@@ -131,6 +149,10 @@ impl BridgeConfig {
             reconnect_max_ms: default_backoff_max(),
             connect_timeout_secs: default_connect_timeout(),
             max_rate: 0,
+            max_queued_messages: 0,
+            max_queued_bytes: 0,
+            max_age_secs: 0,
+            queue_policy: default_policy(),
             topic: vec![TopicRule {
                 pattern: "sensors/#".into(),
                 direction: Direction::Out,

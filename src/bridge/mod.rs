@@ -22,11 +22,14 @@
 //! commit, and only then is the upstream PUBACK sent (rumqttc manual acks). Messages that
 //! came down are never sent back up: the internal session's subscriptions use No Local.
 //!
-//! rumqttc 0.25.1 is driven through its public `EventLoop::pending` queue only (see
-//! `../shared/research/crates.md` §2): the request channel is never used, `pending` and
+//! rumqttc 0.25.1 is driven through its public `EventLoop` fields (see
+//! `../shared/research/crates.md` §2): requests go into `pending` and are written by
+//! `write_pending` through rumqttc's own state machine (`state.handle_outgoing_packet`) and
+//! framed network, one flush per batch; the request channel is never used; `pending` and
 //! `state` are reset after every connection error (dropping rumqttc's own replay, which
-//! would go out without DUP), and `poll()` is only raced against other futures while
-//! `pending` is empty, when it can only be waiting in cancel-safe places.
+//! would go out without DUP); `poll()` only reads (acks, downlink, pings) and is raced
+//! against other futures only while `pending` is empty, when it can only be waiting in
+//! cancel-safe places.
 
 pub mod config;
 
@@ -47,8 +50,8 @@ use tracing::{debug, info, warn};
 pub use config::{BridgeConfig, Direction, TopicRule};
 
 use crate::broker::connection::{ConnLink, Outgoing, Shared};
-use crate::broker::router::{ConnectRequest, RouterEvent, WillAction};
-use crate::broker::session::ClientParams;
+use crate::broker::router::{ConnectRequest, InternalSession, RouterEvent, WillAction};
+use crate::broker::session::{ClientParams, QueueLimits};
 use crate::protocol::{
     topic, ConnAck, Packet, ProtocolVersion, Publish, QoS, SubscribeFilter as Sf,
     SubscriptionOptions,
@@ -90,7 +93,7 @@ enum End {
 /// outbox (the local side of every `out` rule, No Local so downlink never goes back up).
 /// The router creates it at start-up, so messages are kept from the first moment, whether
 /// or not the upstream is reachable.
-pub fn internal_session(cfg: &BridgeConfig) -> (Arc<str>, Vec<Sf>) {
+pub fn internal_session(cfg: &BridgeConfig) -> InternalSession {
     let filters = cfg
         .topic
         .iter()
@@ -109,7 +112,16 @@ pub fn internal_session(cfg: &BridgeConfig) -> (Arc<str>, Vec<Sf>) {
             },
         })
         .collect();
-    (format!("{INTERNAL_PREFIX}{}", cfg.name).into(), filters)
+    InternalSession {
+        client_id: format!("{INTERNAL_PREFIX}{}", cfg.name).into(),
+        filters,
+        limits: QueueLimits {
+            max_messages: cfg.max_queued_messages,
+            max_bytes: cfg.max_queued_bytes,
+            policy: cfg.queue_policy,
+            max_age_secs: cfg.max_age_secs,
+        },
+    }
 }
 
 /// The bridge task: runs until `shutdown`.
@@ -464,6 +476,9 @@ impl Bridge {
                     }
                 }
             }
+            if let Err(e) = self.write_pending(el).await {
+                return End::Lost(e);
+            }
             let ev = if el.pending.is_empty() {
                 tokio::select! {
                     _ = self.shutdown.cancelled() => return End::Shutdown,
@@ -618,6 +633,37 @@ impl Bridge {
             _ => {}
         }
         None
+    }
+
+    /// Writes everything queued in `el.pending` straight to the socket, with one flush,
+    /// bounded by the connect timeout (a black-holed link cannot stall it forever).
+    /// rumqttc's own path sleeps `pending_throttle` before each pending request, which
+    /// costs a timer tick (~1 ms) even at zero and would cap the backlog drain at about
+    /// 1,000 messages per second. The state bookkeeping is rumqttc's own
+    /// (`handle_outgoing_packet`), so its acks, in-flight count and pings stay consistent.
+    async fn write_pending(&self, el: &mut EventLoop) -> Result<(), String> {
+        if el.pending.is_empty() {
+            return Ok(());
+        }
+        let limit = Duration::from_secs(self.cfg.connect_timeout_secs.max(1));
+        let requests: Vec<Request> = el.pending.drain(..).collect();
+        let work = async {
+            let Some(net) = el.network.as_mut() else {
+                return Err("not connected".to_string());
+            };
+            for r in requests {
+                match el.state.handle_outgoing_packet(r) {
+                    Ok(Some(packet)) => net.write(packet).await.map_err(|e| e.to_string())?,
+                    Ok(None) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+            }
+            net.flush().await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(limit, work).await {
+            Ok(r) => r,
+            Err(_) => Err("writing to the upstream timed out".into()),
+        }
     }
 
     /// Local topic → remote topic through the first matching `out` rule.

@@ -102,6 +102,18 @@ pub enum Held {
     },
 }
 
+/// Queue limits of one session (clients use the `[mqtt]` ones; a bridge outbox its own).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct QueueLimits {
+    /// 0 = unlimited.
+    pub max_messages: u64,
+    /// 0 = unlimited.
+    pub max_bytes: u64,
+    pub policy: crate::config::QueuePolicy,
+    /// Messages older than this are dropped as expired (counted), seconds; 0 = never.
+    pub max_age_secs: u32,
+}
+
 /// Limits and preferences of the client's current connection.
 #[derive(Debug, Clone, Copy)]
 pub struct ClientParams {
@@ -148,6 +160,8 @@ pub struct Session {
     pub held: VecDeque<(u64, Held)>,
     /// Incoming QoS 2 packet ids received (and routed) whose PUBREL has not come yet.
     pub incoming_qos2: HashSet<u16>,
+    /// Own queue limits instead of the `[mqtt]` ones (internal sessions).
+    pub limits: Option<QueueLimits>,
     /// Publishers whose acknowledgements wait until this session's queue shrinks
     /// (backpressure: a fast QoS 1/2 publisher is slowed to its slowest subscriber's pace
     /// instead of overflowing that subscriber's queue).
@@ -184,6 +198,7 @@ impl Session {
             held: VecDeque::new(),
             incoming_qos2: HashSet::new(),
             gated: Vec::new(),
+            limits: None,
             will: None,
             dropped: 0,
             drop_episode: false,

@@ -32,7 +32,9 @@ use tracing::{debug, error, info, warn};
 
 use super::connection::{ConnId, ConnLink, Outgoing};
 use super::retained::RetainedStore;
-use super::session::{ClientParams, Held, Inflight, InflightState, Message, Queued, Session};
+use super::session::{
+    ClientParams, Held, Inflight, InflightState, Message, QueueLimits, Queued, Session,
+};
 use super::topic_tree::{Match, SessionId, SubscriptionData, SubscriptionTree};
 use crate::config::{MqttConfig, QueuePolicy};
 use crate::protocol::reason;
@@ -55,6 +57,14 @@ const GATE_BIT: u64 = 1 << 63;
 const GATE_HIGH: u64 = 256;
 /// ...until it is down to this length.
 const GATE_LOW: u64 = 64;
+
+/// An internal durable session the router keeps from start-up (a bridge's outbox).
+pub struct InternalSession {
+    pub client_id: Arc<str>,
+    /// Exactly these subscriptions (others left from an earlier configuration are removed).
+    pub filters: Vec<crate::protocol::SubscribeFilter>,
+    pub limits: QueueLimits,
+}
 
 /// What the connection asks of the router when its CONNECT has been accepted.
 pub struct ConnectRequest {
@@ -236,7 +246,7 @@ impl Router {
         store_rx: mpsc::UnboundedReceiver<StoreEvent>,
         recovered: Recovered,
         sweep_every: Duration,
-        internal: Vec<(Arc<str>, Vec<crate::protocol::SubscribeFilter>)>,
+        internal: Vec<InternalSession>,
     ) -> Self {
         let mut r = Router {
             cfg,
@@ -263,8 +273,8 @@ impl Router {
             stats: RouterStats::default(),
         };
         r.recover(recovered);
-        for (client_id, filters) in internal {
-            r.ensure_internal(client_id, filters);
+        for i in internal {
+            r.ensure_internal(i);
         }
         r.submit();
         r
@@ -273,11 +283,12 @@ impl Router {
     /// Creates (or updates) an internal durable session, such as a bridge's outbox, with
     /// exactly the given subscriptions. It exists from start-up, so messages are kept
     /// whether or not its owner is attached.
-    fn ensure_internal(
-        &mut self,
-        client_id: Arc<str>,
-        filters: Vec<crate::protocol::SubscribeFilter>,
-    ) {
+    fn ensure_internal(&mut self, internal: InternalSession) {
+        let InternalSession {
+            client_id,
+            filters,
+            limits,
+        } = internal;
         let params = ClientParams {
             protocol: crate::protocol::ProtocolVersion::V311,
             window: self.cfg.max_inflight,
@@ -314,6 +325,7 @@ impl Router {
             return;
         };
         s.params = params;
+        s.limits = Some(limits);
         let wanted: HashMap<String, SubscriptionData> = filters
             .into_iter()
             .map(|f| {
@@ -1346,6 +1358,11 @@ impl Router {
         let Some(s) = sessions.get_mut(&sid) else {
             return true;
         };
+        let mut msg = msg;
+        if let Some(age) = s.limits.map(|l| l.max_age_secs).filter(|a| *a > 0) {
+            let cap = Instant::now() + Duration::from_secs(u64::from(age));
+            msg.expires_at = Some(msg.expires_at.map_or(cap, |t| t.min(cap)));
+        }
         if !fits(s, &msg.publish) {
             stats.dropped_too_large += 1;
             debug!(client_id = %s.client_id, "message larger than the client's maximum packet size dropped");
@@ -1396,12 +1413,18 @@ impl Router {
         }
         // Queue it, making room first if the queue is full.
         let len = msg.publish.payload.len() as u64;
+        let limits = s.limits.unwrap_or(QueueLimits {
+            max_messages: cfg.max_queued_messages as u64,
+            max_bytes: cfg.max_queued_bytes,
+            policy: cfg.queue_policy,
+            max_age_secs: 0,
+        });
         let full = |s: &Session| {
-            (cfg.max_queued_messages > 0 && s.queue_len >= cfg.max_queued_messages as u64)
-                || (cfg.max_queued_bytes > 0 && s.queued_bytes + len > cfg.max_queued_bytes)
+            (limits.max_messages > 0 && s.queue_len >= limits.max_messages)
+                || (limits.max_bytes > 0 && s.queued_bytes + len > limits.max_bytes)
         };
         if full(s) {
-            match cfg.queue_policy {
+            match limits.policy {
                 QueuePolicy::RejectNew => {
                     note_drop(s, stats, "reject-new");
                     return false;
