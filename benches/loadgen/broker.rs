@@ -19,7 +19,36 @@ pub struct BrokerProc {
     pub addr: SocketAddr,
     child: Child,
     log: PathBuf,
-    _dir: TempDir,
+    /// Program and arguments, for `restart`.
+    argv: (PathBuf, Vec<std::ffi::OsString>),
+    dir: TempDir,
+}
+
+/// Settings for the durable scenarios (`durable_compare`).
+#[derive(Debug, Clone)]
+pub struct DurableOpts {
+    /// Holdfast `[store] synchronous` ("full" / "normal"); ignored for Mosquitto.
+    pub synchronous: &'static str,
+    pub max_queued: usize,
+}
+
+/// What `restart` measured.
+#[derive(Debug, Clone, Copy)]
+pub struct Restart {
+    /// SIGTERM until the process exited.
+    pub stop: Duration,
+    /// Process spawn until a TCP connect succeeded (the kernel accepted it: Holdfast binds
+    /// its listeners before it loads the store, so this is not yet readiness).
+    pub tcp: Duration,
+    /// Process spawn until a probe client got its CONNACK (the broker serves clients).
+    pub connack: Duration,
+}
+
+/// Counters from `/proc/PID/io`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IoCounters {
+    pub wchar: u64,
+    pub write_bytes: u64,
 }
 
 fn free_port() -> io::Result<u16> {
@@ -28,6 +57,26 @@ fn free_port() -> io::Result<u16> {
 
 impl BrokerProc {
     pub fn holdfast(bin: &Path) -> io::Result<BrokerProc> {
+        Self::holdfast_with("holdfast", bin, "", MAX_QUEUED)
+    }
+
+    /// Holdfast with the given `[store] synchronous` and queue limit (durable sessions
+    /// always go to `<tmp>/data/holdfast.db`).
+    pub fn holdfast_durable(
+        name: &'static str,
+        bin: &Path,
+        opts: &DurableOpts,
+    ) -> io::Result<BrokerProc> {
+        let store = format!("[store]\nsynchronous = \"{}\"\n\n", opts.synchronous);
+        Self::holdfast_with(name, bin, &store, opts.max_queued)
+    }
+
+    fn holdfast_with(
+        name: &'static str,
+        bin: &Path,
+        extra: &str,
+        max_queued: usize,
+    ) -> io::Result<BrokerProc> {
         let dir = tempfile::tempdir()?;
         let port = free_port()?;
         let data = dir.path().join("data");
@@ -37,13 +86,47 @@ impl BrokerProc {
             format!(
                 "data_dir = {data:?}\n\n\
                  [[listener]]\nbind = \"127.0.0.1:{port}\"\n\n\
-                 [mqtt]\nmax_inflight = {MAX_INFLIGHT}\nmax_queued_messages = {MAX_QUEUED}\n\n\
+                 [mqtt]\nmax_inflight = {MAX_INFLIGHT}\nmax_queued_messages = {max_queued}\n\n\
+                 {extra}\
                  [log]\nlevel = \"warn\"\n"
             ),
         )?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("run").arg("--config").arg(&conf);
-        Self::spawn("holdfast", cmd, port, dir)
+        let args = vec!["run".into(), "--config".into(), conf.into_os_string()];
+        Self::spawn(name, (bin.to_path_buf(), args), port, dir)
+    }
+
+    /// Mosquitto with `persistence true` in a temporary directory and the default
+    /// `autosave_interval` (1800 s).
+    pub fn mosquitto_durable(
+        name: &'static str,
+        bin: &Path,
+        opts: &DurableOpts,
+    ) -> io::Result<BrokerProc> {
+        let dir = tempfile::tempdir()?;
+        let port = free_port()?;
+        let conf = dir.path().join("mosquitto.conf");
+        let data = dir.path().join("data");
+        fs::create_dir_all(&data)?;
+        fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\n\
+                 allow_anonymous true\n\
+                 persistence true\n\
+                 persistence_location {}/\n\
+                 autosave_interval 1800\n\
+                 user root\n\
+                 max_queued_messages {}\n\
+                 max_inflight_messages {MAX_INFLIGHT}\n\
+                 log_dest stderr\n\
+                 log_type error\n\
+                 log_type warning\n",
+                data.display(),
+                opts.max_queued
+            ),
+        )?;
+        let args = vec!["-c".into(), conf.into_os_string()];
+        Self::spawn(name, (bin.to_path_buf(), args), port, dir)
     }
 
     pub fn mosquitto(bin: &Path) -> io::Result<BrokerProc> {
@@ -63,33 +146,145 @@ impl BrokerProc {
                  log_type warning\n"
             ),
         )?;
-        let mut cmd = Command::new(bin);
-        cmd.arg("-c").arg(&conf);
-        Self::spawn("mosquitto", cmd, port, dir)
+        let args = vec!["-c".into(), conf.into_os_string()];
+        Self::spawn("mosquitto", (bin.to_path_buf(), args), port, dir)
     }
 
-    fn spawn(name: &'static str, mut cmd: Command, port: u16, dir: TempDir) -> io::Result<Self> {
-        let log = dir.path().join(format!("{name}.log"));
-        let out = fs::File::create(&log)?;
-        cmd.stdin(Stdio::null())
+    fn start_child(
+        name: &str,
+        argv: &(PathBuf, Vec<std::ffi::OsString>),
+        log: &Path,
+    ) -> io::Result<Child> {
+        let out = fs::OpenOptions::new().create(true).append(true).open(log)?;
+        let mut cmd = Command::new(&argv.0);
+        cmd.args(&argv.1)
+            .stdin(Stdio::null())
             .stdout(out.try_clone()?)
             .stderr(out);
-        let child = cmd
-            .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("spawning {name} ({cmd:?}): {e}")))?;
+        cmd.spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("spawning {name} ({cmd:?}): {e}")))
+    }
+
+    fn spawn(
+        name: &'static str,
+        argv: (PathBuf, Vec<std::ffi::OsString>),
+        port: u16,
+        dir: TempDir,
+    ) -> io::Result<Self> {
+        let log = dir.path().join("broker.log");
+        let child = Self::start_child(name, &argv, &log)?;
         let mut b = BrokerProc {
             name,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             child,
             log,
-            _dir: dir,
+            argv,
+            dir,
         };
         b.wait_ready(Duration::from_secs(15))?;
         Ok(b)
     }
 
+    /// SIGTERM, wait for the exit (graceful shutdown), start again with the same
+    /// configuration, port and data, and wait until it accepts TCP connections.
+    pub fn restart(&mut self, limit: Duration) -> io::Result<Restart> {
+        let t = Instant::now();
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()?;
+        if !status.success() {
+            return Err(io::Error::other(format!(
+                "kill -TERM {} failed",
+                self.pid()
+            )));
+        }
+        loop {
+            if self.child.try_wait()?.is_some() {
+                break;
+            }
+            if t.elapsed() > limit {
+                return Err(io::Error::other(format!(
+                    "{} did not exit within {limit:?} of SIGTERM",
+                    self.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let stop = t.elapsed();
+        // The port was in use a moment ago; listeners set SO_REUSEADDR, so it is free now.
+        let t = Instant::now();
+        self.child = Self::start_child(self.name, &self.argv, &self.log)?;
+        let mut tcp = None;
+        loop {
+            if let Some(status) = self.child.try_wait()? {
+                return Err(io::Error::other(format!(
+                    "{} exited during restart ({status}); log:\n{}",
+                    self.name,
+                    self.log_tail()
+                )));
+            }
+            let left = limit.saturating_sub(t.elapsed());
+            if left.is_zero() {
+                return Err(io::Error::other(format!(
+                    "{} not ready within {limit:?} after restart; log:\n{}",
+                    self.name,
+                    self.log_tail()
+                )));
+            }
+            if let Ok(mut sock) = TcpStream::connect_timeout(&self.addr, Duration::from_millis(200))
+            {
+                let at = t.elapsed();
+                tcp.get_or_insert(at);
+                if probe_connack(&mut sock, left).unwrap_or(false) {
+                    return Ok(Restart {
+                        stop,
+                        tcp: tcp.unwrap_or(at),
+                        connack: t.elapsed(),
+                    });
+                }
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// Size in bytes of every file under the broker's temporary directory's `data/`.
+    pub fn data_bytes(&self) -> u64 {
+        fn walk(p: &Path) -> u64 {
+            let Ok(rd) = fs::read_dir(p) else { return 0 };
+            rd.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        walk(&self.dir.path().join("data"))
+    }
+
+    /// `/proc/PID/io` write counters (whole process, all threads).
+    pub fn io(&self) -> Option<IoCounters> {
+        let s = fs::read_to_string(format!("/proc/{}/io", self.pid())).ok()?;
+        let get = |k: &str| -> Option<u64> {
+            s.lines()
+                .find_map(|l| l.strip_prefix(k)?.strip_prefix(':'))?
+                .trim()
+                .parse()
+                .ok()
+        };
+        Some(IoCounters {
+            wchar: get("wchar")?,
+            write_bytes: get("write_bytes")?,
+        })
+    }
+
     /// Polls until the broker accepts TCP connections.
     fn wait_ready(&mut self, limit: Duration) -> io::Result<()> {
+        self.wait_ready_every(limit, Duration::from_millis(20))
+    }
+
+    fn wait_ready_every(&mut self, limit: Duration, poll: Duration) -> io::Result<()> {
         let start = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait()? {
@@ -110,7 +305,7 @@ impl BrokerProc {
                     self.log_tail()
                 )));
             }
-            std::thread::sleep(Duration::from_millis(20));
+            std::thread::sleep(poll);
         }
     }
 
@@ -169,6 +364,22 @@ pub fn proc_cpu_time(pid: &str) -> Option<Duration> {
     let ticks: u64 = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
     // USER_HZ is 100 on Linux.
     Some(Duration::from_millis(ticks * 10))
+}
+
+/// Sends a 3.1.1 CONNECT (clean session, client id "probe") on a blocking socket and waits
+/// up to `limit` for a successful CONNACK; then disconnects.
+fn probe_connack(sock: &mut TcpStream, limit: Duration) -> io::Result<bool> {
+    use std::io::Write;
+    const CONNECT: [u8; 19] = [
+        0x10, 17, 0, 4, b'M', b'Q', b'T', b'T', 4, 0x02, 0, 60, 0, 5, b'p', b'r', b'o', b'b', b'e',
+    ];
+    sock.write_all(&CONNECT)?;
+    sock.set_read_timeout(Some(limit.max(Duration::from_millis(1))))?;
+    let mut ack = [0u8; 4];
+    sock.read_exact(&mut ack)?;
+    let ok = ack[0] == 0x20 && ack[3] == 0;
+    let _ = sock.write_all(&[0xe0, 0]);
+    Ok(ok)
 }
 
 impl Drop for BrokerProc {

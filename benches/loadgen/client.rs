@@ -89,6 +89,19 @@ pub async fn connect(
     client_id: &str,
     keep_alive: u16,
 ) -> io::Result<(Reader, Writer)> {
+    connect_with(addr, client_id, keep_alive, true)
+        .await
+        .map(|(r, w, _)| (r, w))
+}
+
+/// Like [`connect`], with the clean-session flag given (`false` = a durable 3.1.1 session).
+/// Also returns the CONNACK's session-present flag.
+pub async fn connect_with(
+    addr: SocketAddr,
+    client_id: &str,
+    keep_alive: u16,
+    clean: bool,
+) -> io::Result<(Reader, Writer, bool)> {
     let stream = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(addr))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "TCP connect timed out"))??;
@@ -104,7 +117,7 @@ pub async fn connect(
     };
     w.push(&Packet::Connect(Box::new(Connect {
         protocol: V,
-        clean_start: true,
+        clean_start: clean,
         keep_alive,
         client_id: client_id.to_string(),
         ..Default::default()
@@ -114,7 +127,7 @@ pub async fn connect(
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no CONNACK within 10 s"))??;
     match ack {
-        Packet::ConnAck(a) if a.reason_code == 0 => Ok((r, w)),
+        Packet::ConnAck(a) if a.reason_code == 0 => Ok((r, w, a.session_present)),
         Packet::ConnAck(a) => Err(proto_err(format!(
             "CONNACK refused (code {:#04x})",
             a.reason_code
@@ -161,6 +174,13 @@ pub fn publish(topic: &Arc<str>, qos: QoS, packet_id: u16, payload: Bytes) -> Pa
         payload,
         ..Default::default()
     })
+}
+
+/// Sends DISCONNECT (normal) and closes the connection.
+pub async fn disconnect(mut w: Writer) -> io::Result<()> {
+    w.push(&Packet::Disconnect(Default::default()));
+    w.flush().await?;
+    w.wr.shutdown().await
 }
 
 pub fn puback(packet_id: u16) -> Packet {

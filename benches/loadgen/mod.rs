@@ -1,5 +1,8 @@
-//! Load generator for `broker_compare`.
+//! Load generator for `broker_compare` and `durable_compare`. Each bench uses a different
+//! part of it, so unused items are expected.
+#![allow(dead_code)]
 
 pub mod broker;
 pub mod client;
+pub mod durable;
 pub mod scenario;

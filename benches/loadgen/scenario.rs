@@ -105,7 +105,7 @@ struct SubResult {
     latencies_ns: Vec<u64>,
 }
 
-fn message(arena: &mut BytesMut, seq: u64) -> bytes::Bytes {
+pub(crate) fn message(arena: &mut BytesMut, seq: u64) -> bytes::Bytes {
     if arena.capacity() < PAYLOAD_LEN {
         arena.reserve(PAYLOAD_LEN * BATCH as usize);
     }
@@ -157,7 +157,14 @@ async fn publisher_qos0(
     Ok(seq)
 }
 
-async fn publisher_qos1(mut r: Reader, mut w: Writer, topic: Arc<str>, n: u64) -> io::Result<u64> {
+/// QoS 1 publisher with a window of `QOS1_WINDOW` unacknowledged messages; message `i`
+/// goes to `topics[i % topics.len()]`.
+pub(crate) async fn publisher_qos1(
+    mut r: Reader,
+    mut w: Writer,
+    topics: Vec<Arc<str>>,
+    n: u64,
+) -> io::Result<u64> {
     let mut arena = BytesMut::new();
     let mut in_flight = vec![false; 1 << 16];
     let mut n_in_flight = 0usize;
@@ -169,7 +176,8 @@ async fn publisher_qos1(mut r: Reader, mut w: Writer, topic: Arc<str>, n: u64) -
                 next_id = next_id.checked_add(1).unwrap_or(1);
             }
             let payload = message(&mut arena, seq);
-            w.push(&client::publish(&topic, QoS::AtLeastOnce, next_id, payload));
+            let topic = &topics[(seq % topics.len() as u64) as usize];
+            w.push(&client::publish(topic, QoS::AtLeastOnce, next_id, payload));
             in_flight[next_id as usize] = true;
             n_in_flight += 1;
             next_id = next_id.checked_add(1).unwrap_or(1);
@@ -287,10 +295,22 @@ async fn subscriber(
 /// Runs one throughput/latency scenario against the broker at `addr`. `tag` makes client
 /// ids unique per run.
 pub async fn run(addr: SocketAddr, spec: &Spec, tag: &str) -> io::Result<Outcome> {
+    run_opts(addr, spec, tag, false).await
+}
+
+/// Like [`run`]; `durable_subs` makes the subscribers durable sessions (3.1.1 clean
+/// session 0), so a broker with persistence stores every message for them.
+pub async fn run_opts(
+    addr: SocketAddr,
+    spec: &Spec,
+    tag: &str,
+    durable_subs: bool,
+) -> io::Result<Outcome> {
     let pairs = spec.pairs as u64;
     let mut subs = Vec::new();
     for i in 0..spec.pairs {
-        let (mut r, mut w) = client::connect(addr, &format!("{tag}-sub{i}"), 60).await?;
+        let (mut r, mut w, _) =
+            client::connect_with(addr, &format!("{tag}-sub{i}"), 60, !durable_subs).await?;
         client::subscribe(&mut r, &mut w, &format!("bench/{i}"), spec.qos).await?;
         subs.push((r, w));
     }
@@ -312,7 +332,7 @@ pub async fn run(addr: SocketAddr, spec: &Spec, tag: &str) -> io::Result<Outcome
         pub_tasks.push(tokio::spawn(async move {
             let res = match qos {
                 QoS::AtMostOnce => publisher_qos0(pw, topic, n, window, progress.clone()).await,
-                _ => publisher_qos1(pr, pw, topic, n).await,
+                _ => publisher_qos1(pr, pw, vec![topic], n).await,
             };
             progress.publisher_done.store(true, Ordering::Release);
             progress.notify.notify_one();

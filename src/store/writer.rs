@@ -1,7 +1,9 @@
 //! The writer thread: the only connection that writes. Group commit: it takes every command
 //! that has arrived, applies all consecutive batches in one transaction, commits, then
-//! reports each token. Reads that must see earlier writes (queue read-back) and
-//! maintenance (expiry sweep, checkpoint) run between groups, in submission order.
+//! reports each token. A queue read-back runs inside the group's transaction, after the
+//! batches submitted before it (so it sees their writes), and its answer is reported only
+//! after the commit, in submission order; maintenance (expiry sweep, checkpoint) runs
+//! between groups.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::Receiver;
@@ -31,6 +33,19 @@ pub struct Writer {
     retry: Vec<Op>,
     /// Whether the last commit failed (for logging once per episode).
     failing: bool,
+}
+
+/// One entry of a group, in submission order.
+enum Item {
+    Batch(u64, Vec<Op>),
+    /// `Command::ReadQueue`: answered from inside the group's transaction, reported after
+    /// the commit.
+    Read {
+        sid: Sid,
+        from_seq: u64,
+        limit: u32,
+        next_seq_at_request: u64,
+    },
 }
 
 /// Per-session changes to the queue counters accumulated over one transaction.
@@ -79,11 +94,24 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            let mut group: Vec<(u64, Vec<Op>)> = Vec::new();
+            let mut group: Vec<Item> = Vec::new();
             let mut stop = None;
             for c in cmds {
                 match c {
-                    Command::Batch { token, ops } => group.push((token, ops)),
+                    Command::Batch { token, ops } => group.push(Item::Batch(token, ops)),
+                    // A read does not end the group: committing the batches before it
+                    // separately would cost one more commit (an fsync with FULL).
+                    Command::ReadQueue {
+                        sid,
+                        from_seq,
+                        limit,
+                        next_seq_at_request,
+                    } => group.push(Item::Read {
+                        sid,
+                        from_seq,
+                        limit,
+                        next_seq_at_request,
+                    }),
                     Command::Shutdown(done) => {
                         stop = Some(done);
                         break;
@@ -119,20 +147,8 @@ impl Writer {
                 limit,
                 next_seq_at_request,
             } => {
-                let rows = match self.read_queue(sid, from_seq, limit) {
-                    Ok(r) => r,
-                    Err(e) => {
-                        error!(sid, cause = %e, "reading a queue back from disk failed");
-                        Vec::new()
-                    }
-                };
-                let _ = self.events.send(StoreEvent::QueueRows {
-                    sid,
-                    rows,
-                    from_seq,
-                    limit,
-                    next_seq_at_request,
-                });
+                let rows = read_rows(&self.conn, sid, from_seq, limit);
+                self.send_rows(sid, rows, from_seq, limit, next_seq_at_request);
             }
             Command::SweepExpired { now_ms } => match self.sweep(now_ms) {
                 Ok(rows) if !rows.is_empty() => {
@@ -159,7 +175,24 @@ impl Writer {
         }
     }
 
-    fn commit_group(&mut self, group: &mut Vec<(u64, Vec<Op>)>) {
+    fn send_rows(
+        &self,
+        sid: Sid,
+        rows: Vec<QueueRow>,
+        from_seq: u64,
+        limit: u32,
+        next_seq_at_request: u64,
+    ) {
+        let _ = self.events.send(StoreEvent::QueueRows {
+            sid,
+            rows,
+            from_seq,
+            limit,
+            next_seq_at_request,
+        });
+    }
+
+    fn commit_group(&mut self, group: &mut Vec<Item>) {
         if group.is_empty() && self.retry.is_empty() {
             return;
         }
@@ -176,19 +209,29 @@ impl Writer {
             })
             .collect();
         loop {
-            let ops = self
-                .retry
-                .iter()
-                .chain(group.iter().flat_map(|(_, ops)| ops.iter()));
-            match apply(&mut self.conn, ops) {
-                Ok(()) => {
+            match apply_group(&mut self.conn, &self.retry, group) {
+                Ok(reads) => {
                     self.retry.clear();
                     if self.failing {
                         self.failing = false;
                         info!("store writes succeed again");
                     }
-                    for (token, _) in group.drain(..) {
-                        let _ = self.events.send(StoreEvent::Committed { token, ok: true });
+                    let mut reads = reads.into_iter();
+                    for item in group.drain(..) {
+                        match item {
+                            Item::Batch(token, _) => {
+                                let _ = self.events.send(StoreEvent::Committed { token, ok: true });
+                            }
+                            Item::Read {
+                                sid,
+                                from_seq,
+                                limit,
+                                next_seq_at_request,
+                            } => {
+                                let rows = reads.next().unwrap_or_default();
+                                self.send_rows(sid, rows, from_seq, limit, next_seq_at_request);
+                            }
+                        }
                     }
                     return;
                 }
@@ -212,14 +255,40 @@ impl Writer {
         }
         // Keep what releases data; refuse what accepts it.
         let mut release: Vec<Op> = std::mem::take(&mut self.retry);
-        for (token, ops) in group.drain(..) {
-            let ok = !ops.iter().any(Op::accepts_data);
-            release.extend(ops.into_iter().filter(|o| !o.accepts_data()));
-            let _ = self.events.send(StoreEvent::Committed { token, ok });
+        let mut oks = Vec::new();
+        for item in group.iter_mut() {
+            if let Item::Batch(_, ops) = item {
+                oks.push(!ops.iter().any(Op::accepts_data));
+                release.extend(
+                    std::mem::take(ops)
+                        .into_iter()
+                        .filter(|o| !o.accepts_data()),
+                );
+            }
         }
         if let Err(e) = apply(&mut self.conn, release.iter()) {
             debug!(cause = %e, ops = release.len(), "release ops kept for retry");
             self.retry = release;
+        }
+        // Reads were rolled back with the group: read again, from what is committed now
+        // (never rows of refused batches).
+        let mut oks = oks.into_iter();
+        for item in group.drain(..) {
+            match item {
+                Item::Batch(token, _) => {
+                    let ok = oks.next().unwrap_or(false);
+                    let _ = self.events.send(StoreEvent::Committed { token, ok });
+                }
+                Item::Read {
+                    sid,
+                    from_seq,
+                    limit,
+                    next_seq_at_request,
+                } => {
+                    let rows = read_rows(&self.conn, sid, from_seq, limit);
+                    self.send_rows(sid, rows, from_seq, limit, next_seq_at_request);
+                }
+            }
         }
     }
 
@@ -300,31 +369,6 @@ impl Writer {
         }
     }
 
-    fn read_queue(
-        &mut self,
-        sid: Sid,
-        from_seq: u64,
-        limit: u32,
-    ) -> rusqlite::Result<Vec<QueueRow>> {
-        let mut st = self.conn.prepare_cached(
-            "SELECT id, state, packet_id, expires_at, packet FROM queue
-             WHERE id >= ?1 AND id < ?2 AND state = 0 ORDER BY id LIMIT ?3",
-        )?;
-        let rows = st.query_map(
-            params![queue_id(sid, from_seq), queue_id(sid + 1, 0), limit],
-            |r| {
-                Ok(QueueRow {
-                    seq: split_queue_id(r.get(0)?).1,
-                    state: r.get::<_, i64>(1)? as u8,
-                    packet_id: r.get::<_, Option<i64>>(2)?.map(|p| p as u16),
-                    expires_at: r.get(3)?,
-                    packet: bytes::Bytes::from(r.get::<_, Vec<u8>>(4)?),
-                })
-            },
-        )?;
-        rows.collect()
-    }
-
     fn sweep(&mut self, now_ms: i64) -> rusqlite::Result<Vec<(Sid, u64, u32)>> {
         let tx = self.conn.transaction()?;
         let mut removed = Vec::new();
@@ -380,12 +424,89 @@ fn apply_deltas(tx: &rusqlite::Transaction, per: &HashMap<Sid, Delta>) -> rusqli
     Ok(())
 }
 
+/// Up to `limit` not-yet-sent rows of a session's queue with seq >= `from_seq` (on error:
+/// logged, none).
+fn read_rows(conn: &Connection, sid: Sid, from_seq: u64, limit: u32) -> Vec<QueueRow> {
+    let result = (|| -> rusqlite::Result<Vec<QueueRow>> {
+        let mut st = conn.prepare_cached(
+            "SELECT id, state, packet_id, expires_at, packet FROM queue
+             WHERE id >= ?1 AND id < ?2 AND state = 0 ORDER BY id LIMIT ?3",
+        )?;
+        let rows = st.query_map(
+            params![queue_id(sid, from_seq), queue_id(sid + 1, 0), limit],
+            |r| {
+                Ok(QueueRow {
+                    seq: split_queue_id(r.get(0)?).1,
+                    state: r.get::<_, i64>(1)? as u8,
+                    packet_id: r.get::<_, Option<i64>>(2)?.map(|p| p as u16),
+                    expires_at: r.get(3)?,
+                    packet: bytes::Bytes::from(r.get::<_, Vec<u8>>(4)?),
+                })
+            },
+        )?;
+        rows.collect()
+    })();
+    result.unwrap_or_else(|e| {
+        error!(sid, cause = %e, "reading a queue back from disk failed");
+        Vec::new()
+    })
+}
+
+/// Applies `retry`, then the group's batches in one transaction, answering its reads from
+/// inside it (each sees exactly the writes submitted before it). Any error rolls
+/// everything back. Returns the reads' rows, in order.
+fn apply_group(
+    conn: &mut Connection,
+    retry: &[Op],
+    group: &[Item],
+) -> rusqlite::Result<Vec<Vec<QueueRow>>> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let mut per: HashMap<Sid, Delta> = HashMap::new();
+    let now = unix_ms();
+    let mut reads = Vec::new();
+    for op in retry {
+        apply_op(&tx, op, &mut per, now)?;
+    }
+    for item in group {
+        match item {
+            Item::Batch(_, ops) => {
+                for op in ops {
+                    apply_op(&tx, op, &mut per, now)?;
+                }
+            }
+            Item::Read {
+                sid,
+                from_seq,
+                limit,
+                ..
+            } => reads.push(read_rows(&tx, *sid, *from_seq, *limit)),
+        }
+    }
+    apply_deltas(&tx, &per)?;
+    tx.commit()?;
+    Ok(reads)
+}
+
 /// Applies ops in one transaction. Any error rolls everything back.
 fn apply<'a>(conn: &mut Connection, ops: impl Iterator<Item = &'a Op>) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut per: HashMap<Sid, Delta> = HashMap::new();
     let now = unix_ms();
     for op in ops {
+        apply_op(&tx, op, &mut per, now)?;
+    }
+    apply_deltas(&tx, &per)?;
+    tx.commit()
+}
+
+/// One op inside a transaction; queue counter changes go to `per`.
+fn apply_op(
+    tx: &rusqlite::Transaction,
+    op: &Op,
+    per: &mut HashMap<Sid, Delta>,
+    now: i64,
+) -> rusqlite::Result<()> {
+    {
         match op {
             Op::UpsertSession {
                 sid,
@@ -555,9 +676,135 @@ fn apply<'a>(conn: &mut Connection, ops: impl Iterator<Item = &'a Op>) -> rusqli
                     .execute(params![*sid as i64, *packet_id])?;
                 }
             }
-            Op::Count { name, add } => bump(&tx, name, *add)?,
+            Op::Count { name, add } => bump(tx, name, *add)?,
         }
     }
-    apply_deltas(&tx, &per)?;
-    tx.commit()
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bytes::Bytes;
+
+    use super::super::{BudgetPolicy, Command, OnCorrupt, Op, Store, StoreEvent, StoreOptions};
+    use super::*;
+
+    fn open(
+        dir: &std::path::Path,
+        max_bytes: u64,
+    ) -> (Store, tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) {
+        let opts = StoreOptions {
+            path: dir.join("holdfast.db"),
+            synchronous: super::super::Synchronous::Normal,
+            max_bytes,
+            budget_policy: BudgetPolicy::RejectNew,
+            on_corrupt: OnCorrupt::Refuse,
+        };
+        let (store, _, rx) = Store::open(&opts).expect("open store");
+        (store, rx)
+    }
+
+    fn enqueue(sid: Sid, seq: u64, len: usize) -> Op {
+        Op::Enqueue {
+            sid,
+            seq,
+            packet_id: None,
+            expires_at: None,
+            size: len as u32,
+            packet: Bytes::from(vec![7u8; len]),
+        }
+    }
+
+    fn read(sid: Sid) -> Command {
+        Command::ReadQueue {
+            sid,
+            from_seq: 0,
+            limit: 100,
+            next_seq_at_request: 0,
+        }
+    }
+
+    /// Events in submission order; a read sees exactly the batches submitted before it.
+    fn expect(rx: &mut tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) -> Vec<String> {
+        (0..3)
+            .map(|_| match rx.blocking_recv().expect("event") {
+                StoreEvent::Committed { token, ok } => format!("commit {token} {ok}"),
+                StoreEvent::QueueRows { rows, .. } => {
+                    format!("rows {:?}", rows.iter().map(|r| r.seq).collect::<Vec<_>>())
+                }
+                StoreEvent::Removed { .. } => "removed".into(),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn read_in_a_group_sees_earlier_batches_only_and_is_reported_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut rx) = open(dir.path(), 0);
+        let session = Op::UpsertSession {
+            sid: 1,
+            client_id: Arc::from("c"),
+            protocol: 4,
+            expiry: 60,
+            will: None,
+        };
+        store
+            .send(Command::Batch {
+                token: 1,
+                ops: vec![session, enqueue(1, 0, 10), enqueue(1, 1, 10)],
+            })
+            .unwrap();
+        store.send(read(1)).unwrap();
+        store
+            .send(Command::Batch {
+                token: 2,
+                ops: vec![enqueue(1, 2, 10)],
+            })
+            .unwrap();
+        assert_eq!(
+            expect(&mut rx),
+            ["commit 1 true", "rows [0, 1]", "commit 2 true"]
+        );
+    }
+
+    #[test]
+    fn a_read_in_a_failed_group_never_returns_refused_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        // 64 KiB budget: the 200 KiB message of token 2 cannot be stored.
+        let (store, mut rx) = open(dir.path(), 64 * 1024);
+        store
+            .send(Command::Batch {
+                token: 1,
+                ops: vec![enqueue(1, 0, 10)],
+            })
+            .unwrap();
+        assert_eq!(expect_one(&mut rx), "commit 1 true", "a small message fits");
+        store
+            .send(Command::Batch {
+                token: 2,
+                ops: vec![enqueue(1, 1, 200 * 1024), Op::Delete { sid: 1, seq: 0 }],
+            })
+            .unwrap();
+        store.send(read(1)).unwrap();
+        store
+            .send(Command::Batch {
+                token: 3,
+                ops: vec![enqueue(1, 2, 10)],
+            })
+            .unwrap();
+        let got = expect(&mut rx);
+        assert_eq!(got[0], "commit 2 false");
+        // The refused row 1 is never returned; the delete (a release op) was kept.
+        assert_eq!(got[1], "rows []");
+        assert!(got[2].starts_with("commit 3"), "{got:?}");
+    }
+
+    fn expect_one(rx: &mut tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) -> String {
+        match rx.blocking_recv().expect("event") {
+            StoreEvent::Committed { token, ok } => format!("commit {token} {ok}"),
+            other => format!("{other:?}"),
+        }
+    }
 }

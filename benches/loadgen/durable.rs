@@ -1,0 +1,166 @@
+//! Building blocks of the durable scenarios (`durable_compare`): durable sessions that go
+//! offline, filling their queues with QoS 1 publishes, and draining them after a restart.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use holdfast::protocol::{Packet, QoS};
+use tokio::task::JoinSet;
+
+use super::client;
+use super::scenario::publisher_qos1;
+
+/// How long a drain may go without a message before it is declared stalled.
+const STALL: Duration = Duration::from_secs(30);
+/// Concurrent connection set-ups when preparing sessions.
+const CONNECT_CONCURRENCY: usize = 50;
+
+/// Creates durable sessions (3.1.1 clean session 0): `ids[i]` subscribes to `filters[i]` at
+/// QoS 1, then disconnects, leaving an offline session that queues what matches.
+pub async fn prepare_sessions(
+    addr: SocketAddr,
+    ids: &[String],
+    filters: &[String],
+) -> io::Result<()> {
+    let mut set = JoinSet::new();
+    let mut next = 0;
+    let mut done = 0;
+    while done < ids.len() {
+        while next < ids.len() && set.len() < CONNECT_CONCURRENCY {
+            let (id, filter) = (ids[next].clone(), filters[next].clone());
+            set.spawn(async move {
+                let (mut r, mut w, _) = client::connect_with(addr, &id, 600, false).await?;
+                client::subscribe(&mut r, &mut w, &filter, QoS::AtLeastOnce).await?;
+                client::disconnect(w).await
+            });
+            next += 1;
+        }
+        match set.join_next().await {
+            Some(r) => {
+                r.map_err(io::Error::other)??;
+                done += 1;
+            }
+            None => break,
+        }
+    }
+    Ok(())
+}
+
+/// Publishes `per_topic` QoS 1 messages to every topic, from `publishers` concurrent
+/// clients (each with the usual window of unacknowledged messages). Returns the number of
+/// messages acknowledged and the time taken.
+pub async fn fill(
+    addr: SocketAddr,
+    tag: &str,
+    topics: &[String],
+    per_topic: u64,
+    publishers: usize,
+) -> io::Result<(u64, Duration)> {
+    let t0 = Instant::now();
+    let publishers = publishers.max(1);
+    let mut set = JoinSet::new();
+    for p in 0..publishers {
+        // Enough topics: each publisher owns a share of them. Fewer topics than
+        // publishers: every publisher sends a share of the messages to every topic.
+        let (mine, n): (Vec<Arc<str>>, u64) = if topics.len() >= publishers {
+            let mine: Vec<Arc<str>> = topics
+                .iter()
+                .skip(p)
+                .step_by(publishers)
+                .map(|t| t.as_str().into())
+                .collect();
+            let n = mine.len() as u64 * per_topic;
+            (mine, n)
+        } else {
+            let total = topics.len() as u64 * per_topic;
+            let n = total / publishers as u64 + u64::from((p as u64) < total % publishers as u64);
+            (topics.iter().map(|t| t.as_str().into()).collect(), n)
+        };
+        if n == 0 {
+            continue;
+        }
+        let id = format!("{tag}-fill{p}");
+        set.spawn(async move {
+            let (r, w) = client::connect(addr, &id, 600).await?;
+            publisher_qos1(r, w, mine, n).await
+        });
+    }
+    let mut sent = 0;
+    while let Some(r) = set.join_next().await {
+        sent += r.map_err(io::Error::other)??;
+    }
+    Ok((sent, t0.elapsed()))
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct Drained {
+    /// PUBLISH packets received over all sessions (redeliveries included).
+    pub received: u64,
+    /// Sessions that received all they were expected to.
+    pub complete: usize,
+    /// From the first connect to the last message.
+    pub elapsed: Duration,
+    /// From the first connect until every session had its CONNACK.
+    pub connected: Duration,
+}
+
+/// Reconnects every durable session in `ids` at once (clean session 0) and reads, acking
+/// each QoS 1 message, until each has received `each` messages; then disconnects.
+pub async fn drain(addr: SocketAddr, ids: &[String], each: u64) -> io::Result<Drained> {
+    let t0 = Instant::now();
+    let mut set = JoinSet::new();
+    for id in ids {
+        let id = id.clone();
+        set.spawn(async move {
+            let (mut r, mut w, _present) = client::connect_with(addr, &id, 600, false).await?;
+            let connected = t0.elapsed();
+            let mut got = 0u64;
+            let mut last = t0;
+            while got < each {
+                let mut any = false;
+                while let Some(p) = r.next_buffered()? {
+                    let Packet::Publish(p) = p else { continue };
+                    got += 1;
+                    any = true;
+                    if p.qos != QoS::AtMostOnce {
+                        w.push(&client::puback(p.packet_id));
+                    }
+                }
+                if any {
+                    last = Instant::now();
+                    w.flush().await?;
+                }
+                if got >= each {
+                    break;
+                }
+                let n = tokio::time::timeout(STALL, r.fill()).await.map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("drain of {id}: no message for {STALL:?} after {got}"),
+                    )
+                })??;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("drain of {id}: broker closed the connection after {got}"),
+                    ));
+                }
+            }
+            client::disconnect(w).await?;
+            io::Result::Ok((got, connected, last))
+        });
+    }
+    let mut out = Drained::default();
+    let mut last = t0;
+    while let Some(r) = set.join_next().await {
+        let (got, connected, l) = r.map_err(io::Error::other)??;
+        out.received += got;
+        out.complete += usize::from(got >= each);
+        out.connected = out.connected.max(connected);
+        last = last.max(l);
+    }
+    out.elapsed = last - t0;
+    Ok(out)
+}
