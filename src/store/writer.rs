@@ -202,7 +202,10 @@ impl Writer {
         let sending: HashSet<(Sid, u64)> = self
             .retry
             .iter()
-            .chain(group.iter().flat_map(|(_, ops)| ops.iter()))
+            .chain(group.iter().flat_map(|item| match item {
+                Item::Batch(_, ops) => ops.iter(),
+                Item::Read { .. } => [].iter(),
+            }))
             .filter_map(|op| match op {
                 Op::MarkSent { sid, seq, .. } => Some((*sid, *seq)),
                 _ => None,
