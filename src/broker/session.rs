@@ -26,7 +26,7 @@ use super::topic_tree::{SessionId, SubscriptionData};
 use crate::protocol::{Packet, ProtocolVersion, Publish, Will};
 
 /// Queued messages a durable session keeps in memory (the rest stay on disk).
-pub const MEM_QUEUE: usize = 64;
+pub const MEM_QUEUE: usize = 256;
 
 /// Where an outgoing QoS 1/2 message stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

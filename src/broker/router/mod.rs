@@ -49,7 +49,7 @@ use persist::*;
 /// How many events the router takes from its channel per wake-up.
 const BATCH: usize = 256;
 /// Rows read back from disk at a time when a durable session's queue is spilled.
-const READ_BATCH: u32 = 64;
+const READ_BATCH: u32 = 128;
 /// Held output marked with this bit also waits for a subscriber's queue to shrink
 /// (backpressure on QoS 1/2 publishers).
 const GATE_BIT: u64 = 1 << 63;
@@ -1487,14 +1487,6 @@ impl Router {
             let now = Instant::now();
             while s.window_open() {
                 let Some(q) = s.pop_queue() else {
-                    if let (Some(from), false) = (s.spilled_from, s.reading) {
-                        if s.durable && s.queue_len > 0 {
-                            s.reading = true;
-                            read_from = Some((from, s.next_seq));
-                        } else {
-                            s.spilled_from = None;
-                        }
-                    }
                     break;
                 };
                 let drop_row = q.message.is_expired(now) || !fits(s, &q.message.publish);
@@ -1531,6 +1523,18 @@ impl Router {
                     dup: false,
                 };
                 hold(s, token, item, cur, stats);
+            }
+            // Read the on-disk part back before the in-memory part runs out, so delivery
+            // does not stall on the read.
+            if let (Some(from), false, true) = (s.spilled_from, s.reading, s.is_online()) {
+                if s.queue.len() < READ_BATCH as usize {
+                    if s.durable && s.queue_len > s.queue.len() as u64 {
+                        s.reading = true;
+                        read_from = Some((from, s.next_seq));
+                    } else if s.queue.is_empty() {
+                        s.spilled_from = None;
+                    }
+                }
             }
             if s.queue_len == 0 && s.drop_episode {
                 s.drop_episode = false;
