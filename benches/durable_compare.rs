@@ -46,13 +46,15 @@ struct Args {
     /// Profiling aid: only run scenario 1 (1→1, `--pairs` pairs) against this broker.
     attach: Option<std::net::SocketAddr>,
     pairs: usize,
+    /// Seconds to wait after filling the big queue before measuring the loaded rate.
+    settle: u64,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench durable_compare -- [--quick] [--messages N] [--reps N] \
          [--sessions N] [--per-session N] [--big N] [--mosquitto-big N] [--mosquitto PATH] \
-         [--attach HOST:PORT [--pairs N]]"
+         [--attach HOST:PORT [--pairs N]] [--settle SECS]"
     );
     std::process::exit(2)
 }
@@ -68,6 +70,7 @@ fn parse_args() -> Args {
         mosquitto: PathBuf::from("/usr/sbin/mosquitto"),
         attach: None,
         pairs: 1,
+        settle: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -75,6 +78,7 @@ fn parse_args() -> Args {
         let mut num = |name: &str| -> u64 { val(name).parse().unwrap_or_else(|_| usage()) };
         match arg.as_str() {
             "--bench" => {}
+            "--settle" => a.settle = num("--settle"),
             "--quick" => {
                 a.messages = 5_000;
                 a.reps = 1;
@@ -514,6 +518,7 @@ fn main() {
             eprintln!("  fill failed: {e}");
         }
         eprintln!("  filled: {fill:?}");
+        std::thread::sleep(Duration::from_secs(args.settle));
         for rep in 0..args.reps {
             measure(&rt, &mut b, &spec, &format!("loaded{rep}"), &mut loaded);
         }

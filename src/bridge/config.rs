@@ -107,6 +107,21 @@ pub struct BridgeConfig {
     /// publishers no ack) or `drop-oldest` (counted).
     #[serde(default = "default_policy")]
     pub queue_policy: crate::config::QueuePolicy,
+    /// Connect to the upstream with TLS.
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM file of CA certificates that may sign the upstream's certificate.
+    #[serde(default)]
+    pub ca_file: Option<std::path::PathBuf>,
+    /// Also trust the operating system's CA store (default when no `ca_file` is given).
+    #[serde(default)]
+    pub system_roots: Option<bool>,
+    /// PEM client certificate (chain) and key, for upstreams that authenticate clients
+    /// by certificate (e.g. AWS IoT).
+    #[serde(default)]
+    pub cert_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    pub key_file: Option<std::path::PathBuf>,
     #[serde(default)]
     pub topic: Vec<TopicRule>,
 }
@@ -153,6 +168,11 @@ impl BridgeConfig {
             max_queued_bytes: 0,
             max_age_secs: 0,
             queue_policy: default_policy(),
+            tls: true,
+            ca_file: Some("/etc/holdfast/cloud-ca.pem".into()),
+            system_roots: Some(false),
+            cert_file: Some("/etc/holdfast/gateway.crt".into()),
+            key_file: Some("/etc/holdfast/gateway.key".into()),
             topic: vec![TopicRule {
                 pattern: "sensors/#".into(),
                 direction: Direction::Out,
@@ -198,6 +218,20 @@ impl BridgeConfig {
             return Err(ConfigError::invalid(
                 key("reconnect_max_ms"),
                 "needs 0 < reconnect_min_ms <= reconnect_max_ms",
+            ));
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(ConfigError::invalid(
+                key("key_file"),
+                "cert_file and key_file go together",
+            ));
+        }
+        if !self.tls
+            && (self.ca_file.is_some() || self.cert_file.is_some() || self.system_roots.is_some())
+        {
+            return Err(ConfigError::invalid(
+                key("tls"),
+                "TLS files are set but tls = false",
             ));
         }
         if self.topic.is_empty() {

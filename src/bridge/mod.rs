@@ -32,6 +32,9 @@
 //! cancel-safe places.
 
 pub mod config;
+mod tls;
+
+pub use tls::client_config as tls_client_config;
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -125,8 +128,15 @@ pub fn internal_session(cfg: &BridgeConfig) -> InternalSession {
 }
 
 /// The bridge task: runs until `shutdown`.
-pub async fn run(cfg: BridgeConfig, shared: Arc<Shared>, shutdown: CancellationToken) {
-    Bridge::new(cfg, shared, shutdown).run().await
+pub async fn run(
+    cfg: BridgeConfig,
+    tls: Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let mut b = Bridge::new(cfg, shared, shutdown);
+    b.tls = tls;
+    b.run().await
 }
 
 struct Bridge {
@@ -138,6 +148,8 @@ struct Bridge {
     out: Vec<(String, String, String)>,
     /// `in` rules as (remote filter, remote prefix, local prefix, qos).
     inbound: Vec<(String, String, String, u8)>,
+    /// TLS client configuration when `tls = true` (built once; files read at start-up).
+    tls: Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>,
 }
 
 impl Bridge {
@@ -174,6 +186,7 @@ impl Bridge {
             shutdown,
             out,
             inbound,
+            tls: None,
         }
     }
 
@@ -363,6 +376,11 @@ impl Bridge {
         );
         if let Some(u) = &self.cfg.username {
             opts.set_credentials(u.clone(), self.cfg.password.clone().unwrap_or_default());
+        }
+        if let Some(tls) = &self.tls {
+            opts.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls.clone()),
+            ));
         }
         let (client, mut el) = AsyncClient::new(opts, 1);
         el.network_options

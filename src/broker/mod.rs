@@ -44,12 +44,15 @@ pub enum BrokerError {
     },
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("bridge: {0}")]
+    Bridge(String),
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminSocketError),
 }
 
 /// A running broker.
 pub struct Broker {
+    shared: Arc<Shared>,
     local_addrs: Vec<SocketAddr>,
     shutdown: CancellationToken,
     tracker: TaskTracker,
@@ -67,6 +70,17 @@ impl Broker {
         let (router_tx, router_rx) = mpsc::channel(ROUTER_CHANNEL);
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        // Bridge TLS files are read first: a bad file stops start-up with its name.
+        let bridge_tls = cfg
+            .bridge
+            .iter()
+            .map(|b| {
+                b.tls
+                    .then(|| crate::bridge::tls_client_config(b))
+                    .transpose()
+                    .map_err(BrokerError::Bridge)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let mut listeners = Vec::new();
         for l in &cfg.listener {
             let bind = l.bind.replacen("localhost:", "127.0.0.1:", 1);
@@ -125,10 +139,11 @@ impl Broker {
         for l in listeners {
             tokio::spawn(listener::accept_loop(l, shared.clone(), tracker.clone()));
         }
-        for b in &cfg.bridge {
-            info!(bridge = %b.name, address = %b.address, "starting bridge");
+        for (b, tls) in cfg.bridge.iter().zip(bridge_tls) {
+            info!(bridge = %b.name, address = %b.address, tls = b.tls, "starting bridge");
             tracker.spawn(crate::bridge::run(
                 b.clone(),
+                tls,
                 shared.clone(),
                 shutdown.clone(),
             ));
@@ -138,6 +153,7 @@ impl Broker {
         }
         let admin = admin.serve(router_tx.clone(), shutdown.clone(), shared.clone());
         Ok(Broker {
+            shared: shared.clone(),
             local_addrs,
             shutdown,
             tracker,
@@ -159,6 +175,15 @@ impl Broker {
             return false;
         }
         rx.await.unwrap_or(false)
+    }
+
+    /// The bridges' live status (without outbox figures).
+    pub fn bridge_status(&self) -> Vec<crate::bridge::BridgeStatus> {
+        self.shared
+            .bridges
+            .lock()
+            .map(|b| b.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     /// A sender for router events (for in-process admin endpoints).
