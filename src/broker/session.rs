@@ -92,6 +92,9 @@ pub enum Held {
     Deliver {
         packet_id: u16,
         dup: bool,
+        /// Its row is created by the same commit: if that commit fails, the message was
+        /// not accepted and is not sent. Otherwise it is on disk already and goes out.
+        fresh: bool,
     },
     /// Acknowledge an incoming QoS 1/2 PUBLISH; on a failed commit it becomes 0x97
     /// (v5) or is withheld (3.x).

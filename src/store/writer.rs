@@ -31,6 +31,10 @@ pub struct Writer {
     events: UnboundedSender<StoreEvent>,
     /// Release ops from failed commits, retried with the next group.
     retry: Vec<Op>,
+    /// Tokens of failed groups, with their outcome, reported only once `retry` is applied
+    /// (so an acknowledgement never gets ahead of the change it acknowledges, and tokens
+    /// are still reported in order).
+    retry_tokens: Vec<(u64, bool)>,
     /// Whether the last commit failed (for logging once per episode).
     failing: bool,
 }
@@ -63,6 +67,7 @@ impl Writer {
             opts,
             events,
             retry: Vec::new(),
+            retry_tokens: Vec::new(),
             failing: false,
         }
     }
@@ -71,7 +76,17 @@ impl Writer {
         let mut last_work = Instant::now();
         let mut checkpointed = true;
         loop {
-            let first = if checkpointed {
+            let first = if !self.retry.is_empty() {
+                // A failed commit is waiting to be retried: don't wait for new work forever.
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(c) => c,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        self.commit_group(&mut Vec::new());
+                        continue;
+                    }
+                    Err(_) => break,
+                }
+            } else if checkpointed {
                 match rx.recv() {
                     Ok(c) => c,
                     Err(_) => break,
@@ -215,6 +230,9 @@ impl Writer {
             match apply_group(&mut self.conn, &self.retry, group) {
                 Ok(reads) => {
                     self.retry.clear();
+                    for (token, ok) in self.retry_tokens.drain(..) {
+                        let _ = self.events.send(StoreEvent::Committed { token, ok });
+                    }
                     if self.failing {
                         self.failing = false;
                         info!("store writes succeed again");
@@ -269,10 +287,21 @@ impl Writer {
                 );
             }
         }
-        if let Err(e) = apply(&mut self.conn, release.iter()) {
-            debug!(cause = %e, ops = release.len(), "release ops kept for retry");
-            self.retry = release;
-        }
+        let applied = match apply(&mut self.conn, release.iter()) {
+            Ok(()) => {
+                // Tokens of earlier failed groups come first.
+                for (token, ok) in self.retry_tokens.drain(..) {
+                    let _ = self.events.send(StoreEvent::Committed { token, ok });
+                }
+                true
+            }
+            Err(e) => {
+                // Nothing of these tokens is reported until their releases are on disk.
+                debug!(cause = %e, ops = release.len(), "release ops kept for retry");
+                self.retry = release;
+                false
+            }
+        };
         // Reads were rolled back with the group: read again, from what is committed now
         // (never rows of refused batches).
         let mut oks = oks.into_iter();
@@ -280,7 +309,11 @@ impl Writer {
             match item {
                 Item::Batch(token, _) => {
                     let ok = oks.next().unwrap_or(false);
-                    let _ = self.events.send(StoreEvent::Committed { token, ok });
+                    if applied {
+                        let _ = self.events.send(StoreEvent::Committed { token, ok });
+                    } else {
+                        self.retry_tokens.push((token, ok));
+                    }
                 }
                 Item::Read {
                     sid,

@@ -898,6 +898,7 @@ impl Router {
                         Held::Deliver {
                             packet_id: m.packet_id,
                             dup: true,
+                            fresh: false,
                         }
                     }
                     InflightState::AwaitingComp => {
@@ -1407,6 +1408,7 @@ impl Router {
             let item = Held::Deliver {
                 packet_id,
                 dup: false,
+                fresh: token != 0,
             };
             hold(s, token, item, cur, stats);
             return true;
@@ -1521,6 +1523,7 @@ impl Router {
                 let item = Held::Deliver {
                     packet_id,
                     dup: false,
+                    fresh: false,
                 };
                 hold(s, token, item, cur, stats);
             }
@@ -1800,11 +1803,15 @@ fn release(s: &mut Session, item: Held, ok: bool, stats: &mut RouterStats) {
             }
             c.send(Outgoing::Packet(Box::new(p)));
         }
-        Held::Deliver { packet_id, dup } => {
+        Held::Deliver {
+            packet_id,
+            dup,
+            fresh,
+        } => {
             let Some(i) = s.inflight_position(packet_id) else {
                 return;
             };
-            if !ok {
+            if !ok && fresh {
                 // Its row was never committed: it was not accepted, so it is not sent.
                 s.inflight.remove(i);
                 return;
