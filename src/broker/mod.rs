@@ -81,21 +81,6 @@ impl Broker {
                     .map_err(BrokerError::Bridge)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let mut listeners = Vec::new();
-        for l in &cfg.listener {
-            let bind = l.bind.replacen("localhost:", "127.0.0.1:", 1);
-            let listener = TcpListener::bind(&bind)
-                .await
-                .map_err(|source| BrokerError::Bind {
-                    bind: l.bind.clone(),
-                    source,
-                })?;
-            listeners.push(listener);
-        }
-        let local_addrs = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect::<Vec<_>>();
         let opts = crate::store::StoreOptions {
             path: crate::store::db_path(&cfg.data_dir),
             synchronous: cfg.store.synchronous,
@@ -113,6 +98,23 @@ impl Broker {
             ms = t0.elapsed().as_millis() as u64,
             "store opened"
         );
+        // Listeners are bound only once the store is open: a client that can connect is
+        // served, and a broker that cannot open its store never looks alive.
+        let mut listeners = Vec::new();
+        for l in &cfg.listener {
+            let bind = l.bind.replacen("localhost:", "127.0.0.1:", 1);
+            let listener = TcpListener::bind(&bind)
+                .await
+                .map_err(|source| BrokerError::Bind {
+                    bind: l.bind.clone(),
+                    source,
+                })?;
+            listeners.push(listener);
+        }
+        let local_addrs = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect::<Vec<_>>();
         let router = tokio::spawn(
             Router::new(
                 mqtt.clone(),
