@@ -40,8 +40,8 @@ use crate::config::{MqttConfig, QueuePolicy};
 use crate::protocol::reason;
 use crate::protocol::topic;
 use crate::protocol::{
-    AckProperties, ConnAck, Packet, PubAckLike, Publish, PublishProperties, QoS, SubAck, Subscribe,
-    UnsubAck, Unsubscribe, Will,
+    AckProperties, ConnAck, Packet, PubAckLike, Publish, QoS, SubAck, Subscribe, UnsubAck,
+    Unsubscribe, Will,
 };
 use crate::store::{unix_ms, Command, Op, QueueRow, Recovered, Store, StoreEvent};
 use persist::*;
@@ -865,11 +865,7 @@ impl Router {
             session_state_ops(s, &mut self.ops);
         }
         connack.session_present = resumed;
-        let token = if self.ops.len() > self.event_ops_start {
-            self.next_token
-        } else {
-            0
-        };
+        let token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
         hold(
             s,
             token,
@@ -1140,11 +1136,7 @@ impl Router {
                 });
             }
         }
-        let mut token = if self.ops.len() > self.event_ops_start {
-            self.next_token
-        } else {
-            0
-        };
+        let mut token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
         if gated {
             token |= GATE_BIT;
         }
@@ -1175,11 +1167,7 @@ impl Router {
         } else {
             reason::PACKET_IDENTIFIER_NOT_FOUND
         };
-        let token = if self.ops.len() > self.event_ops_start {
-            self.next_token
-        } else {
-            0
-        };
+        let token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
         let comp = Packet::PubComp(PubAckLike::with_reason(packet_id, code));
         hold(s, token, Held::Packet(comp), &mut self.cur, &mut self.stats);
     }
@@ -1227,11 +1215,7 @@ impl Router {
                     let seq = s.inflight[i].seq;
                     self.ops.push(Op::MarkReleased { sid, seq });
                 }
-                let token = if self.ops.len() > self.event_ops_start {
-                    self.next_token
-                } else {
-                    0
-                };
+                let token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
                 let rel = Packet::PubRel(PubAckLike::new(packet_id));
                 hold(s, token, Held::Packet(rel), &mut self.cur, &mut self.stats);
             }
@@ -1246,30 +1230,12 @@ impl Router {
     }
 
     fn publish_will(&mut self, w: Will) {
-        let props = &w.properties;
-        let publish = Publish {
-            dup: false,
-            qos: w.qos,
-            retain: w.retain,
-            topic: w.topic.clone(),
-            packet_id: 0,
-            properties: PublishProperties {
-                payload_format_indicator: props.payload_format_indicator,
-                message_expiry_interval: props.message_expiry_interval,
-                topic_alias: None,
-                response_topic: props.response_topic.clone(),
-                correlation_data: props.correlation_data.clone(),
-                user_properties: props.user_properties.clone(),
-                subscription_identifiers: Vec::new(),
-                content_type: props.content_type.clone(),
-            },
-            payload: w.payload.clone(),
-        };
-        let expires_at = props
+        let expires_at = w
+            .properties
             .message_expiry_interval
             .map(|secs| Instant::now() + Duration::from_secs(u64::from(secs)));
         debug!(topic = %w.topic, "publishing will");
-        self.route(None, publish, expires_at);
+        self.route(None, will_publish(&w), expires_at);
     }
 
     /// Stores a retained message if asked, then hands a copy to every matching session.
@@ -1624,11 +1590,7 @@ impl Router {
                 want_retained.push((inner.to_string(), granted, sub.subscription_identifier));
             }
         }
-        let token = if self.ops.len() > self.event_ops_start {
-            self.next_token
-        } else {
-            0
-        };
+        let token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
         let ack = Packet::SubAck(SubAck {
             packet_id: sub.packet_id,
             properties: AckProperties::default(),
@@ -1694,11 +1656,7 @@ impl Router {
                 codes.push(reason::NO_SUBSCRIPTION_EXISTED);
             }
         }
-        let token = if self.ops.len() > self.event_ops_start {
-            self.next_token
-        } else {
-            0
-        };
+        let token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
         let ack = Packet::UnsubAck(UnsubAck {
             packet_id: unsub.packet_id,
             properties: AckProperties::default(),
@@ -1740,6 +1698,16 @@ async fn sleep_until_opt(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+/// The token output of the current event waits for: the pending one if this event added
+/// store ops (`ops_len > event_start`), else none (0).
+fn event_token(ops_len: usize, event_start: usize, next_token: u64) -> u64 {
+    if ops_len > event_start {
+        next_token
+    } else {
+        0
     }
 }
 

@@ -59,14 +59,15 @@ pub fn unix_to_instant(ms: Option<i64>) -> Option<Instant> {
     })
 }
 
-pub fn will_to_stored(w: &Will) -> StoredWill {
+/// The PUBLISH a will becomes (packet id 0: assigned per subscriber).
+pub fn will_publish(w: &Will) -> Publish {
     let props = &w.properties;
-    let p = Publish {
+    Publish {
         dup: false,
         qos: w.qos,
         retain: w.retain,
         topic: w.topic.clone(),
-        packet_id: if w.qos == QoS::AtMostOnce { 0 } else { 1 },
+        packet_id: 0,
         properties: PublishProperties {
             payload_format_indicator: props.payload_format_indicator,
             message_expiry_interval: props.message_expiry_interval,
@@ -78,10 +79,13 @@ pub fn will_to_stored(w: &Will) -> StoredWill {
             content_type: props.content_type.clone(),
         },
         payload: w.payload.clone(),
-    };
+    }
+}
+
+pub fn will_to_stored(w: &Will) -> StoredWill {
     StoredWill {
-        packet: encode_publish(&p),
-        delay: props.will_delay_interval.unwrap_or(0),
+        packet: encode_publish(&will_publish(w)),
+        delay: w.properties.will_delay_interval.unwrap_or(0),
     }
 }
 
