@@ -31,6 +31,8 @@ pub struct Config {
     pub log: LogConfig,
     pub mqtt: MqttConfig,
     pub store: StoreConfig,
+    /// Password and ACL files (`docs/security.md`).
+    pub auth: crate::auth::AuthConfig,
     /// Upstream bridges, `[[bridge]]` tables (none by default).
     pub bridge: Vec<crate::bridge::BridgeConfig>,
 }
@@ -92,6 +94,24 @@ impl StoreConfig {
 pub struct ListenerConfig {
     /// `HOST:PORT`, e.g. `127.0.0.1:1883` or `0.0.0.0:1883`. Port 0 picks a free port.
     pub bind: String,
+    /// Overrides `mqtt.allow_anonymous` for this listener. A listener on a non-loopback
+    /// address that would accept unauthenticated clients is refused unless this is
+    /// explicitly `true` (see `docs/security.md`).
+    #[serde(default)]
+    pub allow_anonymous: Option<bool>,
+    /// PEM certificate chain: makes this a TLS listener (with `tls_key`). Reloaded on SIGHUP.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for `tls_cert`. Reloaded on SIGHUP.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
+    /// PEM CA certificate(s) for client certificates; a verified client certificate's CN
+    /// (or first DNS/e-mail SAN) becomes the client's user name.
+    #[serde(default)]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Refuse TLS clients without a valid certificate (needs `tls_client_ca`).
+    #[serde(default)]
+    pub require_client_cert: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -171,12 +191,11 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("holdfast-data"),
-            listener: vec![ListenerConfig {
-                bind: "127.0.0.1:1883".to_string(),
-            }],
+            listener: vec![ListenerConfig::new("127.0.0.1:1883")],
             log: LogConfig::default(),
             mqtt: MqttConfig::default(),
             store: StoreConfig::default(),
+            auth: crate::auth::AuthConfig::default(),
             bridge: Vec::new(),
         }
     }
@@ -586,6 +605,9 @@ impl Config {
             }
             seen.push(addr);
         }
+        for (i, listener) in self.listener.iter().enumerate() {
+            listener.validate(i, self)?;
+        }
         self.log.validate()?;
         self.mqtt.validate()?;
         self.store.validate()?;
@@ -614,6 +636,86 @@ impl Config {
 }
 
 impl ListenerConfig {
+    /// A plain TCP listener on `bind` with every other setting at its default.
+    pub fn new(bind: impl Into<String>) -> ListenerConfig {
+        ListenerConfig {
+            bind: bind.into(),
+            allow_anonymous: None,
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            require_client_cert: false,
+        }
+    }
+
+    /// Whether clients without a user name (or client certificate) may connect here.
+    pub fn allows_anonymous(&self, mqtt: &MqttConfig) -> bool {
+        self.allow_anonymous.unwrap_or(mqtt.allow_anonymous) && !self.require_client_cert
+    }
+
+    /// TLS settings and the network-exposure rule: a listener on a non-loopback address
+    /// must verify its clients (password file or required client certificate) and refuse
+    /// anonymous ones, unless `allow_anonymous = true` is set on it explicitly.
+    fn validate(&self, i: usize, cfg: &Config) -> Result<(), ConfigError> {
+        let key = |k: &str| format!("listener[{i}].{k}");
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(_), None) => {
+                return Err(ConfigError::invalid(
+                    key("tls_key"),
+                    "`tls_cert` is set, so `tls_key` is required",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::invalid(
+                    key("tls_cert"),
+                    "`tls_key` is set, so `tls_cert` is required",
+                ))
+            }
+            _ => {}
+        }
+        if self.tls_client_ca.is_some() && self.tls_cert.is_none() {
+            return Err(ConfigError::invalid(
+                key("tls_client_ca"),
+                "client certificates need a TLS listener (`tls_cert` and `tls_key`)",
+            ));
+        }
+        if self.require_client_cert && self.tls_client_ca.is_none() {
+            return Err(ConfigError::invalid(
+                key("require_client_cert"),
+                "needs `tls_client_ca` (the CA that signs client certificates)",
+            ));
+        }
+        let loopback = self.socket_addr().is_ok_and(|a| a.ip().is_loopback());
+        if loopback || self.allow_anonymous == Some(true) {
+            return Ok(());
+        }
+        if self.allows_anonymous(&cfg.mqtt) {
+            return Err(ConfigError::invalid(
+                key("allow_anonymous"),
+                format!(
+                    "listener `{}` is on a non-loopback address and would accept anonymous \
+                     clients (mqtt.allow_anonymous); set `allow_anonymous = false` on it and \
+                     configure `[auth] password_file` or client certificates, or set \
+                     `allow_anonymous = true` on this listener to allow it explicitly",
+                    self.bind
+                ),
+            ));
+        }
+        if cfg.auth.password_file.is_none() && !self.require_client_cert {
+            return Err(ConfigError::invalid(
+                key("allow_anonymous"),
+                format!(
+                    "listener `{}` is on a non-loopback address but cannot verify clients: \
+                     user names are not checked without `[auth] password_file`; configure \
+                     it (or `require_client_cert = true`), or set `allow_anonymous = true` \
+                     on this listener to allow unverified clients explicitly",
+                    self.bind
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// The address to bind: `bind` parsed as `IP:PORT` (IPv6 in brackets, `[::]:1883`);
     /// `localhost:PORT` means `127.0.0.1:PORT`. No DNS lookups.
     pub fn socket_addr(&self) -> Result<SocketAddr, String> {
@@ -769,6 +871,7 @@ mod tests {
             data_dir = "/var/lib/holdfast"
             [[listener]]
             bind = "0.0.0.0:1883"
+            allow_anonymous = true
             [[listener]]
             bind = "[::1]:1884"
             [log]
@@ -956,16 +1059,12 @@ mod tests {
             ("localhost:1884", "127.0.0.1:1884"),
             ("127.0.0.1:0", "127.0.0.1:0"),
         ] {
-            let listener = ListenerConfig {
-                bind: bind.to_string(),
-            };
+            let listener = ListenerConfig::new(bind);
             let addr = listener.socket_addr().expect("valid bind");
             assert_eq!(addr.to_string(), expected);
         }
         for bad in ["example.com:1883", "127.0.0.1:99999", ":1883", "localhost"] {
-            let listener = ListenerConfig {
-                bind: bad.to_string(),
-            };
+            let listener = ListenerConfig::new(bad);
             assert!(listener.socket_addr().is_err(), "{bad}");
         }
     }
@@ -1068,7 +1167,12 @@ mod tests {
             ..Config::default()
         };
         cfg.listener.push(ListenerConfig {
-            bind: "[::]:1884".to_string(),
+            allow_anonymous: Some(false),
+            tls_cert: Some(PathBuf::from("/etc/holdfast/cert.pem")),
+            tls_key: Some(PathBuf::from("/etc/holdfast/key.pem")),
+            tls_client_ca: Some(PathBuf::from("/etc/holdfast/ca.pem")),
+            require_client_cert: true,
+            ..ListenerConfig::new("[::]:1884")
         });
         cfg.log.format = LogFormat::Json;
         cfg.mqtt.server_keep_alive = Some(120);
@@ -1086,6 +1190,16 @@ mod tests {
     fn all_keys() -> Vec<String> {
         let mut cfg = Config::default();
         cfg.mqtt.server_keep_alive = Some(0);
+        cfg.auth.password_file = Some(PathBuf::from("passwd"));
+        cfg.auth.acl_file = Some(PathBuf::from("acl"));
+        cfg.listener[0] = ListenerConfig {
+            allow_anonymous: Some(true),
+            tls_cert: Some(PathBuf::from("c")),
+            tls_key: Some(PathBuf::from("k")),
+            tls_client_ca: Some(PathBuf::from("ca")),
+            require_client_cert: true,
+            ..ListenerConfig::new("127.0.0.1:1883")
+        };
         cfg.bridge = vec![crate::bridge::BridgeConfig::example()];
         let mut keys = Vec::new();
         let table: toml::Table = toml::from_str(&cfg.to_toml()).expect("to_toml is TOML");
@@ -1151,6 +1265,60 @@ mod tests {
                 in_readme,
                 "README.md's configuration reference lacks `{key}`"
             );
+        }
+    }
+
+    #[test]
+    fn network_listeners_must_authenticate_unless_explicit() {
+        let file = toml_file(
+            "[[listener]]\nbind = \"127.0.0.1:1883\"\n[[listener]]\nbind = \"0.0.0.0:1883\"\n",
+        );
+        let err = load_err(Some(file.path()), &[]);
+        assert_eq!(err.key(), Some("listener[1].allow_anonymous"));
+        assert!(err.to_string().contains("listener `0.0.0.0:1883`"), "{err}");
+        assert!(err.to_string().contains("anonymous"), "{err}");
+
+        // Anonymous off, but nothing verifies user names.
+        let file = toml_file("[[listener]]\nbind = \"[::]:1883\"\nallow_anonymous = false\n");
+        let err = load_err(Some(file.path()), &[]);
+        assert_eq!(err.key(), Some("listener[0].allow_anonymous"));
+        assert!(err.to_string().contains("password_file"), "{err}");
+
+        // With a password file (the file is only read when the broker starts).
+        let file = toml_file(
+            "[auth]\npassword_file = \"/x\"\n[[listener]]\nbind = \"0.0.0.0:1883\"\nallow_anonymous = false\n",
+        );
+        Config::load_from(Some(file.path()), HashMap::new()).expect("authenticated");
+        // Global switch off is enough too.
+        let file = toml_file(
+            "[auth]\npassword_file = \"/x\"\n[mqtt]\nallow_anonymous = false\n[[listener]]\nbind = \"0.0.0.0:1883\"\n",
+        );
+        Config::load_from(Some(file.path()), HashMap::new()).expect("authenticated");
+        // Explicit opt-in.
+        let file = toml_file("[[listener]]\nbind = \"0.0.0.0:1883\"\nallow_anonymous = true\n");
+        Config::load_from(Some(file.path()), HashMap::new()).expect("explicit");
+        // Client certificates required.
+        let file = toml_file(
+            "[[listener]]\nbind = \"0.0.0.0:8883\"\ntls_cert = \"c\"\ntls_key = \"k\"\ntls_client_ca = \"ca\"\nrequire_client_cert = true\n",
+        );
+        Config::load_from(Some(file.path()), HashMap::new()).expect("mutual TLS");
+        // The embedded default stays valid.
+        Config::default().validate().expect("default");
+    }
+
+    #[test]
+    fn tls_keys_come_in_pairs() {
+        for (text, key) in [
+            ("tls_cert = \"c\"\n", "listener[0].tls_key"),
+            ("tls_key = \"k\"\n", "listener[0].tls_cert"),
+            ("tls_client_ca = \"ca\"\n", "listener[0].tls_client_ca"),
+            (
+                "tls_cert = \"c\"\ntls_key = \"k\"\nrequire_client_cert = true\n",
+                "listener[0].require_client_cert",
+            ),
+        ] {
+            let file = toml_file(&format!("[[listener]]\nbind = \"127.0.0.1:8883\"\n{text}"));
+            assert_eq!(load_err(Some(file.path()), &[]).key(), Some(key), "{text}");
         }
     }
 

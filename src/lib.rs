@@ -8,6 +8,7 @@
 //! - `admin`: operator commands (`sessions`, `backup`) and the broker's admin socket.
 
 pub mod admin;
+pub mod auth;
 pub mod bridge;
 pub mod broker;
 pub mod config;

@@ -46,6 +46,17 @@ enum Command {
         #[command(subcommand)]
         command: BridgeCommand,
     },
+    /// Add or change a user in a password file (`[auth] password_file`): Argon2id hash,
+    /// one `user:$argon2id$...` line per user. SIGHUP makes a running gateway re-read it.
+    Passwd {
+        /// Password file (created if missing, mode 0600).
+        file: PathBuf,
+        /// User name.
+        user: String,
+        /// Read the password from the first line of standard input instead of the terminal.
+        #[arg(long)]
+        stdin: bool,
+    },
     /// Consistent online backup of the store (works while the broker runs).
     ///
     /// Restore: stop the broker, copy FILE to `<data_dir>/holdfast.db`, remove
@@ -119,6 +130,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { file } => check_config(file),
         Command::Sessions { command } => sessions(command),
         Command::Bridge { command } => bridge(command),
+        Command::Passwd { file, user, stdin } => passwd(file, user, stdin),
         Command::Backup {
             file,
             config,
@@ -274,7 +286,7 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     rt.block_on(async move {
         info!(version = env!("CARGO_PKG_VERSION"), config = ?config, "holdfast starting");
         let broker = Broker::start(&cfg).await?;
-        wait_for_signal().await?;
+        wait_for_signal(&broker).await?;
         broker.shutdown().await;
         anyhow::Ok(())
     })?;
@@ -282,13 +294,78 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads the password, ACL and certificate files.
+async fn wait_for_signal(broker: &Broker) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM received"),
-        _ = int.recv() => info!("SIGINT received"),
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM received"); break }
+            _ = int.recv() => { info!("SIGINT received"); break }
+            _ = hup.recv() => {
+                info!("SIGHUP received: reloading password, ACL and certificate files");
+                broker.reload();
+            }
+        }
     }
+    Ok(())
+}
+
+/// `holdfast passwd FILE USER`: adds or replaces USER's Argon2id hash in FILE (created
+/// with mode 0600 if missing). The password comes from the terminal (twice, not echoed)
+/// or, with `--stdin`, from the first line of standard input.
+fn passwd(file: PathBuf, user: String, stdin: bool) -> anyhow::Result<()> {
+    use std::io::BufRead;
+    holdfast::auth::password::valid_user_name(&user).map_err(anyhow::Error::msg)?;
+    let password = if stdin {
+        let mut line = String::new();
+        std::io::stdin()
+            .lock()
+            .read_line(&mut line)
+            .context("reading the password from standard input")?;
+        line.trim_end_matches(['\n', '\r']).to_string()
+    } else {
+        let first = rpassword::prompt_password(format!("Password for {user}: "))
+            .context("reading the password from the terminal (use --stdin to pipe it)")?;
+        let again = rpassword::prompt_password("Again: ").context("reading the password")?;
+        if first != again {
+            anyhow::bail!("the passwords do not match");
+        }
+        first
+    };
+    if password.is_empty() {
+        anyhow::bail!("empty password refused");
+    }
+    let text = match std::fs::read_to_string(&file) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
+    };
+    // Refuse to rewrite a file that would not load (keeps the operator's mistakes visible).
+    holdfast::auth::PasswordFile::parse(&file, &text)?;
+    let hash = holdfast::auth::password::hash_password(&password).map_err(anyhow::Error::msg)?;
+    let new = holdfast::auth::password::set_user(&text, &user, &hash);
+    // Write a sibling file and rename it over, so a crash never leaves half a file.
+    let tmp = file.with_extension("tmp-passwd");
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .with_context(|| format!("writing {}", tmp.display()))?;
+        f.write_all(new.as_bytes())?;
+        f.sync_all()?;
+    }
+    if let Ok(meta) = std::fs::metadata(&file) {
+        let _ = std::fs::set_permissions(&tmp, meta.permissions());
+    }
+    std::fs::rename(&tmp, &file).with_context(|| format!("replacing {}", file.display()))?;
+    eprintln!("holdfast: password for {user} set in {}", file.display());
     Ok(())
 }

@@ -122,9 +122,7 @@ async fn messages_published_while_upstream_is_down_arrive_in_order_after_it_retu
     {
         let up = start_broker(|c| {
             c.data_dir = up_dir.path().to_path_buf();
-            c.listener = vec![holdfast::config::ListenerConfig {
-                bind: up_addr.to_string(),
-            }]
+            c.listener = vec![holdfast::config::ListenerConfig::new(up_addr.to_string())]
         })
         .await;
         let (mut s, _) = RawClient::connect_with(
@@ -142,9 +140,7 @@ async fn messages_published_while_upstream_is_down_arrive_in_order_after_it_retu
     }
     let up = start_broker(|c| {
         c.data_dir = up_dir.path().to_path_buf();
-        c.listener = vec![holdfast::config::ListenerConfig {
-            bind: up_addr.to_string(),
-        }]
+        c.listener = vec![holdfast::config::ListenerConfig::new(up_addr.to_string())]
     })
     .await;
     let mut cloud_sub = RawClient::connect_with(

@@ -569,9 +569,7 @@ async fn a_corrupt_database_with_on_corrupt_refuse_stops_naming_the_file() {
     std::fs::write(db_file(dir.path()), vec![0u8; 8192]).unwrap();
     let mut cfg = Config {
         data_dir: dir.path().to_path_buf(),
-        listener: vec![ListenerConfig {
-            bind: "127.0.0.1:0".into(),
-        }],
+        listener: vec![ListenerConfig::new("127.0.0.1:0")],
         ..Config::default()
     };
     cfg.store.on_corrupt = OnCorrupt::Refuse;

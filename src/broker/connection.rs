@@ -96,6 +96,27 @@ pub struct Shared {
     pub bridges: std::sync::Mutex<std::collections::BTreeMap<String, crate::bridge::BridgeStatus>>,
 }
 
+/// What a connection knows about the listener that accepted it.
+pub struct ListenerContext {
+    /// `bind` as configured, for logs.
+    pub name: String,
+    /// Clients without a user name (or client certificate) may connect.
+    pub allow_anonymous: bool,
+    /// Password file and ACL (shared by all listeners).
+    pub auth: Arc<crate::auth::Auth>,
+}
+
+impl ListenerContext {
+    /// A listener that follows `mqtt.allow_anonymous` and checks nothing else.
+    pub fn open(cfg: &MqttConfig) -> ListenerContext {
+        ListenerContext {
+            name: String::new(),
+            allow_anonymous: cfg.allow_anonymous,
+            auth: Arc::new(crate::auth::Auth::open()),
+        }
+    }
+}
+
 /// Why the loop ended.
 #[derive(Debug)]
 enum Close {
@@ -111,9 +132,17 @@ enum Close {
     KeepAlive,
 }
 
-/// Serves one accepted socket until it closes.
-pub async fn serve<R, W>(reader: R, writer: W, peer: SocketAddr, shared: Arc<Shared>)
-where
+/// Serves one accepted socket until it closes. `cert_user` is the name from a verified TLS
+/// client certificate; it becomes the user name (the CONNECT's user name and password are
+/// then not checked).
+pub async fn serve<R, W>(
+    reader: R,
+    writer: W,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    ctx: Arc<ListenerContext>,
+    cert_user: Option<String>,
+) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
@@ -125,6 +154,8 @@ where
         version: ProtocolVersion::V311,
         peer,
         shared,
+        ctx,
+        cert_user,
     };
     let connect = match conn.read_connect().await {
         Ok(Some(c)) => c,
@@ -145,11 +176,21 @@ struct Connection<R, W> {
     version: ProtocolVersion,
     peer: SocketAddr,
     shared: Arc<Shared>,
+    ctx: Arc<ListenerContext>,
+    cert_user: Option<String>,
 }
 
 /// Per-connection protocol state after CONNECT.
 struct State {
     client_id: Arc<str>,
+    /// Authenticated user name (password file or client certificate), or the CONNECT's
+    /// unchecked one when no password file is configured.
+    username: Option<Arc<str>>,
+    /// The ACL rules for this client; `None` = no ACL file, everything allowed.
+    acl: Option<Arc<crate::auth::ClientAcl>>,
+    /// SUBSCRIBEs sent to the router with ACL-denied filters removed: packet id → the
+    /// original positions of the denied filters, spliced back into the router's SUBACK.
+    denied_subs: HashMap<u16, Vec<usize>>,
     keep_alive: Option<Duration>,
     /// v5 Session Expiry Interval from CONNECT (0 forbids raising it on DISCONNECT).
     connect_expiry: u32,
@@ -220,9 +261,23 @@ where
         }
     }
 
-    async fn run(mut self, connect: Box<Connect>) {
+    async fn run(mut self, mut connect: Box<Connect>) {
         self.version = connect.protocol;
-        let (request, mut state) = match self.accept(connect) {
+        let password = connect.password.take();
+        let accepted = match self.accept(connect) {
+            Ok((request, mut state)) => match self.authenticate(&state, password).await {
+                Ok(()) => {
+                    state.acl = self
+                        .ctx
+                        .auth
+                        .acl_for(state.username.as_deref(), &state.client_id);
+                    Ok((request, state))
+                }
+                Err(code) => Err(code),
+            },
+            Err(code) => Err(code),
+        };
+        let (request, mut state) = match accepted {
             Ok(x) => x,
             Err(code) => {
                 // Refused: CONNACK with the reason, then close (MQTT-3.2.2-5).
@@ -314,6 +369,29 @@ where
         }
     }
 
+    /// Checks the password of a user name from CONNECT against the password file (on a
+    /// blocking thread). Client-certificate users and anonymous clients pass (the latter
+    /// were already checked against `allow_anonymous`).
+    async fn authenticate(&self, st: &State, password: Option<bytes::Bytes>) -> Result<(), u8> {
+        if self.cert_user.is_some() || !self.ctx.auth.checks_passwords() {
+            return Ok(());
+        }
+        let Some(user) = &st.username else {
+            return Ok(());
+        };
+        if self
+            .ctx
+            .auth
+            .verify_password(user, password.as_deref())
+            .await
+        {
+            Ok(())
+        } else {
+            info!(peer = %self.peer, listener = %self.ctx.name, user = %user, "bad user name or password");
+            Err(reason::BAD_USER_NAME_OR_PASSWORD)
+        }
+    }
+
     /// Checks the CONNECT and works out the session parameters and the CONNACK.
     /// `Err(reason)` refuses the connection.
     fn accept(&self, c: Box<Connect>) -> Result<(Accepted, State), u8> {
@@ -326,7 +404,11 @@ where
         if v5 && c.properties.authentication_method.is_some() {
             return Err(reason::BAD_AUTHENTICATION_METHOD);
         }
-        if !cfg.allow_anonymous && c.username.is_none() {
+        let username: Option<Arc<str>> = match &self.cert_user {
+            Some(name) => Some(name.as_str().into()),
+            None => c.username.as_deref().map(Arc::from),
+        };
+        if !self.ctx.allow_anonymous && username.is_none() {
             return Err(reason::NOT_AUTHORIZED);
         }
         let mut assigned = None;
@@ -395,6 +477,9 @@ where
         }
         let state = State {
             client_id: client_id.clone(),
+            username,
+            acl: None,
+            denied_subs: HashMap::new(),
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             connect_expiry: expiry,
@@ -518,6 +603,14 @@ where
             Packet::PubRec(a) if a.reason_code >= 0x80 => {
                 st.incoming_unacked.remove(&a.packet_id);
             }
+            Packet::SubAck(a) if !st.denied_subs.is_empty() => {
+                if let Some(denied) = st.denied_subs.remove(&a.packet_id) {
+                    for i in denied {
+                        let at = i.min(a.reason_codes.len());
+                        a.reason_codes.insert(at, reason::NOT_AUTHORIZED);
+                    }
+                }
+            }
             _ => {}
         }
         if !st.request_problem_info {
@@ -572,6 +665,9 @@ where
                         ));
                     }
                 }
+                let Some(s) = self.check_subscribe(st, s) else {
+                    return Ok(());
+                };
                 RouterEvent::Subscribe { conn, subscribe: s }
             }
             Packet::Unsubscribe(u) => RouterEvent::Unsubscribe {
@@ -615,6 +711,45 @@ where
             return Err(Close::Server(reason::SERVER_SHUTTING_DOWN));
         }
         Ok(())
+    }
+
+    /// Applies the ACL to a SUBSCRIBE: denied filters are removed and their positions
+    /// remembered, so that `on_outgoing` can put 0x87 (3.x: 0x80) back into the router's
+    /// SUBACK in the right places. `None`: every filter was denied and the SUBACK was
+    /// answered here.
+    fn check_subscribe(
+        &mut self,
+        st: &mut State,
+        mut s: crate::protocol::Subscribe,
+    ) -> Option<crate::protocol::Subscribe> {
+        let Some(acl) = &st.acl else {
+            return Some(s);
+        };
+        let mut denied = Vec::new();
+        let mut i = 0;
+        s.filters.retain(|f| {
+            let ok = acl.can_subscribe(&f.filter);
+            if !ok {
+                denied.push(i);
+            }
+            i += 1;
+            ok
+        });
+        if denied.is_empty() {
+            return Some(s);
+        }
+        info!(client_id = %st.client_id, user = ?st.username, denied = denied.len(), "subscription denied by ACL");
+        if s.filters.is_empty() {
+            let ack = crate::protocol::SubAck {
+                packet_id: s.packet_id,
+                properties: Default::default(),
+                reason_codes: vec![reason::NOT_AUTHORIZED; denied.len()],
+            };
+            protocol::encode(&Packet::SubAck(ack), self.version, &mut self.wbuf);
+            return None;
+        }
+        st.denied_subs.insert(s.packet_id, denied);
+        Some(s)
     }
 
     /// Validates an incoming PUBLISH and resolves its topic alias. `Ok(None)` means the
@@ -676,6 +811,35 @@ where
                     "more unacknowledged QoS 1/2 publishes than Receive Maximum",
                 ));
             }
+        }
+        if st
+            .acl
+            .as_ref()
+            .is_some_and(|acl| !acl.can_publish(&p.topic))
+        {
+            // Not authorized: v5 gets PUBACK/PUBREC 0x87; 3.x clients cannot be told, so
+            // the message is acknowledged as usual and dropped. QoS 0: dropped.
+            debug!(client_id = %st.client_id, user = ?st.username, topic = %p.topic, "publish denied by ACL");
+            let code = if self.version.is_v5() {
+                reason::NOT_AUTHORIZED
+            } else {
+                reason::SUCCESS
+            };
+            let ack = crate::protocol::PubAckLike::with_reason(p.packet_id, code);
+            match p.qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => {
+                    st.incoming_unacked.remove(&p.packet_id);
+                    protocol::encode(&Packet::PubAck(ack), self.version, &mut self.wbuf);
+                }
+                QoS::ExactlyOnce => {
+                    // 3.x: the PUBREL that follows reaches the router, which answers
+                    // PUBCOMP for the unknown packet id.
+                    st.incoming_unacked.remove(&p.packet_id);
+                    protocol::encode(&Packet::PubRec(ack), self.version, &mut self.wbuf);
+                }
+            }
+            return Ok(None);
         }
         if p.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&p.payload).is_err()

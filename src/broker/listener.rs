@@ -1,16 +1,25 @@
-//! TCP listeners: bind, accept, and hand each socket to its own connection task.
+//! TCP listeners: bind, accept, and hand each socket to its own connection task. TLS
+//! listeners finish the handshake (bounded by the connect timeout) in that task first.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use super::connection::{serve, Shared};
+use super::connection::{serve, ListenerContext, Shared};
+use super::tls::{certificate_name, TlsListener};
 
 /// Accepts connections until shutdown; each connection runs on `tracker`.
-pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: TaskTracker) {
+pub async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    ctx: Arc<ListenerContext>,
+    tls: Option<TlsListener>,
+) {
     let local = listener.local_addr().ok();
     loop {
         let (stream, peer): (_, SocketAddr) = tokio::select! {
@@ -27,10 +36,41 @@ pub async fn accept_loop(listener: TcpListener, shared: Arc<Shared>, tracker: Ta
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        tracker.spawn(async move {
-            let (r, w) = stream.into_split();
-            serve(r, w, peer, shared).await;
-        });
+        let ctx = ctx.clone();
+        match &tls {
+            None => {
+                tracker.spawn(async move {
+                    let (r, w) = stream.into_split();
+                    serve(r, w, peer, shared, ctx, None).await;
+                });
+            }
+            Some(tls) => {
+                let acceptor = tls.acceptor.clone();
+                tracker.spawn(async move {
+                    let timeout = Duration::from_secs(shared.cfg.connect_timeout_secs);
+                    let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await
+                    {
+                        Ok(Ok(s)) => s,
+                        Ok(Err(e)) => {
+                            debug!(%peer, cause = %e, "TLS handshake failed");
+                            return;
+                        }
+                        Err(_) => {
+                            debug!(%peer, "TLS handshake timed out");
+                            return;
+                        }
+                    };
+                    let cert_user = stream
+                        .get_ref()
+                        .1
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .and_then(|c| certificate_name(c));
+                    let (r, w) = tokio::io::split(stream);
+                    serve(r, w, peer, shared, ctx, cert_user).await;
+                });
+            }
+        }
     }
     info!(listener = ?local, "listener stopped");
 }

@@ -14,6 +14,7 @@ pub mod listener;
 pub mod retained;
 pub mod router;
 pub mod session;
+pub mod tls;
 pub mod topic_tree;
 
 use std::net::SocketAddr;
@@ -48,6 +49,10 @@ pub enum BrokerError {
     Bridge(String),
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminSocketError),
+    #[error("[auth]: {0}")]
+    Auth(#[from] crate::auth::AuthError),
+    #[error("TLS listener {bind}: {source}")]
+    Tls { bind: String, source: tls::TlsError },
 }
 
 /// A running broker.
@@ -60,6 +65,8 @@ pub struct Broker {
     router: JoinHandle<()>,
     shutdown_timeout: Duration,
     admin: crate::admin::AdminHandle,
+    auth: Arc<crate::auth::Auth>,
+    tls: Vec<tls::TlsListener>,
 }
 
 impl Broker {
@@ -70,6 +77,22 @@ impl Broker {
         let (router_tx, router_rx) = mpsc::channel(ROUTER_CHANNEL);
         let shutdown = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let auth = Arc::new(crate::auth::Auth::load(&cfg.auth)?);
+        let mut tls_listeners = Vec::new();
+        let mut contexts = Vec::new();
+        for l in &cfg.listener {
+            let tls = tls::TlsListener::from_config(l).map_err(|source| BrokerError::Tls {
+                bind: l.bind.clone(),
+                source,
+            })?;
+            tls_listeners.extend(tls.clone());
+            let ctx = Arc::new(connection::ListenerContext {
+                name: l.bind.clone(),
+                allow_anonymous: l.allows_anonymous(&cfg.mqtt),
+                auth: auth.clone(),
+            });
+            contexts.push((ctx, tls));
+        }
         // Bridge TLS files are read first: a bad file stops start-up with its name.
         let bridge_tls = cfg
             .bridge
@@ -138,8 +161,14 @@ impl Broker {
             connected: AtomicUsize::new(0),
             bridges: Default::default(),
         });
-        for l in listeners {
-            tokio::spawn(listener::accept_loop(l, shared.clone(), tracker.clone()));
+        for (l, (ctx, tls)) in listeners.into_iter().zip(contexts) {
+            tokio::spawn(listener::accept_loop(
+                l,
+                shared.clone(),
+                tracker.clone(),
+                ctx,
+                tls,
+            ));
         }
         for (b, tls) in cfg.bridge.iter().zip(bridge_tls) {
             info!(bridge = %b.name, address = %b.address, tls = b.tls, "starting bridge");
@@ -163,7 +192,29 @@ impl Broker {
             router,
             shutdown_timeout: Duration::from_secs(cfg.mqtt.shutdown_timeout_secs),
             admin,
+            auth,
+            tls: tls_listeners,
         })
+    }
+
+    /// SIGHUP: re-reads the password and ACL files and the TLS certificates. Established
+    /// connections are kept (with the rules they connected with); whatever fails to load
+    /// is logged and its previous version stays in force. Returns the number of failures.
+    pub fn reload(&self) -> usize {
+        let mut failed = 0;
+        if self.auth.reload().is_err() {
+            failed += 1;
+        }
+        for t in &self.tls {
+            match t.reload() {
+                Ok(()) => info!(cert = %t.cert_path().display(), "TLS certificate reloaded"),
+                Err(e) => {
+                    warn!(cause = %e, "TLS certificate not reloaded; keeping the previous one");
+                    failed += 1;
+                }
+            }
+        }
+        failed
     }
 
     /// Drops a session (see `RouterEvent::DropSession`); true if it existed.

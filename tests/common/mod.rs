@@ -42,9 +42,7 @@ pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> TestBroker {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = Config {
         data_dir: dir.path().to_path_buf(),
-        listener: vec![ListenerConfig {
-            bind: "127.0.0.1:0".into(),
-        }],
+        listener: vec![ListenerConfig::new("127.0.0.1:0")],
         ..Config::default()
     };
     cfg.mqtt.shutdown_timeout_secs = 2;
