@@ -33,6 +33,8 @@ pub struct Config {
     pub store: StoreConfig,
     /// Upstream bridges, `[[bridge]]` tables (none by default).
     pub bridge: Vec<crate::bridge::BridgeConfig>,
+    /// Serial sensor ports, `[[serial]]` tables (none by default).
+    pub serial: Vec<crate::serial::SerialConfig>,
 }
 
 /// The durable store (SQLite file `<data_dir>/holdfast.db`).
@@ -178,6 +180,7 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             store: StoreConfig::default(),
             bridge: Vec::new(),
+            serial: Vec::new(),
         }
     }
 }
@@ -595,6 +598,15 @@ impl Config {
                 return Err(ConfigError::invalid(
                     format!("bridge[{i}].name"),
                     format!("`{}` is used by another bridge", b.name),
+                ));
+            }
+        }
+        for (i, s) in self.serial.iter().enumerate() {
+            s.validate(i)?;
+            if self.serial[..i].iter().any(|o| o.name == s.name) {
+                return Err(ConfigError::invalid(
+                    format!("serial[{i}].name"),
+                    format!("`{}` is used by another serial port", s.name),
                 ));
             }
         }
@@ -1087,6 +1099,7 @@ mod tests {
         let mut cfg = Config::default();
         cfg.mqtt.server_keep_alive = Some(0);
         cfg.bridge = vec![crate::bridge::BridgeConfig::example()];
+        cfg.serial = vec![crate::serial::SerialConfig::example()];
         let mut keys = Vec::new();
         let table: toml::Table = toml::from_str(&cfg.to_toml()).expect("to_toml is TOML");
         for (name, value) in table {
@@ -1098,7 +1111,9 @@ mod tests {
                     for item in items.iter().filter_map(toml::Value::as_table) {
                         for (k, v) in item {
                             match v {
-                                toml::Value::Array(inner) => {
+                                toml::Value::Array(inner)
+                                    if inner.iter().any(toml::Value::is_table) =>
+                                {
                                     for t in inner.iter().filter_map(toml::Value::as_table) {
                                         keys.extend(t.keys().map(|l| format!("{name}.{k}.{l}")));
                                     }
@@ -1142,6 +1157,7 @@ mod tests {
             } else {
                 reference.contains(&format!("| `{key}` |"))
                     && (key.starts_with("bridge.")
+                        || key.starts_with("serial.")
                         || reference.contains(&format!("`{}`", env_var_for_key(&key))))
             };
             assert!(documented, "docs/configuration.md lacks `{key}`");
