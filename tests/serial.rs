@@ -98,7 +98,7 @@ async fn wait_stats(sys: &mut RawClient, name: &str, ok: impl Fn(&Value) -> bool
     let mut last = Value::Null;
     while Instant::now() < deadline {
         let p = next(sys).await;
-        if &*p.topic == topic {
+        if *p.topic == topic {
             last = serde_json::from_slice(&p.payload).expect("stats are JSON");
             if ok(&last) {
                 return last;
