@@ -14,7 +14,7 @@
 //! the port is not read: the kernel's and the device's buffers (and hardware flow control,
 //! if configured) hold back the sender — backpressure, never a drop.
 //!
-//! Readings still unacknowledged at shutdown are waited for (bounded by the broker's
+//! Readings still unacknowledged at shutdown are waited for (up to `DRAIN_AT_SHUTDOWN`, within the broker's
 //! shutdown timeout); a partial line in the buffer at that moment is not a reading yet.
 //!
 //! # Robustness
