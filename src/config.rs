@@ -35,6 +35,8 @@ pub struct Config {
     pub auth: crate::auth::AuthConfig,
     /// Upstream bridges, `[[bridge]]` tables (none by default).
     pub bridge: Vec<crate::bridge::BridgeConfig>,
+    /// Serial sensor ports, `[[serial]]` tables (none by default).
+    pub serial: Vec<crate::serial::SerialConfig>,
 }
 
 /// The durable store (SQLite file `<data_dir>/holdfast.db`).
@@ -197,6 +199,7 @@ impl Default for Config {
             store: StoreConfig::default(),
             auth: crate::auth::AuthConfig::default(),
             bridge: Vec::new(),
+            serial: Vec::new(),
         }
     }
 }
@@ -617,6 +620,15 @@ impl Config {
                 return Err(ConfigError::invalid(
                     format!("bridge[{i}].name"),
                     format!("`{}` is used by another bridge", b.name),
+                ));
+            }
+        }
+        for (i, s) in self.serial.iter().enumerate() {
+            s.validate(i)?;
+            if self.serial[..i].iter().any(|o| o.name == s.name) {
+                return Err(ConfigError::invalid(
+                    format!("serial[{i}].name"),
+                    format!("`{}` is used by another serial port", s.name),
                 ));
             }
         }
@@ -1201,6 +1213,7 @@ mod tests {
             ..ListenerConfig::new("127.0.0.1:1883")
         };
         cfg.bridge = vec![crate::bridge::BridgeConfig::example()];
+        cfg.serial = vec![crate::serial::SerialConfig::example()];
         let mut keys = Vec::new();
         let table: toml::Table = toml::from_str(&cfg.to_toml()).expect("to_toml is TOML");
         for (name, value) in table {
@@ -1212,7 +1225,9 @@ mod tests {
                     for item in items.iter().filter_map(toml::Value::as_table) {
                         for (k, v) in item {
                             match v {
-                                toml::Value::Array(inner) => {
+                                toml::Value::Array(inner)
+                                    if inner.iter().any(toml::Value::is_table) =>
+                                {
                                     for t in inner.iter().filter_map(toml::Value::as_table) {
                                         keys.extend(t.keys().map(|l| format!("{name}.{k}.{l}")));
                                     }
@@ -1256,6 +1271,7 @@ mod tests {
             } else {
                 reference.contains(&format!("| `{key}` |"))
                     && (key.starts_with("bridge.")
+                        || key.starts_with("serial.")
                         || reference.contains(&format!("`{}`", env_var_for_key(&key))))
             };
             assert!(documented, "docs/configuration.md lacks `{key}`");

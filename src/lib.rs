@@ -5,6 +5,7 @@
 //! - `broker`: listeners, connections, sessions, the router (subscriptions, retained
 //!   messages, fan-out).
 //! - `bridge`: upstream connections with a durable outbox (an internal session).
+//! - `serial`: serial sensor ingest (lines formats and Modbus RTU) as internal publishers.
 //! - `admin`: operator commands (`sessions`, `backup`) and the broker's admin socket.
 
 pub mod admin;
@@ -14,4 +15,5 @@ pub mod broker;
 pub mod config;
 pub mod observe;
 pub mod protocol;
+pub mod serial;
 pub mod store;

@@ -420,8 +420,10 @@ where
             let id = assign_client_id();
             assigned = Some(id.clone());
             id.into()
-        } else if c.client_id.starts_with(crate::bridge::INTERNAL_PREFIX) {
-            // Reserved for the bridges' internal sessions.
+        } else if c.client_id.starts_with(crate::bridge::INTERNAL_PREFIX)
+            || c.client_id.starts_with(crate::serial::INTERNAL_PREFIX)
+        {
+            // Reserved for the bridges' and serial ports' internal sessions.
             return Err(reason::CLIENT_IDENTIFIER_NOT_VALID);
         } else {
             c.client_id.as_str().into()

@@ -179,6 +179,10 @@ impl Broker {
                 shutdown.clone(),
             ));
         }
+        for s in &cfg.serial {
+            info!(port = %s.name, path = %s.path, format = ?s.format, "starting serial port");
+            tracker.spawn(crate::serial::run(s.clone(), shared.clone()));
+        }
         for a in &local_addrs {
             info!(addr = %a, "listening for MQTT");
         }
