@@ -1212,7 +1212,7 @@ mod tests {
             require_client_cert: true,
             ..ListenerConfig::new("127.0.0.1:1883")
         };
-        cfg.bridge = vec![crate::bridge::BridgeConfig::example()];
+        cfg.bridge = vec![crate::bridge::BridgeConfig::example().with_example_tls()];
         cfg.serial = vec![crate::serial::SerialConfig::example()];
         let mut keys = Vec::new();
         let table: toml::Table = toml::from_str(&cfg.to_toml()).expect("to_toml is TOML");

@@ -149,7 +149,8 @@ fn default_connect_timeout() -> u64 {
 }
 
 impl BridgeConfig {
-    /// A filled-in example (documentation and tests).
+    /// A filled-in example without TLS (documentation and tests; `with_example_tls` adds
+    /// the TLS keys).
     pub fn example() -> Self {
         BridgeConfig {
             name: "cloud".into(),
@@ -168,11 +169,11 @@ impl BridgeConfig {
             max_queued_bytes: 0,
             max_age_secs: 0,
             queue_policy: default_policy(),
-            tls: true,
-            ca_file: Some("/etc/holdfast/cloud-ca.pem".into()),
-            system_roots: Some(false),
-            cert_file: Some("/etc/holdfast/gateway.crt".into()),
-            key_file: Some("/etc/holdfast/gateway.key".into()),
+            tls: false,
+            ca_file: None,
+            system_roots: None,
+            cert_file: None,
+            key_file: None,
             topic: vec![TopicRule {
                 pattern: "sensors/#".into(),
                 direction: Direction::Out,
@@ -181,6 +182,16 @@ impl BridgeConfig {
                 remote_prefix: "site-17/".into(),
             }],
         }
+    }
+
+    /// The example with every TLS key set (documentation).
+    pub fn with_example_tls(mut self) -> Self {
+        self.tls = true;
+        self.ca_file = Some("/etc/holdfast/cloud-ca.pem".into());
+        self.system_roots = Some(false);
+        self.cert_file = Some("/etc/holdfast/gateway.crt".into());
+        self.key_file = Some("/etc/holdfast/gateway.key".into());
+        self
     }
 
     /// The client id used upstream.
