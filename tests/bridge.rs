@@ -258,3 +258,30 @@ async fn status_is_published_under_sys_and_reported_by_the_cli() {
     let json: serde_json::Value = serde_json::from_str(status(true).trim()).unwrap();
     assert_eq!(json[0]["connected"], false);
 }
+
+#[tokio::test]
+async fn the_drain_is_paced_by_the_byte_rate_limit() {
+    let up = start_broker(|_| {}).await;
+    let mut cloud_sub = RawClient::connect(up.addr, ProtocolVersion::V311, "cloud-sub").await;
+    cloud_sub.subscribe("site/#", QoS::AtLeastOnce).await;
+    let mut cfg = bridge_to(up.addr);
+    // 100-byte payloads at 2,000 bytes/s: 20 messages per second.
+    cfg.max_bytes_rate = 2_000;
+    let gw = start_broker(|c| c.bridge = vec![cfg]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut sensor = RawClient::connect(gw.addr, ProtocolVersion::V311, "sensor").await;
+    for i in 0..30u16 {
+        publish_acked(&mut sensor, "sensors/t", &[i as u8; 100], i + 1).await;
+    }
+    let t0 = std::time::Instant::now();
+    for _ in 0..30 {
+        let p = cloud_sub.recv_publish().await;
+        cloud_sub.puback(p.packet_id).await;
+    }
+    let took = t0.elapsed();
+    // 30 messages at 20/s need about 1.5 s (the first may go at once).
+    assert!(took >= Duration::from_millis(1200), "{took:?}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    gw.shutdown().await;
+    up.shutdown().await;
+}

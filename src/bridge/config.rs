@@ -92,6 +92,10 @@ pub struct BridgeConfig {
     /// Drain limit after a reconnect, messages per second (0 = full speed).
     #[serde(default)]
     pub max_rate: u32,
+    /// Drain limit in payload bytes per second (0 = full speed), so a backlog does not
+    /// saturate the LTE uplink.
+    #[serde(default)]
+    pub max_bytes_rate: u64,
     /// Outbox budget: most messages waiting for the upstream (0 = limited only by the
     /// store's disk budget).
     #[serde(default)]
@@ -165,6 +169,7 @@ impl BridgeConfig {
             reconnect_max_ms: default_backoff_max(),
             connect_timeout_secs: default_connect_timeout(),
             max_rate: 0,
+            max_bytes_rate: 0,
             max_queued_messages: 0,
             max_queued_bytes: 0,
             max_age_secs: 0,

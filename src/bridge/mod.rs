@@ -476,21 +476,16 @@ impl Bridge {
                 return end;
             }
         }
-        let interval = (self.cfg.max_rate > 0)
-            .then(|| Duration::from_secs_f64(1.0 / f64::from(self.cfg.max_rate)));
-        let mut next_send = Instant::now();
+        let mut pacer = Pacer::new(self.cfg.max_rate, self.cfg.max_bytes_rate);
         loop {
-            let may_take = interval.is_none() || Instant::now() >= next_send;
-            if may_take {
+            if pacer.ready() {
                 while let Ok(out) = rx.try_recv() {
-                    if let Some(end) = self.outgoing(el, out, &mut downlink, conn).await {
-                        return end;
+                    match self.outgoing(el, out, &mut downlink, conn).await {
+                        Err(end) => return end,
+                        Ok(bytes) => pacer.sent(bytes),
                     }
-                    if let Some(i) = interval {
-                        next_send = next_send.max(Instant::now() - i) + i;
-                        if Instant::now() < next_send {
-                            break;
-                        }
+                    if !pacer.ready() {
+                        break;
                     }
                 }
             }
@@ -500,19 +495,17 @@ impl Bridge {
             let ev = if el.pending.is_empty() {
                 tokio::select! {
                     _ = self.shutdown.cancelled() => return End::Shutdown,
-                    out = rx.recv(), if Instant::now() >= next_send => match out {
+                    out = rx.recv(), if pacer.ready() => match out {
                         None => return End::Shutdown,
                         Some(out) => {
-                            if let Some(end) = self.outgoing(el, out, &mut downlink, conn).await {
-                                return end;
-                            }
-                            if let Some(i) = interval {
-                                next_send = next_send.max(Instant::now() - i) + i;
+                            match self.outgoing(el, out, &mut downlink, conn).await {
+                                Err(end) => return end,
+                                Ok(bytes) => pacer.sent(bytes),
                             }
                             continue;
                         }
                     },
-                    _ = tokio::time::sleep_until(next_send), if Instant::now() < next_send => continue,
+                    _ = tokio::time::sleep_until(pacer.next), if !pacer.ready() => continue,
                     ev = el.poll() => ev,
                 }
             } else {
@@ -589,17 +582,18 @@ impl Bridge {
         None
     }
 
-    /// Handles one packet from the router. `Some` ends the connected period.
+    /// Handles one packet from the router: the payload bytes it puts on the link (for the
+    /// drain pacer), or `Err` to end the connected period.
     async fn outgoing(
         &self,
         el: &mut EventLoop,
         out: Outgoing,
         downlink: &mut HashMap<u16, rumqttc::Publish>,
         conn: u64,
-    ) -> Option<End> {
+    ) -> Result<usize, End> {
         let packet = match out {
             Outgoing::Disconnect(_) => {
-                return Some(if self.shutdown.is_cancelled() {
+                return Err(if self.shutdown.is_cancelled() {
                     End::Shutdown
                 } else {
                     End::Lost("detached by the router".into())
@@ -607,6 +601,7 @@ impl Bridge {
             }
             Outgoing::Packet(p) => *p,
         };
+        let mut bytes = 0;
         match packet {
             Packet::Publish(p) => match self.remote_topic(&p.topic) {
                 Some(remote) => {
@@ -622,6 +617,7 @@ impl Bridge {
                         pkid: p.packet_id,
                         payload: p.payload,
                     };
+                    bytes = rp.payload.len();
                     el.pending.push_back(Request::Publish(rp));
                     self.status(|st| st.sent += 1);
                 }
@@ -650,7 +646,7 @@ impl Bridge {
             }
             _ => {}
         }
-        None
+        Ok(bytes)
     }
 
     /// Writes everything queued in `el.pending` straight to the socket, with one flush,
@@ -737,6 +733,45 @@ pub async fn all_status_json(shared: &Shared) -> Vec<String> {
         }
     }
     out
+}
+
+/// Paces the drain to `max_rate` messages/s and `max_bytes_rate` payload bytes/s (0 = no
+/// limit), allowing a burst of one message.
+struct Pacer {
+    per_message: Option<Duration>,
+    bytes_per_sec: u64,
+    next: Instant,
+}
+
+impl Pacer {
+    fn new(max_rate: u32, max_bytes_rate: u64) -> Self {
+        Pacer {
+            per_message: (max_rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(max_rate))),
+            bytes_per_sec: max_bytes_rate,
+            next: Instant::now(),
+        }
+    }
+
+    fn ready(&self) -> bool {
+        Instant::now() >= self.next
+    }
+
+    fn sent(&mut self, bytes: usize) {
+        if bytes == 0 && self.per_message.is_none() {
+            return;
+        }
+        let by_bytes = if self.bytes_per_sec > 0 {
+            Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64)
+        } else {
+            Duration::ZERO
+        };
+        let cost = self.per_message.unwrap_or(Duration::ZERO).max(by_bytes);
+        if cost.is_zero() {
+            return;
+        }
+        let now = Instant::now();
+        self.next = self.next.max(now.checked_sub(cost).unwrap_or(now)) + cost;
+    }
 }
 
 /// Exponential backoff with full jitter.
