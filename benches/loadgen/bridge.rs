@@ -206,16 +206,13 @@ pub async fn wait_path(
         pw.flush().await?;
         id = id.wrapping_add(1).max(1);
         // Drain PUBACKs so the publisher's window never fills.
-        while let Ok(Ok(_)) =
-            tokio::time::timeout(Duration::from_millis(1), pr.fill()).await
-        {
+        while let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(1), pr.fill()).await {
             while pr.next_buffered()?.is_some() {}
         }
         while let Some(p) = pr.next_buffered()? {
             let _ = p;
         }
-        if let Ok(p) = tokio::time::timeout(Duration::from_millis(200), sr.next_packet()).await
-        {
+        if let Ok(p) = tokio::time::timeout(Duration::from_millis(200), sr.next_packet()).await {
             if let Packet::Publish(_) = p? {
                 break;
             }
