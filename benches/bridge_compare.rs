@@ -66,8 +66,8 @@ fn parse_args() -> Args {
     let mut a = Args {
         messages: 50_000,
         backlog: 100_000,
-        reps: 3,
-        drain_reps: 2,
+        reps: 5,
+        drain_reps: 3,
         rate: 1000,
         seconds: 10,
         mosquitto: PathBuf::from("/usr/sbin/mosquitto"),
