@@ -1,7 +1,9 @@
 //! The bridge: Holdfast vs Mosquitto as the gateway, side by side on 127.0.0.1.
 //!
 //! `cargo bench --bench bridge_compare [-- --quick] [--messages N] [--backlog N]
-//! [--reps N] [--drain-reps N] [--rate R] [--seconds S] [--mosquitto PATH]`
+//! [--reps N] [--drain-reps N] [--rate R] [--seconds S] [--mosquitto PATH]
+//! [--rows 1,2,3] [--gateways hff,hfn,mq]` (hff/hfn = Holdfast at `synchronous` full/normal,
+//! mq = Mosquitto; the full run takes about 3 minutes on 2 cores)
 //!
 //! Topology: local publisher → gateway (Holdfast with `[[bridge]]`, or Mosquitto with a
 //! `connection` section) → bridge (QoS 1, 64 in flight) → upstream ("cloud": a plain
