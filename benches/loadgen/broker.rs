@@ -51,7 +51,7 @@ pub struct IoCounters {
     pub write_bytes: u64,
 }
 
-fn free_port() -> io::Result<u16> {
+pub fn free_port() -> io::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
@@ -69,6 +69,46 @@ impl BrokerProc {
     ) -> io::Result<BrokerProc> {
         let store = format!("[store]\nsynchronous = \"{}\"\n\n", opts.synchronous);
         Self::holdfast_with(name, bin, &store, opts.max_queued)
+    }
+
+    /// Holdfast with `extra` TOML (e.g. `[store]`, `[[bridge]]` tables) inserted before
+    /// `[log]`.
+    pub fn holdfast_custom(
+        name: &'static str,
+        bin: &Path,
+        extra: &str,
+        max_queued: usize,
+    ) -> io::Result<BrokerProc> {
+        Self::holdfast_with(name, bin, extra, max_queued)
+    }
+
+    /// Mosquitto listening on `port` (0 = a free one), with `extra` configuration lines
+    /// after the listener and logging lines; `{dir}` in `extra` is replaced by the
+    /// broker's temporary directory (e.g. for `persistence_location {dir}/`). Bridge
+    /// sections (`connection ...`) go last in `extra`.
+    pub fn mosquitto_custom(
+        name: &'static str,
+        bin: &Path,
+        port: u16,
+        extra: &str,
+    ) -> io::Result<BrokerProc> {
+        let dir = tempfile::tempdir()?;
+        let port = if port == 0 { free_port()? } else { port };
+        let conf = dir.path().join("mosquitto.conf");
+        let extra = extra.replace("{dir}", &dir.path().display().to_string());
+        fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\n\
+                 allow_anonymous true\n\
+                 log_dest stderr\n\
+                 log_type error\n\
+                 log_type warning\n\
+                 {extra}\n"
+            ),
+        )?;
+        let args = vec!["-c".into(), conf.into_os_string()];
+        Self::spawn(name, (bin.to_path_buf(), args), port, dir)
     }
 
     fn holdfast_with(
@@ -188,30 +228,7 @@ impl BrokerProc {
     /// SIGTERM, wait for the exit (graceful shutdown), start again with the same
     /// configuration, port and data, and wait until it accepts TCP connections.
     pub fn restart(&mut self, limit: Duration) -> io::Result<Restart> {
-        let t = Instant::now();
-        let status = Command::new("kill")
-            .arg("-TERM")
-            .arg(self.pid().to_string())
-            .status()?;
-        if !status.success() {
-            return Err(io::Error::other(format!(
-                "kill -TERM {} failed",
-                self.pid()
-            )));
-        }
-        loop {
-            if self.child.try_wait()?.is_some() {
-                break;
-            }
-            if t.elapsed() > limit {
-                return Err(io::Error::other(format!(
-                    "{} did not exit within {limit:?} of SIGTERM",
-                    self.name
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let stop = t.elapsed();
+        let stop = self.stop(limit)?;
         // The port was in use a moment ago; listeners set SO_REUSEADDR, so it is free now.
         let t = Instant::now();
         self.child = Self::start_child(self.name, &self.argv, &self.log)?;
@@ -246,6 +263,43 @@ impl BrokerProc {
             }
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// SIGTERM and wait for the exit (graceful shutdown; Mosquitto saves its persistence
+    /// file). Returns how long it took. The port is free afterwards.
+    pub fn stop(&mut self, limit: Duration) -> io::Result<Duration> {
+        let t = Instant::now();
+        let status = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status()?;
+        if !status.success() {
+            return Err(io::Error::other(format!(
+                "kill -TERM {} failed",
+                self.pid()
+            )));
+        }
+        loop {
+            if self.child.try_wait()?.is_some() {
+                return Ok(t.elapsed());
+            }
+            if t.elapsed() > limit {
+                return Err(io::Error::other(format!(
+                    "{} did not exit within {limit:?} of SIGTERM",
+                    self.name
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Starts a stopped broker again (same configuration, port and data) and waits until
+    /// it accepts TCP connections (polled every 2 ms).
+    pub fn start(&mut self, limit: Duration) -> io::Result<Duration> {
+        let t = Instant::now();
+        self.child = Self::start_child(self.name, &self.argv, &self.log)?;
+        self.wait_ready_every(limit, Duration::from_millis(2))?;
+        Ok(t.elapsed())
     }
 
     /// Size in bytes of every file under the broker's temporary directory's `data/`.
