@@ -165,6 +165,11 @@ pub struct Session {
     pub incoming_qos2: HashSet<u16>,
     /// Own queue limits instead of the `[mqtt]` ones (internal sessions).
     pub limits: Option<QueueLimits>,
+    /// An internal session (a bridge's outbox): its QoS 1 messages go out without waiting
+    /// for the commit that records them as sent. After a crash such a message is resent
+    /// without DUP, which the upstream treats as the QoS 1 duplicate it may be anyway; a
+    /// client's session keeps the stricter rule (a redelivery always carries DUP).
+    pub internal: bool,
     /// Publishers whose acknowledgements wait until this session's queue shrinks
     /// (backpressure: a fast QoS 1/2 publisher is slowed to its slowest subscriber's pace
     /// instead of overflowing that subscriber's queue).
@@ -202,6 +207,7 @@ impl Session {
             incoming_qos2: HashSet::new(),
             gated: Vec::new(),
             limits: None,
+            internal: false,
             will: None,
             dropped: 0,
             drop_episode: false,
@@ -227,11 +233,17 @@ impl Session {
     /// than 65535, so a free id always exists.
     pub fn allocate_packet_id(&mut self) -> u16 {
         if self.params.compact_packet_ids {
-            let mut id = 1u16;
-            while self.inflight.iter().any(|m| m.packet_id == id) {
-                id = id.wrapping_add(1).max(1);
+            // Smallest free id: one pass to mark the ids in use (ids above the window cannot
+            // be the smallest free one), one to find the first gap.
+            let n = self.inflight.len() + 1;
+            let mut used = vec![false; n + 1];
+            for m in &self.inflight {
+                if let Some(u) = used.get_mut(usize::from(m.packet_id)) {
+                    *u = true;
+                }
             }
-            return id;
+            let free = (1..=n).find(|&i| !used[i]).unwrap_or(n);
+            return free as u16;
         }
         loop {
             self.next_packet_id = self.next_packet_id.wrapping_add(1);

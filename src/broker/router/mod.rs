@@ -326,6 +326,7 @@ impl Router {
         };
         s.params = params;
         s.limits = Some(limits);
+        s.internal = true;
         let wanted: HashMap<String, SubscriptionData> = filters
             .into_iter()
             .map(|f| {
@@ -1363,7 +1364,11 @@ impl Router {
                     size: msg.publish.payload.len() as u32,
                     packet: encode_publish(&msg.publish),
                 });
-                token = *next_token;
+                // An internal session's QoS 1 delivery does not wait for the commit
+                // (see `Session::internal`).
+                if !(s.internal && msg.publish.qos == QoS::AtLeastOnce) {
+                    token = *next_token;
+                }
             }
             s.inflight.push_back(Inflight {
                 packet_id,
@@ -1478,7 +1483,9 @@ impl Router {
                         seq: q.seq,
                         packet_id,
                     });
-                    token = *next_token;
+                    if !(s.internal && q.message.publish.qos == QoS::AtLeastOnce) {
+                        token = *next_token;
+                    }
                 }
                 s.inflight.push_back(Inflight {
                     packet_id,
