@@ -31,6 +31,10 @@ pub struct Config {
     pub log: LogConfig,
     pub mqtt: MqttConfig,
     pub store: StoreConfig,
+    /// `$SYS/holdfast/...` status topics.
+    pub sys: crate::observe::SysConfig,
+    /// Prometheus `/metrics` and `/healthz` over HTTP (off unless `bind` is set).
+    pub metrics: crate::observe::MetricsConfig,
     /// Upstream bridges, `[[bridge]]` tables (none by default).
     pub bridge: Vec<crate::bridge::BridgeConfig>,
 }
@@ -177,6 +181,8 @@ impl Default for Config {
             log: LogConfig::default(),
             mqtt: MqttConfig::default(),
             store: StoreConfig::default(),
+            sys: Default::default(),
+            metrics: Default::default(),
             bridge: Vec::new(),
         }
     }
@@ -589,6 +595,8 @@ impl Config {
         self.log.validate()?;
         self.mqtt.validate()?;
         self.store.validate()?;
+        self.sys.validate()?;
+        self.metrics.validate()?;
         for (i, b) in self.bridge.iter().enumerate() {
             b.validate(i)?;
             if self.bridge[..i].iter().any(|o| o.name == b.name) {
@@ -1086,6 +1094,7 @@ mod tests {
     fn all_keys() -> Vec<String> {
         let mut cfg = Config::default();
         cfg.mqtt.server_keep_alive = Some(0);
+        cfg.metrics.bind = Some("127.0.0.1:9100".to_string());
         cfg.bridge = vec![crate::bridge::BridgeConfig::example()];
         let mut keys = Vec::new();
         let table: toml::Table = toml::from_str(&cfg.to_toml()).expect("to_toml is TOML");

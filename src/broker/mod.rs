@@ -46,6 +46,13 @@ pub enum BrokerError {
     Store(#[from] crate::store::StoreError),
     #[error(transparent)]
     Admin(#[from] crate::admin::AdminSocketError),
+    #[error("cannot serve metrics on {bind} (from [metrics] bind): {source}")]
+    MetricsBind {
+        bind: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// A running broker.
@@ -57,6 +64,7 @@ pub struct Broker {
     router: JoinHandle<()>,
     shutdown_timeout: Duration,
     admin: crate::admin::AdminHandle,
+    observer: Arc<crate::observe::Observer>,
 }
 
 impl Broker {
@@ -82,6 +90,16 @@ impl Broker {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect::<Vec<_>>();
+        let metrics_listener =
+            match cfg.metrics.socket_addr()? {
+                Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| {
+                    BrokerError::MetricsBind {
+                        bind: cfg.metrics.bind.clone().unwrap_or_default(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
         let opts = crate::store::StoreOptions {
             path: crate::store::db_path(&cfg.data_dir),
             synchronous: cfg.store.synchronous,
@@ -99,6 +117,7 @@ impl Broker {
             ms = t0.elapsed().as_millis() as u64,
             "store opened"
         );
+        let store_probe = store.probe();
         let router = tokio::spawn(
             Router::new(
                 mqtt.clone(),
@@ -136,7 +155,33 @@ impl Broker {
         for a in &local_addrs {
             info!(addr = %a, "listening for MQTT");
         }
-        let admin = admin.serve(router_tx.clone(), shutdown.clone(), shared.clone());
+        let observer = Arc::new(crate::observe::Observer::new(
+            router_tx.clone(),
+            store_probe,
+            shared.clone(),
+            cfg.data_dir.clone(),
+        ));
+        tokio::spawn(crate::observe::sys::run(
+            observer.clone(),
+            Duration::from_secs(cfg.sys.interval_secs),
+            shutdown.clone(),
+        ));
+        if let Some(l) = metrics_listener {
+            if let Ok(a) = l.local_addr() {
+                info!(addr = %a, "serving /metrics and /healthz");
+            }
+            tokio::spawn(crate::observe::http::serve(
+                l,
+                observer.clone(),
+                shutdown.clone(),
+            ));
+        }
+        let admin = admin.serve(
+            router_tx.clone(),
+            shutdown.clone(),
+            shared.clone(),
+            observer.clone(),
+        );
         Ok(Broker {
             local_addrs,
             shutdown,
@@ -145,6 +190,7 @@ impl Broker {
             router,
             shutdown_timeout: Duration::from_secs(cfg.mqtt.shutdown_timeout_secs),
             admin,
+            observer,
         })
     }
 
@@ -169,6 +215,16 @@ impl Broker {
     /// The addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// The gateway's figures and health checks (`observe`).
+    pub fn observer(&self) -> Arc<crate::observe::Observer> {
+        self.observer.clone()
+    }
+
+    /// Cancelled when a graceful shutdown starts.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
 
     /// Graceful shutdown: stop accepting, publish wills, DISCONNECT every client (v5 reason

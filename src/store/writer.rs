@@ -33,6 +33,8 @@ pub struct Writer {
     retry: Vec<Op>,
     /// Whether the last commit failed (for logging once per episode).
     failing: bool,
+    /// Commit counts and latency, read by `observe`.
+    metrics: std::sync::Arc<super::metrics::StoreMetrics>,
 }
 
 /// One entry of a group, in submission order.
@@ -64,7 +66,13 @@ impl Writer {
             events,
             retry: Vec::new(),
             failing: false,
+            metrics: Default::default(),
         }
+    }
+
+    /// The writer's commit statistics (shared with whoever reads them).
+    pub fn metrics(&self) -> std::sync::Arc<super::metrics::StoreMetrics> {
+        self.metrics.clone()
     }
 
     pub fn run(mut self, rx: Receiver<Command>) {
@@ -96,6 +104,8 @@ impl Writer {
             }
             let mut group: Vec<Item> = Vec::new();
             let mut stop = None;
+            // Health-check pings alone are no work (no idle checkpoint after them).
+            let work = cmds.iter().any(|c| !matches!(c, Command::Ping(_)));
             for c in cmds {
                 match c {
                     Command::Batch { token, ops } => group.push(Item::Batch(token, ops)),
@@ -133,8 +143,10 @@ impl Writer {
                 info!("store closed");
                 return;
             }
-            last_work = Instant::now();
-            checkpointed = false;
+            if work {
+                last_work = Instant::now();
+                checkpointed = false;
+            }
         }
         self.checkpoint();
     }
@@ -162,6 +174,11 @@ impl Writer {
                 Err(e) => warn!(cause = %e, "expiry sweep failed"),
             },
             Command::Checkpoint => self.checkpoint(),
+            // Everything submitted before the ping is committed by now (`run` commits the
+            // group before handing other commands here).
+            Command::Ping(reply) => {
+                let _ = reply.send(());
+            }
             Command::Batch { .. } | Command::Shutdown(_) => {}
         }
     }
@@ -211,9 +228,11 @@ impl Writer {
                 _ => None,
             })
             .collect();
+        let started = Instant::now();
         loop {
             match apply_group(&mut self.conn, &self.retry, group) {
                 Ok(reads) => {
+                    self.metrics.record(started.elapsed(), true);
                     self.retry.clear();
                     if self.failing {
                         self.failing = false;
@@ -252,6 +271,7 @@ impl Writer {
                     {
                         continue;
                     }
+                    self.metrics.record(started.elapsed(), false);
                     break;
                 }
             }
