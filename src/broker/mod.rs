@@ -65,6 +65,7 @@ pub struct Broker {
     shutdown_timeout: Duration,
     admin: crate::admin::AdminHandle,
     observer: Arc<crate::observe::Observer>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Broker {
@@ -166,6 +167,7 @@ impl Broker {
             Duration::from_secs(cfg.sys.interval_secs),
             shutdown.clone(),
         ));
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         if let Some(l) = metrics_listener {
             if let Ok(a) = l.local_addr() {
                 info!(addr = %a, "serving /metrics and /healthz");
@@ -191,6 +193,7 @@ impl Broker {
             shutdown_timeout: Duration::from_secs(cfg.mqtt.shutdown_timeout_secs),
             admin,
             observer,
+            metrics_addr,
         })
     }
 
@@ -215,6 +218,11 @@ impl Broker {
     /// The addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// Where `/metrics` and `/healthz` are served, if `metrics.bind` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     /// The gateway's figures and health checks (`observe`).
