@@ -15,6 +15,8 @@
 //! ```text
 //! drop <client id, percent-encoded>\n   ->  ok dropped\n | ok not-found\n | err <message>\n
 //! ping\n                                ->  ok holdfast <version>\n
+//! bridges\n                             ->  ok <JSON array>\n
+//! status\n                              ->  ok <JSON object>\n   (`holdfast status`)
 //! ```
 //!
 //! Every byte of the client id other than `A-Z a-z 0-9 - _ . ~` is sent as `%XX`, so any
@@ -206,6 +208,7 @@ impl AdminSocket {
         router: mpsc::Sender<RouterEvent>,
         shutdown: CancellationToken,
         shared: std::sync::Arc<crate::broker::connection::Shared>,
+        observer: std::sync::Arc<crate::observe::Observer>,
     ) -> AdminHandle {
         let stop = CancellationToken::new();
         let task = match tokio::net::UnixListener::from_std(self.listener) {
@@ -218,6 +221,7 @@ impl AdminSocket {
                     stop.clone(),
                     self.db,
                     shared,
+                    observer,
                 ))
             }
             Err(e) => {
@@ -272,6 +276,7 @@ async fn accept_loop(
     stop: CancellationToken,
     db: PathBuf,
     shared: std::sync::Arc<crate::broker::connection::Shared>,
+    observer: std::sync::Arc<crate::observe::Observer>,
 ) {
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
@@ -280,11 +285,11 @@ async fn accept_loop(
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
                     let (router, shutdown, db) = (router.clone(), shutdown.clone(), db.clone());
-                    let shared = shared.clone();
+                    let (shared, observer) = (shared.clone(), observer.clone());
                     tasks.spawn(async move {
                         let _ = tokio::time::timeout(
                             REQUEST_TIMEOUT,
-                            serve_one(stream, router, shutdown, db, shared),
+                            serve_one(stream, router, shutdown, db, shared, observer),
                         )
                         .await;
                     });
@@ -306,6 +311,7 @@ async fn serve_one(
     shutdown: CancellationToken,
     db: PathBuf,
     shared: std::sync::Arc<crate::broker::connection::Shared>,
+    observer: std::sync::Arc<crate::observe::Observer>,
 ) {
     let (r, mut w) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(r.take(MAX_REQUEST));
@@ -314,7 +320,7 @@ async fn serve_one(
         Ok(_) if line.last() == Some(&b'\n') => {
             line.pop();
             match std::str::from_utf8(&line) {
-                Ok(req) => handle_request(req, &router, &shutdown, &db, &shared).await,
+                Ok(req) => handle_request(req, &router, &shutdown, &db, &shared, &observer).await,
                 Err(_) => "err request is not UTF-8".to_string(),
             }
         }
@@ -331,35 +337,51 @@ async fn handle_request(
     shutdown: &CancellationToken,
     db: &Path,
     shared: &crate::broker::connection::Shared,
+    observer: &crate::observe::Observer,
 ) -> String {
     let (cmd, arg) = req.split_once(' ').unwrap_or((req, ""));
     match cmd {
         "ping" => format!("ok holdfast {}", env!("CARGO_PKG_VERSION")),
-        "bridges" => {
-            let mut items = Vec::new();
-            for j in crate::bridge::all_status_json(shared).await {
-                let mut v: serde_json::Value = match serde_json::from_str(&j) {
-                    Ok(v) => v,
-                    Err(_) => continue,
-                };
-                let name = v["name"].as_str().unwrap_or_default().to_string();
-                let id = format!("{}{name}", crate::bridge::INTERNAL_PREFIX);
-                let db = db.to_path_buf();
-                let oldest = tokio::task::spawn_blocking(move || oldest_enqueued(&db, &id))
-                    .await
-                    .ok()
-                    .flatten();
-                v["oldest_enqueued_ms"] = serde_json::json!(oldest);
-                items.push(v);
-            }
-            format!("ok {}", serde_json::Value::Array(items))
+        "bridges" => format!(
+            "ok {}",
+            serde_json::Value::Array(bridges_json(shared, db).await)
+        ),
+        "status" => {
+            let mut v = crate::observe::status::json(observer).await;
+            v["bridges"] = serde_json::Value::Array(bridges_json(shared, db).await);
+            format!("ok {v}")
         }
         "drop" => match decode_client_id(arg) {
             Ok(id) => drop_on_broker(id, router, shutdown, db).await,
             Err(e) => format!("err bad client id: {e}"),
         },
-        _ => "err unknown command (expected `drop <client id>` or `ping`)".to_string(),
+        _ => "err unknown command (expected `drop <client id>`, `status`, `bridges` or `ping`)"
+            .to_string(),
     }
+}
+
+/// Every bridge's live status, with the age of its oldest queued message.
+async fn bridges_json(
+    shared: &crate::broker::connection::Shared,
+    db: &Path,
+) -> Vec<serde_json::Value> {
+    let mut items = Vec::new();
+    for j in crate::bridge::all_status_json(shared).await {
+        let mut v: serde_json::Value = match serde_json::from_str(&j) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        let name = v["name"].as_str().unwrap_or_default().to_string();
+        let id = format!("{}{name}", crate::bridge::INTERNAL_PREFIX);
+        let db = db.to_path_buf();
+        let oldest = tokio::task::spawn_blocking(move || oldest_enqueued(&db, &id))
+            .await
+            .ok()
+            .flatten();
+        v["oldest_enqueued_ms"] = serde_json::json!(oldest);
+        items.push(v);
+    }
+    items
 }
 
 async fn drop_on_broker(
@@ -981,6 +1003,20 @@ pub fn oldest_enqueued(db: &Path, client_id: &str) -> Option<i64> {
     )
     .ok()
     .flatten()
+}
+
+/// The running gateway's `status` object (see `observe::status`), or None when no broker
+/// is running on this data directory.
+pub fn gateway_status(data_dir: &Path) -> anyhow::Result<Option<serde_json::Value>> {
+    match ask_broker(data_dir, "status")? {
+        Ask::NoBroker => Ok(None),
+        Ask::Answer(line) => {
+            let Some(json) = line.strip_prefix("ok ") else {
+                bail!("the broker answered: {line}");
+            };
+            Ok(Some(serde_json::from_str(json)?))
+        }
+    }
 }
 
 /// Bridge status: from the running gateway, or (None) when no broker is running.

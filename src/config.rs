@@ -33,6 +33,10 @@ pub struct Config {
     pub store: StoreConfig,
     /// Password and ACL files (`docs/security.md`).
     pub auth: crate::auth::AuthConfig,
+    /// `$SYS/holdfast/...` status topics.
+    pub sys: crate::observe::SysConfig,
+    /// Prometheus `/metrics` and `/healthz` over HTTP (off unless `bind` is set).
+    pub metrics: crate::observe::MetricsConfig,
     /// Upstream bridges, `[[bridge]]` tables (none by default).
     pub bridge: Vec<crate::bridge::BridgeConfig>,
     /// Serial sensor ports, `[[serial]]` tables (none by default).
@@ -198,6 +202,8 @@ impl Default for Config {
             mqtt: MqttConfig::default(),
             store: StoreConfig::default(),
             auth: crate::auth::AuthConfig::default(),
+            sys: Default::default(),
+            metrics: Default::default(),
             bridge: Vec::new(),
             serial: Vec::new(),
         }
@@ -614,6 +620,8 @@ impl Config {
         self.log.validate()?;
         self.mqtt.validate()?;
         self.store.validate()?;
+        self.sys.validate()?;
+        self.metrics.validate()?;
         for (i, b) in self.bridge.iter().enumerate() {
             b.validate(i)?;
             if self.bridge[..i].iter().any(|o| o.name == b.name) {
@@ -1214,6 +1222,7 @@ mod tests {
         };
         cfg.bridge = vec![crate::bridge::BridgeConfig::example().with_example_tls()];
         cfg.serial = vec![crate::serial::SerialConfig::example()];
+        cfg.metrics.bind = Some("127.0.0.1:9100".to_string());
         let mut keys = Vec::new();
         let table: toml::Table = toml::from_str(&cfg.to_toml()).expect("to_toml is TOML");
         for (name, value) in table {

@@ -1,5 +1,6 @@
 //! `holdfast` command line: `run` the daemon, `check-config` a file, inspect and drop
-//! durable `sessions`, `backup` the store (logic in `holdfast::admin`).
+//! durable `sessions`, `status` of the running gateway, `backup` the store (logic in
+//! `holdfast::admin` and `holdfast::observe`).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,6 +10,8 @@ use clap::{Parser, Subcommand};
 use holdfast::admin;
 use holdfast::broker::Broker;
 use holdfast::config::Config;
+use holdfast::observe::notify;
+use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 #[derive(Parser)]
@@ -56,6 +59,16 @@ enum Command {
         /// Read the password from the first line of standard input instead of the terminal.
         #[arg(long)]
         stdin: bool,
+    },
+    /// One screen about the running gateway: uptime, health, clients, sessions, messages,
+    /// drops, store size, commit latency, bridges (asks it over the admin socket).
+    Status {
+        /// TOML configuration file (for `data_dir`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the JSON object instead.
+        #[arg(long)]
+        json: bool,
     },
     /// Consistent online backup of the store (works while the broker runs).
     ///
@@ -131,6 +144,7 @@ fn main() -> ExitCode {
         Command::Sessions { command } => sessions(command),
         Command::Bridge { command } => bridge(command),
         Command::Passwd { file, user, stdin } => passwd(file, user, stdin),
+        Command::Status { config, json } => status(config, json),
         Command::Backup {
             file,
             config,
@@ -187,6 +201,26 @@ fn bridge(command: BridgeCommand) -> anyhow::Result<()> {
                 );
             }
         }
+    }
+    Ok(())
+}
+
+fn status(config: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
+    let dir = data_dir(config)?;
+    let Some(v) = admin::gateway_status(&dir)? else {
+        anyhow::bail!(
+            "no gateway running on {} (no answer on {})",
+            dir.display(),
+            admin::socket_path(&dir).display()
+        );
+    };
+    if json {
+        println!("{v}");
+    } else {
+        print!(
+            "{}",
+            holdfast::observe::status::format(&v, holdfast::store::unix_ms())
+        );
     }
     Ok(())
 }
@@ -286,7 +320,19 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     rt.block_on(async move {
         info!(version = env!("CARGO_PKG_VERSION"), config = ?config, "holdfast starting");
         let broker = Broker::start(&cfg).await?;
+        let listening: Vec<String> = broker.local_addrs().iter().map(|a| a.to_string()).collect();
+        notify::ready(&format!("listening on {}", listening.join(", ")));
+        let watchdog = CancellationToken::new();
+        if let Some(timeout) = notify::watchdog_timeout() {
+            info!(
+                timeout_ms = timeout.as_millis() as u64,
+                "systemd watchdog enabled: pinging every half timeout while the router and the store writer answer"
+            );
+            tokio::spawn(notify::watchdog(broker.observer(), timeout, watchdog.clone()));
+        }
         wait_for_signal(&broker).await?;
+        watchdog.cancel();
+        notify::stopping();
         broker.shutdown().await;
         anyhow::Ok(())
     })?;

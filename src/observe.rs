@@ -1,13 +1,91 @@
-//! Observability: installing the process-wide `tracing` subscriber.
+//! Observability: logs, `$SYS/` topics, Prometheus metrics, health, systemd notification.
 //!
+//! # Logs
 //! The filter is `RUST_LOG` when that is set (the usual override while debugging), otherwise
 //! `log.level` from the configuration. Output goes to stderr, where systemd's journal picks it
 //! up: a human-readable format with targets, or one JSON object per line for log shippers.
-//! `$SYS/` topics and metrics will live here too.
+//!
+//! # Figures
+//! [`Observer`] gathers one [`Snapshot`]: the router's counters and session figures (asked
+//! with `RouterEvent::Stats`, under a deadline), the connection count, the store's size on
+//! disk and the writer's commit statistics (`store::metrics`). Every interval it drains the
+//! commit-latency samples into p50/p99 figures ([`Observer::roll_interval`]). From there:
+//! - `sys`: retained QoS 0 messages under `$SYS/holdfast/` every `sys.interval_secs`;
+//! - `http`: `GET /metrics` (Prometheus text format) and `GET /healthz` on `metrics.bind`;
+//! - the admin socket's `status` command (`holdfast status`);
+//! - `notify`: `READY=1`, `STOPPING=1` and `WATCHDOG=1` for systemd (`Type=notify`).
+//!
+//! Health: the router and the store writer each answer a request within a deadline (the
+//! writer answers once everything submitted before the request is committed). A wedged
+//! router or writer fails `/healthz` and stops the watchdog pings, so systemd restarts us.
 
+pub mod http;
+pub mod notify;
+mod observer;
+pub mod status;
+pub mod sys;
+
+pub use observer::{Health, Observer, Snapshot};
+
+use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{ConfigError, LogConfig, LogFormat};
+
+/// `[sys]`: the `$SYS/holdfast/...` status topics.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SysConfig {
+    /// Seconds between two publications of the status topics; 0 = none.
+    pub interval_secs: u64,
+}
+
+impl Default for SysConfig {
+    fn default() -> Self {
+        SysConfig { interval_secs: 10 }
+    }
+}
+
+impl SysConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.interval_secs > 86_400 {
+            return Err(ConfigError::invalid(
+                "sys.interval_secs",
+                format!(
+                    "must be between 0 (off) and 86400 seconds (got {})",
+                    self.interval_secs
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// `[metrics]`: the HTTP endpoint for Prometheus and health checks.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// `IP:PORT` to serve `/metrics` and `/healthz` on; unset = no HTTP endpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+}
+
+impl MetricsConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        self.socket_addr().map(|_| ())
+    }
+
+    /// The address to bind, parsed like a listener's (`localhost:PORT` = `127.0.0.1`).
+    pub fn socket_addr(&self) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+        let Some(bind) = &self.bind else {
+            return Ok(None);
+        };
+        crate::config::ListenerConfig::new(bind.clone())
+            .socket_addr()
+            .map(Some)
+            .map_err(|m| ConfigError::invalid("metrics.bind", m))
+    }
+}
 
 /// Why logging could not be set up.
 #[derive(Debug, thiserror::Error)]

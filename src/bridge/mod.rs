@@ -234,7 +234,7 @@ impl Bridge {
         let _ = self
             .shared
             .router
-            .send(RouterEvent::InternalPublish { publish })
+            .send(RouterEvent::SysPublish { publish })
             .await;
     }
 
@@ -265,7 +265,7 @@ impl Bridge {
             };
             if shared
                 .router
-                .send(RouterEvent::InternalPublish { publish })
+                .send(RouterEvent::SysPublish { publish })
                 .await
                 .is_err()
             {

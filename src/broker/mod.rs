@@ -53,6 +53,13 @@ pub enum BrokerError {
     Auth(#[from] crate::auth::AuthError),
     #[error("TLS listener {bind}: {source}")]
     Tls { bind: String, source: tls::TlsError },
+    #[error("cannot serve metrics on {bind} (from [metrics] bind): {source}")]
+    MetricsBind {
+        bind: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
 }
 
 /// A running broker.
@@ -67,6 +74,8 @@ pub struct Broker {
     admin: crate::admin::AdminHandle,
     auth: Arc<crate::auth::Auth>,
     tls: Vec<tls::TlsListener>,
+    observer: Arc<crate::observe::Observer>,
+    metrics_addr: Option<SocketAddr>,
 }
 
 impl Broker {
@@ -104,6 +113,16 @@ impl Broker {
                     .map_err(BrokerError::Bridge)
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let metrics_listener =
+            match cfg.metrics.socket_addr()? {
+                Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| {
+                    BrokerError::MetricsBind {
+                        bind: cfg.metrics.bind.clone().unwrap_or_default(),
+                        source,
+                    }
+                })?),
+                None => None,
+            };
         let opts = crate::store::StoreOptions {
             path: crate::store::db_path(&cfg.data_dir),
             synchronous: cfg.store.synchronous,
@@ -138,6 +157,7 @@ impl Broker {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect::<Vec<_>>();
+        let store_probe = store.probe();
         let router = tokio::spawn(
             Router::new(
                 mqtt.clone(),
@@ -186,7 +206,34 @@ impl Broker {
         for a in &local_addrs {
             info!(addr = %a, "listening for MQTT");
         }
-        let admin = admin.serve(router_tx.clone(), shutdown.clone(), shared.clone());
+        let observer = Arc::new(crate::observe::Observer::new(
+            router_tx.clone(),
+            store_probe,
+            shared.clone(),
+            cfg.data_dir.clone(),
+        ));
+        tokio::spawn(crate::observe::sys::run(
+            observer.clone(),
+            Duration::from_secs(cfg.sys.interval_secs),
+            shutdown.clone(),
+        ));
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+        if let Some(l) = metrics_listener {
+            if let Ok(a) = l.local_addr() {
+                info!(addr = %a, "serving /metrics and /healthz");
+            }
+            tokio::spawn(crate::observe::http::serve(
+                l,
+                observer.clone(),
+                shutdown.clone(),
+            ));
+        }
+        let admin = admin.serve(
+            router_tx.clone(),
+            shutdown.clone(),
+            shared.clone(),
+            observer.clone(),
+        );
         Ok(Broker {
             shared: shared.clone(),
             local_addrs,
@@ -198,6 +245,8 @@ impl Broker {
             admin,
             auth,
             tls: tls_listeners,
+            observer,
+            metrics_addr,
         })
     }
 
@@ -251,6 +300,21 @@ impl Broker {
     /// The addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
+    }
+
+    /// Where `/metrics` and `/healthz` are served, if `metrics.bind` is set.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The gateway's figures and health checks (`observe`).
+    pub fn observer(&self) -> Arc<crate::observe::Observer> {
+        self.observer.clone()
+    }
+
+    /// Cancelled when a graceful shutdown starts.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
 
     /// Graceful shutdown: stop accepting, publish wills, DISCONNECT every client (v5 reason

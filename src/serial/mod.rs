@@ -725,7 +725,7 @@ impl Port {
         let _ = self
             .shared
             .router
-            .send(RouterEvent::InternalPublish { publish })
+            .send(RouterEvent::SysPublish { publish })
             .await;
     }
 

@@ -25,6 +25,7 @@
 //!   writer answers after committing everything submitted before it.
 
 mod load;
+pub mod metrics;
 pub mod schema;
 mod writer;
 
@@ -235,6 +236,8 @@ pub enum Command {
     Checkpoint,
     /// Commits what is pending and stops.
     Shutdown(oneshot::Sender<()>),
+    /// Answered once everything submitted before it is committed (health checks).
+    Ping(oneshot::Sender<()>),
 }
 
 /// What the writer reports back to the router, in order.
@@ -297,6 +300,31 @@ pub struct StoreOptions {
 pub struct Store {
     tx: std::sync::mpsc::Sender<Command>,
     thread: Option<std::thread::JoinHandle<()>>,
+    metrics: Arc<metrics::StoreMetrics>,
+}
+
+/// Asks the writer thread whether it is making progress (see [`Store::probe`]).
+#[derive(Clone)]
+pub struct StoreProbe {
+    tx: std::sync::mpsc::Sender<Command>,
+    metrics: Arc<metrics::StoreMetrics>,
+}
+
+impl StoreProbe {
+    /// Resolves once the writer has committed everything submitted before this call;
+    /// false if the writer is gone. Callers put a deadline on it.
+    pub async fn ping(&self) -> bool {
+        let (reply, rx) = oneshot::channel();
+        if self.tx.send(Command::Ping(reply)).is_err() {
+            return false;
+        }
+        rx.await.is_ok()
+    }
+
+    /// The writer's commit statistics.
+    pub fn metrics(&self) -> &Arc<metrics::StoreMetrics> {
+        &self.metrics
+    }
 }
 
 impl Store {
@@ -309,6 +337,7 @@ impl Store {
         let (tx, rx) = std::sync::mpsc::channel();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
         let w = writer::Writer::new(conn, opts.clone(), ev_tx);
+        let metrics = w.metrics();
         let thread = std::thread::Builder::new()
             .name("holdfast-store".into())
             .spawn(move || w.run(rx))
@@ -320,10 +349,20 @@ impl Store {
             Store {
                 tx,
                 thread: Some(thread),
+                metrics,
             },
             recovered,
             ev_rx,
         ))
+    }
+
+    /// A handle for health checks and statistics that outlives no one: once the store is
+    /// closed its pings fail.
+    pub fn probe(&self) -> StoreProbe {
+        StoreProbe {
+            tx: self.tx.clone(),
+            metrics: self.metrics.clone(),
+        }
     }
 
     pub fn send(&self, cmd: Command) -> Result<(), StoreError> {

@@ -37,6 +37,8 @@ pub struct Writer {
     retry_tokens: Vec<(u64, bool)>,
     /// Whether the last commit failed (for logging once per episode).
     failing: bool,
+    /// Commit counts and latency, read by `observe`.
+    metrics: std::sync::Arc<super::metrics::StoreMetrics>,
 }
 
 /// One entry of a group, in submission order.
@@ -69,7 +71,13 @@ impl Writer {
             retry: Vec::new(),
             retry_tokens: Vec::new(),
             failing: false,
+            metrics: Default::default(),
         }
+    }
+
+    /// The writer's commit statistics (shared with whoever reads them).
+    pub fn metrics(&self) -> std::sync::Arc<super::metrics::StoreMetrics> {
+        self.metrics.clone()
     }
 
     pub fn run(mut self, rx: Receiver<Command>) {
@@ -111,6 +119,8 @@ impl Writer {
             }
             let mut group: Vec<Item> = Vec::new();
             let mut stop = None;
+            // Health-check pings alone are no work (no idle checkpoint after them).
+            let work = cmds.iter().any(|c| !matches!(c, Command::Ping(_)));
             for c in cmds {
                 match c {
                     Command::Batch { token, ops } => group.push(Item::Batch(token, ops)),
@@ -148,8 +158,10 @@ impl Writer {
                 info!("store closed");
                 return;
             }
-            last_work = Instant::now();
-            checkpointed = false;
+            if work {
+                last_work = Instant::now();
+                checkpointed = false;
+            }
         }
         self.checkpoint();
     }
@@ -177,6 +189,11 @@ impl Writer {
                 Err(e) => warn!(cause = %e, "expiry sweep failed"),
             },
             Command::Checkpoint => self.checkpoint(),
+            // Everything submitted before the ping is committed by now (`run` commits the
+            // group before handing other commands here).
+            Command::Ping(reply) => {
+                let _ = reply.send(());
+            }
             Command::Batch { .. } | Command::Shutdown(_) => {}
         }
     }
@@ -226,9 +243,11 @@ impl Writer {
                 _ => None,
             })
             .collect();
+        let started = Instant::now();
         loop {
             match apply_group(&mut self.conn, &self.retry, group) {
                 Ok(reads) => {
+                    self.metrics.record(started.elapsed(), true);
                     self.retry.clear();
                     for (token, ok) in self.retry_tokens.drain(..) {
                         let _ = self.events.send(StoreEvent::Committed { token, ok });
@@ -270,6 +289,7 @@ impl Writer {
                     {
                         continue;
                     }
+                    self.metrics.record(started.elapsed(), false);
                     break;
                 }
             }

@@ -37,6 +37,8 @@ pub struct Daemon {
     child: Option<Child>,
     /// How many times the process was started.
     pub starts: u32,
+    /// Extra environment variables for the process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -63,6 +65,7 @@ impl Daemon {
             log,
             child: None,
             starts: 0,
+            env: Vec::new(),
         }
     }
 
@@ -102,6 +105,7 @@ impl Daemon {
                 cmd.env_remove(&k);
             }
         }
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         let child = cmd.spawn().expect("spawn holdfast");
         self.child = Some(child);
     }

@@ -46,6 +46,8 @@ pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> TestBroker {
         ..Config::default()
     };
     cfg.mqtt.shutdown_timeout_secs = 2;
+    // No `$SYS/holdfast/...` traffic unless a test asks for it (tests/observe.rs).
+    cfg.sys.interval_secs = 0;
     tweak(&mut cfg);
     let broker = Broker::start(&cfg).await.expect("broker starts");
     let addr = broker.local_addrs()[0];

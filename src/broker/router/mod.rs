@@ -134,15 +134,21 @@ pub enum RouterEvent {
         client_id: String,
         reply: oneshot::Sender<bool>,
     },
-    /// A message from inside the gateway (status topics): routed like a publish from
-    /// nobody, retained if flagged.
-    InternalPublish {
-        publish: Publish,
-    },
     /// Queue figures of a session, by client id.
     SessionStats {
         client_id: String,
         reply: oneshot::Sender<Option<SessionStats>>,
+    },
+    /// Counters and session figures (`observe`: `$SYS`, metrics, health checks).
+    Stats {
+        reply: oneshot::Sender<RouterSnapshot>,
+    },
+    /// A status message from inside the gateway (`$SYS/holdfast/...`: broker figures,
+    /// bridge and serial states): routed like a publish from nobody and kept as the
+    /// retained message in memory only, so an idle gateway does not write to its disk for
+    /// status. Non-empty payloads only.
+    SysPublish {
+        publish: Publish,
     },
     /// Graceful shutdown: publish wills, tell every client, commit, then answer.
     Shutdown {
@@ -173,6 +179,20 @@ pub struct RouterStats {
     pub refused_store_failure: u64,
     pub expired: u64,
     pub sessions_expired: u64,
+}
+
+/// The router's figures at one moment (`RouterEvent::Stats`).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RouterSnapshot {
+    pub stats: RouterStats,
+    /// Sessions in memory: online clients plus persistent offline sessions (bridge outboxes
+    /// included).
+    pub sessions: u64,
+    /// Of those, the ones kept on disk.
+    pub durable_sessions: u64,
+    /// Sessions with a connection attached.
+    pub online_sessions: u64,
+    pub retained: u64,
 }
 
 /// A retained message and when it expires.
@@ -576,9 +596,6 @@ impl Router {
                 will,
                 session_expiry,
             } => self.on_disconnected(conn, will, session_expiry),
-            RouterEvent::InternalPublish { publish } => {
-                self.route(None, publish, None);
-            }
             RouterEvent::SessionStats { client_id, reply } => {
                 let stats = self
                     .by_client
@@ -595,6 +612,33 @@ impl Router {
             }
             RouterEvent::DropSession { client_id, reply } => {
                 let _ = reply.send(self.drop_session(&client_id));
+            }
+            RouterEvent::Stats { reply } => {
+                let mut snap = RouterSnapshot {
+                    stats: self.stats,
+                    sessions: self.sessions.len() as u64,
+                    retained: self.retained.len() as u64,
+                    ..Default::default()
+                };
+                for s in self.sessions.values() {
+                    snap.durable_sessions += u64::from(s.durable);
+                    snap.online_sessions += u64::from(s.is_online());
+                }
+                let _ = reply.send(snap);
+            }
+            RouterEvent::SysPublish { mut publish } => {
+                publish.retain = true;
+                publish.dup = false;
+                publish.packet_id = 0;
+                let topic = publish.topic.clone();
+                let kept = Retained {
+                    publish: publish.clone(),
+                    expires_at: None,
+                };
+                // Live copies as for a non-retained publish (Retain As Published aside).
+                publish.retain = false;
+                self.route(None, publish, None);
+                self.retained.set(&topic, Some(kept));
             }
             RouterEvent::Shutdown { .. } => {}
         }

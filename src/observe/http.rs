@@ -1,0 +1,316 @@
+//! A deliberately tiny HTTP/1.1 server for `GET /metrics` (Prometheus text exposition
+//! format 0.0.4) and `GET /healthz` (200 `ok` when the router and the store writer answer
+//! within [`HEALTH_DEADLINE`], 503 otherwise). One request per connection
+//! (`Connection: close`), GET and HEAD only, request head at most 8 KiB, 5 s per request.
+//! Bind it to loopback or a management network: it has no authentication.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{Health, Observer, Snapshot};
+use crate::store::metrics::COMMIT_BUCKETS_US;
+
+/// How long the router and the writer may take to answer a `/healthz` probe.
+pub const HEALTH_DEADLINE: Duration = Duration::from_secs(2);
+const MAX_HEAD: usize = 8 * 1024;
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most requests served at once (a scraper and a probe need two).
+const MAX_CONCURRENT: usize = 16;
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(listener: TcpListener, observer: Arc<Observer>, shutdown: CancellationToken) {
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT));
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    warn!(error = %e, "metrics accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            debug!(%peer, "metrics endpoint busy: connection closed");
+            continue;
+        };
+        let observer = observer.clone();
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &observer)).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn handle(mut stream: TcpStream, observer: &Observer) -> std::io::Result<()> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
+            break;
+        }
+        if buf.len() > MAX_HEAD {
+            return respond(
+                &mut stream,
+                431,
+                "text/plain",
+                "request head too large\n",
+                false,
+            )
+            .await;
+        }
+    }
+    let head = String::from_utf8_lossy(&buf);
+    let mut parts = head.lines().next().unwrap_or("").split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let head_only = method == "HEAD";
+    if method != "GET" && !head_only {
+        return respond(&mut stream, 405, "text/plain", "only GET\n", false).await;
+    }
+    match path {
+        "/metrics" => {
+            let health = observer.health(HEALTH_DEADLINE).await;
+            let body = render(&observer.snapshot().await, health);
+            respond(
+                &mut stream,
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                &body,
+                head_only,
+            )
+            .await
+        }
+        "/healthz" => {
+            let h = observer.health(HEALTH_DEADLINE).await;
+            let body = format!(
+                "{}\nrouter: {}\nstore: {}\n",
+                if h.ok() { "ok" } else { "unhealthy" },
+                if h.router { "ok" } else { "not responding" },
+                if h.store { "ok" } else { "not responding" },
+            );
+            let code = if h.ok() { 200 } else { 503 };
+            respond(&mut stream, code, "text/plain", &body, head_only).await
+        }
+        _ => respond(&mut stream, 404, "text/plain", "not found\n", head_only).await,
+    }
+}
+
+async fn respond(
+    stream: &mut TcpStream,
+    code: u16,
+    content_type: &str,
+    body: &str,
+    head_only: bool,
+) -> std::io::Result<()> {
+    let reason = match code {
+        200 => "OK",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "",
+    };
+    let mut out = format!(
+        "HTTP/1.1 {code} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Cache-Control: no-store\r\nConnection: close\r\n",
+        body.len()
+    );
+    if code == 405 {
+        out.push_str("Allow: GET, HEAD\r\n");
+    }
+    out.push_str("\r\n");
+    if !head_only {
+        out.push_str(body);
+    }
+    stream.write_all(out.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+/// One metric family: HELP and TYPE lines, then its samples.
+fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, f64)]) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+    for (suffix, v) in samples {
+        let _ = writeln!(out, "{name}{suffix} {v}");
+    }
+}
+
+fn one(v: u64) -> [(String, f64); 1] {
+    [(String::new(), v as f64)]
+}
+
+/// The Prometheus text exposition of a snapshot. Router-derived families are absent when
+/// the router did not answer (`holdfast_router_up` says so).
+pub fn render(s: &Snapshot, health: Health) -> String {
+    let mut o = String::with_capacity(4096);
+    family(
+        &mut o,
+        "holdfast_build_info",
+        "gauge",
+        "Always 1; the version as a label.",
+        &[(
+            format!("{{version=\"{}\"}}", env!("CARGO_PKG_VERSION")),
+            1.0,
+        )],
+    );
+    family(
+        &mut o,
+        "holdfast_uptime_seconds",
+        "gauge",
+        "Seconds since the gateway started.",
+        &[(String::new(), s.uptime.as_secs_f64())],
+    );
+    family(
+        &mut o,
+        "holdfast_router_up",
+        "gauge",
+        "1 if the router answered within the health deadline.",
+        &one(u64::from(health.router)),
+    );
+    family(
+        &mut o,
+        "holdfast_store_writer_up",
+        "gauge",
+        "1 if the store writer answered within the health deadline.",
+        &one(u64::from(health.store)),
+    );
+    family(
+        &mut o,
+        "holdfast_clients_connected",
+        "gauge",
+        "Client connections that completed CONNECT.",
+        &one(s.clients_connected),
+    );
+    if let (Some(r), Some(dropped)) = (s.router, s.dropped()) {
+        family(
+            &mut o,
+            "holdfast_sessions",
+            "gauge",
+            "Sessions in memory (online clients and persistent offline sessions).",
+            &one(r.sessions),
+        );
+        family(
+            &mut o,
+            "holdfast_sessions_durable",
+            "gauge",
+            "Sessions kept on disk (bridge outboxes included).",
+            &one(r.durable_sessions),
+        );
+        family(
+            &mut o,
+            "holdfast_sessions_expired_total",
+            "counter",
+            "Sessions removed because their expiry interval passed.",
+            &one(r.stats.sessions_expired),
+        );
+        family(
+            &mut o,
+            "holdfast_messages_received_total",
+            "counter",
+            "PUBLISH packets received from clients.",
+            &one(r.stats.publishes_in),
+        );
+        family(
+            &mut o,
+            "holdfast_messages_sent_total",
+            "counter",
+            "PUBLISH packets delivered to sessions.",
+            &one(r.stats.publishes_out),
+        );
+        family(
+            &mut o,
+            "holdfast_messages_retained",
+            "gauge",
+            "Retained messages.",
+            &one(r.retained),
+        );
+        let by_reason: Vec<(String, f64)> = dropped
+            .iter()
+            .map(|(reason, n)| (format!("{{reason=\"{reason}\"}}"), *n as f64))
+            .collect();
+        family(
+            &mut o,
+            "holdfast_messages_dropped_total",
+            "counter",
+            "Messages discarded, by reason.",
+            &by_reason,
+        );
+        family(
+            &mut o,
+            "holdfast_messages_refused_total",
+            "counter",
+            "QoS 1/2 messages refused because their commit failed (disk full, budget).",
+            &one(r.stats.refused_store_failure),
+        );
+    }
+    family(
+        &mut o,
+        "holdfast_store_size_bytes",
+        "gauge",
+        "Size of the store files.",
+        &[
+            ("{file=\"db\"}".to_string(), s.store_db_bytes as f64),
+            ("{file=\"wal\"}".to_string(), s.store_wal_bytes as f64),
+        ],
+    );
+    family(
+        &mut o,
+        "holdfast_store_commits_total",
+        "counter",
+        "Group commits that succeeded.",
+        &one(s.commits.commits),
+    );
+    family(
+        &mut o,
+        "holdfast_store_commit_failures_total",
+        "counter",
+        "Group commits that failed.",
+        &one(s.commits.failures),
+    );
+    family(
+        &mut o,
+        "holdfast_store_commit_latency_interval_seconds",
+        "gauge",
+        "Commit latency percentiles over the last sys interval (as in $SYS).",
+        &[
+            (
+                "{quantile=\"0.5\"}".to_string(),
+                f64::from(s.latency.p50_us) / 1e6,
+            ),
+            (
+                "{quantile=\"0.99\"}".to_string(),
+                f64::from(s.latency.p99_us) / 1e6,
+            ),
+        ],
+    );
+    let mut hist: Vec<(String, f64)> = COMMIT_BUCKETS_US
+        .iter()
+        .zip(&s.commits.cumulative)
+        .map(|(le, n)| (format!("_bucket{{le=\"{}\"}}", *le as f64 / 1e6), *n as f64))
+        .collect();
+    hist.push(("_bucket{le=\"+Inf\"}".into(), s.commits.count as f64));
+    hist.push(("_sum".into(), s.commits.sum_us as f64 / 1e6));
+    hist.push(("_count".into(), s.commits.count as f64));
+    family(
+        &mut o,
+        "holdfast_store_commit_duration_seconds",
+        "histogram",
+        "Time to apply and commit one group of batches (fsync included).",
+        &hist,
+    );
+    o
+}

@@ -1,0 +1,175 @@
+//! [`Observer`]: where every figure of the running gateway is gathered.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::broker::connection::Shared;
+use crate::broker::router::{RouterEvent, RouterSnapshot};
+use crate::store::metrics::{CommitCounts, LatencySummary};
+use crate::store::StoreProbe;
+
+/// How long the router may take to answer a stats request for a snapshot.
+const SNAPSHOT_DEADLINE: Duration = Duration::from_secs(2);
+
+/// The figures of one moment.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub uptime: Duration,
+    /// Connections that completed CONNECT.
+    pub clients_connected: u64,
+    /// None when the router did not answer in time.
+    pub router: Option<RouterSnapshot>,
+    pub store_db_bytes: u64,
+    pub store_wal_bytes: u64,
+    pub commits: CommitCounts,
+    /// Commit latency over the last completed interval.
+    pub latency: LatencySummary,
+    /// Length of that interval.
+    pub latency_interval: Duration,
+}
+
+impl Snapshot {
+    /// Every message dropped, whatever the reason.
+    pub fn dropped_total(&self) -> Option<u64> {
+        self.router.map(|r| {
+            let s = r.stats;
+            s.dropped_queue_full
+                + s.dropped_qos0_backlog
+                + s.dropped_too_large
+                + s.dropped_disk_budget
+                + s.expired
+        })
+    }
+
+    /// `(reason, count)` for each drop reason (labels of `holdfast_messages_dropped_total`
+    /// and leaves of `$SYS/holdfast/messages/dropped/`).
+    pub fn dropped(&self) -> Option<[(&'static str, u64); 5]> {
+        self.router.map(|r| {
+            let s = r.stats;
+            [
+                ("queue_full", s.dropped_queue_full),
+                ("qos0_backlog", s.dropped_qos0_backlog),
+                ("too_large", s.dropped_too_large),
+                ("disk_budget", s.dropped_disk_budget),
+                ("expired", s.expired),
+            ]
+        })
+    }
+}
+
+/// Whether the router and the store writer answered within the deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Health {
+    pub router: bool,
+    pub store: bool,
+}
+
+impl Health {
+    pub fn ok(&self) -> bool {
+        self.router && self.store
+    }
+}
+
+/// Gathers figures from the router, the store writer and the connection count.
+pub struct Observer {
+    started: Instant,
+    router: mpsc::Sender<RouterEvent>,
+    store: StoreProbe,
+    shared: Arc<Shared>,
+    data_dir: PathBuf,
+    /// (summary, interval length, when it was rolled).
+    last_interval: Mutex<(LatencySummary, Duration, Instant)>,
+}
+
+impl Observer {
+    pub fn new(
+        router: mpsc::Sender<RouterEvent>,
+        store: StoreProbe,
+        shared: Arc<Shared>,
+        data_dir: PathBuf,
+    ) -> Observer {
+        let now = Instant::now();
+        Observer {
+            started: now,
+            router,
+            store,
+            shared,
+            data_dir,
+            last_interval: Mutex::new((LatencySummary::default(), Duration::ZERO, now)),
+        }
+    }
+
+    pub fn uptime(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// Asks the router for its figures; None if it does not answer within `deadline`
+    /// (busy beyond reason, wedged, or stopped).
+    pub async fn router_snapshot(&self, deadline: Duration) -> Option<RouterSnapshot> {
+        let ask = async {
+            let (reply, rx) = oneshot::channel();
+            self.router.send(RouterEvent::Stats { reply }).await.ok()?;
+            rx.await.ok()
+        };
+        tokio::time::timeout(deadline, ask).await.ok().flatten()
+    }
+
+    /// Pings the router and the store writer concurrently, each under `deadline`.
+    pub async fn health(&self, deadline: Duration) -> Health {
+        let router = self.router_snapshot(deadline);
+        let store = tokio::time::timeout(deadline, self.store.ping());
+        let (router, store) = tokio::join!(router, store);
+        Health {
+            router: router.is_some(),
+            store: store.unwrap_or(false),
+        }
+    }
+
+    /// Drains the commit-latency samples recorded since the last call into p50/p99
+    /// figures, kept for [`Observer::snapshot`] until the next call.
+    pub fn roll_interval(&self) -> LatencySummary {
+        let summary = self.store.metrics().drain_interval();
+        let now = Instant::now();
+        if let Ok(mut last) = self.last_interval.lock() {
+            let took = now.duration_since(last.2);
+            *last = (summary, took, now);
+        }
+        summary
+    }
+
+    /// Everything at once (the router under a short deadline).
+    pub async fn snapshot(&self) -> Snapshot {
+        let router = self.router_snapshot(SNAPSHOT_DEADLINE).await;
+        let db = crate::store::db_path(&self.data_dir);
+        let size = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        let mut wal = db.clone().into_os_string();
+        wal.push("-wal");
+        let (latency, latency_interval) = self
+            .last_interval
+            .lock()
+            .map(|l| (l.0, l.1))
+            .unwrap_or_default();
+        Snapshot {
+            uptime: self.uptime(),
+            clients_connected: self.shared.connected.load(Ordering::Relaxed) as u64,
+            router,
+            store_db_bytes: size(db),
+            store_wal_bytes: size(PathBuf::from(wal)),
+            commits: self.store.metrics().counts(),
+            latency,
+            latency_interval,
+        }
+    }
+}
