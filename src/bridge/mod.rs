@@ -222,19 +222,11 @@ impl Bridge {
 
     /// Publishes a retained `$SYS/holdfast/bridge/<name>/<leaf>` message locally.
     async fn sys(&self, leaf: &str, payload: Vec<u8>) {
-        let publish = Publish {
-            dup: false,
-            qos: QoS::AtMostOnce,
-            retain: true,
-            topic: format!("$SYS/holdfast/bridge/{}/{leaf}", self.cfg.name).into(),
-            packet_id: 0,
-            properties: Default::default(),
-            payload: payload.into(),
-        };
+        let topic = format!("$SYS/holdfast/bridge/{}/{leaf}", self.cfg.name);
         let _ = self
             .shared
             .router
-            .send(RouterEvent::SysPublish { publish })
+            .send(RouterEvent::sys(topic, payload))
             .await;
     }
 
@@ -254,18 +246,10 @@ impl Bridge {
             let Some(json) = status_json(&shared, &name, &internal_id).await else {
                 continue;
             };
-            let publish = Publish {
-                dup: false,
-                qos: QoS::AtMostOnce,
-                retain: true,
-                topic: format!("$SYS/holdfast/bridge/{name}/stats").into(),
-                packet_id: 0,
-                properties: Default::default(),
-                payload: json.into_bytes().into(),
-            };
+            let topic = format!("$SYS/holdfast/bridge/{name}/stats");
             if shared
                 .router
-                .send(RouterEvent::SysPublish { publish })
+                .send(RouterEvent::sys(topic, json.into_bytes()))
                 .await
                 .is_err()
             {

@@ -26,7 +26,6 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Observer, Snapshot};
 use crate::broker::router::RouterEvent;
-use crate::protocol::{Publish, QoS};
 
 /// The interval for rolling commit-latency figures when `$SYS` is off.
 const ROLL_WITHOUT_SYS: Duration = Duration::from_secs(10);
@@ -52,17 +51,8 @@ pub async fn run(observer: Arc<Observer>, interval: Duration, shutdown: Cancella
         let snap = observer.snapshot().await;
         let router = observer.shared().router.clone();
         for (topic, payload) in messages(&snap) {
-            let publish = Publish {
-                dup: false,
-                qos: QoS::AtMostOnce,
-                retain: true,
-                topic: format!("{PREFIX}{topic}").into(),
-                packet_id: 0,
-                properties: Default::default(),
-                payload: payload.into_bytes().into(),
-            };
             tokio::select! {
-                r = router.send(RouterEvent::SysPublish { publish }) => {
+                r = router.send(RouterEvent::sys(format!("{PREFIX}{topic}"), payload.into_bytes())) => {
                     if r.is_err() {
                         return;
                     }

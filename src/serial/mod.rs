@@ -713,19 +713,11 @@ impl Port {
 
     /// Publishes a retained `$SYS/holdfast/serial/<name>/<leaf>` message.
     async fn sys(&self, leaf: &str, payload: Vec<u8>) {
-        let publish = Publish {
-            dup: false,
-            qos: QoS::AtMostOnce,
-            retain: true,
-            topic: format!("$SYS/holdfast/serial/{}/{leaf}", self.cfg.name).into(),
-            packet_id: 0,
-            properties: Default::default(),
-            payload: payload.into(),
-        };
+        let topic = format!("$SYS/holdfast/serial/{}/{leaf}", self.cfg.name);
         let _ = self
             .shared
             .router
-            .send(RouterEvent::SysPublish { publish })
+            .send(RouterEvent::sys(topic, payload))
             .await;
     }
 

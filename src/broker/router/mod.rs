@@ -156,6 +156,23 @@ pub enum RouterEvent {
     },
 }
 
+impl RouterEvent {
+    /// A retained QoS 0 status message for `topic` (`$SYS/...`), kept in memory only.
+    pub fn sys(topic: String, payload: impl Into<bytes::Bytes>) -> RouterEvent {
+        RouterEvent::SysPublish {
+            publish: Publish {
+                dup: false,
+                qos: QoS::AtMostOnce,
+                retain: true,
+                topic: topic.into(),
+                packet_id: 0,
+                properties: Default::default(),
+                payload: payload.into(),
+            },
+        }
+    }
+}
+
 /// Queue figures of one session.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct SessionStats {
