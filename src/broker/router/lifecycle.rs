@@ -1,0 +1,307 @@
+//! Sessions coming and going: CONNECT (new, resumed, taken over), disconnects, will delay
+//! and session expiry timers, ending sessions, graceful shutdown.
+
+use super::*;
+
+impl Router {
+    pub(super) fn on_connect(&mut self, req: ConnectRequest) {
+        let ConnectRequest {
+            link,
+            client_id,
+            clean_start,
+            expiry_interval,
+            will,
+            params,
+            mut connack,
+        } = req;
+        let mut wills = Vec::new();
+        let mut resumed = false;
+        if let Some(&sid) = self.by_client.get(&client_id) {
+            if let Some(s) = self.sessions.get_mut(&sid) {
+                s.generation += 1;
+                s.held.clear();
+                if let Some(old) = s.conn.take() {
+                    // Session takeover (MQTT-3.1.4-3): close the old connection.
+                    info!(client_id = %client_id, "session taken over by a new connection");
+                    self.by_conn.remove(&old.id);
+                    old.send(Outgoing::Disconnect(reason::SESSION_TAKEN_OVER));
+                    if let Some(w) = s.will.take() {
+                        // The old connection did not DISCONNECT normally. Its will is
+                        // delayed only if the session continues and a delay was asked for.
+                        if clean_start || will_delay(&w) == 0 {
+                            wills.push(w);
+                        }
+                    }
+                } else if let Some(w) = s.will.take() {
+                    // A delayed will is cancelled by reconnecting, unless the session ends.
+                    if clean_start {
+                        wills.push(w);
+                    }
+                }
+                resumed = !clean_start;
+            }
+            if !resumed {
+                self.end_session(sid, "clean start");
+            }
+        }
+        for w in wills {
+            self.publish_will(w);
+        }
+
+        let sid = match self.by_client.get(&client_id) {
+            Some(&sid) if resumed => sid,
+            _ => {
+                let sid = self.next_session;
+                self.next_session += 1;
+                let durable = expiry_interval > 0;
+                self.sessions
+                    .insert(sid, Session::new(sid, client_id.clone(), params, durable));
+                self.by_client.insert(client_id.clone(), sid);
+                sid
+            }
+        };
+        self.by_conn.insert(link.id, sid);
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        s.params = params;
+        s.expiry_interval = expiry_interval;
+        s.will = will;
+        s.conn = Some(link);
+        // A session kept in memory only, resumed with a Session Expiry Interval, is durable
+        // from now on: write what it holds, or what it acknowledges would die with the process.
+        let promote = !s.durable && expiry_interval > 0;
+        s.durable |= promote;
+        if s.durable {
+            self.ops.push(Op::UpsertSession {
+                sid,
+                client_id: s.client_id.clone(),
+                protocol: params.protocol.level(),
+                expiry: expiry_interval,
+                will: s.will.as_ref().map(will_to_stored),
+            });
+        }
+        if promote {
+            session_state_ops(s, &mut self.ops);
+        }
+        connack.session_present = resumed;
+        let token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
+        hold(
+            s,
+            token,
+            Held::Packet(Packet::ConnAck(connack)),
+            &mut self.cur,
+            &mut self.stats,
+        );
+        debug!(client_id = %s.client_id, resumed, durable = s.durable, "session attached");
+
+        if resumed {
+            // Resend what was in flight, in order, DUP set (MQTT-4.4.0-1).
+            let now = Instant::now();
+            let mut i = 0;
+            while i < s.inflight.len() {
+                let m = &s.inflight[i];
+                let item = match m.state {
+                    InflightState::AwaitingAck => {
+                        if m.message.is_expired(now) {
+                            self.stats.expired += 1;
+                            if s.durable {
+                                self.ops.push(Op::Delete { sid, seq: m.seq });
+                            }
+                            s.inflight.remove(i);
+                            continue;
+                        }
+                        Held::Deliver {
+                            packet_id: m.packet_id,
+                            dup: true,
+                            fresh: false,
+                        }
+                    }
+                    InflightState::AwaitingComp => {
+                        Held::Packet(Packet::PubRel(PubAckLike::new(m.packet_id)))
+                    }
+                };
+                hold(s, 0, item, &mut self.cur, &mut self.stats);
+                i += 1;
+            }
+            self.pump(sid);
+        }
+    }
+
+    pub(super) fn on_disconnected(
+        &mut self,
+        conn: ConnId,
+        will: WillAction,
+        session_expiry: Option<u32>,
+    ) {
+        let Some(sid) = self.by_conn.remove(&conn) else {
+            return; // already taken over
+        };
+        self.ungate_waiters(sid);
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        s.conn = None;
+        s.held.clear();
+        s.generation += 1;
+        if let Some(e) = session_expiry {
+            s.expiry_interval = e.min(self.cfg.max_session_expiry_secs);
+        }
+        let will = match will {
+            WillAction::Publish => s.will.take(),
+            WillAction::Discard => {
+                s.will = None;
+                None
+            }
+        };
+        debug!(client_id = %s.client_id, will = will.is_some(), "client disconnected");
+        let now = Instant::now();
+        if s.expiry_interval == 0 {
+            if let Some(w) = will {
+                self.publish_will(w);
+            }
+            self.end_session(sid, "session expiry interval 0");
+            return;
+        }
+        let generation = s.generation;
+        let mut publish_now = None;
+        if let Some(w) = will {
+            let delay = will_delay(&w).min(s.expiry_interval);
+            if delay == 0 {
+                publish_now = Some(w);
+            } else {
+                s.will = Some(w);
+                self.timers.push(Reverse(Timer {
+                    at: now + Duration::from_secs(u64::from(delay)),
+                    session: sid,
+                    generation,
+                    kind: TimerKind::WillDelay,
+                }));
+            }
+        }
+        if s.expiry_interval != u32::MAX {
+            self.timers.push(Reverse(Timer {
+                at: now + Duration::from_secs(u64::from(s.expiry_interval)),
+                session: sid,
+                generation,
+                kind: TimerKind::SessionExpiry,
+            }));
+        }
+        if s.durable {
+            s.spill_all();
+            s.offline_since_ms = unix_ms();
+            self.ops.push(Op::SessionOffline {
+                sid,
+                at_ms: s.offline_since_ms,
+                expiry: s.expiry_interval,
+                will: s.will.as_ref().map(will_to_stored),
+            });
+        }
+        if let Some(w) = publish_now {
+            self.publish_will(w);
+        }
+    }
+
+    pub(super) fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(Reverse(t)) = self.timers.peek().copied() {
+            if t.at > now {
+                break;
+            }
+            self.timers.pop();
+            let Some(s) = self.sessions.get_mut(&t.session) else {
+                continue;
+            };
+            if s.generation != t.generation || s.is_online() {
+                continue;
+            }
+            match t.kind {
+                TimerKind::WillDelay => {
+                    if let Some(w) = s.will.take() {
+                        if s.durable {
+                            self.ops.push(Op::SessionOffline {
+                                sid: t.session,
+                                at_ms: s.offline_since_ms,
+                                expiry: s.expiry_interval,
+                                will: None,
+                            });
+                        }
+                        self.publish_will(w);
+                    }
+                }
+                TimerKind::SessionExpiry => {
+                    if let Some(w) = s.will.take() {
+                        self.publish_will(w);
+                    }
+                    self.stats.sessions_expired += 1;
+                    self.ops.push(Op::Count {
+                        name: "sessions_expired",
+                        add: 1,
+                    });
+                    self.end_session(t.session, "session expired");
+                }
+            }
+        }
+    }
+
+    /// Removes a session and everything it holds. Queued messages go with it (counted).
+    pub(super) fn end_session(&mut self, sid: SessionId, why: &str) {
+        self.ungate_waiters(sid);
+        let Some(s) = self.sessions.remove(&sid) else {
+            return;
+        };
+        if self.by_client.get(&s.client_id) == Some(&sid) {
+            self.by_client.remove(&s.client_id);
+        }
+        let keys = s.tree_keys();
+        self.tree
+            .unsubscribe_all(sid, keys.iter().map(|(f, g)| (f.as_str(), g.as_deref())));
+        if s.durable {
+            self.ops.push(Op::DeleteSession { sid });
+        }
+        let lost = s.queue_len + s.inflight.len() as u64;
+        if lost > 0 {
+            info!(client_id = %s.client_id, messages = lost, why, "session ended with undelivered messages");
+        } else {
+            debug!(client_id = %s.client_id, why, "session ended");
+        }
+    }
+
+    pub(super) async fn shutdown(&mut self) {
+        // Connections are closed by the server, so their wills are due (MQTT-3.1.2-8),
+        // unless a Will Delay outlasts this restart (durable sessions keep it on disk).
+        // Sessions that are not durable end now, and so do their delayed wills.
+        let mut wills = Vec::new();
+        let now_ms = unix_ms();
+        for s in self.sessions.values_mut() {
+            let online = s.conn.is_some();
+            if s.durable {
+                if online {
+                    let keep = s.will.as_ref().is_some_and(|w| will_delay(w) > 0);
+                    if !keep {
+                        wills.extend(s.will.take());
+                    }
+                    self.ops.push(Op::SessionOffline {
+                        sid: s.id,
+                        at_ms: now_ms,
+                        expiry: s.expiry_interval,
+                        will: s.will.as_ref().map(will_to_stored),
+                    });
+                }
+            } else {
+                wills.extend(s.will.take());
+            }
+        }
+        for w in wills {
+            self.publish_will(w);
+        }
+        for s in self.sessions.values_mut() {
+            s.held.clear();
+            if let Some(c) = s.conn.take() {
+                c.send(Outgoing::Disconnect(reason::SERVER_SHUTTING_DOWN));
+            }
+        }
+        self.close_store().await;
+        info!(stats = ?self.stats, "router stopped");
+    }
+}
