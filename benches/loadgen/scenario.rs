@@ -307,11 +307,20 @@ pub async fn run_opts(
     durable_subs: bool,
 ) -> io::Result<Outcome> {
     let pairs = spec.pairs as u64;
+    // Durable subscribers outlive their run: each run gets its own topics, or every later
+    // run would also queue a copy for every earlier run's (offline) subscriber.
+    let topic_for = |i: usize| {
+        if durable_subs {
+            format!("bench/{tag}/{i}")
+        } else {
+            format!("bench/{i}")
+        }
+    };
     let mut subs = Vec::new();
     for i in 0..spec.pairs {
         let (mut r, mut w, _) =
             client::connect_with(addr, &format!("{tag}-sub{i}"), 60, !durable_subs).await?;
-        client::subscribe(&mut r, &mut w, &format!("bench/{i}"), spec.qos).await?;
+        client::subscribe(&mut r, &mut w, &topic_for(i), spec.qos).await?;
         subs.push((r, w));
     }
     let mut pubs = Vec::new();
@@ -327,7 +336,7 @@ pub async fn run_opts(
         let n = spec.messages / pairs + u64::from((i as u64) < spec.messages % pairs);
         let progress = Arc::new(Progress::default());
         sub_tasks.push(tokio::spawn(subscriber(sr, sw, n, progress.clone())));
-        let topic: Arc<str> = format!("bench/{i}").into();
+        let topic: Arc<str> = topic_for(i).into();
         let (qos, window) = (spec.qos, spec.window);
         pub_tasks.push(tokio::spawn(async move {
             let res = match qos {
