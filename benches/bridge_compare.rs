@@ -349,19 +349,8 @@ fn one_line(e: &str) -> String {
 fn main() {
     let args = parse_args();
     let holdfast_bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
-    let shown: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let command = if shown.is_empty() {
-        "cargo bench --bench bridge_compare".to_string()
-    } else {
-        format!("cargo bench --bench bridge_compare -- {}", shown.join(" "))
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let command = loadgen::bench_command("bridge_compare");
+    let rt = loadgen::runtime();
     let started = Instant::now();
     let run = format!("{}", std::process::id());
 

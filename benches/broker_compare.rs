@@ -100,20 +100,9 @@ fn delivered(spec: &Spec, o: &Outcome) -> String {
 fn main() {
     let args = parse_args();
     let holdfast_bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
-    let shown: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let command = if shown.is_empty() {
-        "cargo bench --bench broker_compare".to_string()
-    } else {
-        format!("cargo bench --bench broker_compare -- {}", shown.join(" "))
-    };
+    let command = loadgen::bench_command("broker_compare");
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = loadgen::runtime();
 
     // Both brokers stay up for the whole run; the guards kill them on every exit path.
     let mut holdfast = BrokerProc::holdfast(&holdfast_bin).expect("starting holdfast");

@@ -322,19 +322,8 @@ fn attach(rt: &tokio::runtime::Runtime, addr: std::net::SocketAddr, args: &Args)
 fn main() {
     let args = parse_args();
     let holdfast_bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
-    let shown: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| a != "--bench")
-        .collect();
-    let command = if shown.is_empty() {
-        "cargo bench --bench durable_compare".to_string()
-    } else {
-        format!("cargo bench --bench durable_compare -- {}", shown.join(" "))
-    };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let command = loadgen::bench_command("durable_compare");
+    let rt = loadgen::runtime();
     if let Some(addr) = args.attach {
         attach(&rt, addr, &args);
         return;
