@@ -31,7 +31,7 @@ pub struct TopicRule {
     pub pattern: String,
     #[serde(default = "default_direction")]
     pub direction: Direction,
-    /// QoS on the upstream side (0 or 1).
+    /// QoS on the upstream side (0 or 1; 2 needs `protocol = "5"`).
     #[serde(default = "default_qos")]
     pub qos: u8,
     /// Local topic = local_prefix + X.
@@ -53,6 +53,8 @@ fn default_qos() -> u8 {
 pub enum BridgeProtocol {
     #[serde(rename = "3.1.1")]
     V311,
+    #[serde(rename = "5", alias = "5.0")]
+    V5,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -73,12 +75,16 @@ pub struct BridgeConfig {
     pub username: Option<String>,
     #[serde(default)]
     pub password: Option<String>,
+    /// v5: Session Expiry Interval asked of the upstream, seconds (never 0, so the cloud
+    /// keeps downlink messages for the gateway during an outage). Default one day.
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry_secs: u32,
     /// Keep-alive upstream, seconds (min 5). Also bounds half-open link detection: up to
     /// 2× (rumqttc pings every keep-alive whatever the traffic and gives up at the second
     /// unanswered ping), then `connect_timeout_secs` per silent reconnect attempt.
     #[serde(default = "default_keepalive")]
     pub keepalive_secs: u16,
-    /// QoS 1 messages in flight upstream.
+    /// QoS 1/2 messages in flight upstream (v5: at most the upstream's Receive Maximum).
     #[serde(default = "default_inflight")]
     pub inflight: u16,
     /// Reconnect backoff bounds, milliseconds (exponential with full jitter).
@@ -126,6 +132,10 @@ pub struct BridgeConfig {
     pub cert_file: Option<std::path::PathBuf>,
     #[serde(default)]
     pub key_file: Option<std::path::PathBuf>,
+    /// Name to verify the upstream's certificate against, when it differs from the host in
+    /// `address` (e.g. connecting by IP address or through a tunnel).
+    #[serde(default)]
+    pub server_name: Option<String>,
     #[serde(default)]
     pub topic: Vec<TopicRule>,
 }
@@ -135,6 +145,9 @@ fn default_policy() -> crate::config::QueuePolicy {
 }
 fn default_protocol() -> BridgeProtocol {
     BridgeProtocol::V311
+}
+fn default_session_expiry() -> u32 {
+    86_400
 }
 fn default_keepalive() -> u16 {
     30
@@ -163,6 +176,7 @@ impl BridgeConfig {
             client_id: Some("gateway-17".into()),
             username: Some("gateway-17".into()),
             password: Some("secret".into()),
+            session_expiry_secs: default_session_expiry(),
             keepalive_secs: default_keepalive(),
             inflight: default_inflight(),
             reconnect_min_ms: default_backoff_min(),
@@ -179,6 +193,7 @@ impl BridgeConfig {
             system_roots: None,
             cert_file: None,
             key_file: None,
+            server_name: None,
             topic: vec![TopicRule {
                 pattern: "sensors/#".into(),
                 direction: Direction::Out,
@@ -196,6 +211,7 @@ impl BridgeConfig {
         self.system_roots = Some(false);
         self.cert_file = Some("/etc/holdfast/gateway.crt".into());
         self.key_file = Some("/etc/holdfast/gateway.key".into());
+        self.server_name = Some("broker.example.com".into());
         self
     }
 
@@ -242,8 +258,25 @@ impl BridgeConfig {
                 "cert_file and key_file go together",
             ));
         }
+        if self.session_expiry_secs == 0 {
+            return Err(ConfigError::invalid(
+                key("session_expiry_secs"),
+                "must be at least 1: with 0 the upstream would discard the gateway's session (and its downlink messages) on every disconnect",
+            ));
+        }
+        if let Some(name) = &self.server_name {
+            if rustls_pki_types::ServerName::try_from(name.as_str()).is_err() {
+                return Err(ConfigError::invalid(
+                    key("server_name"),
+                    format!("`{name}` is not a DNS name or IP address"),
+                ));
+            }
+        }
         if !self.tls
-            && (self.ca_file.is_some() || self.cert_file.is_some() || self.system_roots.is_some())
+            && (self.ca_file.is_some()
+                || self.cert_file.is_some()
+                || self.system_roots.is_some()
+                || self.server_name.is_some())
         {
             return Err(ConfigError::invalid(
                 key("tls"),
@@ -258,10 +291,21 @@ impl BridgeConfig {
         }
         for (j, t) in self.topic.iter().enumerate() {
             let tk = |k: &str| format!("bridge[{i}].topic[{j}].{k}");
-            if t.qos > 1 {
+            let max_qos = match self.protocol {
+                BridgeProtocol::V311 => 1,
+                BridgeProtocol::V5 => 2,
+            };
+            if t.qos > max_qos {
                 return Err(ConfigError::invalid(
                     tk("qos"),
-                    format!("must be 0 or 1 (got {})", t.qos),
+                    if max_qos == 1 {
+                        format!(
+                            "must be 0 or 1 with protocol = \"3.1.1\" (got {}; QoS 2 needs protocol = \"5\")",
+                            t.qos
+                        )
+                    } else {
+                        format!("must be 0, 1 or 2 (got {})", t.qos)
+                    },
                 ));
             }
             let local = format!("{}{}", t.local_prefix, t.pattern);

@@ -1,5 +1,5 @@
 //! The upstream bridge: one task per `[[bridge]]`, carrying local topics up and cloud
-//! topics down through a rumqttc client with a persistent upstream session.
+//! topics down through an MQTT 3.1.1 (rumqttc) or MQTT 5 client with a persistent upstream session.
 //!
 //! # Design
 //! The outbox is an internal *durable session* of the router (client id
@@ -22,17 +22,20 @@
 //! commit, and only then is the upstream PUBACK sent (rumqttc manual acks). Messages that
 //! came down are never sent back up: the internal session's subscriptions use No Local.
 //!
-//! rumqttc 0.25.1 is driven through its public `EventLoop` fields (see
-//! `../shared/research/crates.md` §2): requests go into `pending` and are written by
-//! `write_pending` through rumqttc's own state machine (`state.handle_outgoing_packet`) and
-//! framed network, one flush per batch; the request channel is never used; `pending` and
-//! `state` are reset after every connection error (dropping rumqttc's own replay, which
-//! would go out without DUP); `poll()` only reads (acks, downlink, pings) and is raced
-//! against other futures only while `pending` is empty, when it can only be waiting in
-//! cancel-safe places.
+//! QoS 2 (MQTT 5 upstreams): the router's PUBREL for an uplink message goes upstream only
+//! after the PUBREC is stored (state 2), and downlink PUBREC/PUBCOMP follow the router's
+//! commits, so exactly-once holds across gateway restarts while the upstream keeps the
+//! session. An upstream whose Maximum QoS is lower gets the message at its maximum, and
+//! its acknowledgement completes the local exchange.
+//!
+//! The upstream connection itself is version-specific and stateless ([`upstream`]):
+//! MQTT 3.1.1 through rumqttc ([`v311`]), MQTT 5 with our own codec ([`v5`]).
 
 pub mod config;
 mod tls;
+mod upstream;
+mod v311;
+mod v5;
 
 pub use tls::client_config as tls_client_config;
 
@@ -41,23 +44,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, Event, EventLoop, MqttOptions, MqttState, Packet as RPacket, Request,
-    SubscribeFilter,
-};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use config::{BridgeConfig, Direction, TopicRule};
+pub use config::{BridgeConfig, BridgeProtocol, Direction, TopicRule};
+use upstream::{AckKind, Granted, UpEvent, Upstream};
 
 use crate::broker::connection::{ConnLink, Outgoing, Shared};
 use crate::broker::router::{ConnectRequest, InternalSession, RouterEvent, WillAction};
 use crate::broker::session::{ClientParams, QueueLimits};
 use crate::protocol::{
-    topic, ConnAck, Packet, ProtocolVersion, Publish, QoS, SubscribeFilter as Sf,
-    SubscriptionOptions,
+    reason, topic, ConnAck, Packet, ProtocolVersion, PubAckLike, Publish, QoS,
+    SubscribeFilter as Sf, SubscriptionOptions,
 };
 
 /// Prefix of the internal session ids; clients may not use it.
@@ -75,8 +75,12 @@ pub struct BridgeStatus {
     pub last_error: Option<String>,
     /// Messages handed to the upstream connection (resends included).
     pub sent: u64,
-    /// Upstream PUBACKs received (each deletes a message from the outbox).
+    /// Messages the upstream acknowledged (PUBACK, or PUBCOMP for QoS 2): each deletes
+    /// one from the outbox.
     pub acked: u64,
+    /// Messages the upstream refused (v5 reason code >= 0x80) or could never take (larger
+    /// than its Maximum Packet Size): removed from the outbox, logged and counted here.
+    pub rejected: u64,
     /// Messages received from upstream (downlink).
     pub received: u64,
     /// Successful connections since start.
@@ -92,6 +96,37 @@ enum End {
     Lost(String),
 }
 
+/// How one connection attempt went.
+enum Attempt {
+    Failed(String),
+    Ended(End),
+}
+
+/// One connected period: the internal session's connection and what the upstream granted.
+struct Link {
+    conn: u64,
+    granted: Granted,
+    /// Messages sent upstream below their local QoS (the upstream's Maximum QoS is
+    /// lower), by packet id, with the local QoS: the upstream's answer completes them.
+    emulated: HashMap<u16, QoS>,
+}
+
+fn qos_of(q: u8) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+/// `host:port` → (host, port); 1883 if the port is missing (validated at start-up).
+fn host_port(address: &str) -> (String, u16) {
+    address
+        .rsplit_once(':')
+        .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_string(), p)))
+        .unwrap_or_else(|| (address.to_string(), 1883))
+}
+
 /// The internal session of a bridge: its client id and the subscriptions that make it the
 /// outbox (the local side of every `out` rule, No Local so downlink never goes back up).
 /// The router creates it at start-up, so messages are kept from the first moment, whether
@@ -104,11 +139,7 @@ pub fn internal_session(cfg: &BridgeConfig) -> InternalSession {
         .map(|t| Sf {
             filter: format!("{}{}", t.local_prefix, t.pattern),
             options: SubscriptionOptions {
-                qos: if t.qos == 0 {
-                    QoS::AtMostOnce
-                } else {
-                    QoS::AtLeastOnce
-                },
+                qos: qos_of(t.qos),
                 no_local: true,
                 retain_as_published: true,
                 retain_handling: 1,
@@ -274,62 +305,71 @@ impl Bridge {
         ));
         let mut backoff = Backoff::new(self.cfg.reconnect_min_ms, self.cfg.reconnect_max_ms);
         let mut last_error = String::new();
+        let max_packet = self.shared.cfg.max_packet_size as usize + 1024;
         while !self.shutdown.is_cancelled() {
-            let (client, mut el) = self.client();
-            let connected = tokio::select! {
-                r = el.poll() => r,
-                _ = self.shutdown.cancelled() => break,
-            };
-            match connected {
-                Ok(Event::Incoming(RPacket::ConnAck(ack)))
-                    if ack.code == rumqttc::ConnectReturnCode::Success =>
-                {
-                    info!(bridge = %self.cfg.name, address = %self.cfg.address, session_present = ack.session_present, "bridge connected upstream");
-                    last_error.clear();
-                    backoff.reset();
-                    self.set_connected(true, None).await;
+            let tls = self.tls.clone();
+            let outcome = match self.cfg.protocol {
+                BridgeProtocol::V311 => {
+                    self.attempt(v311::connect(&self.cfg, tls, max_packet), &mut backoff)
+                        .await
                 }
-                other => {
-                    let e = match other {
-                        Ok(ev) => format!("unexpected first event {ev:?}"),
-                        Err(e) => e.to_string(),
-                    };
+                BridgeProtocol::V5 => {
+                    self.attempt(v5::connect(&self.cfg, tls, max_packet), &mut backoff)
+                        .await
+                }
+            };
+            match outcome {
+                Attempt::Failed(e) => {
                     if e != last_error {
                         warn!(bridge = %self.cfg.name, address = %self.cfg.address, cause = %e, "bridge cannot connect upstream (retrying with backoff; logged once per distinct error)");
                         self.status(|st| st.last_error = Some(e.clone()));
                         last_error = e;
                     }
-                    if self.pause(backoff.next()).await {
-                        break;
-                    }
-                    continue;
                 }
-            }
-            // Start from a clean rumqttc state: the router resends what is in flight.
-            el.pending.clear();
-            el.state = MqttState::new(self.cfg.inflight, true);
-            let end = match self.subscribe_upstream(&mut el).await {
-                Err(e) => End::Lost(e),
-                Ok(early) => self.connected(&mut el, early).await,
-            };
-            drop(client);
-            let error = match &end {
-                End::Shutdown => None,
-                End::Lost(e) => Some(e.clone()),
-            };
-            self.set_connected(false, error).await;
-            match end {
-                End::Shutdown => break,
-                End::Lost(e) => {
+                Attempt::Ended(End::Shutdown) => break,
+                Attempt::Ended(End::Lost(e)) => {
                     warn!(bridge = %self.cfg.name, cause = %e, "bridge link lost; messages stay queued on disk");
                     last_error = e;
-                    if self.pause(backoff.next()).await {
-                        break;
-                    }
                 }
+            }
+            if self.pause(backoff.next()).await {
+                break;
             }
         }
         debug!(bridge = %self.cfg.name, "bridge stopped");
+    }
+
+    /// One connection attempt and, if it succeeds, the connected period.
+    async fn attempt<U: Upstream>(
+        &self,
+        connect: impl std::future::Future<Output = Result<(U, Granted), String>>,
+        backoff: &mut Backoff,
+    ) -> Attempt {
+        // Never cancelled except by shutdown: a slow LTE TLS handshake that kept being
+        // cancelled would never finish. `connect` is bounded by connect_timeout_secs.
+        let (mut up, granted) = tokio::select! {
+            r = connect => match r {
+                Ok(c) => c,
+                Err(e) => return Attempt::Failed(e),
+            },
+            _ = self.shutdown.cancelled() => return Attempt::Ended(End::Shutdown),
+        };
+        info!(bridge = %self.cfg.name, address = %self.cfg.address, protocol = ?self.cfg.protocol, session_present = granted.session_present, "bridge connected upstream");
+        backoff.reset();
+        self.set_connected(true, None).await;
+        let end = match self.subscribe_upstream(&mut up).await {
+            Err(e) => End::Lost(e),
+            Ok(early) => self.connected(&mut up, granted, early).await,
+        };
+        if matches!(end, End::Shutdown) {
+            up.close().await;
+        }
+        let error = match &end {
+            End::Shutdown => None,
+            End::Lost(e) => Some(e.clone()),
+        };
+        self.set_connected(false, error).await;
+        Attempt::Ended(end)
     }
 
     /// Sleeps for a backoff step; true if shutdown came first.
@@ -340,80 +380,48 @@ impl Bridge {
         }
     }
 
-    fn client(&self) -> (AsyncClient, EventLoop) {
-        let (host, port) = self
-            .cfg
-            .address
-            .rsplit_once(':')
-            .and_then(|(h, p)| p.parse::<u16>().ok().map(|p| (h.to_string(), p)))
-            .unwrap_or_else(|| (self.cfg.address.clone(), 1883));
-        let mut opts = MqttOptions::new(self.cfg.effective_client_id(), host, port);
-        opts.set_clean_session(false);
-        opts.set_manual_acks(true);
-        opts.set_inflight(self.cfg.inflight);
-        opts.set_keep_alive(Duration::from_secs(u64::from(
-            self.cfg.keepalive_secs.max(5),
-        )));
-        opts.set_max_packet_size(
-            self.shared.cfg.max_packet_size as usize + 1024,
-            self.shared.cfg.max_packet_size as usize + 1024,
-        );
-        if let Some(u) = &self.cfg.username {
-            opts.set_credentials(u.clone(), self.cfg.password.clone().unwrap_or_default());
-        }
-        if let Some(tls) = &self.tls {
-            opts.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls.clone()),
-            ));
-        }
-        let (client, mut el) = AsyncClient::new(opts, 1);
-        el.network_options
-            .set_connection_timeout(self.cfg.connect_timeout_secs.max(1));
-        (client, el)
-    }
-
-    /// Subscribes the `in` rules upstream and waits for the SUBACK (before any publish is
-    /// in flight, so packet ids cannot clash).
-    ///
-    /// An upstream that kept our session sends what it queued for us right after CONNACK,
-    /// before it even reads the SUBSCRIBE; those PUBLISHes are returned, to be handled first
-    /// once the internal session is attached. (Dropping them would leave them unacknowledged
-    /// upstream: a 3.1.1 broker resends only on the next reconnect, and meanwhile they hold
-    /// its in-flight window, so the downlink would stall.)
-    async fn subscribe_upstream(
-        &self,
-        el: &mut EventLoop,
-    ) -> Result<Vec<rumqttc::Publish>, String> {
-        let mut early = Vec::new();
+    /// Subscribes the `in` rules upstream (before any publish is in flight, so packet ids
+    /// cannot clash); refused filters are logged and shown as the last error. Returns the
+    /// events that arrived before the SUBACK, to be handled first once the internal
+    /// session is attached (dropping a message a resumed session delivered early would
+    /// leave it unacknowledged upstream, holding the upstream's in-flight window).
+    async fn subscribe_upstream<U: Upstream>(&self, up: &mut U) -> Result<Vec<UpEvent>, String> {
         if self.inbound.is_empty() {
-            return Ok(early);
+            return Ok(Vec::new());
         }
-        let filters = self.inbound.iter().map(|(f, _, _, q)| {
-            SubscribeFilter::new(
-                f.clone(),
-                if *q == 0 {
-                    rumqttc::QoS::AtMostOnce
-                } else {
-                    rumqttc::QoS::AtLeastOnce
+        let filters: Vec<Sf> = self
+            .inbound
+            .iter()
+            .map(|(f, _, _, q)| Sf {
+                filter: f.clone(),
+                options: SubscriptionOptions {
+                    qos: qos_of(*q),
+                    // v5: what we publish upstream on a `both` rule does not come back down.
+                    no_local: true,
+                    retain_as_published: true,
+                    retain_handling: 0,
                 },
-            )
-        });
-        el.pending
-            .push_back(Request::Subscribe(rumqttc::Subscribe::new_many(filters)));
-        let deadline = Instant::now() + Duration::from_secs(self.cfg.connect_timeout_secs.max(1));
-        loop {
-            match tokio::time::timeout_at(deadline, el.poll()).await {
-                Err(_) => return Err("no SUBACK from upstream".into()),
-                Ok(Err(e)) => return Err(e.to_string()),
-                Ok(Ok(Event::Incoming(RPacket::SubAck(_)))) => return Ok(early),
-                Ok(Ok(Event::Incoming(RPacket::Publish(p)))) => early.push(p),
-                Ok(Ok(_)) => {}
+            })
+            .collect();
+        let timeout = Duration::from_secs(self.cfg.connect_timeout_secs.max(1));
+        let (codes, early) = up.subscribe(filters, timeout).await?;
+        for ((filter, ..), code) in self.inbound.iter().zip(codes) {
+            if code >= 0x80 {
+                let e = format!("upstream refused the subscription to `{filter}` (reason code {code:#04x})");
+                warn!(bridge = %self.cfg.name, "{e}; no downlink for that rule");
+                self.status(|st| st.last_error = Some(e));
             }
         }
+        Ok(early)
     }
 
     /// Attaches the internal session and moves messages both ways until the link drops.
-    async fn connected(&self, el: &mut EventLoop, early: Vec<rumqttc::Publish>) -> End {
+    async fn connected<U: Upstream>(
+        &self,
+        up: &mut U,
+        granted: Granted,
+        early: Vec<UpEvent>,
+    ) -> End {
         let conn = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
         let (link, mut rx) = ConnLink::new(conn);
         let router = &self.shared.router;
@@ -424,8 +432,16 @@ impl Bridge {
             expiry_interval: u32::MAX,
             will: None,
             params: ClientParams {
-                protocol: ProtocolVersion::V311,
-                window: self.cfg.inflight.min(self.shared.cfg.max_inflight).max(1),
+                protocol: match self.cfg.protocol {
+                    BridgeProtocol::V311 => ProtocolVersion::V311,
+                    BridgeProtocol::V5 => ProtocolVersion::V5,
+                },
+                window: self
+                    .cfg
+                    .inflight
+                    .min(granted.receive_maximum)
+                    .min(self.shared.cfg.max_inflight)
+                    .max(1),
                 max_packet_size: u32::MAX,
                 compact_packet_ids: true,
             },
@@ -434,7 +450,12 @@ impl Bridge {
         if router.send(attach).await.is_err() {
             return End::Shutdown;
         }
-        let end = self.pump(el, conn, &mut rx, early).await;
+        let mut link = Link {
+            conn,
+            granted,
+            emulated: HashMap::new(),
+        };
+        let end = self.pump(up, &mut link, &mut rx, early).await;
         let _ = router
             .send(RouterEvent::Disconnected {
                 conn,
@@ -445,18 +466,15 @@ impl Bridge {
         end
     }
 
-    async fn pump(
+    async fn pump<U: Upstream>(
         &self,
-        el: &mut EventLoop,
-        conn: u64,
+        up: &mut U,
+        link: &mut Link,
         rx: &mut mpsc::UnboundedReceiver<Outgoing>,
-        early: Vec<rumqttc::Publish>,
+        early: Vec<UpEvent>,
     ) -> End {
-        let router = &self.shared.router;
-        // Downlink messages waiting for the local commit, by upstream packet id.
-        let mut downlink: HashMap<u16, rumqttc::Publish> = HashMap::new();
-        for p in early {
-            if let Some(end) = self.downlink(el, p, &mut downlink, conn).await {
+        for ev in early {
+            if let Some(end) = self.incoming(up, link, ev).await {
                 return end;
             }
         }
@@ -464,7 +482,7 @@ impl Bridge {
         loop {
             if pacer.ready() {
                 while let Ok(out) = rx.try_recv() {
-                    match self.outgoing(el, out, &mut downlink, conn).await {
+                    match self.outgoing(up, link, out).await {
                         Err(end) => return end,
                         Ok(bytes) => pacer.sent(bytes),
                     }
@@ -473,108 +491,126 @@ impl Bridge {
                     }
                 }
             }
-            if let Err(e) = self.write_pending(el).await {
+            if let Err(e) = up.flush().await {
                 return End::Lost(e);
             }
-            let ev = if el.pending.is_empty() {
-                tokio::select! {
-                    _ = self.shutdown.cancelled() => return End::Shutdown,
-                    out = rx.recv(), if pacer.ready() => match out {
-                        None => return End::Shutdown,
-                        Some(out) => {
-                            match self.outgoing(el, out, &mut downlink, conn).await {
-                                Err(end) => return end,
-                                Ok(bytes) => pacer.sent(bytes),
-                            }
-                            continue;
+            // Everything is written: `next` may be cancelled here.
+            let ev = tokio::select! {
+                _ = self.shutdown.cancelled() => return End::Shutdown,
+                out = rx.recv(), if pacer.ready() => match out {
+                    None => return End::Shutdown,
+                    Some(out) => {
+                        match self.outgoing(up, link, out).await {
+                            Err(end) => return end,
+                            Ok(bytes) => pacer.sent(bytes),
                         }
-                    },
-                    _ = tokio::time::sleep_until(pacer.next), if !pacer.ready() => continue,
-                    ev = el.poll() => ev,
-                }
-            } else {
-                // rumqttc may be writing: never cancel it here.
-                el.poll().await
+                        continue;
+                    }
+                },
+                _ = tokio::time::sleep_until(pacer.next), if !pacer.ready() => continue,
+                ev = up.next() => ev,
             };
             match ev {
-                Err(e) => return End::Lost(e.to_string()),
-                Ok(Event::Incoming(RPacket::PubAck(a))) => {
-                    self.status(|st| st.acked += 1);
-                    let ev = RouterEvent::PubAck {
-                        conn,
-                        packet_id: a.pkid,
-                    };
-                    if router.send(ev).await.is_err() {
-                        return End::Shutdown;
-                    }
-                }
-                Ok(Event::Incoming(RPacket::Publish(p))) => {
-                    self.status(|st| st.received += 1);
-                    if let Some(end) = self.downlink(el, p, &mut downlink, conn).await {
+                Err(e) => return End::Lost(e),
+                Ok(ev) => {
+                    if let Some(end) = self.incoming(up, link, ev).await {
                         return end;
                     }
                 }
-                Ok(Event::Incoming(RPacket::Disconnect)) => {
-                    return End::Lost("upstream sent DISCONNECT".into())
-                }
-                Ok(_) => {}
             }
         }
     }
 
-    /// Hands one message from upstream to the router (its upstream PUBACK waits for the
-    /// router's). `Some` ends the connected period.
-    async fn downlink(
-        &self,
-        el: &mut EventLoop,
-        p: rumqttc::Publish,
-        downlink: &mut HashMap<u16, rumqttc::Publish>,
-        conn: u64,
-    ) -> Option<End> {
+    /// Sends an event to the router; `Some(End::Shutdown)` if the router is gone.
+    async fn to_router(&self, ev: RouterEvent) -> Option<End> {
+        self.shared.router.send(ev).await.err().map(|_| End::Shutdown)
+    }
+
+    /// Handles one event from upstream. `Some` ends the connected period.
+    async fn incoming<U: Upstream>(&self, up: &mut U, link: &mut Link, ev: UpEvent) -> Option<End> {
+        let conn = link.conn;
+        match ev {
+            UpEvent::Nothing => None,
+            UpEvent::Disconnect(why) => Some(End::Lost(why)),
+            UpEvent::Publish(p) => {
+                self.status(|st| st.received += 1);
+                self.downlink(up, conn, p).await
+            }
+            UpEvent::Release(packet_id) => {
+                self.to_router(RouterEvent::PubRel { conn, packet_id }).await
+            }
+            UpEvent::Ack {
+                kind,
+                packet_id,
+                reason,
+            } => {
+                let done = kind != AckKind::Rec || reason >= 0x80;
+                if reason >= 0x80 {
+                    warn!(bridge = %self.cfg.name, packet_id, reason = format!("{reason:#04x}"), "the upstream refused a message (v5 reason code); it is removed from the outbox and counted as rejected");
+                    self.status(|st| st.rejected += 1);
+                } else if done {
+                    self.status(|st| st.acked += 1);
+                }
+                // A QoS 2 message the upstream only takes at QoS 1: its PUBACK is our PUBREC.
+                let kind = match (kind, link.emulated.get(&packet_id)) {
+                    (AckKind::Ack, Some(QoS::ExactlyOnce)) => AckKind::Rec,
+                    _ => kind,
+                };
+                if kind != AckKind::Rec || reason >= 0x80 {
+                    link.emulated.remove(&packet_id);
+                }
+                self.to_router(match kind {
+                    AckKind::Ack => RouterEvent::PubAck { conn, packet_id },
+                    AckKind::Rec => RouterEvent::PubRec {
+                        conn,
+                        packet_id,
+                        reason,
+                    },
+                    AckKind::Comp => RouterEvent::PubComp { conn, packet_id },
+                })
+                .await
+            }
+        }
+    }
+
+    /// Hands one message from upstream to the router; its upstream acknowledgement waits
+    /// for the router's (after the local commit). `Some` ends the connected period.
+    async fn downlink<U: Upstream>(&self, up: &mut U, conn: u64, mut p: Publish) -> Option<End> {
         let Some(local) = self.local_topic(&p.topic) else {
             warn!(bridge = %self.cfg.name, topic = %p.topic, "downlink message matches no `in` rule; acknowledged and dropped");
-            if p.qos != rumqttc::QoS::AtMostOnce {
-                el.pending
-                    .push_back(Request::PubAck(rumqttc::PubAck::new(p.pkid)));
-            }
-            return None;
+            let ack = PubAckLike::new(p.packet_id);
+            let packet = match p.qos {
+                QoS::AtMostOnce => return None,
+                QoS::AtLeastOnce => Packet::PubAck(ack),
+                QoS::ExactlyOnce => Packet::PubRec(ack),
+            };
+            return up.queue(packet).err().map(End::Lost);
         };
-        let qos = match p.qos {
-            rumqttc::QoS::AtMostOnce => QoS::AtMostOnce,
-            _ => QoS::AtLeastOnce,
-        };
-        let publish = Publish {
-            dup: false,
-            qos,
-            retain: p.retain,
-            topic: local.into(),
-            packet_id: if qos == QoS::AtMostOnce { 0 } else { p.pkid },
-            properties: Default::default(),
-            payload: p.payload.clone(),
-        };
-        if qos != QoS::AtMostOnce {
-            downlink.insert(p.pkid, p);
+        p.topic = local.into();
+        p.dup = false;
+        // Upstream-only properties: ours are assigned by the router for each subscriber.
+        p.properties.subscription_identifiers.clear();
+        p.properties.topic_alias = None;
+        if p.qos == QoS::AtMostOnce {
+            p.packet_id = 0;
         }
-        let ev = RouterEvent::Publish {
+        self.to_router(RouterEvent::Publish {
             conn,
-            publish,
+            publish: p,
             received: Instant::now(),
-        };
-        if self.shared.router.send(ev).await.is_err() {
-            return Some(End::Shutdown);
-        }
-        None
+        })
+        .await
     }
 
     /// Handles one packet from the router: the payload bytes it puts on the link (for the
     /// drain pacer), or `Err` to end the connected period.
-    async fn outgoing(
+    async fn outgoing<U: Upstream>(
         &self,
-        el: &mut EventLoop,
+        up: &mut U,
+        link: &mut Link,
         out: Outgoing,
-        downlink: &mut HashMap<u16, rumqttc::Publish>,
-        conn: u64,
     ) -> Result<usize, End> {
+        let conn = link.conn;
         let packet = match out {
             Outgoing::Disconnect(_) => {
                 return Err(if self.shutdown.is_cancelled() {
@@ -585,82 +621,106 @@ impl Bridge {
             }
             Outgoing::Packet(p) => *p,
         };
-        let mut bytes = 0;
+        let lost = End::Lost;
         match packet {
-            Packet::Publish(p) => match self.remote_topic(&p.topic) {
-                Some(remote) => {
-                    let rp = rumqttc::Publish {
-                        dup: p.dup,
-                        qos: if p.qos == QoS::AtMostOnce {
-                            rumqttc::QoS::AtMostOnce
-                        } else {
-                            rumqttc::QoS::AtLeastOnce
-                        },
-                        retain: p.retain,
-                        topic: remote,
-                        pkid: p.packet_id,
-                        payload: p.payload,
+            Packet::Publish(p) => return self.uplink(up, link, p).await,
+            // The router released a QoS 2 message: upstream, unless it only took it at a
+            // lower QoS (then it is complete already).
+            Packet::PubRel(a) => {
+                if link.emulated.remove(&a.packet_id).is_some() {
+                    let ev = RouterEvent::PubComp {
+                        conn,
+                        packet_id: a.packet_id,
                     };
-                    bytes = rp.payload.len();
-                    el.pending.push_back(Request::Publish(rp));
-                    self.status(|st| st.sent += 1);
-                }
-                None => {
-                    // Cannot happen (the session only subscribes `out` rules); don't let
-                    // it block the queue.
-                    if p.qos != QoS::AtMostOnce {
-                        let ev = RouterEvent::PubAck {
-                            conn,
-                            packet_id: p.packet_id,
-                        };
-                        let _ = self.shared.router.send(ev).await;
+                    if let Some(end) = self.to_router(ev).await {
+                        return Err(end);
                     }
-                }
-            },
-            Packet::PubAck(a) => {
-                // The router committed (or refused) a downlink message.
-                if let Some(p) = downlink.remove(&a.packet_id) {
-                    if a.reason_code < 0x80 {
-                        el.pending
-                            .push_back(Request::PubAck(rumqttc::PubAck::new(p.pkid)));
-                    } else {
-                        warn!(bridge = %self.cfg.name, topic = %p.topic, code = a.reason_code, "downlink message refused locally; not acknowledged upstream (it will be redelivered)");
-                    }
+                } else {
+                    up.queue(Packet::PubRel(a)).map_err(lost)?;
                 }
             }
+            // The router committed (or refused) a downlink message.
+            Packet::PubAck(a) | Packet::PubRec(a) if a.reason_code >= 0x80 => {
+                warn!(bridge = %self.cfg.name, packet_id = a.packet_id, code = a.reason_code, "downlink message refused locally; not acknowledged upstream (it will be redelivered)");
+            }
+            p @ (Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)) => {
+                up.queue(p).map_err(lost)?;
+            }
             _ => {}
+        }
+        Ok(0)
+    }
+
+    /// One outbox message upstream, within what the upstream granted.
+    async fn uplink<U: Upstream>(
+        &self,
+        up: &mut U,
+        link: &mut Link,
+        mut p: Publish,
+    ) -> Result<usize, End> {
+        let conn = link.conn;
+        let packet_id = p.packet_id;
+        let local_qos = p.qos;
+        let Some(remote) = self.remote_topic(&p.topic) else {
+            // Cannot happen (the session only subscribes `out` rules); don't let it block
+            // the queue.
+            let refused = reason::IMPLEMENTATION_SPECIFIC_ERROR;
+            return match self.complete(conn, local_qos, packet_id, refused).await {
+                Some(end) => Err(end),
+                None => Ok(0),
+            };
+        };
+        p.topic = remote.into();
+        p.qos = p.qos.min(link.granted.maximum_qos);
+        p.retain &= link.granted.retain_available;
+        p.properties.subscription_identifiers.clear();
+        p.properties.topic_alias = None;
+        if p.qos == QoS::AtMostOnce {
+            p.packet_id = 0;
+            p.dup = false;
+        }
+        let bytes = p.payload.len();
+        let sent_qos = p.qos;
+        if let Err(e) = up.queue(Packet::Publish(p)) {
+            // It can never go: count it and remove it rather than block the outbox.
+            warn!(bridge = %self.cfg.name, cause = %e, "message cannot be sent upstream; removed from the outbox and counted as rejected");
+            self.status(|st| st.rejected += 1);
+            let refused = reason::PACKET_TOO_LARGE;
+            return match self.complete(conn, local_qos, packet_id, refused).await {
+                Some(end) => Err(end),
+                None => Ok(0),
+            };
+        }
+        self.status(|st| st.sent += 1);
+        if sent_qos < local_qos {
+            // The upstream's Maximum QoS is lower: its acknowledgement (or none, at QoS 0)
+            // completes the message.
+            link.emulated.insert(packet_id, local_qos);
+            if sent_qos == QoS::AtMostOnce {
+                if let Some(end) = self.complete(conn, local_qos, packet_id, 0).await {
+                    return Err(end);
+                }
+            }
         }
         Ok(bytes)
     }
 
-    /// Writes everything queued in `el.pending` straight to the socket, with one flush,
-    /// bounded by the connect timeout (a black-holed link cannot stall it forever).
-    /// rumqttc's own path sleeps `pending_throttle` before each pending request, which
-    /// costs a timer tick (~1 ms) even at zero and would cap the backlog drain at about
-    /// 1,000 messages per second. The state bookkeeping is rumqttc's own
-    /// (`handle_outgoing_packet`), so its acks, in-flight count and pings stay consistent.
-    async fn write_pending(&self, el: &mut EventLoop) -> Result<(), String> {
-        if el.pending.is_empty() {
-            return Ok(());
-        }
-        let limit = Duration::from_secs(self.cfg.connect_timeout_secs.max(1));
-        let requests: Vec<Request> = el.pending.drain(..).collect();
-        let work = async {
-            let Some(net) = el.network.as_mut() else {
-                return Err("not connected".to_string());
-            };
-            for r in requests {
-                match el.state.handle_outgoing_packet(r) {
-                    Ok(Some(packet)) => net.write(packet).await.map_err(|e| e.to_string())?,
-                    Ok(None) => {}
-                    Err(e) => return Err(e.to_string()),
-                }
+    /// Tells the router an outbox message is done without an upstream acknowledgement:
+    /// PUBACK (QoS 1) or PUBREC (QoS 2): with a failure `reason` the router deletes it at
+    /// once; with 0 its PUBREL follows, answered in `outgoing` (the message is in
+    /// `emulated`).
+    async fn complete(&self, conn: u64, qos: QoS, packet_id: u16, reason: u8) -> Option<End> {
+        match qos {
+            QoS::AtMostOnce => None,
+            QoS::AtLeastOnce => self.to_router(RouterEvent::PubAck { conn, packet_id }).await,
+            QoS::ExactlyOnce => {
+                self.to_router(RouterEvent::PubRec {
+                    conn,
+                    packet_id,
+                    reason,
+                })
+                .await
             }
-            net.flush().await.map_err(|e| e.to_string())
-        };
-        match tokio::time::timeout(limit, work).await {
-            Ok(r) => r,
-            Err(_) => Err("writing to the upstream timed out".into()),
         }
     }
 
