@@ -19,7 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use holdfast::bridge::{BridgeConfig, Direction, TopicRule};
+use holdfast::bridge::{BridgeConfig, BridgeProtocol, Direction, TopicRule};
 use holdfast::protocol::{Packet, ProtocolVersion, QoS};
 use proxy::Proxy;
 use tokio::time::Instant;
@@ -34,10 +34,14 @@ const DOWN_LOCAL: &str = "cmd/seq";
 /// Link probes (not counted as data).
 const PROBE_LOCAL: &str = "sensors/probe";
 
-fn bridge_to(addr: SocketAddr, client_id: &str) -> BridgeConfig {
+const V311: BridgeProtocol = BridgeProtocol::V311;
+const V5: BridgeProtocol = BridgeProtocol::V5;
+
+fn bridge_to(addr: SocketAddr, client_id: &str, protocol: BridgeProtocol) -> BridgeConfig {
     BridgeConfig {
         name: "up".into(),
         address: addr.to_string(),
+        protocol,
         client_id: Some(client_id.into()),
         username: None,
         password: None,
@@ -67,8 +71,8 @@ fn bridge_to(addr: SocketAddr, client_id: &str) -> BridgeConfig {
     }
 }
 
-async fn gateway(up: SocketAddr) -> TestBroker {
-    start_broker(|c| c.bridge = vec![bridge_to(up, "gw-faults")]).await
+async fn gateway(up: SocketAddr, protocol: BridgeProtocol) -> TestBroker {
+    start_broker(|c| c.bridge = vec![bridge_to(up, "gw-faults", protocol)]).await
 }
 
 fn free_port() -> u16 {
@@ -482,10 +486,10 @@ async fn wait_child(c: &mut Child, within: Duration) -> std::process::ExitStatus
 
 /// Steady QoS 1 publishing (50 msg/s for 4 s) with a 2 s outage (cut + refuse) in the
 /// middle: every acknowledged message arrives upstream, in order.
-async fn uplink_outage(up: SocketAddr, test: &str) {
+async fn uplink_outage(up: SocketAddr, test: &str, protocol: BridgeProtocol) {
     let proxy = Proxy::start(up).await;
     let mut cloud = SeqSub::start(up, "cloud-sub", "site/#", UP_REMOTE).await;
-    let gw = gateway(proxy.addr).await;
+    let gw = gateway(proxy.addr, protocol).await;
     wait_link(gw.addr, &mut cloud, Duration::from_secs(10)).await;
 
     let t0 = Instant::now();
@@ -516,7 +520,14 @@ async fn uplink_outage(up: SocketAddr, test: &str) {
 #[tokio::test]
 async fn uplink_survives_an_outage_mid_stream_holdfast_upstream() {
     let up = start_broker(|_| {}).await;
-    uplink_outage(up.addr, "uplink-outage/holdfast").await;
+    uplink_outage(up.addr, "uplink-outage/holdfast", V311).await;
+    up.shutdown().await;
+}
+
+#[tokio::test]
+async fn uplink_survives_an_outage_mid_stream_holdfast_upstream_v5() {
+    let up = start_broker(|_| {}).await;
+    uplink_outage(up.addr, "uplink-outage/holdfast/v5", V5).await;
     up.shutdown().await;
 }
 
@@ -526,7 +537,16 @@ async fn uplink_survives_an_outage_mid_stream_mosquitto_upstream() {
         return;
     }
     let mq = Mosquitto::start().await;
-    uplink_outage(mq.addr(), "uplink-outage/mosquitto").await;
+    uplink_outage(mq.addr(), "uplink-outage/mosquitto", V311).await;
+}
+
+#[tokio::test]
+async fn uplink_survives_an_outage_mid_stream_mosquitto_upstream_v5() {
+    if !have_mosquitto() {
+        return;
+    }
+    let mq = Mosquitto::start().await;
+    uplink_outage(mq.addr(), "uplink-outage/mosquitto/v5", V5).await;
 }
 
 /// A half-open link (bytes stop, nothing closes) longer than keep-alive: the bridge notices
@@ -534,10 +554,19 @@ async fn uplink_survives_an_outage_mid_stream_mosquitto_upstream() {
 /// once the link heals the messages published meanwhile arrive, in order.
 #[tokio::test]
 async fn half_open_link_is_detected_and_the_backlog_follows_in_order() {
+    half_open(V311).await;
+}
+
+#[tokio::test]
+async fn half_open_link_is_detected_and_the_backlog_follows_in_order_v5() {
+    half_open(V5).await;
+}
+
+async fn half_open(protocol: BridgeProtocol) {
     let up = start_broker(|_| {}).await;
     let proxy = Proxy::start(up.addr).await;
     let mut cloud = SeqSub::start(up.addr, "cloud-sub", "site/#", UP_REMOTE).await;
-    let gw = gateway(proxy.addr).await;
+    let gw = gateway(proxy.addr, protocol).await;
     wait_link(gw.addr, &mut cloud, Duration::from_secs(10)).await;
     let mut sensor = publisher(gw.addr, "sensor").await;
     publish_seqs(&mut sensor, UP_LOCAL, 0..10, 10).await;
@@ -548,7 +577,7 @@ async fn half_open_link_is_detected_and_the_backlog_follows_in_order() {
     proxy.blackhole(true);
     // Acknowledged locally while the link is dead (more than the in-flight window).
     publish_seqs(&mut sensor, UP_LOCAL, 10..60, 10).await;
-    // keepalive 5 s: the second unanswered ping (≤ 10 s) ends the connection; the bridge
+    // keepalive 5 s: the second ping time with the first unanswered (≤ 10 s) ends the connection; the bridge
     // then opens a new one (silent too, timed out after connect_timeout_secs = 2).
     let limit = Duration::from_secs(2 * 5 + 2 + 2);
     while proxy.accepted() == accepted {
@@ -575,7 +604,7 @@ async fn half_open_link_is_detected_and_the_backlog_follows_in_order() {
     let t1 = Instant::now();
     cloud.wait_for(60, Duration::from_secs(15)).await;
     eprintln!(
-        "[half-open] dead link detected after {detected:?}; backlog delivered {:?} after the link healed; {} connections accepted by the proxy",
+        "[half-open/{protocol:?}] dead link detected after {detected:?}; backlog delivered {:?} after the link healed; {} connections accepted by the proxy",
         t1.elapsed(),
         proxy.accepted()
     );
@@ -596,7 +625,7 @@ async fn upstream_mosquitto_restart_while_publishing_loses_nothing() {
     }
     let mut mq = Mosquitto::start().await;
     let mut cloud = SeqSub::start(mq.addr(), "cloud-sub", "site/#", UP_REMOTE).await;
-    let gw = gateway(mq.addr()).await;
+    let gw = gateway(mq.addr(), V311).await;
     wait_link(gw.addr, &mut cloud, Duration::from_secs(10)).await;
 
     let publisher = steady_publisher(gw.addr, 0, 200, 50);
@@ -616,7 +645,7 @@ async fn upstream_mosquitto_restart_while_publishing_loses_nothing() {
 // ---------------------------------------------------------------------------------------
 // The real binary, SIGKILLed with a backlog
 
-fn write_gateway_config(dir: &Path, port: u16, upstream: SocketAddr) -> PathBuf {
+fn write_gateway_config(dir: &Path, port: u16, upstream: SocketAddr, protocol: &str) -> PathBuf {
     let path = dir.join("holdfast.toml");
     std::fs::write(
         &path,
@@ -630,6 +659,7 @@ level = "info"
 [[bridge]]
 name = "up"
 address = "{upstream}"
+protocol = "{protocol}"
 client_id = "gw-binary"
 keepalive_secs = 5
 inflight = 16
@@ -686,6 +716,15 @@ fn sigkill(c: &mut Child) {
 /// acknowledged before each kill arrives upstream, in order.
 #[tokio::test]
 async fn gateway_killed_during_outage_and_during_drain_loses_nothing() {
+    killed_during_outage_and_drain("3.1.1").await;
+}
+
+#[tokio::test]
+async fn gateway_killed_during_outage_and_during_drain_loses_nothing_v5() {
+    killed_during_outage_and_drain("5").await;
+}
+
+async fn killed_during_outage_and_drain(protocol: &str) {
     let up = start_broker(|_| {}).await;
     let proxy = Proxy::start(up.addr).await;
     proxy.refuse(true);
@@ -693,7 +732,7 @@ async fn gateway_killed_during_outage_and_during_drain_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port();
     let gw_addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let config = write_gateway_config(dir.path(), port, proxy.addr);
+    let config = write_gateway_config(dir.path(), port, proxy.addr, protocol);
     let log = dir.path().join("holdfast.log");
 
     let mut gw = spawn_gateway(&config, port, &log).await;
@@ -723,8 +762,10 @@ async fn gateway_killed_during_outage_and_during_drain_loses_nothing() {
 
     let mut gw = spawn_gateway(&config, port, &log).await;
     cloud.wait_for(300, Duration::from_secs(20)).await;
-    eprintln!("[binary-kill] second kill after #{drained_before_kill} had arrived upstream");
-    cloud.report("binary-kill");
+    eprintln!(
+        "[binary-kill/{protocol}] second kill after #{drained_before_kill} had arrived upstream"
+    );
+    cloud.report(&format!("binary-kill/{protocol}"));
     signal(gw.id(), "-TERM");
     wait_child(&mut gw, Duration::from_secs(10)).await;
     up.shutdown().await;
@@ -736,10 +777,10 @@ async fn gateway_killed_during_outage_and_during_drain_loses_nothing() {
 /// Messages published in the cloud while the link is cut are kept by the upstream for the
 /// bridge's persistent session and arrive locally (to a durable subscriber that was offline
 /// too) after recovery, in order.
-async fn downlink_outage(up: SocketAddr, test: &str) {
+async fn downlink_outage(up: SocketAddr, test: &str, protocol: BridgeProtocol) {
     let proxy = Proxy::start(up).await;
     let mut cloud = SeqSub::start(up, "cloud-sub", "site/sensors/#", UP_REMOTE).await;
-    let gw = gateway(proxy.addr).await;
+    let gw = gateway(proxy.addr, protocol).await;
     let mut local = SeqSub::start(gw.addr, "local-sub", "cmd/#", DOWN_LOCAL).await;
     wait_link(gw.addr, &mut cloud, Duration::from_secs(10)).await;
 
@@ -766,7 +807,14 @@ async fn downlink_outage(up: SocketAddr, test: &str) {
 #[tokio::test]
 async fn downlink_published_during_an_outage_arrives_after_recovery_holdfast_upstream() {
     let up = start_broker(|_| {}).await;
-    downlink_outage(up.addr, "downlink-outage/holdfast").await;
+    downlink_outage(up.addr, "downlink-outage/holdfast", V311).await;
+    up.shutdown().await;
+}
+
+#[tokio::test]
+async fn downlink_published_during_an_outage_arrives_after_recovery_holdfast_upstream_v5() {
+    let up = start_broker(|_| {}).await;
+    downlink_outage(up.addr, "downlink-outage/holdfast/v5", V5).await;
     up.shutdown().await;
 }
 
@@ -776,19 +824,37 @@ async fn downlink_published_during_an_outage_arrives_after_recovery_mosquitto_up
         return;
     }
     let mq = Mosquitto::start().await;
-    downlink_outage(mq.addr(), "downlink-outage/mosquitto").await;
+    downlink_outage(mq.addr(), "downlink-outage/mosquitto", V311).await;
+}
+
+#[tokio::test]
+async fn downlink_published_during_an_outage_arrives_after_recovery_mosquitto_upstream_v5() {
+    if !have_mosquitto() {
+        return;
+    }
+    let mq = Mosquitto::start().await;
+    downlink_outage(mq.addr(), "downlink-outage/mosquitto/v5", V5).await;
 }
 
 /// Basic interop with Mosquitto as the upstream: uplink mapping and order, downlink
 /// mapping and order, no loop.
 #[tokio::test]
 async fn mosquitto_upstream_uplink_and_downlink() {
+    mosquitto_interop(V311).await;
+}
+
+#[tokio::test]
+async fn mosquitto_upstream_uplink_and_downlink_v5() {
+    mosquitto_interop(V5).await;
+}
+
+async fn mosquitto_interop(protocol: BridgeProtocol) {
     if !have_mosquitto() {
         return;
     }
     let mq = Mosquitto::start().await;
     let mut cloud = SeqSub::start(mq.addr(), "cloud-sub", "site/#", UP_REMOTE).await;
-    let gw = gateway(mq.addr()).await;
+    let gw = gateway(mq.addr(), protocol).await;
     let mut local = SeqSub::start(gw.addr, "local-sub", "cmd/#", DOWN_LOCAL).await;
     wait_link(gw.addr, &mut cloud, Duration::from_secs(10)).await;
 
@@ -826,6 +892,14 @@ async fn mosquitto_upstream_uplink_and_downlink() {
         "no redelivery without faults"
     );
     gw.shutdown().await;
+    // Mosquitto logs each client's protocol level, clean flag and keep-alive.
+    let level = if protocol == V5 { "p5" } else { "p2" }; // p2 = 3.1.1 in its logs
+    let want = format!("as gw-faults ({level}, c0, k5");
+    assert!(
+        mq.log().contains(&want),
+        "the bridge did not connect with `{want}`: {}",
+        mq.log()
+    );
 }
 
 // ---------------------------------------------------------------------------------------
@@ -838,13 +912,22 @@ async fn mosquitto_upstream_uplink_and_downlink() {
 /// `outbox_is_not_subject_to_client_queue_limits`.
 #[tokio::test]
 async fn drain_of_10k_queued_messages_after_an_outage() {
+    drain_10k(V311).await;
+}
+
+#[tokio::test]
+async fn drain_of_10k_queued_messages_after_an_outage_v5() {
+    drain_10k(V5).await;
+}
+
+async fn drain_10k(protocol: BridgeProtocol) {
     const N: u32 = 10_000;
     let up = start_broker(|_| {}).await;
     let proxy = Proxy::start(up.addr).await;
     proxy.refuse(true);
     let mut cloud = SeqSub::start(up.addr, "cloud-sub", "site/#", UP_REMOTE).await;
     let gw = start_broker(|c| {
-        c.bridge = vec![bridge_to(proxy.addr, "gw-drain")];
+        c.bridge = vec![bridge_to(proxy.addr, "gw-drain", protocol)];
         c.mqtt.max_queued_messages = 0;
     })
     .await;
@@ -856,16 +939,13 @@ async fn drain_of_10k_queued_messages_after_an_outage() {
     proxy.refuse(false);
     cloud.wait_for(N, Duration::from_secs(90)).await;
     let drained_in = t1.elapsed();
-    // Measured ~650-850 msg/s (debug build, 2 shared cores), whatever the fsync mode or
-    // in-flight window: rumqttc's EventLoop::next_request sleeps `pending_throttle` (0 by
-    // default, still ~1 ms with tokio's timer) before every request taken from `pending`,
-    // which the bridge uses for every PUBLISH and PUBACK.
+    // The release-build rate is measured by `cargo bench --bench bridge_compare`.
     eprintln!(
-        "[drain] queued {N} in {queued_in:?} ({:.0} msg/s); drained upstream in {drained_in:?} ({:.0} msg/s incl. reconnect backoff)",
+        "[drain/{protocol:?}] queued {N} in {queued_in:?} ({:.0} msg/s); drained upstream in {drained_in:?} ({:.0} msg/s incl. reconnect backoff)",
         f64::from(N) / queued_in.as_secs_f64(),
         f64::from(N) / drained_in.as_secs_f64()
     );
-    cloud.report("drain");
+    cloud.report(&format!("drain/{protocol:?}"));
     gw.shutdown().await;
     up.shutdown().await;
 }
@@ -882,7 +962,7 @@ async fn outbox_is_not_subject_to_client_queue_limits() {
     let proxy = Proxy::start(up.addr).await;
     proxy.refuse(true);
     let mut cloud = SeqSub::start(up.addr, "cloud-sub", "site/#", UP_REMOTE).await;
-    let gw = gateway(proxy.addr).await; // default queue limits
+    let gw = gateway(proxy.addr, V311).await; // default queue limits
     let mut sensor = publisher(gw.addr, "sensor").await;
     publish_seqs(&mut sensor, UP_LOCAL, 0..N, 100).await;
     proxy.refuse(false);

@@ -407,7 +407,9 @@ impl Bridge {
         let (codes, early) = up.subscribe(filters, timeout).await?;
         for ((filter, ..), code) in self.inbound.iter().zip(codes) {
             if code >= 0x80 {
-                let e = format!("upstream refused the subscription to `{filter}` (reason code {code:#04x})");
+                let e = format!(
+                    "upstream refused the subscription to `{filter}` (reason code {code:#04x})"
+                );
                 warn!(bridge = %self.cfg.name, "{e}; no downlink for that rule");
                 self.status(|st| st.last_error = Some(e));
             }
@@ -523,7 +525,12 @@ impl Bridge {
 
     /// Sends an event to the router; `Some(End::Shutdown)` if the router is gone.
     async fn to_router(&self, ev: RouterEvent) -> Option<End> {
-        self.shared.router.send(ev).await.err().map(|_| End::Shutdown)
+        self.shared
+            .router
+            .send(ev)
+            .await
+            .err()
+            .map(|_| End::Shutdown)
     }
 
     /// Handles one event from upstream. `Some` ends the connected period.
@@ -537,7 +544,8 @@ impl Bridge {
                 self.downlink(up, conn, p).await
             }
             UpEvent::Release(packet_id) => {
-                self.to_router(RouterEvent::PubRel { conn, packet_id }).await
+                self.to_router(RouterEvent::PubRel { conn, packet_id })
+                    .await
             }
             UpEvent::Ack {
                 kind,
@@ -712,7 +720,10 @@ impl Bridge {
     async fn complete(&self, conn: u64, qos: QoS, packet_id: u16, reason: u8) -> Option<End> {
         match qos {
             QoS::AtMostOnce => None,
-            QoS::AtLeastOnce => self.to_router(RouterEvent::PubAck { conn, packet_id }).await,
+            QoS::AtLeastOnce => {
+                self.to_router(RouterEvent::PubAck { conn, packet_id })
+                    .await
+            }
             QoS::ExactlyOnce => {
                 self.to_router(RouterEvent::PubRec {
                     conn,

@@ -7,9 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use rumqttc::tokio_rustls::rustls;
-use rustls::pki_types::pem::PemObject;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 

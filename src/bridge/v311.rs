@@ -201,7 +201,9 @@ impl Upstream for V311 {
                         .collect();
                     return Ok((codes, early));
                 }
-                Ok(Ok(Event::Incoming(RPacket::Publish(p)))) => early.push(UpEvent::Publish(downlink(p))),
+                Ok(Ok(Event::Incoming(RPacket::Publish(p)))) => {
+                    early.push(UpEvent::Publish(downlink(p)))
+                }
                 Ok(Ok(_)) => {}
             }
         }

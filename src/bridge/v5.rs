@@ -24,8 +24,8 @@ use tokio::time::Instant;
 use super::upstream::{AckKind, Granted, UpEvent, Upstream};
 use super::BridgeConfig;
 use crate::protocol::{
-    decode, encode, encoded_len, reason, ConnAck, Connect, ConnectProperties, Disconnect,
-    Packet, ProtocolVersion, QoS, Subscribe, SubscribeFilter,
+    decode, encode, encoded_len, reason, ConnAck, Connect, ConnectProperties, Disconnect, Packet,
+    ProtocolVersion, QoS, Subscribe, SubscribeFilter,
 };
 
 const V5: ProtocolVersion = ProtocolVersion::V5;
