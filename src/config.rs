@@ -1045,6 +1045,39 @@ mod tests {
     }
 
     #[test]
+    fn bridge_protocol_5_keys_are_checked_naming_the_key() {
+        let bridge = |extra: &str, qos: u8| {
+            toml_file(&format!(
+                "[[bridge]]\nname = \"c\"\naddress = \"h:1883\"\n{extra}\n\
+                 [[bridge.topic]]\npattern = \"a/#\"\nqos = {qos}\n"
+            ))
+        };
+        let file = bridge("protocol = \"5\"\nsession_expiry_secs = 600", 2);
+        let cfg = Config::load_from(Some(file.path()), HashMap::new()).expect("loads");
+        assert_eq!(cfg.bridge[0].protocol, crate::bridge::BridgeProtocol::V5);
+        assert_eq!(cfg.bridge[0].session_expiry_secs, 600);
+        for (extra, qos, key) in [
+            ("", 2, "bridge[0].topic[0].qos"),
+            ("protocol = \"5\"", 3, "bridge[0].topic[0].qos"),
+            (
+                "protocol = \"5\"\nsession_expiry_secs = 0",
+                1,
+                "bridge[0].session_expiry_secs",
+            ),
+            (
+                "tls = true\nserver_name = \"not a name\"",
+                1,
+                "bridge[0].server_name",
+            ),
+            ("server_name = \"cloud.example\"", 1, "bridge[0].tls"),
+        ] {
+            let file = bridge(extra, qos);
+            let msg = load_err(Some(file.path()), &[]).to_string();
+            assert!(msg.contains(key), "{extra} / qos {qos}: {msg}");
+        }
+    }
+
+    #[test]
     fn bad_bind_is_rejected() {
         let file = toml_file("[[listener]]\nbind = \"0.0.0.0\"\n");
         let err = load_err(Some(file.path()), &[]);

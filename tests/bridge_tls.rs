@@ -1,6 +1,7 @@
 //! The bridge over TLS to Debian's Mosquitto, with a CA and certificates generated in the
 //! test (rcgen): server verification against `ca_file`, a client certificate required by
-//! the upstream, and a refused connection when the CA does not match.
+//! the upstream, a refused connection when the CA does not match, and MQTT 5 over TLS by
+//! IP address with `server_name` naming the certificate.
 
 mod common;
 
@@ -8,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::*;
-use holdfast::bridge::{BridgeConfig, Direction, TopicRule};
+use holdfast::bridge::{BridgeConfig, BridgeProtocol, Direction, TopicRule};
 use holdfast::protocol::{Packet, ProtocolVersion, QoS};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DistinguishedName, DnType, IsCa, KeyPair,
@@ -165,6 +166,63 @@ fn mosquitto_sub_tls(pki: &Pki, port: u16, count: usize) -> Child {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_connects_over_tls_with_a_client_certificate() {
+    tls_roundtrip(|pki, port| tls_bridge(pki, port, "ca.pem")).await;
+}
+
+/// MQTT 5 over TLS, connecting by IP address: the certificate names "localhost" only, so
+/// the connection verifies only because `server_name` says which name to expect (the
+/// negative side: `an_ip_address_without_server_name_does_not_verify`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v5_bridge_over_tls_by_ip_address_with_server_name() {
+    tls_roundtrip(|pki, port| BridgeConfig {
+        address: format!("127.0.0.1:{port}"),
+        protocol: BridgeProtocol::V5,
+        server_name: Some("localhost".into()),
+        ..tls_bridge(pki, port, "ca.pem")
+    })
+    .await;
+}
+
+/// The same through rumqttc (MQTT 3.1.1): the verifier, not the connector, checks the name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v311_bridge_over_tls_by_ip_address_with_server_name() {
+    tls_roundtrip(|pki, port| BridgeConfig {
+        address: format!("127.0.0.1:{port}"),
+        server_name: Some("localhost".into()),
+        ..tls_bridge(pki, port, "ca.pem")
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ip_address_without_server_name_does_not_verify() {
+    if !have_mosquitto_tools() {
+        return;
+    }
+    let pki = make_pki();
+    let port = free_port();
+    let _m = start_mosquitto_tls(&pki, port);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let cfg = BridgeConfig {
+        address: format!("127.0.0.1:{port}"),
+        protocol: BridgeProtocol::V5,
+        ..tls_bridge(&pki, port, "ca.pem")
+    };
+    let gw = start_broker(|c| c.bridge = vec![cfg]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let status = gw
+        .broker
+        .as_ref()
+        .map(|b| b.bridge_status())
+        .unwrap_or_default();
+    assert!(!status[0].connected, "{status:?}");
+    let err = status[0].last_error.clone().unwrap_or_default();
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    gw.shutdown().await;
+}
+
+/// 20 messages through a TLS bridge configured by `cfg`, checked with mosquitto_sub.
+async fn tls_roundtrip(cfg: impl FnOnce(&Pki, u16) -> BridgeConfig) {
     if !have_mosquitto_tools() {
         return;
     }
@@ -174,7 +232,7 @@ async fn bridge_connects_over_tls_with_a_client_certificate() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let sub = mosquitto_sub_tls(&pki, port, 20);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let cfg = tls_bridge(&pki, port, "ca.pem");
+    let cfg = cfg(&pki, port);
     let gw = start_broker(|c| c.bridge = vec![cfg]).await;
     let mut p = RawClient::connect(gw.addr, ProtocolVersion::V311, "sensor").await;
     for i in 0..20u16 {
