@@ -2,8 +2,9 @@
 //!
 //! `cargo bench --bench bridge_compare [-- --quick] [--messages N] [--backlog N]
 //! [--reps N] [--drain-reps N] [--rate R] [--seconds S] [--mosquitto PATH]
-//! [--rows 1,2,3] [--gateways hff,hfn,mq]` (hff/hfn = Holdfast at `synchronous` full/normal,
-//! mq = Mosquitto; the full run takes about 3 minutes on 2 cores)
+//! [--rows 1,2,3] [--gateways hff,hfn,hf5,mq]` (hff/hfn = Holdfast at `synchronous`
+//! full/normal with an MQTT 3.1.1 bridge, hf5 = full with an MQTT 5 bridge, mq = Mosquitto;
+//! the full run takes about 4 minutes on 2 cores)
 //!
 //! Topology: local publisher → gateway (Holdfast with `[[bridge]]`, or Mosquitto with a
 //! `connection` section) → bridge (QoS 1, 64 in flight) → upstream ("cloud": a plain
@@ -130,16 +131,25 @@ fn parse_args() -> Args {
 enum Gw {
     HoldfastFull,
     HoldfastNormal,
+    HoldfastV5,
     Mosquitto,
 }
 
-const GATEWAYS: [Gw; 3] = [Gw::HoldfastFull, Gw::HoldfastNormal, Gw::Mosquitto];
+const GATEWAYS: [Gw; 4] = [
+    Gw::HoldfastFull,
+    Gw::HoldfastNormal,
+    Gw::HoldfastV5,
+    Gw::Mosquitto,
+];
+/// Index of Mosquitto in `GATEWAYS` (the ratios' denominator).
+const MOSQUITTO: usize = 3;
 
 impl Gw {
     fn name(self) -> &'static str {
         match self {
             Gw::HoldfastFull => "holdfast (full)",
             Gw::HoldfastNormal => "holdfast (normal)",
+            Gw::HoldfastV5 => "holdfast (full, MQTT 5 bridge)",
             Gw::Mosquitto => "mosquitto",
         }
     }
@@ -148,6 +158,7 @@ impl Gw {
         match self {
             Gw::HoldfastFull => "hff",
             Gw::HoldfastNormal => "hfn",
+            Gw::HoldfastV5 => "hf5",
             Gw::Mosquitto => "mq",
         }
     }
@@ -156,16 +167,16 @@ impl Gw {
     fn start(self, holdfast: &Path, mosquitto: &Path, upstream_port: u16, run: &str) -> BrokerProc {
         let client_id = format!("gw-{}-{run}", self.short());
         let b = match self {
-            Gw::HoldfastFull | Gw::HoldfastNormal => {
-                let sync = if self == Gw::HoldfastFull {
-                    "full"
-                } else {
-                    "normal"
+            Gw::HoldfastFull | Gw::HoldfastNormal | Gw::HoldfastV5 => {
+                let (sync, protocol) = match self {
+                    Gw::HoldfastNormal => ("normal", "3.1.1"),
+                    Gw::HoldfastV5 => ("full", "5"),
+                    _ => ("full", "3.1.1"),
                 };
                 BrokerProc::holdfast_custom(
                     self.name(),
                     holdfast,
-                    &holdfast_bridge(sync, upstream_port, &client_id),
+                    &holdfast_bridge(sync, protocol, upstream_port, &client_id),
                     MAX_QUEUED,
                 )
             }
@@ -180,10 +191,10 @@ impl Gw {
     }
 }
 
-fn holdfast_bridge(sync: &str, port: u16, client_id: &str) -> String {
+fn holdfast_bridge(sync: &str, protocol: &str, port: u16, client_id: &str) -> String {
     format!(
         "[store]\nsynchronous = \"{sync}\"\n\n\
-         [[bridge]]\nname = \"cloud\"\naddress = \"127.0.0.1:{port}\"\n\
+         [[bridge]]\nname = \"cloud\"\naddress = \"127.0.0.1:{port}\"\nprotocol = \"{protocol}\"\n\
          client_id = \"{client_id}\"\ninflight = {INFLIGHT}\n\
          reconnect_min_ms = 500\nreconnect_max_ms = 1000\n\n\
          [[bridge.topic]]\npattern = \"bench/#\"\ndirection = \"out\"\nqos = 1\n\n"
@@ -566,7 +577,7 @@ fn main() {
                 up.stop(LIMIT).expect("stopping the drain upstream");
             }
         }
-        mosq_log = gws[2].as_ref().map(|b| b.log_tail());
+        mosq_log = gws[MOSQUITTO].as_ref().map(|b| b.log_tail());
         drop(gws);
         drop(up);
     }
@@ -608,7 +619,7 @@ fn main() {
          process per 1000 delivered messages.\n"
     );
 
-    let mosq_rate = median(&steady[2].rate);
+    let mosq_rate = median(&steady[MOSQUITTO].rate);
     let _ = writeln!(
         md,
         "### 1. Steady-state uplink throughput ({} messages × {} reps, 1 publisher → 1 cloud subscriber)\n",
