@@ -508,9 +508,57 @@ fn read_rows(conn: &Connection, sid: Sid, from_seq: u64, limit: u32) -> Vec<Queu
     })
 }
 
+/// The queue row an op touches, for the row ops that [`transient_rows`] may skip.
+fn row_of(op: &Op) -> Option<(Sid, u64)> {
+    match op {
+        Op::Enqueue { sid, seq, .. }
+        | Op::MarkSent { sid, seq, .. }
+        | Op::MarkReleased { sid, seq }
+        | Op::Delete { sid, seq } => Some((*sid, *seq)),
+        _ => None,
+    }
+}
+
+/// Queue rows both inserted and deleted by the same group: a bridge's message that the
+/// upstream acknowledged while its insert was still waiting for this commit. Writing and
+/// then deleting it would change nothing on disk, so neither (nor anything in between) is
+/// written: the upstream has the message, and the local publisher's PUBACK still waits for
+/// this commit. Sessions that a read, a `DeleteOldest` or a `DeleteSession` of the group
+/// looks at are left alone (their outcome may depend on the row being there).
+fn transient_rows(group: &[Item]) -> HashSet<(Sid, u64)> {
+    let mut inserted = HashSet::new();
+    let mut transient = HashSet::new();
+    let mut untouchable = HashSet::new();
+    for item in group {
+        match item {
+            Item::Read { sid, .. } => {
+                untouchable.insert(*sid);
+            }
+            Item::Batch(_, ops) => {
+                for op in ops {
+                    match op {
+                        Op::Enqueue { sid, seq, .. } => {
+                            inserted.insert((*sid, *seq));
+                        }
+                        Op::Delete { sid, seq } if inserted.contains(&(*sid, *seq)) => {
+                            transient.insert((*sid, *seq));
+                        }
+                        Op::DeleteOldest { sid, .. } | Op::DeleteSession { sid } => {
+                            untouchable.insert(*sid);
+                        }
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    transient.retain(|(sid, _)| !untouchable.contains(sid));
+    transient
+}
+
 /// Applies `retry`, then the group's batches in one transaction, answering its reads from
-/// inside it (each sees exactly the writes submitted before it). Any error rolls
-/// everything back. Returns the reads' rows, in order.
+/// inside it (each sees exactly the writes submitted before it), and skipping the
+/// [`transient_rows`]. Any error rolls everything back. Returns the reads' rows, in order.
 fn apply_group(
     conn: &mut Connection,
     retry: &[Op],
@@ -523,10 +571,14 @@ fn apply_group(
     for op in retry {
         apply_op(&tx, op, &mut per, now)?;
     }
+    let transient = transient_rows(group);
     for item in group {
         match item {
             Item::Batch(_, ops) => {
                 for op in ops {
+                    if row_of(op).is_some_and(|r| transient.contains(&r)) {
+                        continue;
+                    }
                     apply_op(&tx, op, &mut per, now)?;
                 }
             }
@@ -793,6 +845,75 @@ mod tests {
                 StoreEvent::Removed { .. } => "removed".into(),
             })
             .collect()
+    }
+
+    #[test]
+    fn rows_inserted_and_deleted_in_one_group_are_not_written() {
+        let del = |sid, seq| Op::Delete { sid, seq };
+        let batch = |ops| Item::Batch(0, ops);
+        let read = |sid| Item::Read {
+            sid,
+            from_seq: 0,
+            limit: 1,
+            next_seq_at_request: 0,
+        };
+        let group = vec![
+            batch(vec![enqueue(1, 0, 5), enqueue(1, 1, 5), enqueue(2, 0, 5)]),
+            batch(vec![del(1, 0), del(2, 0), del(3, 0)]),
+            read(2),
+            batch(vec![
+                enqueue(4, 0, 5),
+                Op::DeleteOldest { sid: 4, count: 1 },
+            ]),
+            batch(vec![del(4, 0)]),
+        ];
+        // Session 2 is read and session 4 trimmed in the group: left alone. Row (3, 0) was
+        // inserted by an earlier group: deleted for real.
+        assert_eq!(transient_rows(&group), HashSet::from([(1, 0)]));
+
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut rx) = open(dir.path(), 0);
+        let session = Op::UpsertSession {
+            sid: 1,
+            client_id: Arc::from("c"),
+            protocol: 4,
+            expiry: 60,
+            will: None,
+        };
+        store
+            .send(Command::Batch {
+                token: 1,
+                ops: vec![
+                    session,
+                    enqueue(1, 0, 10),
+                    Op::MarkSent {
+                        sid: 1,
+                        seq: 0,
+                        packet_id: 1,
+                    },
+                    enqueue(1, 1, 10),
+                    del(1, 0),
+                ],
+            })
+            .unwrap();
+        assert_eq!(expect_one(&mut rx), "commit 1 true");
+        let db = Connection::open(dir.path().join("holdfast.db")).unwrap();
+        let rows: Vec<i64> = db
+            .prepare("SELECT id FROM queue")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rows, vec![queue_id(1, 1)]);
+        let (queued, bytes): (i64, i64) = db
+            .query_row(
+                "SELECT queued, queued_bytes FROM session WHERE sid = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!((queued, bytes), (1, 10), "counters match the rows");
     }
 
     #[test]
