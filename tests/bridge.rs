@@ -285,3 +285,64 @@ async fn the_drain_is_paced_by_the_byte_rate_limit() {
     gw.shutdown().await;
     up.shutdown().await;
 }
+
+/// New drain limits (SIGHUP → `Broker::set_bridge_rates`) apply to a running drain at once:
+/// a bridge crawling at 4 msg/s is released mid-drain and the rest follows immediately.
+#[tokio::test]
+async fn drain_limits_change_while_draining() {
+    let up = start_broker(|_| {}).await;
+    let mut cloud_sub = RawClient::connect(up.addr, ProtocolVersion::V311, "cloud-sub").await;
+    cloud_sub.subscribe("site/#", QoS::AtLeastOnce).await;
+    let mut cfg = bridge_to(up.addr);
+    cfg.max_rate = 4;
+    let gw = start_broker(|c| c.bridge = vec![cfg.clone()]).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut sensor = RawClient::connect(gw.addr, ProtocolVersion::V311, "sensor").await;
+    for i in 0..40u16 {
+        publish_acked(&mut sensor, "sensors/t", &i.to_be_bytes(), i + 1).await;
+    }
+    let mut got = 0u16;
+    let next = |p: holdfast::protocol::Publish, got: &mut u16| {
+        assert_eq!(&p.payload[..], &got.to_be_bytes(), "in order");
+        *got += 1;
+        p.packet_id
+    };
+    // About 4 per second while limited.
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_secs(1) {
+        if let Ok(Some(Packet::Publish(p))) =
+            cloud_sub.recv_timeout(Duration::from_millis(100)).await
+        {
+            let id = next(p, &mut got);
+            cloud_sub.puback(id).await;
+        }
+    }
+    let before = got;
+    assert!(
+        (1..=8).contains(&before),
+        "{before} messages in the first second at 4 msg/s"
+    );
+    cfg.max_rate = 0;
+    let broker = gw.broker.as_ref().expect("running");
+    assert_eq!(
+        broker.set_bridge_rates(&[cfg.clone()]),
+        vec!["up".to_string()]
+    );
+    assert!(
+        broker.set_bridge_rates(&[cfg]).is_empty(),
+        "unchanged the second time"
+    );
+    let t1 = std::time::Instant::now();
+    while got < 40 {
+        let p = cloud_sub.recv_publish().await;
+        let id = next(p, &mut got);
+        cloud_sub.puback(id).await;
+    }
+    let took = t1.elapsed();
+    assert!(
+        took < Duration::from_secs(2),
+        "the rest took {took:?} after the limit was lifted"
+    );
+    gw.shutdown().await;
+    up.shutdown().await;
+}

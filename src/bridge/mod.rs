@@ -158,14 +158,18 @@ pub fn internal_session(cfg: &BridgeConfig) -> InternalSession {
     }
 }
 
-/// The bridge task: runs until `shutdown`.
+/// Drain limits of a bridge that SIGHUP may change: (`max_rate`, `max_bytes_rate`).
+pub type Rates = (u32, u64);
+
+/// The bridge task: runs until `shutdown`. `rates` carries new drain limits (SIGHUP).
 pub async fn run(
     cfg: BridgeConfig,
     tls: Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
+    rates: tokio::sync::watch::Receiver<Rates>,
 ) {
-    let mut b = Bridge::new(cfg, shared, shutdown);
+    let mut b = Bridge::new(cfg, shared, shutdown, rates);
     b.tls = tls;
     b.run().await
 }
@@ -181,10 +185,17 @@ struct Bridge {
     inbound: Vec<(String, String, String, u8)>,
     /// TLS client configuration when `tls = true` (built once; files read at start-up).
     tls: Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>,
+    /// Current drain limits (changed on SIGHUP).
+    rates: tokio::sync::watch::Receiver<Rates>,
 }
 
 impl Bridge {
-    fn new(cfg: BridgeConfig, shared: Arc<Shared>, shutdown: CancellationToken) -> Self {
+    fn new(
+        cfg: BridgeConfig,
+        shared: Arc<Shared>,
+        shutdown: CancellationToken,
+        rates: tokio::sync::watch::Receiver<Rates>,
+    ) -> Self {
         let out = cfg
             .topic
             .iter()
@@ -218,6 +229,7 @@ impl Bridge {
             out,
             inbound,
             tls: None,
+            rates,
         }
     }
 
@@ -480,7 +492,9 @@ impl Bridge {
                 return end;
             }
         }
-        let mut pacer = Pacer::new(self.cfg.max_rate, self.cfg.max_bytes_rate);
+        let mut rates = self.rates.clone();
+        let (rate, bytes_rate) = *rates.borrow_and_update();
+        let mut pacer = Pacer::new(rate, bytes_rate);
         loop {
             if pacer.ready() {
                 while let Ok(out) = rx.try_recv() {
@@ -510,6 +524,12 @@ impl Bridge {
                     }
                 },
                 _ = tokio::time::sleep_until(pacer.next), if !pacer.ready() => continue,
+                Ok(()) = rates.changed() => {
+                    let (rate, bytes_rate) = *rates.borrow_and_update();
+                    info!(bridge = %self.cfg.name, max_rate = rate, max_bytes_rate = bytes_rate, "bridge drain limits changed");
+                    pacer = Pacer::new(rate, bytes_rate);
+                    continue;
+                }
                 ev = up.next() => ev,
             };
             match ev {

@@ -76,6 +76,9 @@ pub struct Broker {
     tls: Vec<tls::TlsListener>,
     observer: Arc<crate::observe::Observer>,
     metrics_addr: Option<SocketAddr>,
+    /// Drain limits of each bridge, by name (SIGHUP changes them).
+    bridge_rates:
+        std::collections::HashMap<String, tokio::sync::watch::Sender<crate::bridge::Rates>>,
 }
 
 impl Broker {
@@ -190,13 +193,17 @@ impl Broker {
                 tls,
             ));
         }
+        let mut bridge_rates = std::collections::HashMap::new();
         for (b, tls) in cfg.bridge.iter().zip(bridge_tls) {
             info!(bridge = %b.name, address = %b.address, tls = b.tls, "starting bridge");
+            let (rates_tx, rates) = tokio::sync::watch::channel((b.max_rate, b.max_bytes_rate));
+            bridge_rates.insert(b.name.clone(), rates_tx);
             tracker.spawn(crate::bridge::run(
                 b.clone(),
                 tls,
                 shared.clone(),
                 shutdown.clone(),
+                rates,
             ));
         }
         for s in &cfg.serial {
@@ -247,6 +254,7 @@ impl Broker {
             tls: tls_listeners,
             observer,
             metrics_addr,
+            bridge_rates,
         })
     }
 
@@ -268,6 +276,28 @@ impl Broker {
             }
         }
         failed
+    }
+
+    /// SIGHUP: applies new drain limits (`max_rate`, `max_bytes_rate`) to the running
+    /// bridges of the same name, at once (also in the middle of a drain). Returns the
+    /// names of the bridges whose limits changed. Bridges added or removed, and their other
+    /// settings, need a restart.
+    pub fn set_bridge_rates(&self, bridges: &[crate::bridge::BridgeConfig]) -> Vec<String> {
+        let mut changed = Vec::new();
+        for b in bridges {
+            match self.bridge_rates.get(&b.name) {
+                Some(tx) => {
+                    let new = (b.max_rate, b.max_bytes_rate);
+                    if tx.send_if_modified(|r| std::mem::replace(r, new) != new) {
+                        changed.push(b.name.clone());
+                    }
+                }
+                None => {
+                    warn!(bridge = %b.name, "new bridge in the configuration: it starts at the next restart")
+                }
+            }
+        }
+        changed
     }
 
     /// Drops a session (see `RouterEvent::DropSession`); true if it existed.
