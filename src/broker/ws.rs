@@ -486,6 +486,41 @@ mod tests {
         );
     }
 
+    /// The connection hands its bytes over and then only reads: a frame that did not fit
+    /// into the socket must still go out, driven by the reads.
+    #[tokio::test]
+    async fn a_blocked_frame_is_sent_while_the_connection_only_reads() {
+        use futures_util::StreamExt;
+        let (server_io, client_io) = tokio::io::duplex(256);
+        let config = WebSocketConfig::default().write_buffer_size(0);
+        let ws = WebSocketStream::from_raw_socket(server_io, Role::Server, Some(config)).await;
+        let mut server = WsStream::new(ws);
+        let mut client = WebSocketStream::from_raw_socket(client_io, Role::Client, None).await;
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        // Accepted although the pipe holds 256 bytes.
+        server.write_all(&data).await.expect("write");
+        let receive = async {
+            let mut got = Vec::new();
+            while got.len() < data.len() {
+                match client.next().await {
+                    Some(Ok(Message::Binary(b))) => got.extend_from_slice(&b),
+                    other => panic!("expected binary frames, got {other:?}"),
+                }
+            }
+            got
+        };
+        let mut byte = [0u8; 1];
+        let got = tokio::time::timeout(std::time::Duration::from_secs(5), async {
+            tokio::select! {
+                r = server.read(&mut byte) => panic!("the client sent nothing, read gave {r:?}"),
+                got = receive => got,
+            }
+        })
+        .await
+        .expect("the frame was not sent");
+        assert_eq!(got, data);
+    }
+
     #[test]
     fn waits_for_the_whole_head() {
         let text = request("/mqtt", "Sec-WebSocket-Protocol: mqtt\r\n");
