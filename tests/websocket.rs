@@ -839,3 +839,62 @@ async fn wss_with_client_certificates_on_the_real_binary() {
     assert!(d.is_running());
     d.sigterm().await;
 }
+
+/// Messages per second from a rumqttc QoS 1 publisher to a rumqttc QoS 1 subscriber.
+async fn rumqttc_rate(
+    url_or_host: &str,
+    port: u16,
+    transport: rumqttc::Transport,
+    n: usize,
+) -> f64 {
+    let options = |id: &str| {
+        let mut o = rumqttc::MqttOptions::new(id, url_or_host, port);
+        o.set_transport(transport.clone());
+        o.set_inflight(100);
+        o
+    };
+    let (sub, el) = rumqttc::AsyncClient::new(options("rate-sub"), 100);
+    let mut sub_rx = drive_v4(el);
+    assert!(matches!(next_seen(&mut sub_rx).await, Seen::ConnAck));
+    sub.subscribe("rate", rumqttc::QoS::AtLeastOnce)
+        .await
+        .expect("subscribe");
+    expect_suback(&mut sub_rx).await;
+    let (publisher, el) = rumqttc::AsyncClient::new(options("rate-pub"), 1000);
+    let _pub_rx = drive_v4(el);
+    let t0 = Instant::now();
+    tokio::spawn(async move {
+        for _ in 0..n {
+            let sent = publisher
+                .publish("rate", rumqttc::QoS::AtLeastOnce, false, vec![7u8; 64])
+                .await;
+            if sent.is_err() {
+                return;
+            }
+        }
+    });
+    for _ in 0..n {
+        next_publish(&mut sub_rx).await;
+    }
+    n as f64 / t0.elapsed().as_secs_f64()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check: cargo test --release --test websocket -- --ignored --nocapture"]
+async fn throughput_over_websocket_and_tcp() {
+    let b = start_broker(|c| {
+        c.listener = vec![ListenerConfig::new("127.0.0.1:0"), ws_listener()];
+    })
+    .await;
+    let addrs = b.broker.as_ref().expect("running").local_addrs().to_vec();
+    let n = 50_000;
+    for round in 1..=3 {
+        let tcp = rumqttc_rate("127.0.0.1", addrs[0].port(), rumqttc::Transport::Tcp, n).await;
+        let ws = rumqttc_rate(&ws_url(addrs[1]), 0, rumqttc::Transport::Ws, n).await;
+        println!(
+            "round {round}: {n} x 64 B, QoS 1, rumqttc 1 -> 1: tcp {tcp:.0} msg/s, ws {ws:.0} msg/s, ws/tcp {:.2}",
+            ws / tcp
+        );
+    }
+    b.shutdown().await;
+}
