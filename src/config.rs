@@ -118,6 +118,13 @@ pub struct ListenerConfig {
     /// Refuse TLS clients without a valid certificate (needs `tls_client_ca`).
     #[serde(default)]
     pub require_client_cert: bool,
+    /// MQTT over WebSocket (binary frames, subprotocol `mqtt`) instead of bare MQTT; with
+    /// `tls_cert` / `tls_key` it is `wss://`.
+    #[serde(default)]
+    pub websocket: bool,
+    /// Request path of the WebSocket upgrade (needs `websocket = true`); `/mqtt` when unset.
+    #[serde(default)]
+    pub websocket_path: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -665,7 +672,16 @@ impl ListenerConfig {
             tls_key: None,
             tls_client_ca: None,
             require_client_cert: false,
+            websocket: false,
+            websocket_path: None,
         }
+    }
+
+    /// The upgrade path of a WebSocket listener (`websocket_path`, default `/mqtt`).
+    pub fn websocket_path(&self) -> &str {
+        self.websocket_path
+            .as_deref()
+            .unwrap_or(DEFAULT_WEBSOCKET_PATH)
     }
 
     /// Whether clients without a user name (or client certificate) may connect here.
@@ -704,6 +720,16 @@ impl ListenerConfig {
                 key("require_client_cert"),
                 "needs `tls_client_ca` (the CA that signs client certificates)",
             ));
+        }
+        if let Some(path) = &self.websocket_path {
+            if !self.websocket {
+                return Err(ConfigError::invalid(
+                    key("websocket_path"),
+                    "only applies to WebSocket listeners; set `websocket = true` as well",
+                ));
+            }
+            check_websocket_path(path)
+                .map_err(|m| ConfigError::invalid(key("websocket_path"), m))?;
         }
         let loopback = self.socket_addr().is_ok_and(|a| a.ip().is_loopback());
         if loopback || self.allow_anonymous == Some(true) {
@@ -751,6 +777,27 @@ impl ListenerConfig {
             "`{}` is not an address: expected IP:PORT such as `0.0.0.0:1883`, \
              `127.0.0.1:1883`, `[::]:1883` or `localhost:1883`",
             self.bind
+        ))
+    }
+}
+
+/// Upgrade path of a WebSocket listener without `websocket_path`.
+pub const DEFAULT_WEBSOCKET_PATH: &str = "/mqtt";
+
+/// A WebSocket path is compared byte for byte with the request's path (query removed), so
+/// it must look like one: `/`, then visible ASCII without `?` or `#`.
+fn check_websocket_path(path: &str) -> Result<(), String> {
+    let ok = path.starts_with('/')
+        && path.len() <= 256
+        && path
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{path}` is not a request path: expected `/` followed by up to 255 visible ASCII \
+             characters without `?` or `#`, e.g. `/mqtt`"
         ))
     }
 }
@@ -1225,6 +1272,8 @@ mod tests {
             tls_key: Some(PathBuf::from("/etc/holdfast/key.pem")),
             tls_client_ca: Some(PathBuf::from("/etc/holdfast/ca.pem")),
             require_client_cert: true,
+            websocket: true,
+            websocket_path: Some("/ws/mqtt".to_string()),
             ..ListenerConfig::new("[::]:1884")
         });
         cfg.log.format = LogFormat::Json;
@@ -1251,6 +1300,8 @@ mod tests {
             tls_key: Some(PathBuf::from("k")),
             tls_client_ca: Some(PathBuf::from("ca")),
             require_client_cert: true,
+            websocket: true,
+            websocket_path: Some("/mqtt".to_string()),
             ..ListenerConfig::new("127.0.0.1:1883")
         };
         cfg.bridge = vec![crate::bridge::BridgeConfig::example().with_example_tls()];
@@ -1378,6 +1429,44 @@ mod tests {
             let file = toml_file(&format!("[[listener]]\nbind = \"127.0.0.1:8883\"\n{text}"));
             assert_eq!(load_err(Some(file.path()), &[]).key(), Some(key), "{text}");
         }
+    }
+
+    #[test]
+    fn websocket_path_is_checked() {
+        for (text, key) in [
+            ("websocket_path = \"/mqtt\"\n", "listener[0].websocket_path"),
+            (
+                "websocket = true\nwebsocket_path = \"mqtt\"\n",
+                "listener[0].websocket_path",
+            ),
+            (
+                "websocket = true\nwebsocket_path = \"/a b\"\n",
+                "listener[0].websocket_path",
+            ),
+            (
+                "websocket = true\nwebsocket_path = \"/mqtt?x=1\"\n",
+                "listener[0].websocket_path",
+            ),
+            ("websocket = \"maybe\"\n", "listener[0].websocket"),
+        ] {
+            let file = toml_file(&format!("[[listener]]\nbind = \"127.0.0.1:8080\"\n{text}"));
+            let err = load_err(Some(file.path()), &[]);
+            assert_eq!(err.key(), Some(key), "{text}");
+            let msg = err.to_string();
+            assert!(msg.contains(&file.path().display().to_string()), "{msg}");
+        }
+        let file = toml_file(
+            "[[listener]]\nbind = \"127.0.0.1:8080\"\nwebsocket = true\nwebsocket_path = \"/ws/mqtt\"\n",
+        );
+        let cfg = Config::load_from(Some(file.path()), HashMap::new()).expect("valid");
+        assert_eq!(cfg.listener[0].websocket_path(), "/ws/mqtt");
+        assert_eq!(ListenerConfig::new("127.0.0.1:1").websocket_path(), "/mqtt");
+        // The exposure rule applies to WebSocket listeners as to any other.
+        let file = toml_file("[[listener]]\nbind = \"0.0.0.0:8080\"\nwebsocket = true\n");
+        assert_eq!(
+            load_err(Some(file.path()), &[]).key(),
+            Some("listener[0].allow_anonymous")
+        );
     }
 
     #[test]

@@ -4,91 +4,23 @@
 mod common;
 #[path = "common/daemon.rs"]
 mod daemon;
+#[path = "common/pki.rs"]
+mod pki;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use common::*;
 use holdfast::config::ListenerConfig;
 use holdfast::protocol::{self, reason, Connect, Packet, ProtocolVersion, QoS};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
-    KeyPair, KeyUsagePurpose,
-};
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use pki::*;
+use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
-
-struct Ca {
-    issuer: CertifiedIssuer<'static, KeyPair>,
-}
-
-struct Leaf {
-    cert_pem: String,
-    key_pem: String,
-    der: CertificateDer<'static>,
-    key_der: Vec<u8>,
-}
-
-impl Ca {
-    fn new(name: &str) -> Ca {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(DnType::CommonName, name);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        let issuer =
-            CertifiedIssuer::self_signed(params, KeyPair::generate().expect("key")).expect("CA");
-        Ca { issuer }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    fn der(&self) -> CertificateDer<'static> {
-        self.issuer.der().clone()
-    }
-
-    fn leaf(&self, cn: &str, sans: &[&str], server: bool) -> Leaf {
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .expect("params");
-        params.distinguished_name.push(DnType::CommonName, cn);
-        params.extended_key_usages = vec![if server {
-            ExtendedKeyUsagePurpose::ServerAuth
-        } else {
-            ExtendedKeyUsagePurpose::ClientAuth
-        }];
-        let key = KeyPair::generate().expect("key");
-        let cert = params.signed_by(&key, &self.issuer).expect("sign");
-        Leaf {
-            cert_pem: cert.pem(),
-            key_pem: key.serialize_pem(),
-            der: cert.der().clone(),
-            key_der: key.serialize_der(),
-        }
-    }
-}
-
-fn server_leaf(ca: &Ca, cn: &str) -> Leaf {
-    ca.leaf(cn, &["localhost", "127.0.0.1"], true)
-}
-
-/// Writes the server's files and returns (cert, key, client CA) paths.
-fn write_server_files(dir: &Path, ca: &Ca, leaf: &Leaf) -> (PathBuf, PathBuf, PathBuf) {
-    let cert = dir.join("server.crt");
-    let key = dir.join("server.key");
-    let client_ca = dir.join("clients-ca.crt");
-    std::fs::write(&cert, &leaf.cert_pem).expect("write");
-    std::fs::write(&key, &leaf.key_pem).expect("write");
-    std::fs::write(&client_ca, ca.pem()).expect("write");
-    (cert, key, client_ca)
-}
 
 fn tls_listener(dir: &Path, ca: &Ca, require: bool) -> ListenerConfig {
     let (cert, key, client_ca) = write_server_files(dir, ca, &server_leaf(ca, "holdfast"));
@@ -106,27 +38,6 @@ struct TlsClient {
     stream: TlsStream<TcpStream>,
     version: ProtocolVersion,
     buf: BytesMut,
-}
-
-fn connector(ca: &Ca, client: Option<&Leaf>) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der()).expect("root");
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("versions")
-    .with_root_certificates(roots);
-    let config = match client {
-        Some(l) => builder
-            .with_client_auth_cert(
-                vec![l.der.clone()],
-                PrivateKeyDer::try_from(l.key_der.clone()).expect("key"),
-            )
-            .expect("client cert"),
-        None => builder.with_no_client_auth(),
-    };
-    TlsConnector::from(Arc::new(config))
 }
 
 impl TlsClient {
@@ -284,13 +195,6 @@ async fn required_client_certificate() {
     b.shutdown().await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 fn sighup(pid: u32) {
     let ok = std::process::Command::new("kill")
         .args(["-HUP", &pid.to_string()])
@@ -306,7 +210,7 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     let ca = Ca::new("Holdfast test CA");
     let first = server_leaf(&ca, "holdfast-first");
     let (cert, key, _) = write_server_files(files.path(), &ca, &first);
-    let port = free_port();
+    let port = daemon::free_port();
     let mut d = daemon::Daemon::started(&format!(
         "[[listener]]\nbind = \"127.0.0.1:{port}\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\n",
         cert.display(),

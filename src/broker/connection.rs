@@ -104,6 +104,9 @@ pub struct ListenerContext {
     pub allow_anonymous: bool,
     /// Password file and ACL (shared by all listeners).
     pub auth: Arc<crate::auth::Auth>,
+    /// `Some(path)` on a WebSocket listener: the socket is upgraded (`super::ws`) before
+    /// MQTT starts.
+    pub websocket: Option<String>,
 }
 
 impl ListenerContext {
@@ -113,6 +116,7 @@ impl ListenerContext {
             name: String::new(),
             allow_anonymous: cfg.allow_anonymous,
             auth: Arc::new(crate::auth::Auth::open()),
+            websocket: None,
         }
     }
 }

@@ -1,16 +1,23 @@
 //! TCP listeners: bind, accept, and hand each socket to its own connection task. TLS
-//! listeners finish the handshake (bounded by the connect timeout) in that task first.
+//! listeners finish the handshake (bounded by the connect timeout) in that task first;
+//! WebSocket listeners then the HTTP upgrade (`ws`), within the same deadline.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tokio::time::{timeout_at, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 use super::connection::{serve, ListenerContext, Shared};
 use super::tls::{certificate_name, TlsListener};
+use super::ws;
+
+fn connect_timeout(shared: &Shared) -> Duration {
+    Duration::from_secs(shared.cfg.connect_timeout_secs)
+}
 
 /// Accepts connections until shutdown; each connection runs on `tracker`.
 pub async fn accept_loop(
@@ -40,6 +47,10 @@ pub async fn accept_loop(
         match &tls {
             None => {
                 tracker.spawn(async move {
+                    if ctx.websocket.is_some() {
+                        let deadline = Instant::now() + connect_timeout(&shared);
+                        return ws::serve(stream, peer, shared, ctx, None, deadline).await;
+                    }
                     let (r, w) = stream.into_split();
                     serve(r, w, peer, shared, ctx, None).await;
                 });
@@ -47,9 +58,9 @@ pub async fn accept_loop(
             Some(tls) => {
                 let acceptor = tls.acceptor.clone();
                 tracker.spawn(async move {
-                    let timeout = Duration::from_secs(shared.cfg.connect_timeout_secs);
-                    let stream = match tokio::time::timeout(timeout, acceptor.accept(stream)).await
-                    {
+                    // One deadline for the TLS handshake and, on wss, the HTTP upgrade.
+                    let deadline = Instant::now() + connect_timeout(&shared);
+                    let stream = match timeout_at(deadline, acceptor.accept(stream)).await {
                         Ok(Ok(s)) => s,
                         Ok(Err(e)) => {
                             debug!(%peer, cause = %e, "TLS handshake failed");
@@ -66,6 +77,9 @@ pub async fn accept_loop(
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .and_then(|c| certificate_name(c));
+                    if ctx.websocket.is_some() {
+                        return ws::serve(stream, peer, shared, ctx, cert_user, deadline).await;
+                    }
                     let (r, w) = tokio::io::split(stream);
                     serve(r, w, peer, shared, ctx, cert_user).await;
                 });

@@ -16,6 +16,7 @@ pub mod router;
 pub mod session;
 pub mod tls;
 pub mod topic_tree;
+pub mod ws;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
@@ -102,6 +103,7 @@ impl Broker {
                 name: l.bind.clone(),
                 allow_anonymous: l.allows_anonymous(&cfg.mqtt),
                 auth: auth.clone(),
+                websocket: l.websocket.then(|| l.websocket_path().to_string()),
             });
             contexts.push((ctx, tls));
         }
@@ -210,8 +212,13 @@ impl Broker {
             info!(port = %s.name, path = %s.path, format = ?s.format, "starting serial port");
             tracker.spawn(crate::serial::run(s.clone(), shared.clone()));
         }
-        for a in &local_addrs {
-            info!(addr = %a, "listening for MQTT");
+        for (a, l) in local_addrs.iter().zip(&cfg.listener) {
+            match l.websocket {
+                false => info!(addr = %a, "listening for MQTT"),
+                true => {
+                    info!(addr = %a, path = l.websocket_path(), "listening for MQTT over WebSocket")
+                }
+            }
         }
         let observer = Arc::new(crate::observe::Observer::new(
             router_tx.clone(),

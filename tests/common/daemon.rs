@@ -20,7 +20,8 @@ use tokio::time::Instant;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 
-fn free_port() -> u16 {
+/// A port that was free a moment ago (for configs that must name their port).
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
