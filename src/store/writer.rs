@@ -825,6 +825,16 @@ mod tests {
         }
     }
 
+    fn session(sid: Sid) -> Op {
+        Op::UpsertSession {
+            sid,
+            client_id: Arc::from("c"),
+            protocol: 4,
+            expiry: 60,
+            will: None,
+        }
+    }
+
     fn read(sid: Sid) -> Command {
         Command::ReadQueue {
             sid,
@@ -873,13 +883,7 @@ mod tests {
 
         let dir = tempfile::tempdir().unwrap();
         let (store, mut rx) = open(dir.path(), 0);
-        let session = Op::UpsertSession {
-            sid: 1,
-            client_id: Arc::from("c"),
-            protocol: 4,
-            expiry: 60,
-            will: None,
-        };
+        let session = session(1);
         store
             .send(Command::Batch {
                 token: 1,
@@ -920,13 +924,7 @@ mod tests {
     fn read_in_a_group_sees_earlier_batches_only_and_is_reported_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let (store, mut rx) = open(dir.path(), 0);
-        let session = Op::UpsertSession {
-            sid: 1,
-            client_id: Arc::from("c"),
-            protocol: 4,
-            expiry: 60,
-            will: None,
-        };
+        let session = session(1);
         store
             .send(Command::Batch {
                 token: 1,
