@@ -11,11 +11,13 @@
 
 pub mod connection;
 pub mod listener;
+pub mod ratelimit;
 pub mod retained;
 pub mod router;
 pub mod session;
 pub mod tls;
 pub mod topic_tree;
+pub mod traffic;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
@@ -89,16 +91,20 @@ impl Broker {
         let auth = Arc::new(crate::auth::Auth::load(&cfg.auth)?);
         let mut tls_listeners = Vec::new();
         let mut contexts = Vec::new();
+        let mut traffic = Vec::new();
         for l in &cfg.listener {
             let tls = tls::TlsListener::from_config(l).map_err(|source| BrokerError::Tls {
                 bind: l.bind.clone(),
                 source,
             })?;
             tls_listeners.extend(tls.clone());
+            let counters = Arc::new(traffic::ListenerTraffic::new(l.bind.clone()));
+            traffic.push(counters.clone());
             let ctx = Arc::new(connection::ListenerContext {
                 name: l.bind.clone(),
                 allow_anonymous: l.allows_anonymous(&cfg.mqtt),
                 auth: auth.clone(),
+                traffic: counters,
             });
             contexts.push((ctx, tls));
         }
@@ -133,7 +139,12 @@ impl Broker {
         // Before the store: refuses to start if another broker answers on the socket.
         let admin = crate::admin::AdminSocket::bind(&cfg.data_dir)?;
         let t0 = std::time::Instant::now();
-        let (store, recovered, store_rx) = crate::store::Store::open(&opts)?; // start-up: blocking briefly is fine
+        // Start-up: blocking is fine. Recovery and migrations of a big database on an SD card
+        // can take long, so systemd's start timeout is extended meanwhile.
+        let (store, recovered, store_rx) = {
+            let _extend = crate::observe::notify::extend_startup("opening the store");
+            crate::store::Store::open(&opts)?
+        };
         info!(
             path = %opts.path.display(),
             sessions = recovered.sessions.len(),
@@ -180,6 +191,13 @@ impl Broker {
             next_conn_id: AtomicU64::new(1),
             connected: AtomicUsize::new(0),
             bridges: Default::default(),
+            rate_limit: ratelimit::RateLimiter::new(
+                cfg.mqtt.max_connection_rate,
+                cfg.mqtt.max_connection_burst,
+                cfg.mqtt.rate_exempt_networks()?,
+            ),
+            user_limit: Arc::new(ratelimit::UserLimit::new(cfg.auth.max_connections_per_user)),
+            traffic,
         });
         for (l, (ctx, tls)) in listeners.into_iter().zip(contexts) {
             tokio::spawn(listener::accept_loop(
