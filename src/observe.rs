@@ -150,8 +150,11 @@ pub fn init_tracing(cfg: &LogConfig) -> Result<LogControl, ObserveError> {
     let rust_log = std::env::var("RUST_LOG").ok();
     let filter = build_filter(rust_log.as_deref(), &cfg.level)?;
     let (filter, handle) = reload::Layer::new(filter);
+    // Colours only on a terminal: the journal and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let human = (cfg.format == LogFormat::Human).then(|| {
         tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
             .with_target(true)
             .with_writer(std::io::stderr)
     });
