@@ -254,3 +254,26 @@ async fn byte_counters_match_what_clients_sent_and_grow_by_what_they_received() 
     );
     b.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_refused_address_is_logged_once_per_episode() {
+    let mut d =
+        daemon::Daemon::started("[mqtt]\nmax_connection_rate = 1\nmax_connection_burst = 2\n")
+            .await;
+    let mut refused = 0;
+    for i in 0..12 {
+        let c = connect_packet(ProtocolVersion::V311, &format!("flood{i}"), true);
+        if try_connect(d.addr, c).await.0.is_none() {
+            refused += 1;
+        }
+    }
+    assert!(refused >= 8, "refused {refused}");
+    // The limiter logs synchronously in the accept loop, before the socket is closed.
+    let log = d.log_text();
+    let warnings = log
+        .matches("connection rate limit: refusing connections from this source")
+        .count();
+    assert_eq!(warnings, 1, "{log}");
+    assert!(log.contains("source=127.0.0.1"), "{log}");
+    d.sigterm().await;
+}

@@ -243,20 +243,7 @@ async fn metrics_and_healthz_over_http() {
 async fn status_command_against_the_real_binary() {
     let t0 = Instant::now();
     let mut d = daemon::Daemon::started("[sys]\ninterval_secs = 1\n").await;
-    let mut c = daemon::Conn::tcp(d.addr, ProtocolVersion::V311)
-        .await
-        .expect("tcp");
-    c.send(&Packet::Connect(Box::new(connect_packet(
-        ProtocolVersion::V311,
-        "status-client",
-        false,
-    ))))
-    .await
-    .expect("connect");
-    assert!(matches!(
-        c.recv_timeout(TIMEOUT).await,
-        Ok(Some(Packet::ConnAck(_)))
-    ));
+    let c = connect_v311(&d, "status-client", false).await;
     // Wait for a latency interval with commits in it (the durable session's commit).
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
@@ -482,14 +469,15 @@ async fn wait_for_log(d: &daemon::Daemon, from: usize, needle: &str, within: Dur
     }
 }
 
-async fn connect_v311(d: &daemon::Daemon, id: &str) -> daemon::Conn {
+/// A 3.1.1 client on the daemon, CONNACK received.
+async fn connect_v311(d: &daemon::Daemon, id: &str, clean: bool) -> daemon::Conn {
     let mut c = daemon::Conn::tcp(d.addr, ProtocolVersion::V311)
         .await
         .expect("tcp");
     c.send(&Packet::Connect(Box::new(connect_packet(
         ProtocolVersion::V311,
         id,
-        true,
+        clean,
     ))))
     .await
     .expect("connect");
@@ -514,7 +502,7 @@ fn sighup(d: &daemon::Daemon) {
 async fn sighup_changes_the_log_level_and_a_bad_file_changes_nothing() {
     let t0 = Instant::now();
     let d = daemon::Daemon::started("").await; // [log] level = "warn"
-    let quiet = connect_v311(&d, "before-reload").await;
+    let quiet = connect_v311(&d, "before-reload", true).await;
     // Debug lines of that connection would be written by now; there are none at warn.
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert!(
@@ -533,7 +521,7 @@ async fn sighup_changes_the_log_level_and_a_bad_file_changes_nothing() {
     wait_for_log(&d, mark, "log level changed", Duration::from_secs(5)).await;
     // The non-reloadable change is named, not applied.
     wait_for_log(&d, mark, "mqtt.max_inflight", Duration::from_secs(1)).await;
-    let _loud = connect_v311(&d, "after-reload").await;
+    let _loud = connect_v311(&d, "after-reload", true).await;
     wait_for_log(&d, mark, "client_id=after-reload", Duration::from_secs(5)).await;
 
     // A bad file: the error names the key and the file; debug stays in force.
@@ -557,7 +545,7 @@ async fn sighup_changes_the_log_level_and_a_bad_file_changes_nothing() {
         text.contains(&d.config.display().to_string()),
         "names the file: {text}"
     );
-    let _still = connect_v311(&d, "after-bad-file").await;
+    let _still = connect_v311(&d, "after-bad-file", true).await;
     wait_for_log(&d, mark, "client_id=after-bad-file", Duration::from_secs(5)).await;
     drop(quiet);
     let mut d = d;
