@@ -1,7 +1,10 @@
 //! The local MQTT broker.
 //!
-//! - `listener`: binds the configured addresses and accepts sockets;
-//! - `connection`: one task per client: handshake, checks, keep-alive, aliases, I/O;
+//! - `listener`: binds the configured addresses and accepts sockets; `ratelimit` decides
+//!   right after accept whether a source address may connect (and caps connections per
+//!   user at CONNECT);
+//! - `connection`: one task per client: handshake, checks, keep-alive, aliases, I/O
+//!   (bytes counted per listener by `traffic`);
 //! - `router`: one task that owns every `session`, the subscription `topic_tree` and the
 //!   `retained` messages; connections talk to it only through `RouterEvent`s.
 //!
