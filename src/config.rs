@@ -193,7 +193,7 @@ pub struct MqttConfig {
     pub shutdown_timeout_secs: u64,
     /// New TCP connections per second allowed from one source address (IPv6: one /64),
     /// over all listeners; more are closed right after accept (counted, logged once per
-    /// episode). 0 = no limit.
+    /// episode). 0 = no limit. Reloaded on SIGHUP, like the next two.
     pub max_connection_rate: f64,
     /// Connections one source address may open at once before `max_connection_rate`
     /// applies (the token bucket's size).

@@ -9,8 +9,11 @@
 //! 3. otherwise the reloadable settings are applied ([`Reloader::apply`]) and every other
 //!    changed key is listed in one warning: it keeps its old value until a restart.
 //!
-//! Reloadable keys: `log.level` (ignored while `RUST_LOG` is set, which wins). Everything
-//! else needs a restart.
+//! Reloadable keys ([`RELOADABLE_KEYS`]): `log.level` (ignored while `RUST_LOG` is set,
+//! which wins), and the connection limits `mqtt.max_connection_rate`,
+//! `mqtt.max_connection_burst`, `mqtt.connection_rate_exempt` and
+//! `auth.max_connections_per_user` (for connections accepted from then on). Everything else
+//! needs a restart.
 //!
 //! To make another setting reloadable, apply it in [`Reloader::apply`] (the broker is at
 //! hand) and copy it into `applied`: the configuration in force, against which the
@@ -26,7 +29,13 @@ use crate::config::Config;
 use crate::observe::{LevelChange, LogControl};
 
 /// Keys a SIGHUP applies (documented in README and docs/operations.md).
-pub const RELOADABLE_KEYS: &[&str] = &["log.level"];
+pub const RELOADABLE_KEYS: &[&str] = &[
+    "log.level",
+    "mqtt.max_connection_rate",
+    "mqtt.max_connection_burst",
+    "mqtt.connection_rate_exempt",
+    "auth.max_connections_per_user",
+];
 
 /// Holds the configuration in force and applies new versions of it.
 pub struct Reloader {
@@ -66,8 +75,9 @@ impl Reloader {
 
     /// Applies the reloadable settings of `new` and warns about the others. Returns the
     /// keys whose new values need a restart.
-    pub fn apply(&mut self, new: &Config, _broker: &Broker) -> Vec<String> {
+    pub fn apply(&mut self, new: &Config, broker: &Broker) -> Vec<String> {
         self.apply_log_level(new);
+        self.apply_connection_limits(new, broker);
         let pending = changed_keys(&self.applied, new);
         if pending.is_empty() {
             info!("configuration reloaded");
@@ -78,6 +88,30 @@ impl Reloader {
             );
         }
         pending
+    }
+
+    fn apply_connection_limits(&mut self, new: &Config, broker: &Broker) {
+        let mut a = self.applied.clone();
+        a.mqtt.max_connection_rate = new.mqtt.max_connection_rate;
+        a.mqtt.max_connection_burst = new.mqtt.max_connection_burst;
+        a.mqtt.connection_rate_exempt = new.mqtt.connection_rate_exempt.clone();
+        a.auth.max_connections_per_user = new.auth.max_connections_per_user;
+        if a == self.applied {
+            return;
+        }
+        match broker.set_connection_limits(&a.mqtt, &a.auth) {
+            Ok(()) => {
+                info!(
+                    max_connection_rate = a.mqtt.max_connection_rate,
+                    max_connection_burst = a.mqtt.max_connection_burst,
+                    connection_rate_exempt = ?a.mqtt.connection_rate_exempt,
+                    max_connections_per_user = a.auth.max_connections_per_user,
+                    "connection limits changed"
+                );
+                self.applied = a;
+            }
+            Err(e) => error!(cause = %e, "connection limits not changed"),
+        }
     }
 
     fn apply_log_level(&mut self, new: &Config) {

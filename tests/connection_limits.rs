@@ -277,3 +277,53 @@ async fn a_refused_address_is_logged_once_per_episode() {
     assert!(log.contains("source=127.0.0.1"), "{log}");
     d.sigterm().await;
 }
+
+#[tokio::test]
+async fn sighup_applies_new_connection_limits() {
+    let mut d = daemon::Daemon::started("").await;
+    let quick = |n: usize, prefix: &'static str| {
+        let addr = d.addr;
+        async move {
+            let mut admitted = 0;
+            for i in 0..n {
+                let c = connect_packet(ProtocolVersion::V311, &format!("{prefix}{i}"), true);
+                if try_connect(addr, c).await.0 == Some(0) {
+                    admitted += 1;
+                }
+            }
+            admitted
+        }
+    };
+    assert_eq!(quick(6, "before").await, 6, "no limit by default");
+
+    // `info` so that the reload's own lines show.
+    let config = std::fs::read_to_string(&d.config)
+        .expect("config")
+        .replace("level = \"warn\"", "level = \"info\"");
+    std::fs::write(
+        &d.config,
+        format!("{config}[mqtt]\nmax_connection_rate = 0.2\nmax_connection_burst = 2\n"),
+    )
+    .expect("write config");
+    let mark = d.log_text().len();
+    d.sighup();
+    // Applied within the signal handler; the next connections see the new limit.
+    let deadline = Instant::now() + TIMEOUT;
+    while !d.log_text()[mark..].contains("configuration reloaded") {
+        assert!(Instant::now() < deadline, "{}", d.log_text());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        d.log_text()[mark..].contains("connection limits changed"),
+        "{}",
+        d.log_text()
+    );
+    assert!(
+        !d.log_text()[mark..].contains("need a restart"),
+        "the limits are reloadable: {}",
+        d.log_text()
+    );
+    let admitted = quick(6, "after").await;
+    assert!((2..=3).contains(&admitted), "admitted {admitted}");
+    d.sigterm().await;
+}

@@ -488,16 +488,6 @@ async fn connect_v311(d: &daemon::Daemon, id: &str, clean: bool) -> daemon::Conn
     c
 }
 
-fn sighup(d: &daemon::Daemon) {
-    let pid = d.pid().expect("running").to_string();
-    let ok = Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill -HUP");
-}
-
 #[tokio::test]
 async fn sighup_changes_the_log_level_and_a_bad_file_changes_nothing() {
     let t0 = Instant::now();
@@ -517,7 +507,7 @@ async fn sighup_changes_the_log_level_and_a_bad_file_changes_nothing() {
     assert_ne!(debug, original);
     std::fs::write(&d.config, &debug).expect("write config");
     let mark = d.log_text().len();
-    sighup(&d);
+    d.sighup();
     wait_for_log(&d, mark, "log level changed", Duration::from_secs(5)).await;
     // The non-reloadable change is named, not applied.
     wait_for_log(&d, mark, "mqtt.max_inflight", Duration::from_secs(1)).await;
@@ -531,7 +521,7 @@ async fn sighup_changes_the_log_level_and_a_bad_file_changes_nothing() {
     )
     .expect("write config");
     let mark = d.log_text().len();
-    sighup(&d);
+    d.sighup();
     wait_for_log(
         &d,
         mark,

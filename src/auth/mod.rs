@@ -32,7 +32,7 @@ pub struct AuthConfig {
     /// Most client ids one user name may have connected at once (0 = unlimited); the
     /// CONNECT over it gets CONNACK 0x97 Quota exceeded (3.1.1: 0x03 Server unavailable).
     /// A takeover of a connected client id does not count twice; anonymous clients are
-    /// not capped.
+    /// not capped. Reloaded on SIGHUP.
     pub max_connections_per_user: usize,
 }
 

@@ -291,6 +291,25 @@ impl Broker {
         failed
     }
 
+    /// SIGHUP: applies new connection limits (`mqtt.max_connection_rate`,
+    /// `max_connection_burst`, `connection_rate_exempt`, `auth.max_connections_per_user`)
+    /// to connections accepted from now on; established ones stay.
+    pub fn set_connection_limits(
+        &self,
+        mqtt: &crate::config::MqttConfig,
+        auth: &crate::auth::AuthConfig,
+    ) -> Result<(), crate::config::ConfigError> {
+        self.shared.rate_limit.set(
+            mqtt.max_connection_rate,
+            mqtt.max_connection_burst,
+            mqtt.rate_exempt_networks()?,
+        );
+        self.shared
+            .user_limit
+            .set_max(auth.max_connections_per_user);
+        Ok(())
+    }
+
     /// Drops a session (see `RouterEvent::DropSession`); true if it existed.
     pub async fn drop_session(&self, client_id: &str) -> bool {
         let (reply, rx) = oneshot::channel();

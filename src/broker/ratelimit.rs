@@ -28,7 +28,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr};
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -112,8 +112,25 @@ struct Bucket {
     refused: u64,
 }
 
+/// The configured limit (changed by SIGHUP through [`RateLimiter::set`]).
+#[derive(Debug)]
+struct Settings {
+    /// Tokens per second; 0 = no limit.
+    rate: f64,
+    burst: f64,
+    exempt: Vec<IpNet>,
+}
+
+impl Settings {
+    /// How long an empty bucket takes to fill up.
+    fn refill_time(&self) -> Duration {
+        Duration::from_secs_f64((self.burst / self.rate).min(86_400.0))
+    }
+}
+
 #[derive(Debug)]
 struct Buckets {
+    settings: Settings,
     map: HashMap<IpAddr, Bucket>,
     next_sweep: Instant,
     /// An untracked admission was logged (reset when the table has room again).
@@ -123,10 +140,8 @@ struct Buckets {
 /// Token buckets per source address.
 #[derive(Debug)]
 pub struct RateLimiter {
-    /// Tokens per second; 0 = no limit.
-    rate: f64,
-    burst: f64,
-    exempt: Vec<IpNet>,
+    /// `rate > 0`: lets the default (no limit) skip the lock.
+    enabled: AtomicBool,
     buckets: Mutex<Buckets>,
     refused: AtomicU64,
 }
@@ -137,10 +152,13 @@ impl RateLimiter {
     pub fn new(rate: f64, burst: u32, exempt: Vec<IpNet>) -> RateLimiter {
         let now = Instant::now();
         RateLimiter {
-            rate,
-            burst: f64::from(burst.max(1)),
-            exempt,
+            enabled: AtomicBool::new(rate > 0.0),
             buckets: Mutex::new(Buckets {
+                settings: Settings {
+                    rate,
+                    burst: f64::from(burst.max(1)),
+                    exempt,
+                },
                 map: HashMap::new(),
                 next_sweep: now,
                 full_logged: false,
@@ -154,6 +172,19 @@ impl RateLimiter {
         self.refused.load(Ordering::Relaxed)
     }
 
+    /// Changes the limit (SIGHUP). Buckets are kept: one over the new burst is cut down at
+    /// its address's next connection.
+    pub fn set(&self, rate: f64, burst: u32, exempt: Vec<IpNet>) {
+        let mut b = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        b.settings = Settings {
+            rate,
+            burst: f64::from(burst.max(1)),
+            exempt,
+        };
+        b.next_sweep = Instant::now();
+        self.enabled.store(rate > 0.0, Ordering::Relaxed);
+    }
+
     /// Addresses currently tracked.
     pub fn tracked(&self) -> usize {
         self.buckets.lock().map(|b| b.map.len()).unwrap_or(0)
@@ -164,22 +195,22 @@ impl RateLimiter {
         self.admit_at(ip, Instant::now())
     }
 
-    /// How long an empty bucket takes to fill up.
-    fn refill_time(&self) -> Duration {
-        Duration::from_secs_f64((self.burst / self.rate).min(86_400.0))
-    }
-
     fn admit_at(&self, ip: IpAddr, now: Instant) -> bool {
-        if self.rate <= 0.0 || self.exempt.iter().any(|n| n.contains(ip)) {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return true;
+        }
+        let Ok(mut guard) = self.buckets.lock() else {
+            return true;
+        };
+        let b = &mut *guard;
+        let cfg = &b.settings;
+        if cfg.rate <= 0.0 || cfg.exempt.iter().any(|n| n.contains(ip)) {
             return true;
         }
         let key = key(ip);
-        let Ok(mut b) = self.buckets.lock() else {
-            return true;
-        };
         if now >= b.next_sweep {
-            self.sweep(&mut b.map, now);
-            b.next_sweep = now + self.refill_time().max(Duration::from_secs(1));
+            sweep(&mut b.map, cfg.refill_time(), now);
+            b.next_sweep = now + cfg.refill_time().max(Duration::from_secs(1));
         }
         if !b.map.contains_key(&key) && b.map.len() >= MAX_TRACKED {
             if !b.full_logged {
@@ -193,12 +224,12 @@ impl RateLimiter {
         }
         b.full_logged = false;
         let bucket = b.map.entry(key).or_insert(Bucket {
-            tokens: self.burst,
+            tokens: cfg.burst,
             last: now,
             refused: 0,
         });
         let elapsed = now.saturating_duration_since(bucket.last).as_secs_f64();
-        bucket.tokens = (bucket.tokens + elapsed * self.rate).min(self.burst);
+        bucket.tokens = (bucket.tokens + elapsed * cfg.rate).min(cfg.burst);
         bucket.last = now;
         if bucket.tokens >= 1.0 {
             bucket.tokens -= 1.0;
@@ -211,8 +242,8 @@ impl RateLimiter {
             if bucket.refused == 0 {
                 warn!(
                     source = %key,
-                    rate = self.rate,
-                    burst = self.burst,
+                    rate = cfg.rate,
+                    burst = cfg.burst,
                     "connection rate limit: refusing connections from this source (logged once per episode)"
                 );
             }
@@ -221,18 +252,17 @@ impl RateLimiter {
             false
         }
     }
+}
 
-    /// Removes buckets that have refilled completely (they admit like a new one would).
-    fn sweep(&self, map: &mut HashMap<IpAddr, Bucket>, now: Instant) {
-        let full = self.refill_time();
-        map.retain(|ip, b| {
-            let idle = now.saturating_duration_since(b.last) >= full;
-            if idle && b.refused > 0 {
-                info!(source = %ip, refused = b.refused, "connection rate limit: episode over");
-            }
-            !idle
-        });
-    }
+/// Removes buckets that have refilled completely (they admit like a new one would).
+fn sweep(map: &mut HashMap<IpAddr, Bucket>, full: Duration, now: Instant) {
+    map.retain(|ip, b| {
+        let idle = now.saturating_duration_since(b.last) >= full;
+        if idle && b.refused > 0 {
+            info!(source = %ip, refused = b.refused, "connection rate limit: episode over");
+        }
+        !idle
+    });
 }
 
 /// A user's online client ids → connections holding each.
@@ -245,8 +275,8 @@ pub struct OverUserLimit;
 /// Distinct client ids online per user name, capped.
 #[derive(Debug)]
 pub struct UserLimit {
-    /// 0 = unlimited.
-    max: usize,
+    /// 0 = unlimited. Changed by SIGHUP ([`UserLimit::set_max`]).
+    max: AtomicUsize,
     /// user → client id → connections holding it (2 briefly during a takeover).
     online: Mutex<HashMap<Arc<str>, ClientIds>>,
     refused: AtomicU64,
@@ -263,10 +293,16 @@ pub struct UserSlot {
 impl UserLimit {
     pub fn new(max: usize) -> UserLimit {
         UserLimit {
-            max,
+            max: AtomicUsize::new(max),
             online: Mutex::new(HashMap::new()),
             refused: AtomicU64::new(0),
         }
+    }
+
+    /// Changes the cap (SIGHUP). Connected clients stay; new CONNECTs see the new cap.
+    /// Raising it from 0 tracks only clients that connect from then on.
+    pub fn set_max(&self, max: usize) {
+        self.max.store(max, Ordering::Relaxed);
     }
 
     /// CONNECTs refused because of the cap since start.
@@ -284,12 +320,13 @@ impl UserLimit {
         let Some(user) = user else {
             return Ok(None);
         };
-        if self.max == 0 {
+        let max = self.max.load(Ordering::Relaxed);
+        if max == 0 {
             return Ok(None);
         }
         let mut online = self.online.lock().unwrap_or_else(|e| e.into_inner());
         let ids = online.entry(user.clone()).or_default();
-        if !ids.contains_key(client_id) && ids.len() >= self.max {
+        if !ids.contains_key(client_id) && ids.len() >= max {
             self.refused.fetch_add(1, Ordering::Relaxed);
             return Err(OverUserLimit);
         }
@@ -438,6 +475,28 @@ mod tests {
         // Anonymous clients and other users are not affected.
         assert!(matches!(l.claim(None, &c), Ok(None)));
         assert!(l.claim(Some(&"bob".into()), &c).is_ok());
+    }
+
+    #[test]
+    fn a_new_limit_applies_to_the_next_connection() {
+        let l = RateLimiter::new(0.0, 10, Vec::new());
+        let t0 = Instant::now();
+        let a = ip("192.0.2.1");
+        assert!((0..20).all(|_| l.admit_at(a, t0)));
+        l.set(1.0, 2, Vec::new());
+        assert!(l.admit_at(a, t0) && l.admit_at(a, t0));
+        assert!(!l.admit_at(a, t0));
+        l.set(1.0, 2, vec!["192.0.2.0/24".parse().expect("net")]);
+        assert!(l.admit_at(a, t0));
+        l.set(0.0, 2, Vec::new());
+        assert!((0..20).all(|_| l.admit_at(a, t0)));
+
+        let u = Arc::new(UserLimit::new(0));
+        let (user, c1, c2): (Arc<str>, Arc<str>, Arc<str>) = ("u".into(), "1".into(), "2".into());
+        assert!(matches!(u.claim(Some(&user), &c1), Ok(None)));
+        u.set_max(1);
+        let _s = u.claim(Some(&user), &c1).expect("first");
+        assert!(u.claim(Some(&user), &c2).is_err());
     }
 
     #[test]

@@ -138,6 +138,17 @@ impl Daemon {
         self.child.is_some()
     }
 
+    /// SIGHUP (reload); returns at once.
+    pub fn sighup(&self) {
+        let pid = self.pid().expect("holdfast is not running").to_string();
+        let ok = Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok, "kill -HUP failed");
+    }
+
     /// SIGKILL and reap.
     pub fn sigkill(&mut self) {
         let mut c = self.child.take().expect("holdfast is not running");
