@@ -386,13 +386,7 @@ async fn sd_notify_ready_watchdog_stopping() {
     n.expect("WATCHDOG=1", Duration::from_secs(10)).await;
     drop(c);
 
-    let pid = d.pid().expect("running").to_string();
-    let ok = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok);
+    d.signal("TERM");
     n.expect("STOPPING=1", Duration::from_secs(5)).await;
     d.sigterm().await; // already signalled: waits for the clean exit
     eprintln!("sd_notify_ready_watchdog_stopping: {:?}", t0.elapsed());
