@@ -273,6 +273,7 @@ async fn status_command_against_the_real_binary() {
     assert!(text.contains("dropped:   none"), "{text}");
     assert!(text.contains("store:     "), "{text}");
     assert!(text.contains("bridges:   none"), "{text}");
+    assert!(text.contains("\ntraffic:   "), "{text}");
 
     let out = Command::new(daemon::BIN)
         .args(["status", "--json", "--config"])
@@ -288,6 +289,11 @@ async fn status_command_against_the_real_binary() {
     assert!(v["store"]["db_bytes"].as_u64().unwrap() > 0);
     assert!(v["store"]["commits"].as_u64().unwrap() > 0);
     assert!(v["bridges"].is_array());
+    assert_eq!(
+        v["traffic"]["listeners"][0]["bind"].as_str(),
+        Some(d.addr.to_string().as_str())
+    );
+    assert_eq!(v["clients"]["rate_limited"], 0);
 
     drop(c);
     d.sigterm().await;
