@@ -198,6 +198,17 @@ pub struct MqttConfig {
     pub v3_session_expiry_secs: u32,
     /// Seconds graceful shutdown may take before remaining connections are dropped.
     pub shutdown_timeout_secs: u64,
+    /// New TCP connections per second allowed from one source address (IPv6: one /64),
+    /// over all listeners; more are closed right after accept (counted, logged once per
+    /// episode). 0 = no limit. Reloaded on SIGHUP, like the next two.
+    pub max_connection_rate: f64,
+    /// Connections one source address may open at once before `max_connection_rate`
+    /// applies (the token bucket's size).
+    pub max_connection_burst: u32,
+    /// Addresses or networks (`127.0.0.1`, `10.0.0.0/8`, `fd00::/8`) never rate limited. A
+    /// list, or one comma-separated string (how an environment variable gives it).
+    #[serde(deserialize_with = "list_or_commas")]
+    pub connection_rate_exempt: Vec<String>,
 }
 
 impl Default for Config {
@@ -248,8 +259,30 @@ impl Default for MqttConfig {
             max_session_expiry_secs: 7 * 24 * 3600,
             v3_session_expiry_secs: 7 * 24 * 3600,
             shutdown_timeout_secs: 5,
+            max_connection_rate: 0.0,
+            max_connection_burst: 10,
+            connection_rate_exempt: Vec::new(),
         }
     }
+}
+
+/// A list of strings, or one string of comma-separated items (environment variables).
+fn list_or_commas<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum ListOrString {
+        List(Vec<String>),
+        String(String),
+    }
+    Ok(match ListOrString::deserialize(d)? {
+        ListOrString::List(v) => v,
+        ListOrString::String(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+    })
 }
 
 /// Prefix of the environment variables that override configuration keys.
@@ -887,7 +920,38 @@ impl MqttConfig {
                 "must be at least 1 second (got 0)",
             ));
         }
+        if !(0.0..=1_000_000.0).contains(&self.max_connection_rate) {
+            return Err(ConfigError::invalid(
+                "mqtt.max_connection_rate",
+                format!(
+                    "must be between 0 (no limit) and 1000000 connections per second (got {})",
+                    self.max_connection_rate
+                ),
+            ));
+        }
+        if self.max_connection_burst == 0 {
+            return Err(ConfigError::invalid(
+                "mqtt.max_connection_burst",
+                "must be at least 1 (got 0)",
+            ));
+        }
+        self.rate_exempt_networks()?;
         Ok(())
+    }
+
+    /// `connection_rate_exempt`, parsed.
+    pub fn rate_exempt_networks(
+        &self,
+    ) -> Result<Vec<crate::broker::ratelimit::IpNet>, ConfigError> {
+        self.connection_rate_exempt
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                s.parse().map_err(|m| {
+                    ConfigError::invalid(format!("mqtt.connection_rate_exempt[{i}]"), m)
+                })
+            })
+            .collect()
     }
 }
 
@@ -1373,6 +1437,53 @@ mod tests {
             assert!(
                 in_readme,
                 "README.md's configuration reference lacks `{key}`"
+            );
+        }
+    }
+
+    #[test]
+    fn connection_limits_validate_and_name_their_keys() {
+        let file = toml_file(
+            "[mqtt]\nmax_connection_rate = 2.5\nconnection_rate_exempt = [\"10.0.0.0/8\"]\n\
+             [auth]\nmax_connections_per_user = 3\n",
+        );
+        let cfg = Config::load_from(Some(file.path()), HashMap::new()).expect("valid");
+        assert_eq!(cfg.mqtt.max_connection_rate, 2.5);
+        assert_eq!(cfg.auth.max_connections_per_user, 3);
+        let cfg = Config::load_from(
+            None,
+            env(&[(
+                "HOLDFAST_MQTT__CONNECTION_RATE_EXEMPT",
+                "127.0.0.1, fd00::/8",
+            )]),
+        )
+        .expect("a comma-separated variable");
+        assert_eq!(cfg.mqtt.connection_rate_exempt, ["127.0.0.1", "fd00::/8"]);
+
+        for (text, key) in [
+            (
+                "[mqtt]\nmax_connection_rate = -1\n",
+                "mqtt.max_connection_rate",
+            ),
+            (
+                "[mqtt]\nmax_connection_burst = 0\n",
+                "mqtt.max_connection_burst",
+            ),
+            (
+                "[mqtt]\nconnection_rate_exempt = [\"::1\", \"10.0.0.0/40\"]\n",
+                "mqtt.connection_rate_exempt[1]",
+            ),
+            (
+                "[auth]\nmax_connections_per_user = -1\n",
+                "auth.max_connections_per_user",
+            ),
+        ] {
+            let file = toml_file(text);
+            let err = load_err(Some(file.path()), &[]);
+            assert_eq!(err.key(), Some(key), "{err}");
+            assert!(
+                err.to_string().contains(&file.path().display().to_string()),
+                "{err}"
             );
         }
     }

@@ -7,6 +7,7 @@
 //! - `bridge`: upstream connections with a durable outbox (an internal session).
 //! - `serial`: serial sensor ingest (lines formats and Modbus RTU) as internal publishers.
 //! - `admin`: operator commands (`sessions`, `backup`) and the broker's admin socket.
+//! - `reload`: what SIGHUP changes in a running gateway (configuration re-read).
 
 pub mod admin;
 pub mod auth;
@@ -15,5 +16,6 @@ pub mod broker;
 pub mod config;
 pub mod observe;
 pub mod protocol;
+pub mod reload;
 pub mod serial;
 pub mod store;

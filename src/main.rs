@@ -11,6 +11,7 @@ use holdfast::admin;
 use holdfast::broker::Broker;
 use holdfast::config::Config;
 use holdfast::observe::notify;
+use holdfast::reload::Reloader;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -311,7 +312,7 @@ fn backup(file: PathBuf, config: Option<PathBuf>, force: bool) -> anyhow::Result
 
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = Config::load(config.as_deref())?;
-    holdfast::observe::init_tracing(&cfg.log)?;
+    let log = holdfast::observe::init_tracing(&cfg.log)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("holdfast")
@@ -330,7 +331,8 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
             );
             tokio::spawn(notify::watchdog(broker.observer(), timeout, watchdog.clone()));
         }
-        wait_for_signal(&broker).await?;
+        let mut reloader = Reloader::new(config.clone(), cfg.clone(), log);
+        wait_for_signal(&broker, &mut reloader).await?;
         watchdog.cancel();
         notify::stopping();
         broker.shutdown().await;
@@ -340,8 +342,9 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Waits for SIGTERM or SIGINT; SIGHUP reloads the password, ACL and certificate files.
-async fn wait_for_signal(broker: &Broker) -> anyhow::Result<()> {
+/// Waits for SIGTERM or SIGINT; SIGHUP reloads the password, ACL and certificate files and
+/// the reloadable settings of the configuration file (`holdfast::reload`).
+async fn wait_for_signal(broker: &Broker, reloader: &mut Reloader) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -351,8 +354,8 @@ async fn wait_for_signal(broker: &Broker) -> anyhow::Result<()> {
             _ = term.recv() => { info!("SIGTERM received"); break }
             _ = int.recv() => { info!("SIGINT received"); break }
             _ = hup.recv() => {
-                info!("SIGHUP received: reloading password, ACL and certificate files");
-                broker.reload();
+                info!("SIGHUP received: reloading password, ACL and certificate files and the configuration");
+                reloader.reload(broker);
             }
         }
     }

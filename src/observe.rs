@@ -4,6 +4,8 @@
 //! The filter is `RUST_LOG` when that is set (the usual override while debugging), otherwise
 //! `log.level` from the configuration. Output goes to stderr, where systemd's journal picks it
 //! up: a human-readable format with targets, or one JSON object per line for log shippers.
+//! The filter sits behind a reload layer: [`LogControl::set_level`] changes it in place
+//! (SIGHUP with a new `log.level`, see `crate::reload`); the format needs a restart.
 //!
 //! # Figures
 //! [`Observer`] gathers one [`Snapshot`]: the router's counters and session figures (asked
@@ -28,7 +30,9 @@ pub mod sys;
 pub use observer::{Health, Observer, Snapshot};
 
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
 
 use crate::config::{ConfigError, LogConfig, LogFormat};
 
@@ -101,22 +105,77 @@ pub enum ObserveError {
     },
 }
 
+/// Changes the log filter of the running process (see [`init_tracing`]).
+#[derive(Debug, Clone)]
+pub struct LogControl {
+    /// None when another global subscriber was installed first (tests): nothing to change.
+    handle: Option<reload::Handle<EnvFilter, Registry>>,
+    /// `RUST_LOG` was set at start: it keeps winning over `log.level`.
+    rust_log: bool,
+}
+
+/// What [`LogControl::set_level`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LevelChange {
+    Applied,
+    /// `RUST_LOG` is set and wins; `log.level` is not used.
+    OverriddenByRustLog,
+    /// This process does not own the global subscriber.
+    NotInstalled,
+}
+
+impl LogControl {
+    /// Replaces the filter with `level` (a `log.level` value, already validated).
+    pub fn set_level(&self, level: &str) -> Result<LevelChange, ObserveError> {
+        if self.rust_log {
+            return Ok(LevelChange::OverriddenByRustLog);
+        }
+        let Some(handle) = &self.handle else {
+            return Ok(LevelChange::NotInstalled);
+        };
+        let filter = build_filter(None, level)?;
+        match handle.reload(filter) {
+            Ok(()) => Ok(LevelChange::Applied),
+            // The subscriber is gone (process exiting): nothing left to filter.
+            Err(_) => Ok(LevelChange::NotInstalled),
+        }
+    }
+}
+
 /// Installs the global subscriber described by `cfg` (see the module doc for the filter
-/// rules). Calling it again is harmless: if a global subscriber is already set (by an
-/// earlier call or by a test harness), the new one is dropped and `Ok(())` is returned.
-pub fn init_tracing(cfg: &LogConfig) -> Result<(), ObserveError> {
-    let filter = build_filter(std::env::var("RUST_LOG").ok().as_deref(), &cfg.level)?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true)
-        .with_writer(std::io::stderr);
+/// rules) and returns the handle that changes its level later. Calling it again is
+/// harmless: if a global subscriber is already set (by an earlier call or by a test
+/// harness), the new one is dropped and the returned control changes nothing.
+pub fn init_tracing(cfg: &LogConfig) -> Result<LogControl, ObserveError> {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = build_filter(rust_log.as_deref(), &cfg.level)?;
+    let (filter, handle) = reload::Layer::new(filter);
+    // Colours only on a terminal: the journal and log files get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let human = (cfg.format == LogFormat::Human).then(|| {
+        tracing_subscriber::fmt::layer()
+            .with_ansi(ansi)
+            .with_target(true)
+            .with_writer(std::io::stderr)
+    });
+    let json = (cfg.format == LogFormat::Json).then(|| {
+        tracing_subscriber::fmt::layer()
+            .json()
+            .with_target(true)
+            .with_writer(std::io::stderr)
+    });
     // `try_init` fails only when a global subscriber already exists; that is the
     // "called twice" case, which we treat as success.
-    let _already_set = match cfg.format {
-        LogFormat::Human => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-    Ok(())
+    let installed = tracing_subscriber::registry()
+        .with(filter)
+        .with(human)
+        .with(json)
+        .try_init()
+        .is_ok();
+    Ok(LogControl {
+        handle: installed.then_some(handle),
+        rust_log: rust_log.is_some_and(|s| !s.trim().is_empty()),
+    })
 }
 
 /// The filter: `rust_log` if set and non-empty, else `level`.

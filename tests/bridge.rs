@@ -3,6 +3,8 @@
 //! upstream is down, and order after reconnect.
 
 mod common;
+#[path = "common/daemon.rs"]
+mod daemon;
 
 use std::time::Duration;
 
@@ -344,5 +346,54 @@ async fn drain_limits_change_while_draining() {
         "the rest took {took:?} after the limit was lifted"
     );
     gw.shutdown().await;
+    up.shutdown().await;
+}
+
+/// The same through the configuration file and SIGHUP on the real binary: `max_rate` is
+/// lowered from 2 to 0 (unlimited) in the file, `kill -HUP`, and the crawling drain
+/// finishes at once; the other settings need no restart and none is reported.
+#[tokio::test]
+async fn sighup_reloads_bridge_drain_limits() {
+    let up = start_broker(|_| {}).await;
+    let mut cloud_sub = RawClient::connect(up.addr, ProtocolVersion::V311, "cloud-sub").await;
+    cloud_sub.subscribe("site/#", QoS::AtLeastOnce).await;
+    let mut gw = daemon::Daemon::started(&format!(
+        "[[bridge]]\nname = \"up\"\naddress = \"{}\"\nclient_id = \"gw-hup\"\n\
+         reconnect_min_ms = 50\nreconnect_max_ms = 300\nmax_rate = 2\n\
+         [[bridge.topic]]\npattern = \"sensors/#\"\nremote_prefix = \"site/\"\n",
+        up.addr
+    ))
+    .await;
+    let mut sensor = RawClient::connect(gw.addr, ProtocolVersion::V311, "sensor").await;
+    for i in 0..30u16 {
+        publish_acked(&mut sensor, "sensors/t", &i.to_be_bytes(), i + 1).await;
+    }
+    let mut got = 0u16;
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < Duration::from_millis(1500) {
+        if let Ok(Some(Packet::Publish(p))) =
+            cloud_sub.recv_timeout(Duration::from_millis(100)).await
+        {
+            assert_eq!(&p.payload[..], &got.to_be_bytes(), "in order");
+            got += 1;
+            cloud_sub.puback(p.packet_id).await;
+        }
+    }
+    assert!(got <= 6, "{got} messages in 1.5 s at 2 msg/s");
+    let text = std::fs::read_to_string(&gw.config).unwrap();
+    std::fs::write(&gw.config, text.replace("max_rate = 2", "max_rate = 0")).unwrap();
+    gw.sighup();
+    let t1 = std::time::Instant::now();
+    while got < 30 {
+        let p = cloud_sub.recv_publish().await;
+        assert_eq!(&p.payload[..], &got.to_be_bytes(), "in order");
+        got += 1;
+        cloud_sub.puback(p.packet_id).await;
+    }
+    let took = t1.elapsed();
+    assert!(took < Duration::from_secs(3), "{took:?} after SIGHUP");
+    let log = gw.log_text();
+    assert!(!log.contains("need a restart"), "{log}");
+    gw.sigterm().await;
     up.shutdown().await;
 }

@@ -7,15 +7,16 @@
 mod common;
 #[path = "common/daemon.rs"]
 mod daemon;
+#[path = "common/metrics.rs"]
+mod metrics;
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::SocketAddr;
+use std::collections::HashMap;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
 use holdfast::protocol::{Packet, ProtocolVersion, QoS};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use metrics::{http, parse_prometheus};
 
 /// Collects `$SYS` messages into `seen` until `done(seen)` holds; panics after `within`.
 async fn sys_until(
@@ -118,161 +119,6 @@ async fn sys_topics_appear_and_move() {
     .await;
     b.shutdown().await;
     eprintln!("sys_topics_appear_and_move: {:?}", t0.elapsed());
-}
-
-/// One HTTP/1.1 request; returns (status, headers lower-cased, body).
-async fn http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-) -> (u16, HashMap<String, String>, String) {
-    let mut s = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    s.write_all(
-        format!("{method} {path} HTTP/1.1\r\nHost: test\r\nAccept: */*\r\n\r\n").as_bytes(),
-    )
-    .await
-    .expect("write");
-    let mut raw = Vec::new();
-    tokio::time::timeout(TIMEOUT, s.read_to_end(&mut raw))
-        .await
-        .expect("response in time")
-        .expect("read");
-    let text = String::from_utf8(raw).expect("UTF-8 response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap();
-    assert!(status_line.starts_with("HTTP/1.1 "), "{status_line}");
-    let code = status_line[9..12].parse().expect("status code");
-    let headers: HashMap<String, String> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    if method != "HEAD" {
-        assert_eq!(
-            headers["content-length"].parse::<usize>().unwrap(),
-            body.len(),
-            "Content-Length"
-        );
-    }
-    (code, headers, body.to_string())
-}
-
-/// A strict reader of the Prometheus text format (0.0.4): every sample belongs to a family
-/// declared with `# TYPE` before it, names and labels are well-formed, values are floats,
-/// families are not split, histograms have increasing buckets ending in `+Inf` = `_count`.
-/// Returns `"name{labels}" -> value`.
-fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
-    fn is_name(s: &str, colon: bool) -> bool {
-        let mut chars = s.chars();
-        chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
-    }
-    let mut types: HashMap<String, String> = HashMap::new();
-    let mut finished: Vec<String> = Vec::new();
-    let mut current: Option<String> = None;
-    let mut out = BTreeMap::new();
-    let mut buckets: HashMap<String, Vec<(f64, f64)>> = HashMap::new();
-    assert!(text.ends_with('\n'), "exposition ends with a newline");
-    for line in text.lines() {
-        assert!(!line.is_empty(), "no empty lines");
-        if let Some(rest) = line.strip_prefix("# ") {
-            let mut parts = rest.splitn(3, ' ');
-            let (kw, name) = (parts.next().unwrap(), parts.next().expect("metric name"));
-            assert!(is_name(name, true), "bad metric name in {line:?}");
-            match kw {
-                "HELP" => assert!(parts.next().is_some_and(|h| !h.is_empty()), "{line}"),
-                "TYPE" => {
-                    let t = parts.next().expect("type");
-                    assert!(
-                        ["counter", "gauge", "histogram", "summary", "untyped"].contains(&t),
-                        "{line}"
-                    );
-                    assert!(
-                        types.insert(name.to_string(), t.to_string()).is_none(),
-                        "TYPE twice: {name}"
-                    );
-                    if let Some(c) = current.replace(name.to_string()) {
-                        finished.push(c);
-                    }
-                }
-                _ => panic!("unknown comment {line:?}"),
-            }
-            continue;
-        }
-        let (series, value) = line.rsplit_once(' ').expect("sample has a value");
-        let value: f64 = match value {
-            "+Inf" => f64::INFINITY,
-            "-Inf" => f64::NEG_INFINITY,
-            v => v
-                .parse()
-                .unwrap_or_else(|_| panic!("bad value in {line:?}")),
-        };
-        let (name, labels) = match series.split_once('{') {
-            Some((n, l)) => (n, l.strip_suffix('}').expect("closing brace")),
-            None => (series, ""),
-        };
-        assert!(is_name(name, true), "bad sample name in {line:?}");
-        let mut label_map = BTreeMap::new();
-        let mut rest = labels;
-        while !rest.is_empty() {
-            let (k, v) = rest.split_once("=\"").expect("label=\"value\"");
-            assert!(is_name(k, false), "bad label name in {line:?}");
-            let end = v.find('"').expect("closing quote");
-            assert!(!v[..end].contains('\\'), "no escapes expected: {line}");
-            label_map.insert(k.to_string(), v[..end].to_string());
-            rest = v[end + 1..].strip_prefix(',').unwrap_or(&v[end + 1..]);
-        }
-        let family = current.clone().expect("sample before any TYPE");
-        let kind = &types[&family];
-        let ok_name = if kind == "histogram" {
-            [
-                format!("{family}_bucket"),
-                format!("{family}_sum"),
-                format!("{family}_count"),
-            ]
-            .contains(&name.to_string())
-        } else {
-            name == family
-        };
-        assert!(ok_name, "sample {name} outside its family {family}");
-        assert!(!finished.contains(&family), "family {family} split");
-        if kind == "counter" {
-            assert!(
-                family.ends_with("_total"),
-                "counter {family} ends in _total"
-            );
-            assert!(value >= 0.0, "{line}");
-        }
-        if name.ends_with("_bucket") {
-            let le = label_map.get("le").expect("bucket has le");
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().expect("le is a float")
-            };
-            buckets.entry(family.clone()).or_default().push((le, value));
-        }
-        assert!(
-            out.insert(series.to_string(), value).is_none(),
-            "duplicate {series}"
-        );
-    }
-    for (family, b) in buckets {
-        assert!(
-            b.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1),
-            "{family} buckets"
-        );
-        let last = b.last().unwrap();
-        assert!(last.0.is_infinite(), "{family} ends with +Inf");
-        assert_eq!(
-            last.1,
-            out[&format!("{family}_count")],
-            "{family} +Inf = count"
-        );
-    }
-    out
 }
 
 #[tokio::test]
@@ -397,20 +243,7 @@ async fn metrics_and_healthz_over_http() {
 async fn status_command_against_the_real_binary() {
     let t0 = Instant::now();
     let mut d = daemon::Daemon::started("[sys]\ninterval_secs = 1\n").await;
-    let mut c = daemon::Conn::tcp(d.addr, ProtocolVersion::V311)
-        .await
-        .expect("tcp");
-    c.send(&Packet::Connect(Box::new(connect_packet(
-        ProtocolVersion::V311,
-        "status-client",
-        false,
-    ))))
-    .await
-    .expect("connect");
-    assert!(matches!(
-        c.recv_timeout(TIMEOUT).await,
-        Ok(Some(Packet::ConnAck(_)))
-    ));
+    let c = connect_v311(&d, "status-client", false).await;
     // Wait for a latency interval with commits in it (the durable session's commit).
     tokio::time::sleep(Duration::from_millis(1200)).await;
 
@@ -440,6 +273,7 @@ async fn status_command_against_the_real_binary() {
     assert!(text.contains("dropped:   none"), "{text}");
     assert!(text.contains("store:     "), "{text}");
     assert!(text.contains("bridges:   none"), "{text}");
+    assert!(text.contains("\ntraffic:   "), "{text}");
 
     let out = Command::new(daemon::BIN)
         .args(["status", "--json", "--config"])
@@ -455,6 +289,11 @@ async fn status_command_against_the_real_binary() {
     assert!(v["store"]["db_bytes"].as_u64().unwrap() > 0);
     assert!(v["store"]["commits"].as_u64().unwrap() > 0);
     assert!(v["bridges"].is_array());
+    assert_eq!(
+        v["traffic"]["listeners"][0]["bind"].as_str(),
+        Some(d.addr.to_string().as_str())
+    );
+    assert_eq!(v["clients"]["rate_limited"], 0);
 
     drop(c);
     d.sigterm().await;
@@ -553,14 +392,156 @@ async fn sd_notify_ready_watchdog_stopping() {
     n.expect("WATCHDOG=1", Duration::from_secs(10)).await;
     drop(c);
 
-    let pid = d.pid().expect("running").to_string();
-    let ok = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok);
+    d.signal("TERM");
     n.expect("STOPPING=1", Duration::from_secs(5)).await;
     d.sigterm().await; // already signalled: waits for the clean exit
     eprintln!("sd_notify_ready_watchdog_stopping: {:?}", t0.elapsed());
+}
+
+#[tokio::test]
+async fn extend_timeout_is_sent_while_the_store_opens_slowly() {
+    let t0 = Instant::now();
+    let mut d = daemon::Daemon::new("");
+    // A first run creates the database.
+    d.start().await;
+    d.sigterm().await;
+
+    let path = d.dir.path().join("notify.sock");
+    let n = Notifications {
+        sock: tokio::net::UnixDatagram::bind(&path).expect("bind notify socket"),
+    };
+    d.env = vec![
+        ("NOTIFY_SOCKET".into(), path.display().to_string()),
+        (
+            holdfast::observe::notify::EXTEND_EVERY_TEST_VAR.into(),
+            "100".into(),
+        ),
+    ];
+    // Another process holds the write lock: opening the store waits for it (busy timeout
+    // 5 s), standing in for a long recovery or migration.
+    let lock = rusqlite::Connection::open(d.db_path()).expect("open db");
+    lock.execute_batch("BEGIN EXCLUSIVE")
+        .expect("take the lock");
+    d.spawn();
+    let mut extends = 0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while extends < 4 {
+        let m = n
+            .next(deadline.saturating_duration_since(Instant::now()))
+            .await
+            .unwrap_or_else(|| panic!("only {extends} EXTEND_TIMEOUT_USEC\n{}", d.log_text()));
+        assert!(
+            !m.contains("READY=1"),
+            "ready while the store is locked: {m}"
+        );
+        if m.lines().any(|l| l == "EXTEND_TIMEOUT_USEC=300000") {
+            extends += 1;
+        }
+    }
+    lock.execute_batch("COMMIT").expect("release");
+    drop(lock);
+    n.expect("READY=1", Duration::from_secs(10)).await;
+    // No more extensions once started.
+    while let Some(m) = n.next(Duration::from_millis(300)).await {
+        assert!(!m.contains("EXTEND_TIMEOUT_USEC"), "after READY: {m}");
+    }
+    d.sigterm().await;
+    eprintln!(
+        "extend_timeout_is_sent_while_the_store_opens_slowly: {:?}",
+        t0.elapsed()
+    );
+}
+
+/// Waits until the daemon's log contains `needle` (after `from` bytes); panics after `within`.
+async fn wait_for_log(d: &daemon::Daemon, from: usize, needle: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let text = d.log_text();
+        if text.get(from..).is_some_and(|t| t.contains(needle)) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log within {within:?}:\n{}",
+            text.get(from..).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A 3.1.1 client on the daemon, CONNACK received.
+async fn connect_v311(d: &daemon::Daemon, id: &str, clean: bool) -> daemon::Conn {
+    let mut c = daemon::Conn::tcp(d.addr, ProtocolVersion::V311)
+        .await
+        .expect("tcp");
+    c.send(&Packet::Connect(Box::new(connect_packet(
+        ProtocolVersion::V311,
+        id,
+        clean,
+    ))))
+    .await
+    .expect("connect");
+    assert!(matches!(
+        c.recv_timeout(TIMEOUT).await,
+        Ok(Some(Packet::ConnAck(_)))
+    ));
+    c
+}
+
+#[tokio::test]
+async fn sighup_changes_the_log_level_and_a_bad_file_changes_nothing() {
+    let t0 = Instant::now();
+    let d = daemon::Daemon::started("").await; // [log] level = "warn"
+    let quiet = connect_v311(&d, "before-reload", true).await;
+    // Debug lines of that connection would be written by now; there are none at warn.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        !d.log_text().contains("client connected"),
+        "{}",
+        d.log_text()
+    );
+
+    let original = std::fs::read_to_string(&d.config).expect("config");
+    let debug =
+        original.replace("level = \"warn\"", "level = \"debug\"") + "[mqtt]\nmax_inflight = 7\n";
+    assert_ne!(debug, original);
+    std::fs::write(&d.config, &debug).expect("write config");
+    let mark = d.log_text().len();
+    d.sighup();
+    wait_for_log(&d, mark, "log level changed", Duration::from_secs(5)).await;
+    // The non-reloadable change is named, not applied.
+    wait_for_log(&d, mark, "mqtt.max_inflight", Duration::from_secs(1)).await;
+    let _loud = connect_v311(&d, "after-reload", true).await;
+    wait_for_log(&d, mark, "client_id=after-reload", Duration::from_secs(5)).await;
+
+    // A bad file: the error names the key and the file; debug stays in force.
+    std::fs::write(
+        &d.config,
+        debug.replace("level = \"debug\"", "level = \"holdfast=loud\""),
+    )
+    .expect("write config");
+    let mark = d.log_text().len();
+    d.sighup();
+    wait_for_log(
+        &d,
+        mark,
+        "configuration not reloaded",
+        Duration::from_secs(5),
+    )
+    .await;
+    let text = d.log_text()[mark..].to_string();
+    assert!(text.contains("log.level"), "{text}");
+    assert!(
+        text.contains(&d.config.display().to_string()),
+        "names the file: {text}"
+    );
+    let _still = connect_v311(&d, "after-bad-file", true).await;
+    wait_for_log(&d, mark, "client_id=after-bad-file", Duration::from_secs(5)).await;
+    drop(quiet);
+    let mut d = d;
+    d.sigterm().await;
+    eprintln!(
+        "sighup_changes_the_log_level_and_a_bad_file_changes_nothing: {:?}",
+        t0.elapsed()
+    );
 }

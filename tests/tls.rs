@@ -195,15 +195,6 @@ async fn required_client_certificate() {
     b.shutdown().await;
 }
 
-fn sighup(pid: u32) {
-    let ok = std::process::Command::new("kill")
-        .args(["-HUP", &pid.to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok, "kill -HUP failed");
-}
-
 #[tokio::test]
 async fn sighup_reloads_the_certificate_without_dropping_connections() {
     let files = tempfile::tempdir().expect("tempdir");
@@ -239,7 +230,7 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
     let second = server_leaf(&ca, "holdfast-second");
     std::fs::write(&cert, &second.cert_pem).expect("write");
     std::fs::write(&key, &second.key_pem).expect("write");
-    sighup(d.pid().expect("pid"));
+    d.sighup();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut new = loop {
         // A fresh client config each time: a resumed TLS session would not show the
@@ -274,7 +265,7 @@ async fn sighup_reloads_the_certificate_without_dropping_connections() {
 
     // A broken certificate file: reload fails loudly, the previous certificate stays.
     std::fs::write(&cert, "not a certificate").expect("write");
-    sighup(d.pid().expect("pid"));
+    d.sighup();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let c = connected(addr, &connector(&ca, None), "third", None).await;
     assert_eq!(c.server_cert(), second.der);

@@ -29,6 +29,11 @@ pub struct AuthConfig {
     pub password_file: Option<PathBuf>,
     /// Topic access rules per user / pattern; when set, everything not granted is denied.
     pub acl_file: Option<PathBuf>,
+    /// Most client ids one user name may have connected at once (0 = unlimited); the
+    /// CONNECT over it gets CONNACK 0x97 Quota exceeded (3.1.1: 0x03 Server unavailable).
+    /// A takeover of a connected client id does not count twice; anonymous clients are
+    /// not capped. Reloaded on SIGHUP.
+    pub max_connections_per_user: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -105,7 +110,7 @@ impl Auth {
 
     /// Re-reads the files (SIGHUP). On error the previous contents stay in force.
     pub fn reload(&self) -> Result<(), AuthError> {
-        if self.cfg == AuthConfig::default() {
+        if self.cfg.password_file.is_none() && self.cfg.acl_file.is_none() {
             return Ok(());
         }
         match Self::read(&self.cfg) {

@@ -94,6 +94,12 @@ pub struct Shared {
     pub connected: AtomicUsize,
     /// Live status of each bridge, by name (for `holdfast bridge status`).
     pub bridges: std::sync::Mutex<std::collections::BTreeMap<String, crate::bridge::BridgeStatus>>,
+    /// Per-source-address connection rate limit, asked right after accept.
+    pub rate_limit: super::ratelimit::RateLimiter,
+    /// `auth.max_connections_per_user`.
+    pub user_limit: Arc<super::ratelimit::UserLimit>,
+    /// Bytes in/out of every listener, in configuration order.
+    pub traffic: Vec<Arc<super::traffic::ListenerTraffic>>,
 }
 
 /// What a connection knows about the listener that accepted it.
@@ -107,6 +113,8 @@ pub struct ListenerContext {
     /// `Some(path)` on a WebSocket listener: the socket is upgraded (`super::ws`) before
     /// MQTT starts.
     pub websocket: Option<String>,
+    /// This listener's byte counters.
+    pub traffic: Arc<super::traffic::ListenerTraffic>,
 }
 
 impl ListenerContext {
@@ -117,6 +125,7 @@ impl ListenerContext {
             allow_anonymous: cfg.allow_anonymous,
             auth: Arc::new(crate::auth::Auth::open()),
             websocket: None,
+            traffic: Default::default(),
         }
     }
 }
@@ -151,6 +160,7 @@ pub async fn serve<R, W>(
     W: AsyncWrite + Unpin,
 {
     let mut conn = Connection {
+        meter: super::traffic::Meter::new(ctx.traffic.clone()),
         reader,
         writer,
         rbuf: BytesMut::with_capacity(READ_MIN),
@@ -173,6 +183,8 @@ pub async fn serve<R, W>(
 }
 
 struct Connection<R, W> {
+    /// Bytes read and written, flushed to the listener's counters now and then.
+    meter: super::traffic::Meter,
     reader: R,
     writer: W,
     rbuf: BytesMut,
@@ -255,9 +267,11 @@ where
             }
             tokio::select! {
                 r = self.reader.read_buf(&mut self.rbuf) => {
-                    if r? == 0 {
+                    let n = r?;
+                    if n == 0 {
                         return Ok(None);
                     }
+                    self.meter.read(n, Instant::now());
                 }
                 _ = tokio::time::sleep_until(deadline) => return Err(HandshakeError::Timeout),
                 _ = self.shared.shutdown.cancelled() => return Err(HandshakeError::Shutdown),
@@ -275,13 +289,15 @@ where
                         .ctx
                         .auth
                         .acl_for(state.username.as_deref(), &state.client_id);
-                    Ok((request, state))
+                    self.claim_user_slot(&state)
+                        .map(|slot| (request, state, slot))
                 }
                 Err(code) => Err(code),
             },
             Err(code) => Err(code),
         };
-        let (request, mut state) = match accepted {
+        // Held until the connection ends: its place under `max_connections_per_user`.
+        let (request, mut state, _user_slot) = match accepted {
             Ok(x) => x,
             Err(code) => {
                 // Refused: CONNACK with the reason, then close (MQTT-3.2.2-5).
@@ -371,6 +387,24 @@ where
         if !matches!(close, Close::Socket) {
             self.flush_and_close().await;
         }
+    }
+
+    /// Takes a place under `auth.max_connections_per_user` for this user and client id
+    /// (a takeover of a connected client id does not take a second one).
+    fn claim_user_slot(&self, st: &State) -> Result<Option<super::ratelimit::UserSlot>, u8> {
+        self.shared
+            .user_limit
+            .claim(st.username.as_ref(), &st.client_id)
+            .map_err(|_| {
+                info!(
+                    peer = %self.peer,
+                    listener = %self.ctx.name,
+                    user = ?st.username,
+                    client_id = %st.client_id,
+                    "connections per user limit reached"
+                );
+                reason::QUOTA_EXCEEDED
+            })
     }
 
     /// Checks the password of a user name from CONNECT against the password file (on a
@@ -541,7 +575,8 @@ where
                 r = self.writer.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() => {
                     match r {
                         Ok(0) | Err(_) => return Close::Socket,
-                        Ok(_) => {
+                        Ok(n) => {
+                            self.meter.wrote(n);
                             if self.wbuf.is_empty() && self.wbuf.capacity() > WRITE_HIGH_WATER {
                                 self.wbuf = BytesMut::new();
                             }
@@ -567,12 +602,15 @@ where
                     }
                 }
                 r = self.reader.read_buf(&mut self.rbuf) => {
-                    match r {
+                    let n = match r {
                         Ok(0) | Err(_) => return Close::Socket,
-                        Ok(n) if n >= spare => read_room = (read_room * 2).min(READ_MAX),
-                        Ok(_) => {}
+                        Ok(n) => n,
+                    };
+                    if n >= spare {
+                        read_room = (read_room * 2).min(READ_MAX);
                     }
                     last_read = Instant::now();
+                    self.meter.read(n, last_read);
                     loop {
                         match protocol::decode(&mut self.rbuf, self.version, max_in) {
                             Ok(Some(p)) => {
@@ -877,7 +915,7 @@ where
             while !self.wbuf.is_empty() {
                 match self.writer.write_buf(&mut self.wbuf).await {
                     Ok(0) | Err(_) => return,
-                    Ok(_) => {}
+                    Ok(n) => self.meter.wrote(n),
                 }
             }
             let _ = self.writer.shutdown().await;

@@ -41,6 +41,9 @@ pub async fn accept_loop(
             },
             _ = shared.shutdown.cancelled() => break,
         };
+        if !shared.rate_limit.admit(peer.ip()) {
+            continue; // dropping the socket closes it (counted and logged by the limiter)
+        }
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let ctx = ctx.clone();

@@ -1,7 +1,10 @@
 //! The local MQTT broker.
 //!
-//! - `listener`: binds the configured addresses and accepts sockets;
-//! - `connection`: one task per client: handshake, checks, keep-alive, aliases, I/O;
+//! - `listener`: binds the configured addresses and accepts sockets; `ratelimit` decides
+//!   right after accept whether a source address may connect (and caps connections per
+//!   user at CONNECT);
+//! - `connection`: one task per client: handshake, checks, keep-alive, aliases, I/O
+//!   (bytes counted per listener by `traffic`);
 //! - `router`: one task that owns every `session`, the subscription `topic_tree` and the
 //!   `retained` messages; connections talk to it only through `RouterEvent`s.
 //!
@@ -11,11 +14,13 @@
 
 pub mod connection;
 pub mod listener;
+pub mod ratelimit;
 pub mod retained;
 pub mod router;
 pub mod session;
 pub mod tls;
 pub mod topic_tree;
+pub mod traffic;
 pub mod ws;
 
 use std::net::SocketAddr;
@@ -93,17 +98,21 @@ impl Broker {
         let auth = Arc::new(crate::auth::Auth::load(&cfg.auth)?);
         let mut tls_listeners = Vec::new();
         let mut contexts = Vec::new();
+        let mut traffic = Vec::new();
         for l in &cfg.listener {
             let tls = tls::TlsListener::from_config(l).map_err(|source| BrokerError::Tls {
                 bind: l.bind.clone(),
                 source,
             })?;
             tls_listeners.extend(tls.clone());
+            let counters = Arc::new(traffic::ListenerTraffic::new(l.bind.clone()));
+            traffic.push(counters.clone());
             let ctx = Arc::new(connection::ListenerContext {
                 name: l.bind.clone(),
                 allow_anonymous: l.allows_anonymous(&cfg.mqtt),
                 auth: auth.clone(),
                 websocket: l.websocket.then(|| l.websocket_path().to_string()),
+                traffic: counters,
             });
             contexts.push((ctx, tls));
         }
@@ -138,7 +147,12 @@ impl Broker {
         // Before the store: refuses to start if another broker answers on the socket.
         let admin = crate::admin::AdminSocket::bind(&cfg.data_dir)?;
         let t0 = std::time::Instant::now();
-        let (store, recovered, store_rx) = crate::store::Store::open(&opts)?; // start-up: blocking briefly is fine
+        // Start-up: blocking is fine. Recovery and migrations of a big database on an SD card
+        // can take long, so systemd's start timeout is extended meanwhile.
+        let (store, recovered, store_rx) = {
+            let _extend = crate::observe::notify::extend_startup("opening the store");
+            crate::store::Store::open(&opts)?
+        };
         info!(
             path = %opts.path.display(),
             sessions = recovered.sessions.len(),
@@ -185,6 +199,13 @@ impl Broker {
             next_conn_id: AtomicU64::new(1),
             connected: AtomicUsize::new(0),
             bridges: Default::default(),
+            rate_limit: ratelimit::RateLimiter::new(
+                cfg.mqtt.max_connection_rate,
+                cfg.mqtt.max_connection_burst,
+                cfg.mqtt.rate_exempt_networks()?,
+            ),
+            user_limit: Arc::new(ratelimit::UserLimit::new(cfg.auth.max_connections_per_user)),
+            traffic,
         });
         for (l, (ctx, tls)) in listeners.into_iter().zip(contexts) {
             tokio::spawn(listener::accept_loop(
@@ -305,6 +326,25 @@ impl Broker {
             }
         }
         changed
+    }
+
+    /// SIGHUP: applies new connection limits (`mqtt.max_connection_rate`,
+    /// `max_connection_burst`, `connection_rate_exempt`, `auth.max_connections_per_user`)
+    /// to connections accepted from now on; established ones stay.
+    pub fn set_connection_limits(
+        &self,
+        mqtt: &crate::config::MqttConfig,
+        auth: &crate::auth::AuthConfig,
+    ) -> Result<(), crate::config::ConfigError> {
+        self.shared.rate_limit.set(
+            mqtt.max_connection_rate,
+            mqtt.max_connection_burst,
+            mqtt.rate_exempt_networks()?,
+        );
+        self.shared
+            .user_limit
+            .set_max(auth.max_connections_per_user);
+        Ok(())
     }
 
     /// Drops a session (see `RouterEvent::DropSession`); true if it existed.

@@ -149,6 +149,13 @@ fn family(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(Stri
     }
 }
 
+/// A label value with `\`, `"` and newlines escaped (text format 0.0.4).
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 fn one(v: u64) -> [(String, f64); 1] {
     [(String::new(), v as f64)]
 }
@@ -194,6 +201,40 @@ pub fn render(s: &Snapshot, health: Health) -> String {
         "gauge",
         "Client connections that completed CONNECT.",
         &one(s.clients_connected),
+    );
+    family(
+        &mut o,
+        "holdfast_connections_rate_limited_total",
+        "counter",
+        "TCP connections closed right after accept by the per-address rate limit.",
+        &one(s.connections_rate_limited),
+    );
+    family(
+        &mut o,
+        "holdfast_connections_user_limited_total",
+        "counter",
+        "CONNECTs refused because the user had max_connections_per_user connected.",
+        &one(s.connections_user_limited),
+    );
+    let per_listener = |f: fn(&(String, u64, u64)) -> u64| -> Vec<(String, f64)> {
+        s.traffic
+            .iter()
+            .map(|t| (format!("{{listener=\"{}\"}}", label(&t.0)), f(t) as f64))
+            .collect()
+    };
+    family(
+        &mut o,
+        "holdfast_bytes_received_total",
+        "counter",
+        "Bytes received from MQTT clients, by listener.",
+        &per_listener(|t| t.1),
+    );
+    family(
+        &mut o,
+        "holdfast_bytes_sent_total",
+        "counter",
+        "Bytes sent to MQTT clients, by listener.",
+        &per_listener(|t| t.2),
     );
     if let (Some(r), Some(dropped)) = (s.router, s.dropped()) {
         family(

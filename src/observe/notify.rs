@@ -1,7 +1,10 @@
 //! systemd service notification (`Type=notify`): `READY=1` once the broker accepts
 //! connections, `STOPPING=1` when a graceful shutdown starts, and `WATCHDOG=1` every half
-//! `WATCHDOG_USEC` while the router and the store writer answer (see [`watchdog`]). Without
-//! `NOTIFY_SOCKET` (not under systemd) all of this does nothing.
+//! `WATCHDOG_USEC` while the router and the store writer answer (see [`watchdog`]), and
+//! `EXTEND_TIMEOUT_USEC` every [`EXTEND_EVERY`] while long start-up work runs (store
+//! recovery and migrations, see [`extend_startup`]), so that a big database on a slow SD
+//! card does not hit `TimeoutStartSec`. Without `NOTIFY_SOCKET` (not under systemd) all of
+//! this does nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,6 +24,73 @@ fn send(states: &[NotifyState]) {
 /// `READY=1` with a one-line status for `systemctl status`.
 pub fn ready(status: &str) {
     send(&[NotifyState::Ready, NotifyState::Status(status)]);
+}
+
+/// How often `EXTEND_TIMEOUT_USEC` is sent during start-up work; each message asks for
+/// three periods (so one lost or late message does not matter).
+pub const EXTEND_EVERY: Duration = Duration::from_secs(10);
+
+/// Test switch: the period in milliseconds instead of [`EXTEND_EVERY`].
+pub const EXTEND_EVERY_TEST_VAR: &str = "HOLDFAST_TEST_EXTEND_INTERVAL_MS";
+
+/// Sends `EXTEND_TIMEOUT_USEC` (and a `STATUS=` naming the work) from its own thread,
+/// at once and then every period, until dropped. Start-up work blocks the runtime, hence
+/// the thread.
+#[must_use = "the messages stop when this is dropped"]
+pub struct StartupExtender {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Keeps systemd's start-up timeout extended while the returned guard lives (nothing
+/// without `NOTIFY_SOCKET`). `what` becomes the service status meanwhile.
+pub fn extend_startup(what: &'static str) -> StartupExtender {
+    let idle = StartupExtender {
+        stop: None,
+        thread: None,
+    };
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return idle;
+    }
+    let period = std::env::var(EXTEND_EVERY_TEST_VAR)
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .filter(|ms| *ms > 0)
+        .map_or(EXTEND_EVERY, Duration::from_millis);
+    let usec = u32::try_from(period.as_micros() * 3).unwrap_or(u32::MAX);
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
+        .name("holdfast-notify".into())
+        .spawn(move || loop {
+            send(&[
+                NotifyState::ExtendTimeoutUsec(usec),
+                NotifyState::Status(what),
+            ]);
+            debug!(usec, what, "start-up timeout extended");
+            match stopped.recv_timeout(period) {
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+                _ => return,
+            }
+        });
+    match thread {
+        Ok(t) => StartupExtender {
+            stop: Some(stop),
+            thread: Some(t),
+        },
+        Err(e) => {
+            warn!(error = %e, "cannot start the start-up timeout thread");
+            idle
+        }
+    }
+}
+
+impl Drop for StartupExtender {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// `STOPPING=1`.

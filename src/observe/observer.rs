@@ -30,9 +30,25 @@ pub struct Snapshot {
     pub latency: LatencySummary,
     /// Length of that interval.
     pub latency_interval: Duration,
+    /// Per listener: `(bind, bytes received, bytes sent)` (see `broker::traffic`).
+    pub traffic: Vec<(String, u64, u64)>,
+    /// TCP connections closed by the per-address rate limit.
+    pub connections_rate_limited: u64,
+    /// CONNECTs refused by `auth.max_connections_per_user`.
+    pub connections_user_limited: u64,
 }
 
 impl Snapshot {
+    /// Bytes received from clients over all listeners.
+    pub fn bytes_received(&self) -> u64 {
+        self.traffic.iter().map(|t| t.1).sum()
+    }
+
+    /// Bytes sent to clients over all listeners.
+    pub fn bytes_sent(&self) -> u64 {
+        self.traffic.iter().map(|t| t.2).sum()
+    }
+
     /// Every message dropped, whatever the reason.
     pub fn dropped_total(&self) -> Option<u64> {
         self.router.map(|r| {
@@ -170,6 +186,14 @@ impl Observer {
             commits: self.store.metrics().counts(),
             latency,
             latency_interval,
+            traffic: self
+                .shared
+                .traffic
+                .iter()
+                .map(|t| (t.name.clone(), t.received(), t.sent()))
+                .collect(),
+            connections_rate_limited: self.shared.rate_limit.refused(),
+            connections_user_limited: self.shared.user_limit.refused(),
         }
     }
 }

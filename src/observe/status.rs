@@ -39,7 +39,18 @@ pub async fn json(observer: &Observer) -> Value {
         "pid": std::process::id(),
         "uptime_secs": s.uptime.as_secs(),
         "health": health,
-        "clients": { "connected": s.clients_connected },
+        "clients": {
+            "connected": s.clients_connected,
+            "rate_limited": s.connections_rate_limited,
+            "user_limited": s.connections_user_limited,
+        },
+        "traffic": {
+            "bytes_received": s.bytes_received(),
+            "bytes_sent": s.bytes_sent(),
+            "listeners": s.traffic.iter().map(|(bind, received, sent)| json!({
+                "bind": bind, "bytes_received": received, "bytes_sent": sent,
+            })).collect::<Vec<_>>(),
+        },
         "router": router,
         "store": {
             "db_bytes": s.store_db_bytes,
@@ -99,9 +110,29 @@ pub fn format(v: &Value, now_ms: i64) -> String {
         crate::admin::human_secs(n("/uptime_secs") as i64),
         health_text
     ));
+    let mut refused = Vec::new();
+    if n("/clients/rate_limited") > 0 {
+        refused.push(format!("{} rate-limited", n("/clients/rate_limited")));
+    }
+    if n("/clients/user_limited") > 0 {
+        refused.push(format!(
+            "{} over the per-user limit",
+            n("/clients/user_limited")
+        ));
+    }
     out.push_str(&format!(
-        "clients:   {} connected\n",
-        n("/clients/connected")
+        "clients:   {} connected{}\n",
+        n("/clients/connected"),
+        if refused.is_empty() {
+            String::new()
+        } else {
+            format!("; refused: {}", refused.join(", "))
+        }
+    ));
+    out.push_str(&format!(
+        "traffic:   {} received, {} sent\n",
+        bytes_text(n("/traffic/bytes_received")),
+        bytes_text(n("/traffic/bytes_sent")),
     ));
     if v["router"].is_null() {
         out.push_str("sessions:  ? (the router did not answer)\n");
@@ -191,7 +222,8 @@ mod tests {
         let v = json!({
             "version": "0.1.0", "pid": 42, "uptime_secs": 3725,
             "health": {"router": true, "store": true},
-            "clients": {"connected": 3},
+            "clients": {"connected": 3, "rate_limited": 4, "user_limited": 0},
+            "traffic": {"bytes_received": 2048, "bytes_sent": 100, "listeners": []},
             "router": {
                 "sessions": {"total": 5, "durable": 2, "online": 3},
                 "messages": {"received": 10, "sent": 20, "retained": 1, "refused_store_failure": 0,
@@ -209,7 +241,14 @@ mod tests {
             text.starts_with("holdfast 0.1.0 (pid 42), up 1h2m, healthy\n"),
             "{text}"
         );
-        assert!(text.contains("clients:   3 connected"), "{text}");
+        assert!(
+            text.contains("clients:   3 connected; refused: 4 rate-limited\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("traffic:   2.0 KiB received, 100 B sent"),
+            "{text}"
+        );
         assert!(text.contains("5 (2 durable, 3 online)"), "{text}");
         assert!(
             text.contains("dropped:   3 (queue full 2, expired 1)"),

@@ -8,6 +8,10 @@
 //! | `version` | `0.1.0` |
 //! | `uptime` | seconds since start |
 //! | `clients/connected` | connections that completed CONNECT |
+//! | `clients/rate_limited` | TCP connections closed by `mqtt.max_connection_rate` |
+//! | `clients/user_limited` | CONNECTs refused by `auth.max_connections_per_user` |
+//! | `bytes/received`, `bytes/sent` | bytes from / to MQTT clients, all listeners |
+//! | `listener/<bind>/bytes/received`, `.../sent` | the same per listener (`bind` as configured) |
 //! | `clients/sessions` | sessions in memory (online + persistent offline) |
 //! | `clients/sessions/durable` | of those, the ones on disk |
 //! | `messages/received` | PUBLISH packets received from clients |
@@ -76,6 +80,16 @@ pub fn messages(s: &Snapshot) -> Vec<(String, String)> {
         ("uptime".into(), s.uptime.as_secs().to_string()),
         ("clients/connected".into(), s.clients_connected.to_string()),
         (
+            "clients/rate_limited".into(),
+            s.connections_rate_limited.to_string(),
+        ),
+        (
+            "clients/user_limited".into(),
+            s.connections_user_limited.to_string(),
+        ),
+        ("bytes/received".into(), s.bytes_received().to_string()),
+        ("bytes/sent".into(), s.bytes_sent().to_string()),
+        (
             "store/size".into(),
             (s.store_db_bytes + s.store_wal_bytes).to_string(),
         ),
@@ -83,6 +97,13 @@ pub fn messages(s: &Snapshot) -> Vec<(String, String)> {
         ("store/commit_latency/p50".into(), ms(s.latency.p50_us)),
         ("store/commit_latency/p99".into(), ms(s.latency.p99_us)),
     ];
+    for (bind, received, sent) in &s.traffic {
+        out.push((
+            format!("listener/{bind}/bytes/received"),
+            received.to_string(),
+        ));
+        out.push((format!("listener/{bind}/bytes/sent"), sent.to_string()));
+    }
     if let (Some(r), Some(dropped), Some(total)) = (s.router, s.dropped(), s.dropped_total()) {
         out.extend([
             ("clients/sessions".into(), r.sessions.to_string()),

@@ -139,6 +139,16 @@ impl Daemon {
         self.child.is_some()
     }
 
+    /// Sends `signal` (`"HUP"`, `"TERM"`, ...) and returns at once.
+    pub fn signal(&self, signal: &str) {
+        send_signal(self.pid().expect("holdfast is not running"), signal);
+    }
+
+    /// SIGHUP (reload); returns at once.
+    pub fn sighup(&self) {
+        self.signal("HUP");
+    }
+
     /// SIGKILL and reap.
     pub fn sigkill(&mut self) {
         let mut c = self.child.take().expect("holdfast is not running");
@@ -149,12 +159,7 @@ impl Daemon {
     /// SIGTERM; waits for a successful exit.
     pub async fn sigterm(&mut self) {
         let mut c = self.child.take().expect("holdfast is not running");
-        let ok = Command::new("kill")
-            .args(["-TERM", &c.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok, "kill -TERM failed");
+        send_signal(c.id(), "TERM");
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
             if let Some(status) = c.try_wait().expect("try_wait") {
@@ -220,6 +225,15 @@ impl Daemon {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+fn send_signal(pid: u32, signal: &str) {
+    let ok = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()
+        .expect("kill")
+        .success();
+    assert!(ok, "kill -{signal} {pid} failed");
 }
 
 impl Drop for Daemon {
