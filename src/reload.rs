@@ -224,6 +224,7 @@ mod tests {
                 "listener[0].bind",
                 "listener[1].bind",
                 "listener[1].require_client_cert",
+                "listener[1].websocket",
                 "log.level",
                 "mqtt.max_inflight",
             ]
@@ -232,9 +233,13 @@ mod tests {
 
     #[test]
     fn every_reloadable_key_exists() {
-        let keys = flatten_config(&Config::default());
+        let mut cfg = Config::default();
+        cfg.bridge = vec![crate::bridge::BridgeConfig::example()];
+        let keys = flatten_config(&cfg);
         for k in RELOADABLE_KEYS {
-            assert!(keys.contains_key(*k), "{k}");
+            // `bridge.max_rate` stands for `bridge[i].max_rate`.
+            let k = k.replacen("bridge.", "bridge[0].", 1);
+            assert!(keys.contains_key(&k), "{k}");
         }
     }
 }
