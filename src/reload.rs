@@ -233,8 +233,10 @@ mod tests {
 
     #[test]
     fn every_reloadable_key_exists() {
-        let mut cfg = Config::default();
-        cfg.bridge = vec![crate::bridge::BridgeConfig::example()];
+        let cfg = Config {
+            bridge: vec![crate::bridge::BridgeConfig::example()],
+            ..Config::default()
+        };
         let keys = flatten_config(&cfg);
         for k in RELOADABLE_KEYS {
             // `bridge.max_rate` stands for `bridge[i].max_rate`.
