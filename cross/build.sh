@@ -13,6 +13,7 @@
 #
 # Environment:
 #   PROFILE=dist (default; fat LTO, size-tuned, what ships) | release (thin LTO, faster to build)
+#          | dev (unoptimized; quickest, what CI builds)
 #   NO_INSTALL=1   never install anything; fail with the command that would have been run
 # Extra arguments go to cargo (e.g. --locked). See cross/README.md.
 set -euo pipefail
@@ -121,6 +122,8 @@ esac
 note "${cargo_cmd[*]} --profile $profile --target $target ${build_std[*]} $*"
 "${cargo_cmd[@]}" --profile "$profile" --target "$target" --bin holdfast "${build_std[@]}" "$@" >&2
 
-out="target/$target/$profile/holdfast"
+out_dir=$profile
+[[ $profile == dev || $profile == test ]] && out_dir=debug
+out="${CARGO_TARGET_DIR:-target}/$target/$out_dir/holdfast"
 [[ -x $out ]] || die "cargo succeeded but $out is missing"
 echo "$out"
