@@ -6,6 +6,13 @@
 #   scripts/footprint.sh              # builds release and dist (dist takes minutes), N=1000
 #   N=5000 scripts/footprint.sh
 #   PROFILE=release NOBUILD=1 scripts/footprint.sh   # measure an existing build only
+#   # a cross-built binary under qemu user-mode emulation (nothing is built):
+#   BIN=target/aarch64-unknown-linux-gnu/dist/holdfast RUNNER="qemu-aarch64 -L /usr/aarch64-linux-gnu" \
+#       scripts/footprint.sh
+#
+# With RUNNER the RSS is that of the emulator process: qemu-user runs the guest in its own
+# process, so the figure includes qemu itself and its translated-code cache, not just the
+# gateway. It is no measurement of a real ARM board; see cross/README.md.
 #
 # Needs python3 (the connections are plain sockets, no MQTT library). Bounded: the
 # connections go to 127.0.0.1 only, the broker and the clients stop by themselves.
@@ -15,17 +22,22 @@ cd "$(dirname "$0")/.."
 N="${N:-1000}"
 PROFILE="${PROFILE:-dist}"
 
-if [[ -z "${NOBUILD:-}" ]]; then
-    cargo build --release --bin holdfast
-    cargo build --profile dist --bin holdfast
-fi
-for p in release dist; do
-    if [[ -f "target/$p/holdfast" ]]; then
-        printf '%-8s %10d bytes  target/%s/holdfast\n' "$p" "$(stat -c %s "target/$p/holdfast")" "$p"
+read -r -a runner <<<"${RUNNER:-}"
+if [[ -n "${BIN:-}" ]]; then
+    bin=$BIN
+    printf '%10d bytes  %s\n' "$(stat -c %s "$bin")" "$bin"
+else
+    if [[ -z "${NOBUILD:-}" ]]; then
+        cargo build --release --bin holdfast
+        cargo build --profile dist --bin holdfast
     fi
-done
-
-bin="target/$PROFILE/holdfast"
+    for p in release dist; do
+        if [[ -f "target/$p/holdfast" ]]; then
+            printf '%-8s %10d bytes  target/%s/holdfast\n' "$p" "$(stat -c %s "target/$p/holdfast")" "$p"
+        fi
+    done
+    bin="target/$PROFILE/holdfast"
+fi
 dir=$(mktemp -d)
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$dir"' EXIT
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -36,9 +48,9 @@ bind = "127.0.0.1:$port"
 [log]
 level = "warn"
 EOF
-"$bin" run --config "$dir/holdfast.toml" &
+"${runner[@]}" "$bin" run --config "$dir/holdfast.toml" &
 pid=$!
-for _ in $(seq 100); do
+for _ in $(seq 300); do
     if python3 -c "import socket; socket.create_connection(('127.0.0.1',$port),1)" 2>/dev/null; then
         break
     fi
@@ -46,7 +58,7 @@ for _ in $(seq 100); do
 done
 sleep 2
 rss() { awk '/^VmRSS/ {print $2}' "/proc/$pid/status"; }
-echo "profile $PROFILE: idle RSS $(rss) KiB"
+echo "${BIN:-profile $PROFILE}${RUNNER:+ under $RUNNER}: idle RSS $(rss) KiB"
 
 python3 - "$port" "$N" "$pid" <<'EOF'
 import socket, sys, time
