@@ -523,10 +523,15 @@ fn row_of(op: &Op) -> Option<(Sid, u64)> {
 /// upstream acknowledged while its insert was still waiting for this commit. Writing and
 /// then deleting it would change nothing on disk, so neither (nor anything in between) is
 /// written: the upstream has the message, and the local publisher's PUBACK still waits for
-/// this commit. Sessions that a read, a `DeleteOldest` or a `DeleteSession` of the group
-/// looks at are left alone (their outcome may depend on the row being there).
+/// this commit.
+///
+/// A row inserted as sent (`packet_id` set, state 1) is invisible to reads and to
+/// `DeleteOldest` (both look at state 0 only), so it always qualifies. A row inserted
+/// unsent qualifies only if no read, `DeleteOldest` or `DeleteSession` of the group looks
+/// at its session (their outcome may depend on the row being there).
 fn transient_rows(group: &[Item]) -> HashSet<(Sid, u64)> {
-    let mut inserted = HashSet::new();
+    // (sid, seq) -> inserted as sent
+    let mut inserted = HashMap::new();
     let mut transient = HashSet::new();
     let mut untouchable = HashSet::new();
     for item in group {
@@ -537,10 +542,15 @@ fn transient_rows(group: &[Item]) -> HashSet<(Sid, u64)> {
             Item::Batch(_, ops) => {
                 for op in ops {
                     match op {
-                        Op::Enqueue { sid, seq, .. } => {
-                            inserted.insert((*sid, *seq));
+                        Op::Enqueue {
+                            sid,
+                            seq,
+                            packet_id,
+                            ..
+                        } => {
+                            inserted.insert((*sid, *seq), packet_id.is_some());
                         }
-                        Op::Delete { sid, seq } if inserted.contains(&(*sid, *seq)) => {
+                        Op::Delete { sid, seq } if inserted.contains_key(&(*sid, *seq)) => {
                             transient.insert((*sid, *seq));
                         }
                         Op::DeleteOldest { sid, .. } | Op::DeleteSession { sid } => {
@@ -552,7 +562,7 @@ fn transient_rows(group: &[Item]) -> HashSet<(Sid, u64)> {
             }
         }
     }
-    transient.retain(|(sid, _)| !untouchable.contains(sid));
+    transient.retain(|row| inserted.get(row) == Some(&true) || !untouchable.contains(&row.0));
     transient
 }
 
@@ -876,10 +886,21 @@ mod tests {
                 Op::DeleteOldest { sid: 4, count: 1 },
             ]),
             batch(vec![del(4, 0)]),
+            batch(vec![Op::Enqueue {
+                sid: 5,
+                seq: 0,
+                packet_id: Some(9),
+                expires_at: None,
+                size: 5,
+                packet: Bytes::from_static(b"12345"),
+            }]),
+            read(5),
+            batch(vec![del(5, 0)]),
         ];
-        // Session 2 is read and session 4 trimmed in the group: left alone. Row (3, 0) was
+        // Session 2 is read and session 4 trimmed in the group: their unsent rows are left
+        // alone. Session 5's row was inserted as sent: no read can see it. Row (3, 0) was
         // inserted by an earlier group: deleted for real.
-        assert_eq!(transient_rows(&group), HashSet::from([(1, 0)]));
+        assert_eq!(transient_rows(&group), HashSet::from([(1, 0), (5, 0)]));
 
         let dir = tempfile::tempdir().unwrap();
         let (store, mut rx) = open(dir.path(), 0);
