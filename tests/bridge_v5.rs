@@ -1,12 +1,14 @@
 //! The MQTT 5 upstream (`protocol = "5"`) against a second Holdfast as the cloud broker:
 //! QoS 2 both ways, what the upstream grants in its CONNACK (Maximum QoS, Maximum Packet
 //! Size), refusals by reason code, session takeover (DISCONNECT 0x8E) and No Local on
-//! `both` rules. The fault tests (outages, half-open links, SIGKILL, Mosquitto as the
+//! `both` rules; QoS 2 both ways against Debian's Mosquitto. The fault tests (outages, half-open links, SIGKILL, Mosquitto as the
 //! upstream) run for both protocols in tests/bridge_faults.rs.
 
 mod common;
 #[path = "common/daemon.rs"]
 mod daemon;
+#[path = "common/mosquitto.rs"]
+mod mosquitto;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -418,4 +420,59 @@ async fn qos2_uplink_exactly_once_across_a_gateway_sigkill() {
     eprintln!("[qos2-sigkill] killed after {at_kill} of {N} had arrived upstream");
     assert_eq!(payloads(&got), numbered(N), "exactly once, in order");
     up.shutdown().await;
+}
+
+/// QoS 2 both ways with Mosquitto as the MQTT 5 upstream: a local QoS 2 publisher's
+/// messages reach a QoS 2 subscriber on Mosquitto exactly once, in order, at QoS 2; QoS 2
+/// messages published on Mosquitto reach a local QoS 2 subscriber the same way.
+#[tokio::test]
+async fn mosquitto_upstream_qos2_both_ways() {
+    if !mosquitto::have_mosquitto() {
+        return;
+    }
+    let mq = mosquitto::Mosquitto::start().await;
+    let mut cloud = client(mq.addr(), "cloud-sub").await;
+    assert_eq!(cloud.subscribe("site/#", QoS::ExactlyOnce).await, vec![2]);
+    let gw = gateway(
+        mq.addr(),
+        vec![
+            rule("sensors/#", Direction::Out, 2),
+            rule("cmd/#", Direction::In, 2),
+        ],
+    )
+    .await;
+    let mut local = client(gw.addr, "local-sub").await;
+    assert_eq!(local.subscribe("cmd/#", QoS::ExactlyOnce).await, vec![2]);
+
+    let mut sensor = client(gw.addr, "sensor").await;
+    for i in 0..30u16 {
+        publish_qos2(&mut sensor, "sensors/t", i.to_string().as_bytes(), i + 1).await;
+    }
+    let got = receive(&mut cloud, 30).await;
+    assert_eq!(payloads(&got), numbered(30), "exactly once, in order");
+    assert!(got.iter().all(|p| p.qos == QoS::ExactlyOnce));
+
+    let mut cloud_pub = client(mq.addr(), "cloud-pub").await;
+    for i in 0..30u16 {
+        publish_qos2(
+            &mut cloud_pub,
+            "site/cmd/x",
+            i.to_string().as_bytes(),
+            i + 1,
+        )
+        .await;
+    }
+    let got = receive(&mut local, 30).await;
+    assert_eq!(payloads(&got), numbered(30), "exactly once, in order");
+    assert!(got.iter().all(|p| p.qos == QoS::ExactlyOnce));
+    wait_status(&gw, "every uplink message completed", |st| {
+        st["acked"] == 30 && st["outbox"]["queued"] == 0 && st["outbox"]["inflight"] == 0
+    })
+    .await;
+    gw.shutdown().await;
+    assert!(
+        mq.log().contains(&format!("as {BRIDGE_ID} (p5, c0")),
+        "{}",
+        mq.log()
+    );
 }
