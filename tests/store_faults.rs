@@ -190,6 +190,34 @@ async fn budget_reject_new_refuses_without_losing_what_was_acknowledged_and_reco
     assert!(refused == 3, "the budget was never reached");
     assert!(accepted.len() > 50, "only {} fit", accepted.len());
 
+    // A new durable session cannot be stored either (its will alone needs more room than
+    // is left): refused, v5 with 0x97, 3.1.1 with return code 3, and the socket closed.
+    // The durable subscriber's session is on disk from before: it could still connect.
+    for version in [ProtocolVersion::V5, ProtocolVersion::V311] {
+        // (3.1.1: clean session 0 makes it durable; v5: the Session Expiry Interval.)
+        let clean = version == ProtocolVersion::V5;
+        let mut c = durable(version, &format!("new-{version:?}"), clean);
+        c.will = Some(holdfast::protocol::Will {
+            topic: "w".into(),
+            payload: vec![b'w'; 8 * PAYLOAD].into(),
+            ..Default::default()
+        });
+        let (mut conn, ack) = RawClient::connect_with(b.addr, c).await;
+        match ack {
+            // The codec maps 3.1.1 return code 3 back to 0x88 Server unavailable.
+            Packet::ConnAck(a) => assert!(
+                a.reason_code == reason::QUOTA_EXCEEDED
+                    || (version == ProtocolVersion::V311 && a.reason_code == 0x88),
+                "{version:?}: {a:?}"
+            ),
+            other => panic!("{version:?}: expected CONNACK, got {other:?}"),
+        }
+        assert!(
+            conn.expect_closed().await.is_empty(),
+            "nothing after the refusal"
+        );
+    }
+
     // 3.1.1 has no reason codes: no PUBACK at all.
     let mut p3 = RawClient::connect(b.addr, ProtocolVersion::V311, "p3").await;
     assert_eq!(

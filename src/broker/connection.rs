@@ -143,6 +143,10 @@ enum Close {
     Server(u8),
     /// No packet within 1.5 × keep-alive.
     KeepAlive,
+    /// The router refused the connection after all (a CONNACK with a failure code: its
+    /// session could not be stored). No DISCONNECT follows, and no will: the connection
+    /// was never accepted.
+    Refused,
 }
 
 /// Serves one accepted socket until it closes. `cert_user` is the name from a verified TLS
@@ -354,6 +358,7 @@ where
                 },
                 *expiry,
             ),
+            Close::Refused => (WillAction::Discard, None),
             _ => (WillAction::Publish, None),
         };
         let reason_code = match &close {
@@ -366,7 +371,7 @@ where
                 info!(client_id = %client_id, "keep-alive timeout");
                 Some(reason::KEEP_ALIVE_TIMEOUT)
             }
-            Close::Socket | Close::ClientDisconnect { .. } => None,
+            Close::Socket | Close::ClientDisconnect { .. } | Close::Refused => None,
         };
         if let (Some(code), true) = (reason_code, self.version.is_v5()) {
             let d = Packet::Disconnect(Disconnect {
@@ -661,7 +666,11 @@ where
             strip_problem_info(&mut packet);
         }
         protocol::encode(&packet, self.version, &mut self.wbuf);
-        None
+        match packet {
+            // MQTT-3.2.2-7 / 3.2.2.2: after a refusing CONNACK the server closes.
+            Packet::ConnAck(a) if a.reason_code >= 0x80 => Some(Close::Refused),
+            _ => None,
+        }
     }
 
     /// Checks one packet from the client and passes it on. `Err` closes the connection.

@@ -58,6 +58,18 @@ pub(super) fn release(s: &mut Session, item: Held, ok: bool, stats: &mut RouterS
         return;
     };
     match item {
+        Held::Packet(Packet::ConnAck(mut a))
+            if !ok && a.reason_code < 0x80 && !a.session_present =>
+        {
+            // A new durable session whose row could not be stored: the store refuses new
+            // data (disk budget reached, disk full). Refuse the connection rather than
+            // promise a session that is not on disk (3.1.1: return code 3, server
+            // unavailable). A resumed session's row is on disk from before: it connects
+            // (and can drain its queue, which frees space).
+            warn!(client_id = %s.client_id, "new session not stored (the store refuses new data): connection refused with 0x97 Quota exceeded");
+            a.reason_code = reason::QUOTA_EXCEEDED;
+            c.send(Outgoing::Packet(Box::new(Packet::ConnAck(a))));
+        }
         Held::Packet(p) => {
             if matches!(p, Packet::Publish(_)) {
                 stats.publishes_out += 1;
