@@ -371,13 +371,22 @@ async fn bridges_json(
             Ok(v) => v,
             Err(_) => continue,
         };
-        let name = v["name"].as_str().unwrap_or_default().to_string();
-        let id = format!("{}{name}", crate::bridge::INTERNAL_PREFIX);
+        // Over all its outboxes (one per priority).
+        let ids: Vec<String> = v["outboxes"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
         let db = db.to_path_buf();
-        let oldest = tokio::task::spawn_blocking(move || oldest_enqueued(&db, &id))
-            .await
-            .ok()
-            .flatten();
+        let oldest = tokio::task::spawn_blocking(move || {
+            ids.iter().filter_map(|id| oldest_enqueued(&db, id)).min()
+        })
+        .await
+        .ok()
+        .flatten();
         v["oldest_enqueued_ms"] = serde_json::json!(oldest);
         items.push(v);
     }

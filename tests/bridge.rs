@@ -29,6 +29,7 @@ fn bridge_to(addr: std::net::SocketAddr) -> BridgeConfig {
                 qos: 1,
                 local_prefix: String::new(),
                 remote_prefix: "site/".into(),
+                priority: 0,
             },
             TopicRule {
                 pattern: "cmd/#".into(),
@@ -36,6 +37,7 @@ fn bridge_to(addr: std::net::SocketAddr) -> BridgeConfig {
                 qos: 1,
                 local_prefix: String::new(),
                 remote_prefix: "site/".into(),
+                priority: 0,
             },
             TopicRule {
                 pattern: "shared/#".into(),
@@ -43,6 +45,7 @@ fn bridge_to(addr: std::net::SocketAddr) -> BridgeConfig {
                 qos: 1,
                 local_prefix: String::new(),
                 remote_prefix: "site/".into(),
+                priority: 0,
             },
         ],
         ..BridgeConfig::example()

@@ -61,6 +61,7 @@ fn bridge_to(addr: SocketAddr, client_id: &str, protocol: BridgeProtocol) -> Bri
                 qos: 1,
                 local_prefix: String::new(),
                 remote_prefix: "site/".into(),
+                priority: 0,
             },
             TopicRule {
                 pattern: "cmd/#".into(),
@@ -68,6 +69,7 @@ fn bridge_to(addr: SocketAddr, client_id: &str, protocol: BridgeProtocol) -> Bri
                 qos: 1,
                 local_prefix: String::new(),
                 remote_prefix: "site/".into(),
+                priority: 0,
             },
         ],
         ..BridgeConfig::example()

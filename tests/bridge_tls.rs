@@ -132,6 +132,7 @@ fn tls_bridge(pki: &Pki, port: u16, ca: &str) -> BridgeConfig {
             qos: 1,
             local_prefix: String::new(),
             remote_prefix: "gw/".into(),
+            priority: 0,
         }],
         ..BridgeConfig::example()
     }

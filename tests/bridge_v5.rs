@@ -30,6 +30,7 @@ fn rule(pattern: &str, direction: Direction, qos: u8) -> TopicRule {
         qos,
         local_prefix: String::new(),
         remote_prefix: "site/".into(),
+        priority: 0,
     }
 }
 

@@ -40,6 +40,11 @@ pub struct TopicRule {
     /// Remote topic = remote_prefix + X.
     #[serde(default)]
     pub remote_prefix: String,
+    /// Drain priority of the `out` side (0 = default): while messages of a higher priority
+    /// wait or are in flight upstream, lower ones are held back (e.g. `alarms/#` before
+    /// `telemetry/#` after an outage). Order is kept within a priority.
+    #[serde(default)]
+    pub priority: u8,
 }
 
 fn default_direction() -> Direction {
@@ -200,6 +205,7 @@ impl BridgeConfig {
                 qos: 1,
                 local_prefix: String::new(),
                 remote_prefix: "site-17/".into(),
+                priority: 0,
             }],
         }
     }
@@ -327,6 +333,25 @@ impl BridgeConfig {
                     tk("local_prefix"),
                     "prefixes must not contain wildcards",
                 ));
+            }
+            // Each priority is its own outbox: a message matching out rules of two
+            // priorities would be sent twice.
+            if t.direction.is_out() {
+                for (k, o) in self.topic[..j].iter().enumerate() {
+                    let other = format!("{}{}", o.local_prefix, o.pattern);
+                    if o.direction.is_out()
+                        && o.priority != t.priority
+                        && crate::auth::acl::overlaps(&other, &local)
+                    {
+                        return Err(ConfigError::invalid(
+                            tk("priority"),
+                            format!(
+                                "`{local}` overlaps `{other}` of bridge[{i}].topic[{k}], which has priority {}: out rules of different priorities must not match the same topics",
+                                o.priority
+                            ),
+                        ));
+                    }
+                }
             }
         }
         Ok(())

@@ -39,7 +39,7 @@ mod v5;
 
 pub use tls::client_config as tls_client_config;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -85,6 +85,8 @@ pub struct BridgeStatus {
     pub received: u64,
     /// Successful connections since start.
     pub connects: u64,
+    /// Client ids of its outboxes (internal sessions), highest priority first.
+    pub outboxes: Vec<String>,
 }
 
 /// How often the bridge publishes its statistics under `$SYS`.
@@ -102,13 +104,48 @@ enum Attempt {
     Ended(End),
 }
 
-/// One connected period: the internal session's connection and what the upstream granted.
+/// One connected period: the outboxes' connections and what the upstream granted.
 struct Link {
-    conn: u64,
     granted: Granted,
+    /// One per outbox, highest priority first.
+    classes: Vec<Class>,
+    /// Upstream packet id = class index × `stride` + the outbox's own id (1..=window).
+    stride: u16,
     /// Messages sent upstream below their local QoS (the upstream's Maximum QoS is
-    /// lower), by packet id, with the local QoS: the upstream's answer completes them.
+    /// lower), by upstream packet id, with the local QoS: the upstream's answer completes
+    /// them.
     emulated: HashMap<u16, QoS>,
+}
+
+/// One outbox during a connected period.
+struct Class {
+    conn: u64,
+    /// Its local filters (which outbox a downlink message is published through).
+    filters: Vec<String>,
+    /// QoS 1/2 messages sent upstream and not yet completed.
+    in_flight: usize,
+    /// Messages held back while a higher priority has messages waiting or in flight.
+    held: VecDeque<Publish>,
+}
+
+impl Link {
+    /// Upstream packet id of outbox `k`'s packet id `id`.
+    fn upstream_id(&self, k: usize, id: u16) -> u16 {
+        (k as u16) * self.stride + id
+    }
+
+    /// Outbox and its own packet id for an upstream packet id.
+    fn local_id(&self, up: u16) -> Option<(usize, u16)> {
+        let k = usize::from(up.checked_sub(1)? / self.stride);
+        (k < self.classes.len()).then(|| (k, up - (k as u16) * self.stride))
+    }
+
+    /// Must outbox `k` wait (a higher priority has messages held or in flight)?
+    fn gated(&self, k: usize) -> bool {
+        self.classes[..k]
+            .iter()
+            .any(|c| c.in_flight > 0 || !c.held.is_empty())
+    }
 }
 
 fn qos_of(q: u8) -> QoS {
@@ -127,35 +164,68 @@ fn host_port(address: &str) -> (String, u16) {
         .unwrap_or_else(|| (address.to_string(), 1883))
 }
 
-/// The internal session of a bridge: its client id and the subscriptions that make it the
-/// outbox (the local side of every `out` rule, No Local so downlink never goes back up).
-/// The router creates it at start-up, so messages are kept from the first moment, whether
-/// or not the upstream is reachable.
-pub fn internal_session(cfg: &BridgeConfig) -> InternalSession {
-    let filters = cfg
+/// The drain priorities of a bridge's `out` rules, highest first (`[0]` without any): one
+/// outbox (internal session) each.
+pub fn priorities(cfg: &BridgeConfig) -> Vec<u8> {
+    let mut p: Vec<u8> = cfg
         .topic
         .iter()
         .filter(|t| t.direction.is_out())
-        .map(|t| Sf {
-            filter: format!("{}{}", t.local_prefix, t.pattern),
-            options: SubscriptionOptions {
-                qos: qos_of(t.qos),
-                no_local: true,
-                retain_as_published: true,
-                retain_handling: 1,
-            },
-        })
+        .map(|t| t.priority)
         .collect();
-    InternalSession {
-        client_id: format!("{INTERNAL_PREFIX}{}", cfg.name).into(),
-        filters,
-        limits: QueueLimits {
-            max_messages: cfg.max_queued_messages,
-            max_bytes: cfg.max_queued_bytes,
-            policy: cfg.queue_policy,
-            max_age_secs: cfg.max_age_secs,
-        },
+    p.sort_unstable_by(|a, b| b.cmp(a));
+    p.dedup();
+    if p.is_empty() {
+        p.push(0);
     }
+    p
+}
+
+/// The client id of a bridge's outbox for one priority: `$bridge/<name>` for 0 (the only
+/// one unless priorities are configured), `$bridge/<name>/p<N>` otherwise.
+pub fn outbox_id(name: &str, priority: u8) -> String {
+    if priority == 0 {
+        format!("{INTERNAL_PREFIX}{name}")
+    } else {
+        format!("{INTERNAL_PREFIX}{name}/p{priority}")
+    }
+}
+
+/// The internal sessions of a bridge, one per priority (highest first): client id and the
+/// subscriptions that make it an outbox (the local side of the `out` rules of that
+/// priority, No Local so downlink never goes back up). The router creates them at
+/// start-up, so messages are kept from the first moment, whether or not the upstream is
+/// reachable.
+pub fn internal_sessions(cfg: &BridgeConfig) -> Vec<InternalSession> {
+    priorities(cfg)
+        .into_iter()
+        .map(|priority| {
+            let filters = cfg
+                .topic
+                .iter()
+                .filter(|t| t.direction.is_out() && t.priority == priority)
+                .map(|t| Sf {
+                    filter: format!("{}{}", t.local_prefix, t.pattern),
+                    options: SubscriptionOptions {
+                        qos: qos_of(t.qos),
+                        no_local: true,
+                        retain_as_published: true,
+                        retain_handling: 1,
+                    },
+                })
+                .collect();
+            InternalSession {
+                client_id: outbox_id(&cfg.name, priority).into(),
+                filters,
+                limits: QueueLimits {
+                    max_messages: cfg.max_queued_messages,
+                    max_bytes: cfg.max_queued_bytes,
+                    policy: cfg.queue_policy,
+                    max_age_secs: cfg.max_age_secs,
+                },
+            }
+        })
+        .collect()
 }
 
 /// Drain limits of a bridge that SIGHUP may change: (`max_rate`, `max_bytes_rate`).
@@ -178,7 +248,8 @@ struct Bridge {
     cfg: BridgeConfig,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
-    internal_id: Arc<str>,
+    /// The outboxes, highest priority first: (internal session id, local filters).
+    classes: Vec<(Arc<str>, Vec<String>)>,
     /// `out` rules as (local filter, local prefix, remote prefix).
     out: Vec<(String, String, String)>,
     /// `in` rules as (remote filter, remote prefix, local prefix, qos).
@@ -221,8 +292,15 @@ impl Bridge {
                 )
             })
             .collect();
+        let classes = internal_sessions(&cfg)
+            .into_iter()
+            .map(|i| {
+                let filters = i.filters.into_iter().map(|f| f.filter).collect();
+                (i.client_id, filters)
+            })
+            .collect();
         Bridge {
-            internal_id: format!("{INTERNAL_PREFIX}{}", cfg.name).into(),
+            classes,
             cfg,
             shared,
             shutdown,
@@ -274,19 +352,14 @@ impl Bridge {
     }
 
     /// Publishes the bridge's statistics (status + outbox figures) every `STATS_EVERY`.
-    async fn stats_loop(
-        shared: Arc<Shared>,
-        name: String,
-        internal_id: Arc<str>,
-        shutdown: CancellationToken,
-    ) {
+    async fn stats_loop(shared: Arc<Shared>, name: String, shutdown: CancellationToken) {
         let mut tick = tokio::time::interval(STATS_EVERY);
         loop {
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = shutdown.cancelled() => return,
             }
-            let Some(json) = status_json(&shared, &name, &internal_id).await else {
+            let Some(json) = status_json(&shared, &name).await else {
                 continue;
             };
             let topic = format!("$SYS/holdfast/bridge/{name}/stats");
@@ -307,12 +380,12 @@ impl Bridge {
             st.address = self.cfg.address.clone();
             st.client_id = self.cfg.effective_client_id();
             st.since_ms = crate::store::unix_ms();
+            st.outboxes = self.classes.iter().map(|(id, _)| id.to_string()).collect();
         });
         self.sys("state", b"disconnected".to_vec()).await;
         tokio::spawn(Self::stats_loop(
             self.shared.clone(),
             self.cfg.name.clone(),
-            self.internal_id.clone(),
             self.shutdown.clone(),
         ));
         let mut backoff = Backoff::new(self.cfg.reconnect_min_ms, self.cfg.reconnect_max_ms);
@@ -429,54 +502,73 @@ impl Bridge {
         Ok(early)
     }
 
-    /// Attaches the internal session and moves messages both ways until the link drops.
+    /// Attaches the outboxes (internal sessions) and moves messages both ways until the
+    /// link drops.
     async fn connected<U: Upstream>(
         &self,
         up: &mut U,
         granted: Granted,
         early: Vec<UpEvent>,
     ) -> End {
-        let conn = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let (link, mut rx) = ConnLink::new(conn);
+        let n = self.classes.len() as u16;
+        // The upstream's Receive Maximum is shared by the outboxes; each keeps its own
+        // packet ids 1..=window, sent upstream shifted by `stride` per class.
+        let window = self
+            .cfg
+            .inflight
+            .min(granted.receive_maximum / n)
+            .min(self.shared.cfg.max_inflight)
+            .max(1);
         let router = &self.shared.router;
-        let attach = RouterEvent::Connect(Box::new(ConnectRequest {
-            link,
-            client_id: self.internal_id.clone(),
-            clean_start: false,
-            expiry_interval: u32::MAX,
-            will: None,
-            params: ClientParams {
-                protocol: match self.cfg.protocol {
-                    BridgeProtocol::V311 => ProtocolVersion::V311,
-                    BridgeProtocol::V5 => ProtocolVersion::V5,
+        let mut classes = Vec::new();
+        let mut receivers = Vec::new();
+        for (id, filters) in &self.classes {
+            let conn = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
+            let (link, rx) = ConnLink::new(conn);
+            let attach = RouterEvent::Connect(Box::new(ConnectRequest {
+                link,
+                client_id: id.clone(),
+                clean_start: false,
+                expiry_interval: u32::MAX,
+                will: None,
+                params: ClientParams {
+                    protocol: match self.cfg.protocol {
+                        BridgeProtocol::V311 => ProtocolVersion::V311,
+                        BridgeProtocol::V5 => ProtocolVersion::V5,
+                    },
+                    window,
+                    max_packet_size: u32::MAX,
+                    compact_packet_ids: true,
                 },
-                window: self
-                    .cfg
-                    .inflight
-                    .min(granted.receive_maximum)
-                    .min(self.shared.cfg.max_inflight)
-                    .max(1),
-                max_packet_size: u32::MAX,
-                compact_packet_ids: true,
-            },
-            connack: ConnAck::default(),
-        }));
-        if router.send(attach).await.is_err() {
-            return End::Shutdown;
+                connack: ConnAck::default(),
+            }));
+            if router.send(attach).await.is_err() {
+                return End::Shutdown;
+            }
+            classes.push(Class {
+                conn,
+                filters: filters.clone(),
+                in_flight: 0,
+                held: VecDeque::new(),
+            });
+            receivers.push(rx);
         }
         let mut link = Link {
-            conn,
             granted,
+            classes,
+            stride: self.cfg.inflight,
             emulated: HashMap::new(),
         };
-        let end = self.pump(up, &mut link, &mut rx, early).await;
-        let _ = router
-            .send(RouterEvent::Disconnected {
-                conn,
-                will: WillAction::Discard,
-                session_expiry: None,
-            })
-            .await;
+        let end = self.pump(up, &mut link, &mut receivers, early).await;
+        for c in &link.classes {
+            let _ = router
+                .send(RouterEvent::Disconnected {
+                    conn: c.conn,
+                    will: WillAction::Discard,
+                    session_expiry: None,
+                })
+                .await;
+        }
         end
     }
 
@@ -484,7 +576,7 @@ impl Bridge {
         &self,
         up: &mut U,
         link: &mut Link,
-        rx: &mut mpsc::UnboundedReceiver<Outgoing>,
+        rxs: &mut [mpsc::UnboundedReceiver<Outgoing>],
         early: Vec<UpEvent>,
     ) -> End {
         for ev in early {
@@ -496,16 +588,20 @@ impl Bridge {
         let (rate, bytes_rate) = *rates.borrow_and_update();
         let mut pacer = Pacer::new(rate, bytes_rate);
         loop {
-            if pacer.ready() {
-                while let Ok(out) = rx.try_recv() {
-                    match self.outgoing(up, link, out).await {
+            // Highest priority first.
+            for k in 0..rxs.len() {
+                while pacer.ready() {
+                    let Ok(out) = rxs[k].try_recv() else {
+                        break;
+                    };
+                    match self.outgoing(up, link, k, out).await {
                         Err(end) => return end,
                         Ok(bytes) => pacer.sent(bytes),
                     }
-                    if !pacer.ready() {
-                        break;
-                    }
                 }
+            }
+            if let Err(end) = self.release_held(up, link, &mut pacer).await {
+                return end;
             }
             if let Err(e) = up.flush().await {
                 return End::Lost(e);
@@ -513,10 +609,10 @@ impl Bridge {
             // Everything is written: `next` may be cancelled here.
             let ev = tokio::select! {
                 _ = self.shutdown.cancelled() => return End::Shutdown,
-                out = rx.recv(), if pacer.ready() => match out {
+                out = recv_any(rxs), if pacer.ready() => match out {
                     None => return End::Shutdown,
-                    Some(out) => {
-                        match self.outgoing(up, link, out).await {
+                    Some((k, out)) => {
+                        match self.outgoing(up, link, k, out).await {
                             Err(end) => return end,
                             Ok(bytes) => pacer.sent(bytes),
                         }
@@ -543,6 +639,25 @@ impl Bridge {
         }
     }
 
+    /// Sends held messages of the outboxes that no higher priority holds back any more.
+    async fn release_held<U: Upstream>(
+        &self,
+        up: &mut U,
+        link: &mut Link,
+        pacer: &mut Pacer,
+    ) -> Result<(), End> {
+        for k in 1..link.classes.len() {
+            while pacer.ready() && !link.gated(k) {
+                let Some(p) = link.classes[k].held.pop_front() else {
+                    break;
+                };
+                let bytes = self.uplink(up, link, k, p).await?;
+                pacer.sent(bytes);
+            }
+        }
+        Ok(())
+    }
+
     /// Sends an event to the router; `Some(End::Shutdown)` if the router is gone.
     async fn to_router(&self, ev: RouterEvent) -> Option<End> {
         self.shared
@@ -555,23 +670,29 @@ impl Bridge {
 
     /// Handles one event from upstream. `Some` ends the connected period.
     async fn incoming<U: Upstream>(&self, up: &mut U, link: &mut Link, ev: UpEvent) -> Option<End> {
-        let conn = link.conn;
         match ev {
             UpEvent::Nothing => None,
             UpEvent::Disconnect(why) => Some(End::Lost(why)),
             UpEvent::Publish(p) => {
                 self.status(|st| st.received += 1);
-                self.downlink(up, conn, p).await
+                self.downlink(up, link, p).await
             }
             UpEvent::Release(packet_id) => {
+                // Downlink ids are the upstream's, whichever outbox published the message.
+                let conn = self.downlink_conn(link, None);
                 self.to_router(RouterEvent::PubRel { conn, packet_id })
                     .await
             }
             UpEvent::Ack {
                 kind,
-                packet_id,
+                packet_id: upstream_id,
                 reason,
             } => {
+                let Some((k, packet_id)) = link.local_id(upstream_id) else {
+                    warn!(bridge = %self.cfg.name, packet_id = upstream_id, "acknowledgement for a packet id we did not use; ignored");
+                    return None;
+                };
+                let conn = link.classes[k].conn;
                 let done = kind != AckKind::Rec || reason >= 0x80;
                 if reason >= 0x80 {
                     warn!(bridge = %self.cfg.name, packet_id, reason = format!("{reason:#04x}"), "the upstream refused a message (v5 reason code); it is removed from the outbox and counted as rejected");
@@ -579,13 +700,17 @@ impl Bridge {
                 } else if done {
                     self.status(|st| st.acked += 1);
                 }
+                if done {
+                    let c = &mut link.classes[k];
+                    c.in_flight = c.in_flight.saturating_sub(1);
+                }
                 // A QoS 2 message the upstream only takes at QoS 1: its PUBACK is our PUBREC.
-                let kind = match (kind, link.emulated.get(&packet_id)) {
+                let kind = match (kind, link.emulated.get(&upstream_id)) {
                     (AckKind::Ack, Some(QoS::ExactlyOnce)) => AckKind::Rec,
                     _ => kind,
                 };
                 if kind != AckKind::Rec || reason >= 0x80 {
-                    link.emulated.remove(&packet_id);
+                    link.emulated.remove(&upstream_id);
                 }
                 self.to_router(match kind {
                     AckKind::Ack => RouterEvent::PubAck { conn, packet_id },
@@ -603,7 +728,12 @@ impl Bridge {
 
     /// Hands one message from upstream to the router; its upstream acknowledgement waits
     /// for the router's (after the local commit). `Some` ends the connected period.
-    async fn downlink<U: Upstream>(&self, up: &mut U, conn: u64, mut p: Publish) -> Option<End> {
+    async fn downlink<U: Upstream>(
+        &self,
+        up: &mut U,
+        link: &Link,
+        mut p: Publish,
+    ) -> Option<End> {
         let Some(local) = self.local_topic(&p.topic) else {
             warn!(bridge = %self.cfg.name, topic = %p.topic, "downlink message matches no `in` rule; acknowledged and dropped");
             let ack = PubAckLike::new(p.packet_id);
@@ -614,6 +744,7 @@ impl Bridge {
             };
             return up.queue(packet).err().map(End::Lost);
         };
+        let conn = self.downlink_conn(link, Some(&local));
         p.topic = local.into();
         p.dup = false;
         // Upstream-only properties: ours are assigned by the router for each subscriber.
@@ -630,15 +761,31 @@ impl Bridge {
         .await
     }
 
-    /// Handles one packet from the router: the payload bytes it puts on the link (for the
+    /// The outbox a downlink message is published through: the one whose `out` filters
+    /// match its local topic (No Local then keeps it from going back up), else the lowest
+    /// priority (the default outbox).
+    fn downlink_conn(&self, link: &Link, local: Option<&str>) -> u64 {
+        local
+            .and_then(|t| {
+                link.classes
+                    .iter()
+                    .find(|c| c.filters.iter().any(|f| topic::matches(f, t)))
+            })
+            .or(link.classes.last())
+            .map(|c| c.conn)
+            .unwrap_or_default()
+    }
+
+    /// Handles one packet from outbox `k`: the payload bytes it puts on the link (for the
     /// drain pacer), or `Err` to end the connected period.
     async fn outgoing<U: Upstream>(
         &self,
         up: &mut U,
         link: &mut Link,
+        k: usize,
         out: Outgoing,
     ) -> Result<usize, End> {
-        let conn = link.conn;
+        let conn = link.classes[k].conn;
         let packet = match out {
             Outgoing::Disconnect(_) => {
                 return Err(if self.shutdown.is_cancelled() {
@@ -651,11 +798,13 @@ impl Bridge {
         };
         let lost = End::Lost;
         match packet {
-            Packet::Publish(p) => return self.uplink(up, link, p).await,
+            Packet::Publish(p) if link.gated(k) => link.classes[k].held.push_back(p),
+            Packet::Publish(p) => return self.uplink(up, link, k, p).await,
             // The router released a QoS 2 message: upstream, unless it only took it at a
             // lower QoS (then it is complete already).
-            Packet::PubRel(a) => {
-                if link.emulated.remove(&a.packet_id).is_some() {
+            Packet::PubRel(mut a) => {
+                let upstream_id = link.upstream_id(k, a.packet_id);
+                if link.emulated.remove(&upstream_id).is_some() {
                     let ev = RouterEvent::PubComp {
                         conn,
                         packet_id: a.packet_id,
@@ -664,6 +813,7 @@ impl Bridge {
                         return Err(end);
                     }
                 } else {
+                    a.packet_id = upstream_id;
                     up.queue(Packet::PubRel(a)).map_err(lost)?;
                 }
             }
@@ -684,10 +834,12 @@ impl Bridge {
         &self,
         up: &mut U,
         link: &mut Link,
+        k: usize,
         mut p: Publish,
     ) -> Result<usize, End> {
-        let conn = link.conn;
+        let conn = link.classes[k].conn;
         let packet_id = p.packet_id;
+        let upstream_id = link.upstream_id(k, packet_id);
         let local_qos = p.qos;
         let Some(remote) = self.remote_topic(&p.topic) else {
             // Cannot happen (the session only subscribes `out` rules); don't let it block
@@ -706,6 +858,8 @@ impl Bridge {
         if p.qos == QoS::AtMostOnce {
             p.packet_id = 0;
             p.dup = false;
+        } else {
+            p.packet_id = upstream_id;
         }
         let bytes = p.payload.len();
         let sent_qos = p.qos;
@@ -720,10 +874,13 @@ impl Bridge {
             };
         }
         self.status(|st| st.sent += 1);
+        if sent_qos != QoS::AtMostOnce {
+            link.classes[k].in_flight += 1;
+        }
         if sent_qos < local_qos {
             // The upstream's Maximum QoS is lower: its acknowledgement (or none, at QoS 0)
             // completes the message.
-            link.emulated.insert(packet_id, local_qos);
+            link.emulated.insert(upstream_id, local_qos);
             if sent_qos == QoS::AtMostOnce {
                 if let Some(end) = self.complete(conn, local_qos, packet_id, 0).await {
                     return Err(end);
@@ -772,19 +929,46 @@ impl Bridge {
     }
 }
 
-/// One bridge's status merged with its outbox figures from the router, as JSON.
-pub async fn status_json(shared: &Shared, name: &str, internal_id: &str) -> Option<String> {
+/// The next packet from any outbox, highest priority first; `None` once one is closed.
+async fn recv_any(rxs: &mut [mpsc::UnboundedReceiver<Outgoing>]) -> Option<(usize, Outgoing)> {
+    std::future::poll_fn(|cx| {
+        for (k, rx) in rxs.iter_mut().enumerate() {
+            match rx.poll_recv(cx) {
+                std::task::Poll::Ready(Some(out)) => {
+                    return std::task::Poll::Ready(Some((k, out)))
+                }
+                std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
+                std::task::Poll::Pending => {}
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}
+
+/// One bridge's status merged with its outbox figures from the router (summed over its
+/// priorities), as JSON.
+pub async fn status_json(shared: &Shared, name: &str) -> Option<String> {
     let status = shared.bridges.lock().ok()?.get(name).cloned()?;
-    let (reply, rx) = tokio::sync::oneshot::channel();
-    let ask = RouterEvent::SessionStats {
-        client_id: internal_id.to_string(),
-        reply,
-    };
-    let outbox = if shared.router.send(ask).await.is_ok() {
-        rx.await.ok().flatten()
-    } else {
-        None
-    };
+    let mut outbox: Option<crate::broker::router::SessionStats> = None;
+    for id in &status.outboxes {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let ask = RouterEvent::SessionStats {
+            client_id: id.clone(),
+            reply,
+        };
+        if shared.router.send(ask).await.is_err() {
+            break;
+        }
+        if let Some(st) = rx.await.ok().flatten() {
+            let sum = outbox.get_or_insert_with(Default::default);
+            sum.online |= st.online;
+            sum.queued += st.queued;
+            sum.queued_bytes += st.queued_bytes;
+            sum.inflight += st.inflight;
+            sum.dropped += st.dropped;
+        }
+    }
     #[derive(serde::Serialize)]
     struct Full {
         #[serde(flatten)]
@@ -802,8 +986,7 @@ pub async fn all_status_json(shared: &Shared) -> Vec<String> {
     };
     let mut out = Vec::new();
     for name in names {
-        let id = format!("{INTERNAL_PREFIX}{name}");
-        if let Some(j) = status_json(shared, &name, &id).await {
+        if let Some(j) = status_json(shared, &name).await {
             out.push(j);
         }
     }

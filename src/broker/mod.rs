@@ -187,7 +187,7 @@ impl Broker {
                 Duration::from_secs(cfg.store.sweep_interval_secs),
                 cfg.bridge
                     .iter()
-                    .map(crate::bridge::internal_session)
+                    .flat_map(crate::bridge::internal_sessions)
                     .collect(),
             )
             .run(),
