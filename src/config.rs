@@ -1156,6 +1156,30 @@ mod tests {
     }
 
     #[test]
+    fn overlapping_out_rules_of_different_priorities_are_refused() {
+        let file = toml_file(
+            "[[bridge]]\nname = \"c\"\naddress = \"h:1883\"\n\
+             [[bridge.topic]]\npattern = \"sensors/#\"\n\
+             [[bridge.topic]]\npattern = \"sensors/alarm/+\"\npriority = 2\n",
+        );
+        let msg = load_err(Some(file.path()), &[]).to_string();
+        assert!(msg.contains("bridge[0].topic[1].priority"), "{msg}");
+        let file = toml_file(
+            "[[bridge]]\nname = \"c\"\naddress = \"h:1883\"\n\
+             [[bridge.topic]]\npattern = \"telemetry/#\"\n\
+             [[bridge.topic]]\npattern = \"alarms/#\"\npriority = 2\n\
+             [[bridge.topic]]\npattern = \"cmd/#\"\ndirection = \"in\"\npriority = 5\n",
+        );
+        let cfg = Config::load_from(Some(file.path()), HashMap::new()).expect("loads");
+        assert_eq!(crate::bridge::priorities(&cfg.bridge[0]), vec![2, 0]);
+        let ids: Vec<String> = crate::bridge::internal_sessions(&cfg.bridge[0])
+            .iter()
+            .map(|i| i.client_id.to_string())
+            .collect();
+        assert_eq!(ids, vec!["$bridge/c/p2", "$bridge/c"]);
+    }
+
+    #[test]
     fn bridge_protocol_5_keys_are_checked_naming_the_key() {
         let bridge = |extra: &str, qos: u8| {
             toml_file(&format!(

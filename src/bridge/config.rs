@@ -252,6 +252,16 @@ impl BridgeConfig {
         if self.inflight == 0 {
             return Err(ConfigError::invalid(key("inflight"), "must be at least 1"));
         }
+        let classes = super::priorities(self).len();
+        if usize::from(self.inflight) * classes > usize::from(u16::MAX) {
+            return Err(ConfigError::invalid(
+                key("inflight"),
+                format!(
+                    "{} × {classes} priorities exceeds the 65535 packet ids",
+                    self.inflight
+                ),
+            ));
+        }
         if self.reconnect_min_ms == 0 || self.reconnect_max_ms < self.reconnect_min_ms {
             return Err(ConfigError::invalid(
                 key("reconnect_max_ms"),

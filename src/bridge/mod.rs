@@ -124,9 +124,16 @@ struct Class {
     filters: Vec<String>,
     /// QoS 1/2 messages sent upstream and not yet completed.
     in_flight: usize,
+    /// When the router last handed this outbox a message.
+    last_message: Option<Instant>,
     /// Messages held back while a higher priority has messages waiting or in flight.
     held: VecDeque<Publish>,
 }
+
+/// How long a priority counts as busy after its last message: the router hands over the
+/// next one only after the previous acknowledgement reached it, so "nothing in flight"
+/// alone would let lower priorities slip in between.
+const PRIORITY_GRACE: Duration = Duration::from_millis(20);
 
 impl Link {
     /// Upstream packet id of outbox `k`'s packet id `id`.
@@ -140,11 +147,25 @@ impl Link {
         (k < self.classes.len()).then(|| (k, up - (k as u16) * self.stride))
     }
 
-    /// Must outbox `k` wait (a higher priority has messages held or in flight)?
+    /// Must outbox `k` wait (a higher priority has messages held or in flight, or had one
+    /// within `PRIORITY_GRACE`)?
     fn gated(&self, k: usize) -> bool {
-        self.classes[..k]
-            .iter()
-            .any(|c| c.in_flight > 0 || !c.held.is_empty())
+        let now = Instant::now();
+        self.classes[..k].iter().any(|c| {
+            c.in_flight > 0
+                || !c.held.is_empty()
+                || c.last_message.is_some_and(|t| now < t + PRIORITY_GRACE)
+        })
+    }
+
+    /// When held messages should be looked at again (the latest grace period of a higher
+    /// priority ends), if any are held.
+    fn recheck_at(&self) -> Option<Instant> {
+        if self.classes.iter().all(|c| c.held.is_empty()) {
+            return None;
+        }
+        let latest = self.classes.iter().filter_map(|c| c.last_message).max()?;
+        Some(latest + PRIORITY_GRACE)
     }
 }
 
@@ -395,8 +416,9 @@ impl Bridge {
             let tls = self.tls.clone();
             let outcome = match self.cfg.protocol {
                 BridgeProtocol::V311 => {
-                    self.attempt(v311::connect(&self.cfg, tls, max_packet), &mut backoff)
-                        .await
+                    let max_id = self.cfg.inflight * self.classes.len() as u16;
+                    let connect = v311::connect(&self.cfg, tls, max_packet, max_id);
+                    self.attempt(connect, &mut backoff).await
                 }
                 BridgeProtocol::V5 => {
                     self.attempt(v5::connect(&self.cfg, tls, max_packet), &mut backoff)
@@ -549,6 +571,7 @@ impl Bridge {
                 conn,
                 filters: filters.clone(),
                 in_flight: 0,
+                last_message: None,
                 held: VecDeque::new(),
             });
             receivers.push(rx);
@@ -589,9 +612,9 @@ impl Bridge {
         let mut pacer = Pacer::new(rate, bytes_rate);
         loop {
             // Highest priority first.
-            for k in 0..rxs.len() {
+            for (k, rx) in rxs.iter_mut().enumerate() {
                 while pacer.ready() {
-                    let Ok(out) = rxs[k].try_recv() else {
+                    let Ok(out) = rx.try_recv() else {
                         break;
                     };
                     match self.outgoing(up, link, k, out).await {
@@ -606,9 +629,11 @@ impl Bridge {
             if let Err(e) = up.flush().await {
                 return End::Lost(e);
             }
+            let recheck = link.recheck_at().filter(|t| *t > Instant::now());
             // Everything is written: `next` may be cancelled here.
             let ev = tokio::select! {
                 _ = self.shutdown.cancelled() => return End::Shutdown,
+                _ = tokio::time::sleep_until(recheck.unwrap_or_else(Instant::now)), if recheck.is_some() => continue,
                 out = recv_any(rxs), if pacer.ready() => match out {
                     None => return End::Shutdown,
                     Some((k, out)) => {
@@ -728,12 +753,7 @@ impl Bridge {
 
     /// Hands one message from upstream to the router; its upstream acknowledgement waits
     /// for the router's (after the local commit). `Some` ends the connected period.
-    async fn downlink<U: Upstream>(
-        &self,
-        up: &mut U,
-        link: &Link,
-        mut p: Publish,
-    ) -> Option<End> {
+    async fn downlink<U: Upstream>(&self, up: &mut U, link: &Link, mut p: Publish) -> Option<End> {
         let Some(local) = self.local_topic(&p.topic) else {
             warn!(bridge = %self.cfg.name, topic = %p.topic, "downlink message matches no `in` rule; acknowledged and dropped");
             let ack = PubAckLike::new(p.packet_id);
@@ -797,6 +817,9 @@ impl Bridge {
             Outgoing::Packet(p) => *p,
         };
         let lost = End::Lost;
+        if matches!(packet, Packet::Publish(_)) && link.classes.len() > 1 {
+            link.classes[k].last_message = Some(Instant::now());
+        }
         match packet {
             Packet::Publish(p) if link.gated(k) => link.classes[k].held.push_back(p),
             Packet::Publish(p) => return self.uplink(up, link, k, p).await,
@@ -934,9 +957,7 @@ async fn recv_any(rxs: &mut [mpsc::UnboundedReceiver<Outgoing>]) -> Option<(usiz
     std::future::poll_fn(|cx| {
         for (k, rx) in rxs.iter_mut().enumerate() {
             match rx.poll_recv(cx) {
-                std::task::Poll::Ready(Some(out)) => {
-                    return std::task::Poll::Ready(Some((k, out)))
-                }
+                std::task::Poll::Ready(Some(out)) => return std::task::Poll::Ready(Some((k, out))),
                 std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
                 std::task::Poll::Pending => {}
             }

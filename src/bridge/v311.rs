@@ -28,17 +28,19 @@ pub(super) struct V311 {
     write_timeout: Duration,
 }
 
-/// Connects and waits for a successful CONNACK.
+/// Connects and waits for a successful CONNACK. `max_id` is the highest packet id the
+/// bridge will use (rumqttc only accepts ids up to its in-flight limit).
 pub(super) async fn connect(
     cfg: &BridgeConfig,
     tls: Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>,
     max_packet_size: usize,
+    max_id: u16,
 ) -> Result<(V311, Granted), String> {
     let (host, port) = super::host_port(&cfg.address);
     let mut opts = MqttOptions::new(cfg.effective_client_id(), host, port);
     opts.set_clean_session(false);
     opts.set_manual_acks(true);
-    opts.set_inflight(cfg.inflight);
+    opts.set_inflight(max_id);
     opts.set_keep_alive(Duration::from_secs(u64::from(cfg.keepalive_secs.max(5))));
     opts.set_max_packet_size(max_packet_size, max_packet_size);
     if let Some(u) = &cfg.username {
@@ -58,7 +60,7 @@ pub(super) async fn connect(
         {
             // Start from a clean rumqttc state: the router resends what is in flight.
             el.pending.clear();
-            el.state = MqttState::new(cfg.inflight, true);
+            el.state = MqttState::new(max_id, true);
             let granted = Granted {
                 session_present: ack.session_present,
                 receive_maximum: u16::MAX,
