@@ -165,10 +165,27 @@ fn numbered(n: usize) -> Vec<String> {
 #[tokio::test]
 async fn qos2_uplink_and_downlink_exactly_once_in_order() {
     let up = start_broker(|_| {}).await;
-    let mut cloud = client(up.addr, "cloud-sub").await;
+    let (gw, mut cloud) = qos2_both_ways(up.addr).await;
+    // The cloud subscriber saw the downlink messages once each (its own subscription),
+    // and nothing came back up from the gateway.
+    let echo = receive(&mut cloud, 30).await;
+    assert_eq!(payloads(&echo), numbered(30));
+    wait_status(&gw, "nothing else went up", |st| {
+        st["sent"] == 30 && st["received"] == 30
+    })
+    .await;
+    gw.shutdown().await;
+    up.shutdown().await;
+}
+
+/// 30 QoS 2 messages up (local QoS 2 publisher → QoS 2 subscriber upstream) and 30 down,
+/// each exactly once, in order, at QoS 2, with the topics mapped; the outbox ends empty.
+/// Returns the gateway and the upstream subscriber (subscribed to `site/#`).
+async fn qos2_both_ways(up: SocketAddr) -> (TestBroker, RawClient) {
+    let mut cloud = client(up, "cloud-sub").await;
     assert_eq!(cloud.subscribe("site/#", QoS::ExactlyOnce).await, vec![2]);
     let gw = gateway(
-        up.addr,
+        up,
         vec![
             rule("sensors/#", Direction::Out, 2),
             rule("cmd/#", Direction::In, 2),
@@ -188,7 +205,7 @@ async fn qos2_uplink_and_downlink_exactly_once_in_order() {
         .iter()
         .all(|p| p.qos == QoS::ExactlyOnce && &*p.topic == "site/sensors/t"));
 
-    let mut cloud_pub = client(up.addr, "cloud-pub").await;
+    let mut cloud_pub = client(up, "cloud-pub").await;
     for i in 0..30u16 {
         publish_qos2(
             &mut cloud_pub,
@@ -203,21 +220,11 @@ async fn qos2_uplink_and_downlink_exactly_once_in_order() {
     assert!(got
         .iter()
         .all(|p| p.qos == QoS::ExactlyOnce && &*p.topic == "cmd/x"));
-    // The cloud subscriber saw the downlink messages once each (its own subscription),
-    // and nothing came back up from the gateway.
-    let echo = receive(&mut cloud, 30).await;
-    assert_eq!(payloads(&echo), numbered(30));
-
     wait_status(&gw, "every uplink message completed", |st| {
-        st["sent"] == 30
-            && st["acked"] == 30
-            && st["received"] == 30
-            && st["outbox"]["queued"] == 0
-            && st["outbox"]["inflight"] == 0
+        st["acked"] == 30 && st["outbox"]["queued"] == 0 && st["outbox"]["inflight"] == 0
     })
     .await;
-    gw.shutdown().await;
-    up.shutdown().await;
+    (gw, cloud)
 }
 
 /// The upstream grants Maximum QoS 1: QoS 2 rules go up at QoS 1, and the upstream's
@@ -432,44 +439,7 @@ async fn mosquitto_upstream_qos2_both_ways() {
         return;
     }
     let mq = mosquitto::Mosquitto::start().await;
-    let mut cloud = client(mq.addr(), "cloud-sub").await;
-    assert_eq!(cloud.subscribe("site/#", QoS::ExactlyOnce).await, vec![2]);
-    let gw = gateway(
-        mq.addr(),
-        vec![
-            rule("sensors/#", Direction::Out, 2),
-            rule("cmd/#", Direction::In, 2),
-        ],
-    )
-    .await;
-    let mut local = client(gw.addr, "local-sub").await;
-    assert_eq!(local.subscribe("cmd/#", QoS::ExactlyOnce).await, vec![2]);
-
-    let mut sensor = client(gw.addr, "sensor").await;
-    for i in 0..30u16 {
-        publish_qos2(&mut sensor, "sensors/t", i.to_string().as_bytes(), i + 1).await;
-    }
-    let got = receive(&mut cloud, 30).await;
-    assert_eq!(payloads(&got), numbered(30), "exactly once, in order");
-    assert!(got.iter().all(|p| p.qos == QoS::ExactlyOnce));
-
-    let mut cloud_pub = client(mq.addr(), "cloud-pub").await;
-    for i in 0..30u16 {
-        publish_qos2(
-            &mut cloud_pub,
-            "site/cmd/x",
-            i.to_string().as_bytes(),
-            i + 1,
-        )
-        .await;
-    }
-    let got = receive(&mut local, 30).await;
-    assert_eq!(payloads(&got), numbered(30), "exactly once, in order");
-    assert!(got.iter().all(|p| p.qos == QoS::ExactlyOnce));
-    wait_status(&gw, "every uplink message completed", |st| {
-        st["acked"] == 30 && st["outbox"]["queued"] == 0 && st["outbox"]["inflight"] == 0
-    })
-    .await;
+    let (gw, _cloud) = qos2_both_ways(mq.addr()).await;
     gw.shutdown().await;
     assert!(
         mq.log().contains(&format!("as {BRIDGE_ID} (p5, c0")),
