@@ -1054,6 +1054,7 @@ pub fn format_bridges(items: &[serde_json::Value], now_ms: i64) -> String {
         "OLDEST",
         "SENT",
         "ACKED",
+        "REJECTED",
         "DROPPED",
         "LAST ERROR",
     ]
@@ -1082,6 +1083,7 @@ pub fn format_bridges(items: &[serde_json::Value], now_ms: i64) -> String {
             oldest,
             v["sent"].as_u64().unwrap_or(0).to_string(),
             v["acked"].as_u64().unwrap_or(0).to_string(),
+            v["rejected"].as_u64().unwrap_or(0).to_string(),
             outbox["dropped"].as_u64().unwrap_or(0).to_string(),
             v["last_error"].as_str().unwrap_or("-").to_string(),
         ]);
