@@ -821,7 +821,10 @@ impl Bridge {
             link.classes[k].last_message = Some(Instant::now());
         }
         match packet {
-            Packet::Publish(p) if link.gated(k) => link.classes[k].held.push_back(p),
+            // Behind held messages of its own priority too, or it would overtake them.
+            Packet::Publish(p) if link.gated(k) || !link.classes[k].held.is_empty() => {
+                link.classes[k].held.push_back(p)
+            }
             Packet::Publish(p) => return self.uplink(up, link, k, p).await,
             // The router released a QoS 2 message: upstream, unless it only took it at a
             // lower QoS (then it is complete already).
