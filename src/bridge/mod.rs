@@ -45,6 +45,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::mpsc;
+
+use crate::backoff::Backoff;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -439,7 +441,7 @@ impl Bridge {
                     last_error = e;
                 }
             }
-            if self.pause(backoff.next()).await {
+            if self.pause(backoff.next_wait()).await {
                 break;
             }
         }
@@ -1053,44 +1055,5 @@ impl Pacer {
         }
         let now = Instant::now();
         self.next = self.next.max(now.checked_sub(cost).unwrap_or(now)) + cost;
-    }
-}
-
-/// Exponential backoff with full jitter.
-struct Backoff {
-    min: u64,
-    max: u64,
-    current: u64,
-    seed: u64,
-}
-
-impl Backoff {
-    fn new(min_ms: u64, max_ms: u64) -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-            | 1;
-        Backoff {
-            min: min_ms.max(1),
-            max: max_ms.max(min_ms.max(1)),
-            current: min_ms.max(1),
-            seed,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.current = self.min;
-    }
-
-    fn next(&mut self) -> Duration {
-        // xorshift64
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        let span = self.current.max(self.min);
-        let wait = self.min + self.seed % span.max(1);
-        self.current = (self.current.saturating_mul(2)).min(self.max);
-        Duration::from_millis(wait.min(self.max))
     }
 }

@@ -44,6 +44,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
 use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
 use tracing::{debug, info, warn};
 
 pub use config::{Format, SerialConfig};
@@ -397,7 +399,7 @@ impl Port {
             self.stats.last_error = Some(error.clone());
             last_error = Some(error);
             self.publish_stats(true).await;
-            if self.idle(link, backoff.next()).await.is_err() {
+            if self.idle(link, backoff.next_wait()).await.is_err() {
                 break;
             }
         }
@@ -745,44 +747,4 @@ async fn sleep_opt(at: Option<Instant>) {
 /// A reason code is a success (the reading is committed).
 pub fn is_success(code: u8) -> bool {
     code < reason::UNSPECIFIED_ERROR
-}
-
-/// Exponential backoff with jitter (reopening a port).
-struct Backoff {
-    min: u64,
-    max: u64,
-    current: u64,
-    seed: u64,
-}
-
-impl Backoff {
-    fn new(min_ms: u64, max_ms: u64) -> Self {
-        let seed = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-            | 1;
-        let min = min_ms.max(1);
-        Backoff {
-            min,
-            max: max_ms.max(min),
-            current: min,
-            seed,
-        }
-    }
-
-    fn reset(&mut self) {
-        self.current = self.min;
-    }
-
-    /// Between half the current step and the step; the step doubles up to `max`.
-    fn next(&mut self) -> Duration {
-        self.seed ^= self.seed << 13;
-        self.seed ^= self.seed >> 7;
-        self.seed ^= self.seed << 17;
-        let half = self.current / 2;
-        let wait = half + self.seed % (self.current - half + 1);
-        self.current = self.current.saturating_mul(2).min(self.max);
-        Duration::from_millis(wait.max(1))
-    }
 }
