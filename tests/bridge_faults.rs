@@ -846,37 +846,55 @@ async fn outbox_is_not_subject_to_client_queue_limits() {
 
 /// A backlog of telemetry (priority 0) and, published after it, alarms (priority 1) waits
 /// for a link that is down; when the link comes up the alarms drain first, then the
-/// telemetry, each in its own order, nothing lost. Over MQTT 3.1.1 and 5.
-async fn priorities_drain_first(protocol: BridgeProtocol) {
+/// telemetry, each in its own order, nothing lost. Over MQTT 3.1.1 and 5, and with the
+/// real binary SIGKILLed while the backlog waits (each priority's outbox is recovered).
+async fn priorities_drain_first(protocol: BridgeProtocol, crash: bool) {
     let up = start_broker(|_| {}).await;
     let proxy = Proxy::start(up.addr).await;
     proxy.refuse(true);
     let mut cloud = RawClient::connect(up.addr, ProtocolVersion::V311, "cloud-prio").await;
     cloud.subscribe("site/#", QoS::AtLeastOnce).await;
-    let mut cfg = bridge_to(proxy.addr, "gw-prio", protocol);
-    cfg.inflight = 8;
-    cfg.topic = vec![
-        TopicRule {
-            pattern: "telemetry/#".into(),
-            direction: Direction::Out,
-            qos: 1,
-            local_prefix: String::new(),
-            remote_prefix: "site/".into(),
-            priority: 0,
-        },
-        TopicRule {
-            pattern: "alarms/#".into(),
-            direction: Direction::Out,
-            qos: 1,
-            local_prefix: String::new(),
-            remote_prefix: "site/".into(),
-            priority: 1,
-        },
-    ];
-    let gw = start_broker(|c| c.bridge = vec![cfg]).await;
-    let mut sensor = publisher(gw.addr, "sensor").await;
-    publish_seqs(&mut sensor, "telemetry/t", 0..300, 50).await;
+    let alarms = TopicRule {
+        pattern: "alarms/#".into(),
+        direction: Direction::Out,
+        qos: 1,
+        local_prefix: String::new(),
+        remote_prefix: "site/".into(),
+        priority: 1,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let (config, log) = (dir.path().join("holdfast.toml"), dir.path().join("log"));
+    let (gw_addr, window, gw) = if crash {
+        // inflight 16, sensors/# at priority 0 (see write_gateway_config), plus alarms.
+        let version = if protocol == V5 { "5" } else { "3.1.1" };
+        write_gateway_config(dir.path(), port, proxy.addr, version);
+        let mut text = std::fs::read_to_string(&config).unwrap();
+        text.push_str(
+            "\n[[bridge.topic]]\npattern = \"alarms/#\"\nremote_prefix = \"site/\"\npriority = 1\n",
+        );
+        std::fs::write(&config, text).unwrap();
+        (SocketAddr::from(([127, 0, 0, 1], port)), 16, None)
+    } else {
+        let mut cfg = bridge_to(proxy.addr, "gw-prio", protocol);
+        cfg.inflight = 8;
+        cfg.topic = vec![cfg.topic[0].clone(), alarms];
+        let gw = start_broker(|c| c.bridge = vec![cfg]).await;
+        (gw.addr, 8, Some(gw))
+    };
+    let mut child = if crash {
+        Some(spawn_gateway(&config, port, &log).await)
+    } else {
+        None
+    };
+    let mut sensor = publisher(gw_addr, "sensor").await;
+    publish_seqs(&mut sensor, UP_LOCAL, 0..300, 50).await;
     publish_seqs(&mut sensor, "alarms/a", 0..30, 10).await;
+    drop(sensor);
+    if let Some(c) = child.as_mut() {
+        sigkill(c);
+        child = Some(spawn_gateway(&config, port, &log).await);
+    }
     proxy.refuse(false);
     let mut order = Vec::new();
     let (mut next_t, mut next_a) = (0u32, 0u32);
@@ -887,40 +905,48 @@ async fn priorities_drain_first(protocol: BridgeProtocol) {
         };
         cloud.puback(p.packet_id).await;
         let seq = u32::from_be_bytes(p.payload[..4].try_into().unwrap());
-        match &*p.topic {
-            "site/telemetry/t" => {
-                assert_eq!(seq, next_t, "telemetry in order");
-                next_t += 1;
-            }
-            "site/alarms/a" => {
-                assert_eq!(seq, next_a, "alarms in order");
-                next_a += 1;
-            }
-            other => panic!("unexpected topic {other}"),
+        if *p.topic == *UP_REMOTE {
+            assert_eq!(seq, next_t, "telemetry in order");
+            next_t += 1;
+        } else {
+            assert_eq!(&*p.topic, "site/alarms/a");
+            assert_eq!(seq, next_a, "alarms in order");
+            next_a += 1;
         }
         order.push(p.topic.contains("alarms"));
     }
     let last_alarm = order.iter().rposition(|a| *a).unwrap();
     let telemetry_before = order[..last_alarm].iter().filter(|a| !**a).count();
     eprintln!(
-        "[priorities/{protocol:?}] all 30 alarms delivered after {telemetry_before} of 300 telemetry messages"
+        "[priorities/{protocol:?}/crash={crash}] all 30 alarms delivered after {telemetry_before} of 300 telemetry messages"
     );
     // The only telemetry that may slip ahead is what was handed to the link before the
     // first alarm (one in-flight window at most).
     assert!(
-        telemetry_before <= 8,
+        telemetry_before <= window,
         "{telemetry_before} telemetry messages before the last alarm"
     );
-    gw.shutdown().await;
+    if let Some(mut c) = child {
+        signal(c.id(), "-TERM");
+        wait_child(&mut c, Duration::from_secs(10)).await;
+    }
+    if let Some(gw) = gw {
+        gw.shutdown().await;
+    }
     up.shutdown().await;
 }
 
 #[tokio::test]
 async fn higher_priority_backlog_drains_first() {
-    priorities_drain_first(V311).await;
+    priorities_drain_first(V311, false).await;
 }
 
 #[tokio::test]
 async fn higher_priority_backlog_drains_first_v5() {
-    priorities_drain_first(V5).await;
+    priorities_drain_first(V5, false).await;
+}
+
+#[tokio::test]
+async fn higher_priority_backlog_drains_first_after_a_sigkill() {
+    priorities_drain_first(V5, true).await;
 }
