@@ -878,44 +878,32 @@ where
             } else {
                 reason::SUCCESS
             };
-            let ack = crate::protocol::PubAckLike::with_reason(p.packet_id, code);
-            match p.qos {
-                QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => {
-                    st.incoming_unacked.remove(&p.packet_id);
-                    protocol::encode(&Packet::PubAck(ack), self.version, &mut self.wbuf);
-                }
-                QoS::ExactlyOnce => {
-                    // 3.x: the PUBREL that follows reaches the router, which answers
-                    // PUBCOMP for the unknown packet id.
-                    st.incoming_unacked.remove(&p.packet_id);
-                    protocol::encode(&Packet::PubRec(ack), self.version, &mut self.wbuf);
-                }
-            }
+            // 3.x QoS 2: the PUBREL that follows reaches the router, which answers PUBCOMP
+            // for the unknown packet id.
+            self.answer_unrouted(st, &p, code);
             return Ok(None);
         }
         if p.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&p.payload).is_err()
         {
             // MQTT-3.3.2-4 allows refusing it: answer with 0x99 and do not route it.
-            let ack = crate::protocol::PubAckLike::with_reason(
-                p.packet_id,
-                reason::PAYLOAD_FORMAT_INVALID,
-            );
-            match p.qos {
-                QoS::AtMostOnce => {}
-                QoS::AtLeastOnce => {
-                    st.incoming_unacked.remove(&p.packet_id);
-                    protocol::encode(&Packet::PubAck(ack), self.version, &mut self.wbuf);
-                }
-                QoS::ExactlyOnce => {
-                    st.incoming_unacked.remove(&p.packet_id);
-                    protocol::encode(&Packet::PubRec(ack), self.version, &mut self.wbuf);
-                }
-            }
+            self.answer_unrouted(st, &p, reason::PAYLOAD_FORMAT_INVALID);
             return Ok(None);
         }
         Ok(Some(p))
+    }
+
+    /// Acknowledges a publish that is not routed (PUBACK / PUBREC with `code`; nothing for
+    /// QoS 0) and forgets its packet id.
+    fn answer_unrouted(&mut self, st: &mut State, p: &Publish, code: u8) {
+        let ack = crate::protocol::PubAckLike::with_reason(p.packet_id, code);
+        let packet = match p.qos {
+            QoS::AtMostOnce => return,
+            QoS::AtLeastOnce => Packet::PubAck(ack),
+            QoS::ExactlyOnce => Packet::PubRec(ack),
+        };
+        st.incoming_unacked.remove(&p.packet_id);
+        protocol::encode(&packet, self.version, &mut self.wbuf);
     }
 
     /// Writes what is buffered (bounded in time) and shuts the socket down.
