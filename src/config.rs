@@ -26,6 +26,9 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Where the SQLite store and other state live.
     pub data_dir: PathBuf,
+    /// Threads of the async runtime (connections, router, bridges, serial ports); the
+    /// store writer always has its own. 0 = one per CPU core.
+    pub worker_threads: usize,
     /// TCP listeners, `[[listener]]` tables. At least one.
     pub listener: Vec<ListenerConfig>,
     pub log: LogConfig,
@@ -215,6 +218,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("holdfast-data"),
+            worker_threads: 1,
             listener: vec![ListenerConfig::new("127.0.0.1:1883")],
             log: LogConfig::default(),
             mqtt: MqttConfig::default(),
@@ -633,6 +637,15 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("data_dir", "must not be empty"));
+        }
+        if self.worker_threads > 256 {
+            return Err(ConfigError::invalid(
+                "worker_threads",
+                format!(
+                    "must be 0 (one per CPU core) to 256 (got {})",
+                    self.worker_threads
+                ),
+            ));
         }
         if self.listener.is_empty() {
             return Err(ConfigError::invalid(

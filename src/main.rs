@@ -313,7 +313,11 @@ fn backup(file: PathBuf, config: Option<PathBuf>, force: bool) -> anyhow::Result
 fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
     let cfg = Config::load(config.as_deref())?;
     let log = holdfast::observe::init_tracing(&cfg.log)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if cfg.worker_threads > 0 {
+        builder.worker_threads(cfg.worker_threads);
+    }
+    let rt = builder
         .enable_all()
         .thread_name("holdfast")
         .build()

@@ -655,13 +655,19 @@ impl Bridge {
                 }
                 ev = up.next() => ev,
             };
-            match ev {
-                Err(e) => return End::Lost(e),
-                Ok(ev) => {
-                    if let Some(end) = self.incoming(up, link, ev).await {
-                        return end;
+            let mut ev = ev.map(Some);
+            // The rest of a burst (acks arrive many per read) without another round.
+            loop {
+                match ev {
+                    Err(e) => return End::Lost(e),
+                    Ok(None) => break,
+                    Ok(Some(ev)) => {
+                        if let Some(end) = self.incoming(up, link, ev).await {
+                            return end;
+                        }
                     }
                 }
+                ev = up.try_next();
             }
         }
     }

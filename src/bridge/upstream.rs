@@ -53,6 +53,9 @@ pub(super) trait Upstream {
     /// Waits for the next event. Cancel-safe once [`Upstream::flush`] has returned (the
     /// bridge races it with the router's output only then).
     async fn next(&mut self) -> Result<UpEvent, String>;
+    /// The next event if one is already read and decoded (no waiting, no I/O): lets the
+    /// bridge handle a burst of acknowledgements in one pass.
+    fn try_next(&mut self) -> Result<Option<UpEvent>, String>;
     /// Queues a packet (PUBLISH with the remote topic, or PUBACK/PUBREC/PUBREL/PUBCOMP) to
     /// be written by the next `flush`. `Err` if the upstream cannot take it at all (too
     /// large for its Maximum Packet Size): the caller decides what happens to the message.

@@ -26,6 +26,10 @@ pub(super) struct V311 {
     _client: AsyncClient,
     el: EventLoop,
     write_timeout: Duration,
+    keep_alive: Duration,
+    /// When the next PINGREQ is due (rumqttc's rule: one every keep-alive, whatever else
+    /// is sent; the previous one still unanswered then means the link is half-open).
+    next_ping: Instant,
 }
 
 /// Connects and waits for a successful CONNACK. `max_id` is the highest packet id the
@@ -67,10 +71,13 @@ pub(super) async fn connect(
                 maximum_qos: QoS::AtLeastOnce,
                 retain_available: true,
             };
+            let keep_alive = el.mqtt_options.keep_alive();
             let up = V311 {
                 _client: client,
                 el,
                 write_timeout: Duration::from_secs(cfg.connect_timeout_secs.max(1)),
+                keep_alive,
+                next_ping: Instant::now() + keep_alive,
             };
             Ok((up, granted))
         }
@@ -122,9 +129,79 @@ fn event(ev: Event) -> UpEvent {
     }
 }
 
+impl V311 {
+    /// Writes what rumqttc's state produced (PINGREQ, or an ack it sends by itself),
+    /// bounded in time.
+    async fn write_now(&mut self, packet: RPacket) -> Result<(), String> {
+        let Some(net) = self.el.network.as_mut() else {
+            return Err("not connected".into());
+        };
+        let work = async {
+            net.write(packet).await.map_err(|e| e.to_string())?;
+            net.flush().await.map_err(|e| e.to_string())
+        };
+        match tokio::time::timeout(self.write_timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err("writing to the upstream timed out".into()),
+        }
+    }
+}
+
 impl Upstream for V311 {
+    /// rumqttc's `EventLoop::poll` is not used once connected: per call it allocates and
+    /// arms a zero timer, polls its (unused) request channel, and returns every written
+    /// PUBLISH back as an `Outgoing` event, one more wake-up per message. This reads
+    /// through the same `Network::readb` and state machine, and keeps rumqttc's ping rule.
     async fn next(&mut self) -> Result<UpEvent, String> {
-        self.el.poll().await.map(event).map_err(|e| e.to_string())
+        loop {
+            if let Some(ev) = self.try_next()? {
+                return Ok(ev);
+            }
+            let Some(net) = self.el.network.as_mut() else {
+                return Err("not connected".into());
+            };
+            let state = &mut self.el.state;
+            tokio::select! {
+                r = net.readb(state) => {
+                    r.map_err(|e| e.to_string())?;
+                    // Anything rumqttc answered by itself (it has none to send with manual
+                    // acks and QoS 0/1, but keep its contract).
+                    let flushed = tokio::time::timeout(self.write_timeout, net.flush()).await;
+                    match flushed {
+                        Ok(r) => r.map_err(|e| e.to_string())?,
+                        Err(_) => return Err("writing to the upstream timed out".into()),
+                    }
+                }
+                _ = tokio::time::sleep_until(self.next_ping), if !self.keep_alive.is_zero() => {
+                    self.next_ping = Instant::now() + self.keep_alive;
+                    if self.el.state.await_pingresp {
+                        return Err(format!(
+                            "no PINGRESP within {} s: the link is half-open",
+                            self.keep_alive.as_secs()
+                        ));
+                    }
+                    let ping = self
+                        .el
+                        .state
+                        .handle_outgoing_packet(Request::PingReq(rumqttc::PingReq))
+                        .map_err(|e| e.to_string())?;
+                    if let Some(p) = ping {
+                        self.write_now(p).await?;
+                    }
+                    return Ok(UpEvent::Nothing);
+                }
+            }
+        }
+    }
+
+    fn try_next(&mut self) -> Result<Option<UpEvent>, String> {
+        while let Some(ev) = self.el.state.events.pop_front() {
+            // Our own writes come back as `Outgoing`: nothing for the bridge.
+            if let Event::Incoming(_) = ev {
+                return Ok(Some(event(ev)));
+            }
+        }
+        Ok(None)
     }
 
     fn queue(&mut self, packet: Packet) -> Result<(), String> {

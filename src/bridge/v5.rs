@@ -265,6 +265,14 @@ impl Upstream for V5Link {
         }
     }
 
+    fn try_next(&mut self) -> Result<Option<UpEvent>, String> {
+        match decode(&mut self.rbuf, V5, self.max_in) {
+            Ok(Some(p)) => self.event(p).map(Some),
+            Ok(None) => Ok(None),
+            Err(e) => Err(format!("bad packet from upstream: {e}")),
+        }
+    }
+
     fn queue(&mut self, packet: Packet) -> Result<(), String> {
         let len = encoded_len(&packet, V5);
         if len > self.max_out {

@@ -582,6 +582,7 @@ fn apply_group(
         apply_op(&tx, op, &mut per, now)?;
     }
     let transient = transient_rows(group);
+    let mut deletes = Deletes::default();
     for item in group {
         match item {
             Item::Batch(_, ops) => {
@@ -589,7 +590,9 @@ fn apply_group(
                     if row_of(op).is_some_and(|r| transient.contains(&r)) {
                         continue;
                     }
-                    apply_op(&tx, op, &mut per, now)?;
+                    if !deletes.defer(&tx, op, &mut per)? {
+                        apply_op(&tx, op, &mut per, now)?;
+                    }
                 }
             }
             Item::Read {
@@ -597,12 +600,128 @@ fn apply_group(
                 from_seq,
                 limit,
                 ..
-            } => reads.push(read_rows(&tx, *sid, *from_seq, *limit)),
+            } => {
+                deletes.flush(&tx, *sid, &mut per)?;
+                reads.push(read_rows(&tx, *sid, *from_seq, *limit));
+            }
         }
     }
+    deletes.flush_all(&tx, &mut per)?;
     apply_deltas(&tx, &per)?;
     tx.commit()?;
     Ok(reads)
+}
+
+/// Deletes the queue rows of `sid` with `lo <= seq <= hi` (those that exist), counting
+/// them in `per`. Two plain statements: `DELETE ... RETURNING` would build an ephemeral
+/// table for every call.
+fn delete_range(
+    tx: &rusqlite::Transaction,
+    sid: Sid,
+    lo: u64,
+    hi: u64,
+    per: &mut HashMap<Sid, Delta>,
+) -> rusqlite::Result<()> {
+    let range = params![queue_id(sid, lo), queue_id(sid, hi)];
+    let (rows, bytes): (i64, i64) = tx
+        .prepare_cached(
+            "SELECT count(*), coalesce(sum(size), 0) FROM queue WHERE id >= ?1 AND id <= ?2",
+        )?
+        .query_row(range, |r| Ok((r.get(0)?, r.get(1)?)))?;
+    if rows > 0 {
+        tx.prepare_cached("DELETE FROM queue WHERE id >= ?1 AND id <= ?2")?
+            .execute(range)?;
+        let d = per.entry(sid).or_default();
+        d.queued -= rows;
+        d.bytes -= bytes;
+    }
+    Ok(())
+}
+
+/// `Op::Delete`s of a group held back and applied as ranges of consecutive rows: an
+/// upstream or subscriber acknowledges in order, so a group's deletes of one session are
+/// usually one run, deleted by one statement instead of one per row.
+///
+/// Holding a delete back is equivalent to applying it in place as long as nothing in
+/// between can see the row: the session's deletes are applied first when a read, a
+/// `DeleteOldest` or a `DeleteSession` of that session comes, or an `Enqueue` of a row that
+/// is waiting to be deleted. Marking a row that is then deleted ends the same either way.
+#[derive(Default)]
+struct Deletes {
+    /// Per session: the seqs to delete, in submission order, and the highest of them.
+    pending: HashMap<Sid, (Vec<u64>, u64)>,
+}
+
+impl Deletes {
+    /// Holds `op` back if it is a delete (returns true); first applies what must not be
+    /// held past `op`.
+    fn defer(
+        &mut self,
+        tx: &rusqlite::Transaction,
+        op: &Op,
+        per: &mut HashMap<Sid, Delta>,
+    ) -> rusqlite::Result<bool> {
+        match op {
+            Op::Delete { sid, seq } => {
+                let (seqs, max) = self.pending.entry(*sid).or_default();
+                seqs.push(*seq);
+                *max = (*max).max(*seq);
+                return Ok(true);
+            }
+            Op::Enqueue { sid, seq, .. }
+                if self
+                    .pending
+                    .get(sid)
+                    .is_some_and(|(seqs, max)| *seq <= *max && seqs.contains(seq)) =>
+            {
+                self.flush(tx, *sid, per)?;
+            }
+            Op::DeleteOldest { sid, .. } | Op::DeleteSession { sid } => {
+                self.flush(tx, *sid, per)?
+            }
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    /// Applies the held deletes of `sid`.
+    fn flush(
+        &mut self,
+        tx: &rusqlite::Transaction,
+        sid: Sid,
+        per: &mut HashMap<Sid, Delta>,
+    ) -> rusqlite::Result<()> {
+        let Some((mut seqs, _)) = self.pending.remove(&sid) else {
+            return Ok(());
+        };
+        seqs.sort_unstable();
+        seqs.dedup();
+        let mut i = 0;
+        while i < seqs.len() {
+            let lo = seqs[i];
+            let mut hi = lo;
+            i += 1;
+            while i < seqs.len() && seqs[i] == hi + 1 {
+                hi += 1;
+                i += 1;
+            }
+            delete_range(tx, sid, lo, hi, per)?;
+        }
+        Ok(())
+    }
+
+    /// Applies every held delete.
+    fn flush_all(
+        &mut self,
+        tx: &rusqlite::Transaction,
+        per: &mut HashMap<Sid, Delta>,
+    ) -> rusqlite::Result<()> {
+        let sids: Vec<Sid> = self.pending.keys().copied().collect();
+        for sid in sids {
+            self.flush(tx, sid, per)?;
+        }
+        Ok(())
+    }
 }
 
 /// Applies ops in one transaction. Any error rolls everything back.
@@ -740,17 +859,7 @@ fn apply_op(
                 tx.prepare_cached("UPDATE queue SET state = 2 WHERE id = ?1")?
                     .execute(params![queue_id(*sid, *seq)])?;
             }
-            Op::Delete { sid, seq } => {
-                let size: Option<i64> = tx
-                    .prepare_cached("DELETE FROM queue WHERE id = ?1 RETURNING size")?
-                    .query_row(params![queue_id(*sid, *seq)], |r| r.get(0))
-                    .ok();
-                if let Some(size) = size {
-                    let d = per.entry(*sid).or_default();
-                    d.queued -= 1;
-                    d.bytes -= size;
-                }
-            }
+            Op::Delete { sid, seq } => delete_range(tx, *sid, *seq, *seq, per)?,
             Op::DeleteOldest { sid, count } => {
                 let mut st = tx.prepare_cached(
                     "DELETE FROM queue WHERE id IN (SELECT id FROM queue WHERE id >= ?1 AND id < ?2
@@ -939,6 +1048,51 @@ mod tests {
             )
             .unwrap();
         assert_eq!((queued, bytes), (1, 10), "counters match the rows");
+    }
+
+    #[test]
+    fn held_back_deletes_are_applied_as_ranges_before_anything_that_could_see_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut rx) = open(dir.path(), 0);
+        let mut ops = vec![session(1)];
+        ops.extend((0..10).map(|seq| enqueue(1, seq, 10)));
+        store.send(Command::Batch { token: 1, ops }).unwrap();
+        assert_eq!(expect_one(&mut rx), "commit 1 true");
+        let del = |seq| Op::Delete { sid: 1, seq };
+        // 0 and 3..=5 and 9 are deleted (two runs and a single row, out of order); the
+        // oldest unsent row is then 1, which the trim must drop (not 0, already deleted);
+        // row 2 is deleted and then enqueued again, so it must exist at the end.
+        let ops = vec![
+            del(5),
+            del(3),
+            del(0),
+            del(4),
+            del(9),
+            del(42),
+            Op::DeleteOldest { sid: 1, count: 1 },
+            del(2),
+            enqueue(1, 2, 20),
+            del(7),
+        ];
+        store.send(Command::Batch { token: 2, ops }).unwrap();
+        assert_eq!(expect_one(&mut rx), "commit 2 true");
+        store.send(read(1)).unwrap();
+        match rx.blocking_recv().expect("rows") {
+            StoreEvent::QueueRows { rows, .. } => {
+                let seqs: Vec<u64> = rows.iter().map(|r| r.seq).collect();
+                assert_eq!(seqs, vec![2, 6, 8]);
+            }
+            _ => panic!("expected queue rows"),
+        }
+        let db = Connection::open(dir.path().join("holdfast.db")).unwrap();
+        let counters: (i64, i64, i64) = db
+            .query_row(
+                "SELECT queued, queued_bytes, dropped FROM session WHERE sid = 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(counters, (3, 40, 1), "counters match the rows");
     }
 
     #[test]
