@@ -10,9 +10,10 @@
 //!   window, reconnects and (for durable sessions) restarts;
 //! - an in-flight message is removed only on PUBACK / PUBCOMP (or a PUBREC with an error
 //!   reason), or when the whole session ends;
-//! - durable sessions keep at most `MEM_QUEUE` queued messages in memory, and none while
-//!   offline: `queue` is always a prefix of the queue, and everything from `spilled_from`
-//!   on is on disk only. Memory does not grow with the number of queued messages.
+//! - durable sessions keep at most `MEM_QUEUE` (internal ones `MEM_QUEUE_INTERNAL`) queued
+//!   messages in memory, and none while offline: `queue` is always a prefix of the queue,
+//!   and everything from `spilled_from` on is on disk only. Memory does not grow with the
+//!   number of queued messages.
 //!
 //! The session is owned by the router task; nothing here is shared or locked.
 
@@ -27,6 +28,10 @@ use crate::protocol::{Packet, ProtocolVersion, Publish, Will};
 
 /// Queued messages a durable session keeps in memory (the rest stay on disk).
 pub const MEM_QUEUE: usize = 256;
+/// The same for an internal session (a bridge outbox): there are only a few, and when the
+/// upstream is a little slower than the local publishers for a while, a longer window
+/// keeps the outbox from reading back from disk what it wrote a moment ago.
+pub const MEM_QUEUE_INTERNAL: usize = 4096;
 
 /// Where an outgoing QoS 1/2 message stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -236,13 +241,25 @@ impl Session {
             // Smallest free id: one pass to mark the ids in use (ids above the window cannot
             // be the smallest free one), one to find the first gap.
             let n = self.inflight.len() + 1;
-            let mut used = vec![false; n + 1];
+            // A bit per id 1..=n, on the stack for the usual windows (this runs for every
+            // message a bridge outbox sends).
+            let mut small = [0u64; 4];
+            let mut large = Vec::new();
+            let used: &mut [u64] = if n < 256 {
+                &mut small
+            } else {
+                large.resize(n / 64 + 1, 0u64);
+                &mut large
+            };
             for m in &self.inflight {
-                if let Some(u) = used.get_mut(usize::from(m.packet_id)) {
-                    *u = true;
+                let id = usize::from(m.packet_id);
+                if id <= n {
+                    used[id / 64] |= 1 << (id % 64);
                 }
             }
-            let free = (1..=n).find(|&i| !used[i]).unwrap_or(n);
+            let free = (1..=n)
+                .find(|&i| used[i / 64] & (1 << (i % 64)) == 0)
+                .unwrap_or(n);
             return free as u16;
         }
         loop {
@@ -274,11 +291,22 @@ impl Session {
         self.queue_len += 1;
         self.queued_bytes += q.message.publish.payload.len() as u64;
         let in_memory = !self.durable
-            || (self.spilled_from.is_none() && self.is_online() && self.queue.len() < MEM_QUEUE);
+            || (self.spilled_from.is_none()
+                && self.is_online()
+                && self.queue.len() < self.mem_queue());
         if in_memory {
             self.queue.push_back(q);
         } else if self.spilled_from.is_none() {
             self.spilled_from = Some(q.seq);
+        }
+    }
+
+    /// Most queued messages kept in memory.
+    fn mem_queue(&self) -> usize {
+        if self.internal {
+            MEM_QUEUE_INTERNAL
+        } else {
+            MEM_QUEUE
         }
     }
 
@@ -318,5 +346,49 @@ pub fn split_share(full: &str) -> (String, Option<String>) {
     match crate::protocol::topic::parse_shared(full) {
         Ok(Some((group, filter))) => (filter.to_string(), Some(group.to_string())),
         _ => (full.to_string(), None),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inflight(packet_id: u16) -> Inflight {
+        Inflight {
+            packet_id,
+            seq: u64::from(packet_id),
+            state: InflightState::AwaitingAck,
+            message: Message {
+                publish: Publish::default(),
+                expires_at: None,
+            },
+        }
+    }
+
+    #[test]
+    fn compact_packet_ids_are_the_smallest_free_one_for_any_window() {
+        let params = ClientParams {
+            protocol: ProtocolVersion::V311,
+            window: 1000,
+            max_packet_size: u32::MAX,
+            compact_packet_ids: true,
+        };
+        let mut s = Session::new(1, Arc::from("bridge"), params, true);
+        assert_eq!(s.allocate_packet_id(), 1);
+        // 1..=600 in flight except 7 and 300: 7 first, then 300, then 601.
+        s.inflight = (1..=600)
+            .filter(|id| *id != 7 && *id != 300)
+            .map(inflight)
+            .collect();
+        assert_eq!(s.allocate_packet_id(), 7);
+        s.inflight.push_back(inflight(7));
+        assert_eq!(s.allocate_packet_id(), 300);
+        s.inflight.push_back(inflight(300));
+        assert_eq!(s.allocate_packet_id(), 601);
+        // A small window (the stack bitset), with ids acked out of order.
+        s.inflight = [1, 2, 4, 5, 63, 64].into_iter().map(inflight).collect();
+        assert_eq!(s.allocate_packet_id(), 3);
+        s.inflight = (1..=70).map(inflight).collect();
+        assert_eq!(s.allocate_packet_id(), 71);
     }
 }
