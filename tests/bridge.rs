@@ -400,3 +400,69 @@ async fn sighup_reloads_bridge_drain_limits() {
     gw.sigterm().await;
     up.shutdown().await;
 }
+
+/// A QoS 1 message whose only durable copy would be the bridge outbox row is acknowledged
+/// to its publisher as soon as the upstream accepted it, even while the local store cannot
+/// commit (here: locked by another connection); one that a durable local session also
+/// needs still waits for the local commit.
+#[tokio::test]
+async fn a_message_the_upstream_accepted_is_acknowledged_before_the_local_commit() {
+    let up = start_broker(|_| {}).await;
+    let mut cloud_sub = RawClient::connect(up.addr, ProtocolVersion::V311, "cloud-sub").await;
+    cloud_sub.subscribe("site/#", QoS::AtLeastOnce).await;
+    let up_addr = up.addr;
+    let gw = start_broker(|c| c.bridge = vec![bridge_to(up_addr)]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut sensor = RawClient::connect(gw.addr, ProtocolVersion::V311, "sensor").await;
+    publish_acked(&mut sensor, "sensors/warm-up", b"0", 1).await;
+    let p = cloud_sub.recv_publish().await;
+    cloud_sub.puback(p.packet_id).await;
+
+    let db = rusqlite::Connection::open(gw.dir.path().join("holdfast.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    sensor
+        .publish("sensors/a", b"only-upstream", QoS::AtLeastOnce, 2)
+        .await;
+    match sensor.recv_timeout(Duration::from_secs(3)).await {
+        Ok(Some(Packet::PubAck(a))) => assert_eq!((a.packet_id, a.reason_code), (2, 0)),
+        other => panic!("expected the PUBACK while the store is locked, got {other:?}"),
+    }
+    let p = cloud_sub.recv_publish().await;
+    assert_eq!(&p.payload[..], b"only-upstream");
+    cloud_sub.puback(p.packet_id).await;
+    db.execute_batch("COMMIT").unwrap();
+
+    // A durable local subscriber needs its own copy on disk: no PUBACK until the commit,
+    // and the next message's PUBACK (upstream only) does not overtake it (MQTT-4.6.0-2).
+    let (mut durable, _) = RawClient::connect_with(
+        gw.addr,
+        connect_packet(ProtocolVersion::V311, "durable-sub", false),
+    )
+    .await;
+    durable.subscribe("sensors/b", QoS::AtLeastOnce).await;
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    sensor
+        .publish("sensors/b", b"also-local", QoS::AtLeastOnce, 3)
+        .await;
+    sensor
+        .publish("sensors/c", b"only-upstream-2", QoS::AtLeastOnce, 4)
+        .await;
+    let p = cloud_sub.recv_publish().await;
+    assert_eq!(&p.payload[..], b"also-local");
+    cloud_sub.puback(p.packet_id).await;
+    let p = cloud_sub.recv_publish().await;
+    assert_eq!(&p.payload[..], b"only-upstream-2");
+    cloud_sub.puback(p.packet_id).await;
+    sensor.expect_silence(Duration::from_millis(1000)).await;
+    db.execute_batch("COMMIT").unwrap();
+    for id in [3, 4] {
+        match sensor.recv_timeout(Duration::from_secs(5)).await {
+            Ok(Some(Packet::PubAck(a))) => assert_eq!((a.packet_id, a.reason_code), (id, 0)),
+            other => panic!("expected PUBACK {id} after the commit, got {other:?}"),
+        }
+    }
+    let p = durable.recv_publish().await;
+    assert_eq!(&p.payload[..], b"also-local");
+    gw.shutdown().await;
+    up.shutdown().await;
+}

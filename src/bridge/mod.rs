@@ -746,6 +746,8 @@ impl Bridge {
                     link.emulated.remove(&upstream_id);
                 }
                 self.to_router(match kind {
+                    // Accepted by the upstream (the next hop holds it now).
+                    AckKind::Ack if reason < 0x80 => RouterEvent::UpstreamAck { conn, packet_id },
                     AckKind::Ack => RouterEvent::PubAck { conn, packet_id },
                     AckKind::Rec => RouterEvent::PubRec {
                         conn,

@@ -58,6 +58,10 @@ pub(super) async fn connect(
     let (client, mut el) = AsyncClient::new(opts, 1);
     el.network_options
         .set_connection_timeout(cfg.connect_timeout_secs.max(1));
+    // rumqttc leaves Nagle on: a batch written while earlier bytes wait for their TCP ack
+    // would wait for that ack. Every flush here is a whole batch already (as on the MQTT 5
+    // link, which sets it too).
+    el.network_options.set_tcp_nodelay(true);
     match el.poll().await {
         Ok(Event::Incoming(RPacket::ConnAck(ack)))
             if ack.code == rumqttc::ConnectReturnCode::Success =>

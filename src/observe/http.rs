@@ -297,6 +297,13 @@ pub fn render(s: &Snapshot, health: Health) -> String {
             "QoS 1/2 messages refused because their commit failed (disk full, budget).",
             &one(r.stats.refused_store_failure),
         );
+        family(
+            &mut o,
+            "holdfast_messages_acked_by_upstream_total",
+            "counter",
+            "QoS 1 publishes acknowledged when a bridge's upstream accepted them, before their outbox row was committed.",
+            &one(r.stats.acked_by_upstream),
+        );
     }
     family(
         &mut o,

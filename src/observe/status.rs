@@ -29,6 +29,7 @@ pub async fn json(observer: &Observer) -> Value {
                 "sent": r.stats.publishes_out,
                 "retained": r.retained,
                 "refused_store_failure": r.stats.refused_store_failure,
+                "acked_by_upstream": r.stats.acked_by_upstream,
                 "dropped": dropped,
             },
             "sessions_expired": r.stats.sessions_expired,

@@ -113,6 +113,14 @@ pub enum RouterEvent {
         conn: ConnId,
         packet_id: u16,
     },
+    /// A bridge outbox's QoS 1 message that the upstream broker accepted (PUBACK with a
+    /// success code, at QoS 1): as `PubAck`, and the next hop now holds the message, so a
+    /// publisher acknowledgement waiting only for the outbox's copy to be stored may go
+    /// (see `Router::early`).
+    UpstreamAck {
+        conn: ConnId,
+        packet_id: u16,
+    },
     PubRec {
         conn: ConnId,
         packet_id: u16,
@@ -209,6 +217,9 @@ pub struct RouterStats {
     pub refused_store_failure: u64,
     pub expired: u64,
     pub sessions_expired: u64,
+    /// Publisher PUBACKs sent when a bridge's upstream accepted the message, before its
+    /// outbox row was committed (the message's only durable copy would have been that row).
+    pub acked_by_upstream: u64,
 }
 
 /// The router's figures at one moment (`RouterEvent::Stats`).
@@ -285,6 +296,14 @@ pub struct Router {
     failed: std::collections::HashSet<u64>,
     /// Set by `route` when the publisher's acknowledgement must wait for a slow queue.
     route_gated: bool,
+    /// QoS 1 messages whose only durable copy is a bridge outbox row not committed yet:
+    /// (outbox session, seq) → (publisher session, its packet id, the token its PUBACK
+    /// waits for). When the upstream accepts the message first, the PUBACK need not wait
+    /// for the commit: the message is safe at the next hop (and the writer then skips the
+    /// row altogether, see `store::writer::transient_rows`). Pruned as tokens commit.
+    early: HashMap<(SessionId, u64), (SessionId, u16, u64)>,
+    /// The keys of `early` in token order, for pruning.
+    early_order: std::collections::VecDeque<(u64, (SessionId, u64))>,
     pub stats: RouterStats,
 }
 
@@ -320,6 +339,8 @@ impl Router {
             completed: 0,
             failed: std::collections::HashSet::new(),
             route_gated: false,
+            early: HashMap::new(),
+            early_order: std::collections::VecDeque::new(),
             stats: RouterStats::default(),
         };
         r.recover(recovered);
@@ -608,6 +629,7 @@ impl Router {
             RouterEvent::PubAck { conn, packet_id } => {
                 self.on_ack(conn, packet_id, InflightState::AwaitingAck)
             }
+            RouterEvent::UpstreamAck { conn, packet_id } => self.on_upstream_ack(conn, packet_id),
             RouterEvent::PubRec {
                 conn,
                 packet_id,

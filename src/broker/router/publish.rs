@@ -62,7 +62,23 @@ impl Router {
         let mut token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
         if gated {
             token |= GATE_BIT;
+        } else if qos == QoS::AtLeastOnce && token != 0 && code == reason::SUCCESS {
+            // The only durable op of this publish is one bridge outbox row: its PUBACK may
+            // go as soon as the upstream accepts the message, if that comes first.
+            if let [Op::Enqueue {
+                sid: outbox, seq, ..
+            }] = &self.ops[self.event_ops_start..]
+            {
+                let (outbox, seq) = (*outbox, *seq);
+                if self.sessions.get(&outbox).is_some_and(|o| o.internal) {
+                    self.early.insert((outbox, seq), (sid, packet_id, token));
+                    self.early_order.push_back((token, (outbox, seq)));
+                }
+            }
         }
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         let item = Held::PubAck {
             packet_id,
             qos2: qos == QoS::ExactlyOnce,
@@ -112,6 +128,41 @@ impl Router {
                 }
                 self.pump(sid);
             }
+        }
+    }
+
+    /// The upstream accepted outbox message `packet_id`: completes it as a PUBACK, and
+    /// releases the publisher's PUBACK if it waited only for this message's row.
+    pub(super) fn on_upstream_ack(&mut self, conn: ConnId, packet_id: u16) {
+        let seq = self
+            .by_conn
+            .get(&conn)
+            .and_then(|sid| self.sessions.get(sid).map(|s| (*sid, s)))
+            .and_then(|(sid, s)| {
+                let i = s.inflight_position(packet_id)?;
+                (s.inflight[i].state == InflightState::AwaitingAck)
+                    .then(|| (sid, s.inflight[i].seq))
+            });
+        self.on_ack(conn, packet_id, InflightState::AwaitingAck);
+        let Some(key) = seq else {
+            return;
+        };
+        let Some((publisher, publisher_id, token)) = self.early.remove(&key) else {
+            return;
+        };
+        if token <= self.completed {
+            return; // committed meanwhile: released already
+        }
+        let Some(s) = self.sessions.get_mut(&publisher) else {
+            return;
+        };
+        let waiting = s.held.iter_mut().find(|(t, item)| {
+            *t == token && matches!(item, Held::PubAck { packet_id, qos2: false, .. } if *packet_id == publisher_id)
+        });
+        if let Some((t, _)) = waiting {
+            *t = 0;
+            self.stats.acked_by_upstream += 1;
+            flush_held(s, self.completed, &self.failed, &mut self.stats);
         }
     }
 

@@ -70,6 +70,15 @@ impl Router {
 
     pub(super) fn on_committed(&mut self, token: u64, ok: bool) {
         self.completed = self.completed.max(token);
+        while let Some(&(t, key)) = self.early_order.front() {
+            if t > self.completed {
+                break;
+            }
+            self.early_order.pop_front();
+            if self.early.get(&key).is_some_and(|e| e.2 == t) {
+                self.early.remove(&key);
+            }
+        }
         if !ok {
             self.failed.insert(token);
         }
