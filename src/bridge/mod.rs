@@ -281,7 +281,15 @@ struct Bridge {
     tls: Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>,
     /// Current drain limits (changed on SIGHUP).
     rates: tokio::sync::watch::Receiver<Rates>,
+    /// Messages sent / acknowledged / received since the counts were last added to the
+    /// status (once per pass of the pump, not a lock per message).
+    counts: [std::sync::atomic::AtomicU64; 3],
 }
+
+/// Indices into `Bridge::counts`.
+const SENT: usize = 0;
+const ACKED: usize = 1;
+const RECEIVED: usize = 2;
 
 impl Bridge {
     fn new(
@@ -331,13 +339,32 @@ impl Bridge {
             inbound,
             tls: None,
             rates,
+            counts: Default::default(),
+        }
+    }
+
+    fn count(&self, which: usize) {
+        self.counts[which].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Adds the pending counts to the status.
+    fn publish_counts(&self) {
+        let [sent, acked, received] = self.counts.each_ref().map(|c| c.swap(0, Ordering::Relaxed));
+        if sent + acked + received > 0 {
+            self.status(|st| {
+                st.sent += sent;
+                st.acked += acked;
+                st.received += received;
+            });
         }
     }
 
     fn status(&self, f: impl FnOnce(&mut BridgeStatus)) {
         if let Ok(mut all) = self.shared.bridges.lock() {
-            let st = all.entry(self.cfg.name.clone()).or_default();
-            f(st);
+            match all.get_mut(&self.cfg.name) {
+                Some(st) => f(st),
+                None => f(all.entry(self.cfg.name.clone()).or_default()),
+            }
         }
     }
 
@@ -585,6 +612,7 @@ impl Bridge {
             emulated: HashMap::new(),
         };
         let end = self.pump(up, &mut link, &mut receivers, early).await;
+        self.publish_counts();
         for c in &link.classes {
             let _ = router
                 .send(RouterEvent::Disconnected {
@@ -631,6 +659,7 @@ impl Bridge {
             if let Err(e) = up.flush().await {
                 return End::Lost(e);
             }
+            self.publish_counts();
             let recheck = link.recheck_at().filter(|t| *t > Instant::now());
             // Everything is written: `next` may be cancelled here.
             let ev = tokio::select! {
@@ -707,7 +736,7 @@ impl Bridge {
             UpEvent::Nothing => None,
             UpEvent::Disconnect(why) => Some(End::Lost(why)),
             UpEvent::Publish(p) => {
-                self.status(|st| st.received += 1);
+                self.count(RECEIVED);
                 self.downlink(up, link, p).await
             }
             UpEvent::Release(packet_id) => {
@@ -731,7 +760,7 @@ impl Bridge {
                     warn!(bridge = %self.cfg.name, packet_id, reason = format!("{reason:#04x}"), "the upstream refused a message (v5 reason code); it is removed from the outbox and counted as rejected");
                     self.status(|st| st.rejected += 1);
                 } else if done {
-                    self.status(|st| st.acked += 1);
+                    self.count(ACKED);
                 }
                 if done {
                     let c = &mut link.classes[k];
@@ -909,7 +938,7 @@ impl Bridge {
                 None => Ok(0),
             };
         }
-        self.status(|st| st.sent += 1);
+        self.count(SENT);
         if sent_qos != QoS::AtMostOnce {
             link.classes[k].in_flight += 1;
         }

@@ -74,3 +74,17 @@ pub(super) trait Upstream {
     /// Ends the session politely (DISCONNECT, session kept upstream), best effort.
     async fn close(&mut self);
 }
+
+/// Runs `work` bounded by `limit` (`None` if it took longer), without arming a timer when
+/// it completes at once, the usual case for a write the socket takes whole: a timer per
+/// flush is a clock read and a timer-wheel entry per batch.
+pub(super) async fn bounded<T>(
+    limit: Duration,
+    work: impl std::future::Future<Output = T>,
+) -> Option<T> {
+    let mut work = std::pin::pin!(work);
+    if let Some(r) = futures_util::FutureExt::now_or_never(work.as_mut()) {
+        return Some(r);
+    }
+    tokio::time::timeout(limit, work).await.ok()
+}

@@ -17,7 +17,7 @@ use rumqttc::{
 };
 use tokio::time::Instant;
 
-use super::upstream::{AckKind, Granted, UpEvent, Upstream};
+use super::upstream::{bounded, AckKind, Granted, UpEvent, Upstream};
 use super::BridgeConfig;
 use crate::protocol::{Packet, Publish, QoS, SubscribeFilter};
 
@@ -144,10 +144,9 @@ impl V311 {
             net.write(packet).await.map_err(|e| e.to_string())?;
             net.flush().await.map_err(|e| e.to_string())
         };
-        match tokio::time::timeout(self.write_timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err("writing to the upstream timed out".into()),
-        }
+        bounded(self.write_timeout, work)
+            .await
+            .unwrap_or_else(|| Err("writing to the upstream timed out".into()))
     }
 }
 
@@ -170,10 +169,9 @@ impl Upstream for V311 {
                     r.map_err(|e| e.to_string())?;
                     // Anything rumqttc answered by itself (it has none to send with manual
                     // acks and QoS 0/1, but keep its contract).
-                    let flushed = tokio::time::timeout(self.write_timeout, net.flush()).await;
-                    match flushed {
-                        Ok(r) => r.map_err(|e| e.to_string())?,
-                        Err(_) => return Err("writing to the upstream timed out".into()),
+                    match bounded(self.write_timeout, net.flush()).await {
+                        Some(r) => r.map_err(|e| e.to_string())?,
+                        None => return Err("writing to the upstream timed out".into()),
                     }
                 }
                 _ = tokio::time::sleep_until(self.next_ping), if !self.keep_alive.is_zero() => {
@@ -249,10 +247,9 @@ impl Upstream for V311 {
             }
             net.flush().await.map_err(|e| e.to_string())
         };
-        match tokio::time::timeout(self.write_timeout, work).await {
-            Ok(r) => r,
-            Err(_) => Err("writing to the upstream timed out".into()),
-        }
+        bounded(self.write_timeout, work)
+            .await
+            .unwrap_or_else(|| Err("writing to the upstream timed out".into()))
     }
 
     async fn subscribe(

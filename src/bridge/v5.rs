@@ -296,10 +296,10 @@ impl Upstream for V5Link {
             io.write_all(buf).await?;
             io.flush().await
         };
-        let r = match tokio::time::timeout(self.write_timeout, work).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(format!("writing to upstream: {e}")),
-            Err(_) => Err("writing to the upstream timed out".into()),
+        let r = match super::upstream::bounded(self.write_timeout, work).await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(e)) => Err(format!("writing to upstream: {e}")),
+            None => Err("writing to the upstream timed out".into()),
         };
         self.wbuf.clear();
         r
