@@ -466,3 +466,40 @@ async fn a_message_the_upstream_accepted_is_acknowledged_before_the_local_commit
     gw.shutdown().await;
     up.shutdown().await;
 }
+
+/// The outbox's bookkeeping that nothing waits for (deletes of messages the upstream
+/// acknowledged) may ride along with a later commit, but reaches the disk within a bounded
+/// time even when nothing else happens.
+#[tokio::test]
+async fn acknowledged_outbox_rows_are_deleted_from_disk_soon_when_idle() {
+    let up = start_broker(|_| {}).await;
+    let mut cloud_sub = RawClient::connect(up.addr, ProtocolVersion::V311, "cloud-sub").await;
+    cloud_sub.subscribe("site/#", QoS::AtLeastOnce).await;
+    let up_addr = up.addr;
+    let gw = start_broker(|c| c.bridge = vec![bridge_to(up_addr)]).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut sensor = RawClient::connect(gw.addr, ProtocolVersion::V311, "sensor").await;
+    for i in 0..20u16 {
+        publish_acked(&mut sensor, "sensors/t", &i.to_be_bytes(), i + 1).await;
+    }
+    for _ in 0..20 {
+        let p = cloud_sub.recv_publish().await;
+        cloud_sub.puback(p.packet_id).await;
+    }
+    let db = rusqlite::Connection::open(gw.dir.path().join("holdfast.db")).unwrap();
+    let rows = || -> i64 {
+        db.query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
+            .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while rows() > 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} acknowledged outbox rows still on disk",
+            rows()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    gw.shutdown().await;
+    up.shutdown().await;
+}

@@ -302,6 +302,9 @@ pub struct Router {
     /// for the commit: the message is safe at the next hop (and the writer then skips the
     /// row altogether, see `store::writer::transient_rows`). Pruned as tokens commit.
     early: HashMap<(SessionId, u64), (SessionId, u16, u64)>,
+    /// Set while `ops` holds only bridge outbox bookkeeping that nothing waits for (see
+    /// `submit_unless_lazy`): when it must be submitted at the latest.
+    lazy_until: Option<Instant>,
     /// The keys of `early` in token order, for pruning.
     early_order: std::collections::VecDeque<(u64, (SessionId, u64))>,
     pub stats: RouterStats,
@@ -340,6 +343,7 @@ impl Router {
             failed: std::collections::HashSet::new(),
             route_gated: false,
             early: HashMap::new(),
+            lazy_until: None,
             early_order: std::collections::VecDeque::new(),
             stats: RouterStats::default(),
         };
@@ -585,7 +589,7 @@ impl Router {
                         self.event_ops_start = self.ops.len();
                         self.handle(ev);
                     }
-                    self.submit();
+                    self.submit_unless_lazy();
                 }
                 ev = self.store_rx.recv() => {
                     let Some(ev) = ev else {
@@ -598,13 +602,14 @@ impl Router {
                         self.event_ops_start = self.ops.len();
                         self.on_store_event(ev);
                     }
-                    self.submit();
+                    self.submit_unless_lazy();
                 }
                 _ = sleep_until_opt(next_timer) => {
                     self.event_ops_start = self.ops.len();
                     self.fire_timers();
                     self.submit();
                 }
+                _ = sleep_until_opt(self.lazy_until) => self.submit(),
                 _ = sweep.tick() => self.sweep(),
             }
         }

@@ -4,9 +4,39 @@
 
 use super::*;
 
+/// Longest time bridge outbox bookkeeping waits for a commit to ride along with.
+const LAZY_SUBMIT: Duration = Duration::from_millis(20);
+/// Most such ops held back at once.
+const LAZY_MAX_OPS: usize = 4096;
+
 impl Router {
+    /// Like [`Router::submit`], unless the collected ops are only bridge outbox
+    /// bookkeeping that no acknowledgement waits for: rows the upstream acknowledged
+    /// (deletes) and QoS 1 rows marked as sent. Those ride along with the next commit that
+    /// something waits for, or go within `LAZY_SUBMIT` (one fsync less per acknowledgement
+    /// burst). Nothing accepted depends on them: after a crash in between, such a message is
+    /// sent upstream once more, as a QoS 1 duplicate.
+    pub(super) fn submit_unless_lazy(&mut self) {
+        let lazy = !self.ops.is_empty()
+            && self.ops.len() < LAZY_MAX_OPS
+            && self.cur.sids.is_empty()
+            && self.cur.enqueued.is_empty()
+            && self.ops.iter().all(|op| match op {
+                Op::Delete { sid, .. } | Op::MarkSent { sid, .. } => {
+                    self.sessions.get(sid).is_some_and(|s| s.internal)
+                }
+                _ => false,
+            });
+        if !lazy {
+            self.submit();
+        } else if self.lazy_until.is_none() {
+            self.lazy_until = Some(Instant::now() + LAZY_SUBMIT);
+        }
+    }
+
     /// Sends the collected ops to the writer as one token.
     pub(super) fn submit(&mut self) {
+        self.lazy_until = None;
         if self.ops.is_empty() {
             return;
         }
