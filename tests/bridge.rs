@@ -401,19 +401,26 @@ async fn sighup_reloads_bridge_drain_limits() {
     up.shutdown().await;
 }
 
-/// A QoS 1 message whose only durable copy would be the bridge outbox row is acknowledged
-/// to its publisher as soon as the upstream accepted it, even while the local store cannot
-/// commit (here: locked by another connection); one that a durable local session also
-/// needs still waits for the local commit.
-#[tokio::test]
-async fn a_message_the_upstream_accepted_is_acknowledged_before_the_local_commit() {
+/// An upstream Holdfast with a cloud subscriber on `site/#`, a gateway bridged to it (given
+/// a moment to connect), and a sensor connected to the gateway.
+async fn bridged_gateway() -> (TestBroker, RawClient, TestBroker, RawClient) {
     let up = start_broker(|_| {}).await;
     let mut cloud_sub = RawClient::connect(up.addr, ProtocolVersion::V311, "cloud-sub").await;
     cloud_sub.subscribe("site/#", QoS::AtLeastOnce).await;
     let up_addr = up.addr;
     let gw = start_broker(|c| c.bridge = vec![bridge_to(up_addr)]).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut sensor = RawClient::connect(gw.addr, ProtocolVersion::V311, "sensor").await;
+    let sensor = RawClient::connect(gw.addr, ProtocolVersion::V311, "sensor").await;
+    (up, cloud_sub, gw, sensor)
+}
+
+/// A QoS 1 message whose only durable copy would be the bridge outbox row is acknowledged
+/// to its publisher as soon as the upstream accepted it, even while the local store cannot
+/// commit (here: locked by another connection); one that a durable local session also
+/// needs still waits for the local commit.
+#[tokio::test]
+async fn a_message_the_upstream_accepted_is_acknowledged_before_the_local_commit() {
+    let (up, mut cloud_sub, gw, mut sensor) = bridged_gateway().await;
     publish_acked(&mut sensor, "sensors/warm-up", b"0", 1).await;
     let p = cloud_sub.recv_publish().await;
     cloud_sub.puback(p.packet_id).await;
@@ -472,13 +479,7 @@ async fn a_message_the_upstream_accepted_is_acknowledged_before_the_local_commit
 /// time even when nothing else happens.
 #[tokio::test]
 async fn acknowledged_outbox_rows_are_deleted_from_disk_soon_when_idle() {
-    let up = start_broker(|_| {}).await;
-    let mut cloud_sub = RawClient::connect(up.addr, ProtocolVersion::V311, "cloud-sub").await;
-    cloud_sub.subscribe("site/#", QoS::AtLeastOnce).await;
-    let up_addr = up.addr;
-    let gw = start_broker(|c| c.bridge = vec![bridge_to(up_addr)]).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let mut sensor = RawClient::connect(gw.addr, ProtocolVersion::V311, "sensor").await;
+    let (up, mut cloud_sub, gw, mut sensor) = bridged_gateway().await;
     for i in 0..20u16 {
         publish_acked(&mut sensor, "sensors/t", &i.to_be_bytes(), i + 1).await;
     }
