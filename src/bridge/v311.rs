@@ -133,23 +133,6 @@ fn event(ev: Event) -> UpEvent {
     }
 }
 
-impl V311 {
-    /// Writes what rumqttc's state produced (PINGREQ, or an ack it sends by itself),
-    /// bounded in time.
-    async fn write_now(&mut self, packet: RPacket) -> Result<(), String> {
-        let Some(net) = self.el.network.as_mut() else {
-            return Err("not connected".into());
-        };
-        let work = async {
-            net.write(packet).await.map_err(|e| e.to_string())?;
-            net.flush().await.map_err(|e| e.to_string())
-        };
-        bounded(self.write_timeout, work)
-            .await
-            .unwrap_or_else(|| Err("writing to the upstream timed out".into()))
-    }
-}
-
 impl Upstream for V311 {
     /// rumqttc's `EventLoop::poll` is not used once connected: per call it allocates and
     /// arms a zero timer, polls its (unused) request channel, and returns every written
@@ -182,14 +165,9 @@ impl Upstream for V311 {
                             self.keep_alive.as_secs()
                         ));
                     }
-                    let ping = self
-                        .el
-                        .state
-                        .handle_outgoing_packet(Request::PingReq(rumqttc::PingReq))
-                        .map_err(|e| e.to_string())?;
-                    if let Some(p) = ping {
-                        self.write_now(p).await?;
-                    }
+                    // Written by the flush that follows `Nothing`, through rumqttc's state
+                    // (which then expects the PINGRESP).
+                    self.el.pending.push_back(Request::PingReq(rumqttc::PingReq));
                     return Ok(UpEvent::Nothing);
                 }
             }
