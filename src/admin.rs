@@ -61,7 +61,7 @@ use tracing::{debug, info, warn};
 
 use crate::broker::router::RouterEvent;
 use crate::protocol::{self, Packet, ProtocolVersion, Publish};
-use crate::store::{db_path, queue_id, schema, split_queue_id};
+use crate::store::{db_path, queue_range, schema, split_queue_id};
 
 /// File name of the admin socket inside the data directory.
 pub const SOCKET_NAME: &str = "holdfast.sock";
@@ -598,11 +598,11 @@ fn summary_from_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Resul
     let sid: i64 = r.get(0)?;
     let expiry: i64 = r.get(3)?;
     let disconnected_at: Option<i64> = r.get(4)?;
-    let (lo, hi) = (queue_id(sid as u64, 0), queue_id(sid as u64 + 1, 0));
+    let (lo, hi) = queue_range(sid as u64);
     let (queued, bytes, inflight): (i64, i64, i64) = conn
         .prepare_cached(
             "SELECT count(*), coalesce(sum(size), 0), coalesce(sum(state >= 1), 0)
-             FROM queue WHERE id >= ?1 AND id < ?2",
+             FROM queue WHERE id BETWEEN ?1 AND ?2",
         )?
         .query_row(params![lo, hi], |q| Ok((q.get(0)?, q.get(1)?, q.get(2)?)))?;
     let subscriptions: i64 = conn
@@ -695,10 +695,10 @@ fn read_detail(
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    let (lo, hi) = (queue_id(sid as u64, 0), queue_id(sid as u64 + 1, 0));
+    let (lo, hi) = queue_range(sid as u64);
     let mut st = conn.prepare(
         "SELECT id, state, packet_id, expires_at, size, packet FROM queue
-         WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT ?3",
+         WHERE id BETWEEN ?1 AND ?2 ORDER BY id LIMIT ?3",
     )?;
     let queue = st
         .query_map(params![lo, hi, queue_limit], |r| {
@@ -1003,10 +1003,9 @@ pub fn oldest_enqueued(db: &Path, client_id: &str) -> Option<i64> {
             |r| r.get(0),
         )
         .ok()?;
-    let lo = sid << crate::store::SEQ_BITS;
-    let hi = (sid + 1) << crate::store::SEQ_BITS;
+    let (lo, hi) = crate::store::queue_range(sid as u64);
     conn.query_row(
-        "SELECT enqueued_at FROM queue WHERE id >= ?1 AND id < ?2 ORDER BY id LIMIT 1",
+        "SELECT enqueued_at FROM queue WHERE id BETWEEN ?1 AND ?2 ORDER BY id LIMIT 1",
         [lo, hi],
         |r| r.get::<_, Option<i64>>(0),
     )
@@ -1177,11 +1176,11 @@ fn drop_offline(data_dir: &Path, client_id: &str) -> anyhow::Result<DropOutcome>
                 broker_running: false,
             });
         };
-        let (lo, hi) = (queue_id(sid as u64, 0), queue_id(sid as u64 + 1, 0));
+        let (lo, hi) = queue_range(sid as u64);
         tx.execute("DELETE FROM session WHERE sid = ?1", [sid])?;
         tx.execute("DELETE FROM subscription WHERE sid = ?1", [sid])?;
         tx.execute("DELETE FROM incoming_qos2 WHERE sid = ?1", [sid])?;
-        let queued = tx.execute("DELETE FROM queue WHERE id >= ?1 AND id < ?2", [lo, hi])?;
+        let queued = tx.execute("DELETE FROM queue WHERE id BETWEEN ?1 AND ?2", [lo, hi])?;
         tx.commit()?;
         Ok(DropOutcome::DeletedOffline {
             queued: queued as u64,

@@ -8,11 +8,11 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use super::{
-    configure, queue_id, schema, split_queue_id, unix_ms, OnCorrupt, QueueRow, Sid, StoreError,
-    StoreOptions, StoredWill,
+    configure, queue_range, schema, split_queue_id, unix_ms, OnCorrupt, QueueRow, Sid, StoreError,
+    StoreOptions, StoredWill, MAX_SEQ, MAX_SID, SEQ_BITS,
 };
 
 #[derive(Debug, Clone)]
@@ -139,8 +139,108 @@ fn try_open(opts: &StoreOptions) -> Result<(Connection, Recovered), StoreError> 
         let pages = (opts.max_bytes as i64 / page_size.max(512)).max(16);
         conn.pragma_update(None, "max_page_count", pages)?;
     }
+    renumber_out_of_range(&mut conn)?;
+    if found < 3 {
+        resend_sent_rows_in_order(&mut conn)?;
+    }
     let recovered = load(&conn)?;
     Ok((conn, recovered))
+}
+
+/// Gives sessions whose ids a Holdfast before schema 3 counted up past `MAX_SID` (one id
+/// per connection ever made) the smallest free ids, moving their queues along where the old
+/// ids still addressed them (ids in `[2^23, 2^24)` put their rows at negative row ids, which
+/// overlap nothing; beyond that the rows wrapped onto other sessions and cannot be told
+/// apart).
+fn renumber_out_of_range(conn: &mut Connection) -> Result<(), StoreError> {
+    let sids: Vec<i64> = conn
+        .prepare("SELECT sid FROM session ORDER BY sid")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let valid = |sid: i64| sid >= 1 && sid as u64 <= MAX_SID;
+    if sids.iter().all(|s| valid(*s)) {
+        return Ok(());
+    }
+    let mut used: std::collections::BTreeSet<i64> =
+        sids.iter().copied().filter(|s| valid(*s)).collect();
+    let tx = conn.transaction()?;
+    let mut candidate = 1i64;
+    for old in sids.into_iter().filter(|s| !valid(*s)) {
+        let new = loop {
+            let (lo, hi) = queue_range(candidate as Sid);
+            let rows: Option<i64> = tx
+                .query_row(
+                    "SELECT 1 FROM queue WHERE id BETWEEN ?1 AND ?2 LIMIT 1",
+                    params![lo, hi],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if !used.contains(&candidate) && rows.is_none() {
+                break candidate;
+            }
+            candidate += 1;
+        };
+        used.insert(new);
+        for table in ["session", "subscription", "incoming_qos2"] {
+            tx.execute(
+                &format!("UPDATE {table} SET sid = ?2 WHERE sid = ?1"),
+                params![old, new],
+            )?;
+        }
+        let moved = if (1i64 << 23..1i64 << 24).contains(&old) {
+            let lo = ((old as u64) << SEQ_BITS) as i64;
+            tx.execute(
+                "UPDATE queue SET id = (id - ?1) + ?3 WHERE id BETWEEN ?1 AND ?2",
+                params![lo, lo + MAX_SEQ as i64, queue_range(new as Sid).0],
+            )?
+        } else {
+            0
+        };
+        warn!(
+            old_sid = old,
+            new_sid = new,
+            moved_rows = moved,
+            "session id out of range (written by an older Holdfast): renumbered"
+        );
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Before schema 3 a message could be sent while older ones still waited on disk (the
+/// router's queue count drifted), leaving rows marked sent after unsent ones, which
+/// recovery (it resends the sent rows at the front of each queue) would strand. Marks such
+/// rows unsent again, once, so they are delivered in order.
+fn resend_sent_rows_in_order(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    let mut fixed = 0;
+    {
+        let sids: Vec<i64> = tx
+            .prepare("SELECT sid FROM session")?
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let mut first_unsent =
+            tx.prepare("SELECT min(id) FROM queue WHERE id BETWEEN ?1 AND ?2 AND state = 0")?;
+        let mut reset = tx.prepare(
+            "UPDATE queue SET state = 0, packet_id = NULL
+             WHERE id BETWEEN ?1 AND ?2 AND state > 0",
+        )?;
+        for sid in sids {
+            let (lo, hi) = queue_range(sid as Sid);
+            let first: Option<i64> = first_unsent.query_row(params![lo, hi], |r| r.get(0))?;
+            if let Some(first) = first {
+                fixed += reset.execute(params![first, hi])?;
+            }
+        }
+    }
+    tx.commit()?;
+    if fixed > 0 {
+        warn!(
+            rows = fixed,
+            "messages marked sent behind unsent ones (older Holdfast): they are delivered again, in order"
+        );
+    }
+    Ok(())
 }
 
 fn load(conn: &Connection) -> Result<Recovered, StoreError> {
@@ -210,23 +310,27 @@ fn load(conn: &Connection) -> Result<Recovered, StoreError> {
             sessions.push(row?);
         }
     }
-    let mut max_st = conn.prepare("SELECT max(id) FROM queue WHERE id >= ?1 AND id < ?2")?;
+    let mut max_st = conn.prepare("SELECT max(id) FROM queue WHERE id BETWEEN ?1 AND ?2")?;
     let mut front_st = conn.prepare(
         "SELECT id, state, packet_id, expires_at, packet FROM queue
-         WHERE id >= ?1 AND id < ?2 ORDER BY id",
+         WHERE id BETWEEN ?1 AND ?2 ORDER BY id",
     )?;
     for s in &mut sessions {
         s.subscriptions = subs.remove(&s.sid).unwrap_or_default();
         s.incoming_qos2 = qos2.remove(&s.sid).unwrap_or_default();
-        let (lo, hi) = (queue_id(s.sid, 0), queue_id(s.sid + 1, 0));
+        let (lo, hi) = queue_range(s.sid);
         let max: Option<i64> = max_st
             .query_row(params![lo, hi], |r| r.get(0))
             .optional()?
             .flatten();
-        s.next_seq = max.map(|id| split_queue_id(id).1 + 1).unwrap_or(0);
-        if s.queued == 0 {
+        let Some(max) = max else {
+            // An empty queue: sequence numbers start again from 0.
+            s.next_seq = 0;
             continue;
-        }
+        };
+        s.next_seq = split_queue_id(max).1 + 1;
+        // Rows marked sent form the front of each queue (the router sends a message only
+        // when nothing older waits), so the scan stops at the first unsent row.
         // The sent rows form the front of the queue (messages go out in order).
         let mut rows = front_st.query(params![lo, hi])?;
         while let Some(r) = rows.next()? {

@@ -41,19 +41,43 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use load::{Recovered, RecoveredSession, RecoveredSubscription};
 
-/// Session id, as used by the router; stored in the high bits of `queue.id`.
+/// Session id, as used by the router and the store; stored in the high bits of `queue.id`.
+///
+/// # Ids that never wrap
+/// `queue.id = (sid << SEQ_BITS) | seq` keeps every queue in one B-tree, each session's rows
+/// contiguous and in delivery order. It is only sound while `sid <= MAX_SID` and
+/// `seq <= MAX_SEQ`, so:
+/// - session ids are slots, not counters: the router hands out the smallest free id and
+///   takes it back when the session ends (`router::ids`), so ids stay below the number of
+///   sessions that exist at once, however many connections a gateway sees in its life;
+/// - a database written by an older Holdfast with larger ids is renumbered at start-up
+///   (`load`);
+/// - a session whose sequence numbers would pass `MAX_SEQ` (2^40 messages without its
+///   queue ever being empty at a start-up) refuses new messages, counted, rather than wrap.
 pub type Sid = u64;
 
 /// Bits of `queue.id` that hold the per-session sequence number.
 pub const SEQ_BITS: u32 = 40;
+/// Largest per-session sequence number.
+pub const MAX_SEQ: u64 = (1 << SEQ_BITS) - 1;
+/// Largest session id: `(MAX_SID << SEQ_BITS) | MAX_SEQ` is `i64::MAX`.
+pub const MAX_SID: Sid = (1 << (63 - SEQ_BITS)) - 1;
 
+/// The row id of message `seq` of session `sid` (both within their limits).
 pub fn queue_id(sid: Sid, seq: u64) -> i64 {
-    ((sid << SEQ_BITS) | (seq & ((1 << SEQ_BITS) - 1))) as i64
+    debug_assert!(sid <= MAX_SID && seq <= MAX_SEQ, "queue id out of range");
+    ((sid << SEQ_BITS) | (seq & MAX_SEQ)) as i64
+}
+
+/// The first and last row id of session `sid` (inclusive bounds: the range of `MAX_SID`
+/// ends at `i64::MAX`, so an exclusive bound would overflow).
+pub fn queue_range(sid: Sid) -> (i64, i64) {
+    (queue_id(sid, 0), queue_id(sid, MAX_SEQ))
 }
 
 pub fn split_queue_id(id: i64) -> (Sid, u64) {
     let id = id as u64;
-    (id >> SEQ_BITS, id & ((1 << SEQ_BITS) - 1))
+    (id >> SEQ_BITS, id & MAX_SEQ)
 }
 
 /// Milliseconds since the Unix epoch (wall clock; used for what must survive restarts).

@@ -15,6 +15,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_queue_enqueued_at",
         include_str!("../../migrations/0002_queue_enqueued_at.sql"),
     ),
+    (
+        "0003_session_slots",
+        include_str!("../../migrations/0003_session_slots.sql"),
+    ),
 ];
 
 /// The schema version this binary writes.

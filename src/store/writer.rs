@@ -14,8 +14,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, error, info, warn};
 
 use super::{
-    queue_id, split_queue_id, unix_ms, BudgetPolicy, Command, Op, QueueRow, Sid, StoreEvent,
-    StoreOptions,
+    queue_id, queue_range, split_queue_id, unix_ms, BudgetPolicy, Command, Op, QueueRow, Sid,
+    StoreEvent, StoreOptions,
 };
 
 /// Most commands taken per group.
@@ -365,13 +365,13 @@ impl Writer {
                 let skip = sending.iter().filter(|(x, _)| *x == sid).count() as i64;
                 let candidates: Vec<(i64, i64)> = tx
                     .prepare_cached(
-                        "SELECT id, size FROM queue WHERE id >= ?1 AND id < ?2 AND state = 0
+                        "SELECT id, size FROM queue WHERE id BETWEEN ?1 AND ?2 AND state = 0
                          ORDER BY id LIMIT ?3",
                     )?
                     .query_map(
                         params![
-                            queue_id(sid, 0),
-                            queue_id(sid + 1, 0),
+                            queue_range(sid).0,
+                            queue_range(sid).1,
                             BUDGET_DROP_ROWS + skip
                         ],
                         |r| Ok((r.get(0)?, r.get(1)?)),
@@ -486,10 +486,10 @@ fn read_rows(conn: &Connection, sid: Sid, from_seq: u64, limit: u32) -> Vec<Queu
     let result = (|| -> rusqlite::Result<Vec<QueueRow>> {
         let mut st = conn.prepare_cached(
             "SELECT id, state, packet_id, expires_at, packet FROM queue
-             WHERE id >= ?1 AND id < ?2 AND state = 0 ORDER BY id LIMIT ?3",
+             WHERE id BETWEEN ?1 AND ?2 AND state = 0 ORDER BY id LIMIT ?3",
         )?;
         let rows = st.query_map(
-            params![queue_id(sid, from_seq), queue_id(sid + 1, 0), limit],
+            params![queue_id(sid, from_seq), queue_range(sid).1, limit],
             |r| {
                 Ok(QueueRow {
                     seq: split_queue_id(r.get(0)?).1,
@@ -796,8 +796,8 @@ fn apply_op(
                     .execute([s])?;
                 tx.prepare_cached("DELETE FROM incoming_qos2 WHERE sid = ?1")?
                     .execute([s])?;
-                tx.prepare_cached("DELETE FROM queue WHERE id >= ?1 AND id < ?2")?
-                    .execute(params![queue_id(*sid, 0), queue_id(*sid + 1, 0)])?;
+                tx.prepare_cached("DELETE FROM queue WHERE id BETWEEN ?1 AND ?2")?
+                    .execute(params![queue_range(*sid).0, queue_range(*sid).1])?;
                 per.remove(sid);
             }
             Op::Subscribe {
@@ -862,11 +862,11 @@ fn apply_op(
             Op::Delete { sid, seq } => delete_range(tx, *sid, *seq, *seq, per)?,
             Op::DeleteOldest { sid, count } => {
                 let mut st = tx.prepare_cached(
-                    "DELETE FROM queue WHERE id IN (SELECT id FROM queue WHERE id >= ?1 AND id < ?2
+                    "DELETE FROM queue WHERE id IN (SELECT id FROM queue WHERE id BETWEEN ?1 AND ?2
                      AND state = 0 ORDER BY id LIMIT ?3) RETURNING size",
                 )?;
                 let mut rows =
-                    st.query(params![queue_id(*sid, 0), queue_id(*sid + 1, 0), *count])?;
+                    st.query(params![queue_range(*sid).0, queue_range(*sid).1, *count])?;
                 let d = per.entry(*sid).or_default();
                 while let Some(r) = rows.next()? {
                     d.queued -= 1;

@@ -18,7 +18,7 @@ impl Router {
         let mut resumed = false;
         if let Some(&sid) = self.by_client.get(&client_id) {
             if let Some(s) = self.sessions.get_mut(&sid) {
-                s.generation += 1;
+                s.generation = self.ids.generation();
                 s.held.clear();
                 if let Some(old) = s.conn.take() {
                     // Session takeover (MQTT-3.1.4-3): close the old connection.
@@ -51,11 +51,18 @@ impl Router {
         let sid = match self.by_client.get(&client_id) {
             Some(&sid) if resumed => sid,
             _ => {
-                let sid = self.next_session;
-                self.next_session += 1;
+                let Some(sid) = self.ids.allocate() else {
+                    // As many sessions as there are ids (8.4 million): refuse, never wrap.
+                    error!(client_id = %client_id, "no free session id: connection refused");
+                    connack.reason_code = reason::SERVER_UNAVAILABLE;
+                    link.send(Outgoing::Packet(Box::new(Packet::ConnAck(connack))));
+                    link.send(Outgoing::Disconnect(reason::SERVER_UNAVAILABLE));
+                    return;
+                };
                 let durable = expiry_interval > 0;
-                self.sessions
-                    .insert(sid, Session::new(sid, client_id.clone(), params, durable));
+                let mut s = Session::new(sid, client_id.clone(), params, durable);
+                s.generation = self.ids.generation();
+                self.sessions.insert(sid, s);
                 self.by_client.insert(client_id.clone(), sid);
                 sid
             }
@@ -143,7 +150,7 @@ impl Router {
         };
         s.conn = None;
         s.held.clear();
-        s.generation += 1;
+        s.generation = self.ids.generation();
         if let Some(e) = session_expiry {
             s.expiry_interval = e.min(self.cfg.max_session_expiry_secs);
         }
@@ -258,6 +265,10 @@ impl Router {
             .unsubscribe_all(sid, keys.iter().map(|(f, g)| (f.as_str(), g.as_deref())));
         if s.durable {
             self.ops.push(Op::DeleteSession { sid });
+            // Free once that commit is reported (see `ids`).
+            self.ids.release(sid, self.next_token, self.completed);
+        } else {
+            self.ids.release(sid, 0, self.completed);
         }
         let lost = s.queue_len + s.inflight.len() as u64;
         if lost > 0 {

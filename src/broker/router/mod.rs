@@ -26,6 +26,7 @@
 //! queues), `subscribe`, `store_io` (tokens to the writer and what it reports back),
 //! `output` (held output and its release), `persist` (store encodings).
 
+mod ids;
 mod lifecycle;
 mod output;
 mod persist;
@@ -279,7 +280,8 @@ pub struct Router {
     tree: SubscriptionTree,
     retained: RetainedStore<Retained>,
     timers: BinaryHeap<Reverse<Timer>>,
-    next_session: SessionId,
+    /// Session ids (slots, reused; never wrap) and timer generations.
+    ids: ids::SessionIds,
     /// Scratch buffer for subscription matches, reused across publishes.
     matches: Vec<Match>,
     /// Store ops collected for the token `next_token`, not yet submitted.
@@ -332,7 +334,7 @@ impl Router {
             tree: SubscriptionTree::new(),
             retained: RetainedStore::new(),
             timers: BinaryHeap::new(),
-            next_session: 1,
+            ids: ids::SessionIds::new(recovered.sessions.iter().map(|s| s.sid)),
             matches: Vec::new(),
             ops: Vec::new(),
             event_ops_start: 0,
@@ -373,8 +375,10 @@ impl Router {
         let sid = match self.by_client.get(&client_id) {
             Some(&sid) => sid,
             None => {
-                let sid = self.next_session;
-                self.next_session += 1;
+                let Some(sid) = self.ids.allocate() else {
+                    error!(client_id = %client_id, "no free session id: internal session not created");
+                    return;
+                };
                 let mut s = Session::new(sid, client_id.clone(), params, true);
                 s.expiry_interval = u32::MAX;
                 s.offline_since_ms = unix_ms();
@@ -464,7 +468,6 @@ impl Router {
         let count = rec.sessions.len();
         for rs in rec.sessions {
             let sid = rs.sid;
-            self.next_session = self.next_session.max(sid + 1);
             let params = ClientParams {
                 protocol: protocol_from_level(rs.protocol),
                 window: self.cfg.max_inflight,

@@ -100,6 +100,7 @@ impl Router {
 
     pub(super) fn on_committed(&mut self, token: u64, ok: bool) {
         self.completed = self.completed.max(token);
+        self.ids.committed(self.completed);
         while let Some(&(t, key)) = self.early_order.front() {
             if t > self.completed {
                 break;
