@@ -53,8 +53,12 @@ pub struct StoreConfig {
     /// `full`: every commit is fsynced (survives power loss). `normal`: survives a process
     /// crash, but the last commits may be lost on power loss.
     pub synchronous: crate::store::Synchronous,
-    /// Largest database file in bytes (0 = limited only by the disk).
+    /// Largest database file in bytes (0 = no fixed size; `min_free_percent` still applies).
     pub max_bytes: u64,
+    /// The store never grows the database while less than this share (percent) of its
+    /// filesystem would stay free, so queued messages cannot fill the SD card the OS and
+    /// its logs live on. 0 = off (only `max_bytes`, or the disk, limit the store).
+    pub min_free_percent: u8,
     /// When the budget (or the disk) is full: `drop-oldest` drops the oldest queued messages
     /// of the longest queue (counted); `reject-new` refuses new QoS 1/2 messages (0x97).
     pub budget_policy: crate::store::BudgetPolicy,
@@ -70,6 +74,7 @@ impl Default for StoreConfig {
         StoreConfig {
             synchronous: crate::store::Synchronous::Full,
             max_bytes: 0,
+            min_free_percent: 10,
             budget_policy: crate::store::BudgetPolicy::RejectNew,
             on_corrupt: crate::store::OnCorrupt::Quarantine,
             sweep_interval_secs: 60,
@@ -86,6 +91,12 @@ impl StoreConfig {
                     "must be 0 (no limit) or at least 65536 (got {})",
                     self.max_bytes
                 ),
+            ));
+        }
+        if self.min_free_percent > 99 {
+            return Err(ConfigError::invalid(
+                "store.min_free_percent",
+                format!("must be 0 (off) to 99 (got {})", self.min_free_percent),
             ));
         }
         if self.sweep_interval_secs == 0 {
@@ -170,11 +181,18 @@ pub struct MqttConfig {
     /// QoS 1/2 messages in flight towards one client, and the Receive Maximum advertised
     /// to v5 clients for their publishes.
     pub max_inflight: u16,
-    /// Messages queued for one client beyond its in-flight window (0 = unlimited).
+    /// Messages queued in memory for one clean (non-persistent) session beyond its
+    /// in-flight window (0 = unlimited). Durable sessions queue on disk: see
+    /// `durable_max_queued_messages`.
     pub max_queued_messages: usize,
-    /// Payload bytes queued for one client (0 = unlimited).
+    /// Payload bytes queued in memory for one clean session (0 = unlimited).
     pub max_queued_bytes: u64,
-    /// What to do when a client's queue is full.
+    /// Messages queued (on disk) for one durable session (0 = bounded only by the store's
+    /// disk budget, the default: a dashboard closed over a weekend loses nothing).
+    pub durable_max_queued_messages: u64,
+    /// Payload bytes queued (on disk) for one durable session (0 = only the disk budget).
+    pub durable_max_queued_bytes: u64,
+    /// What to do when a session's queue limit is reached (clean or durable).
     pub queue_policy: QueuePolicy,
     /// Queue QoS 0 messages for offline persistent sessions.
     pub queue_qos0_offline: bool,
@@ -250,6 +268,8 @@ impl Default for MqttConfig {
             max_inflight: 64,
             max_queued_messages: 1000,
             max_queued_bytes: 0,
+            durable_max_queued_messages: 0,
+            durable_max_queued_bytes: 0,
             queue_policy: QueuePolicy::DropOldest,
             queue_qos0_offline: false,
             max_topic_length: 1024,

@@ -128,32 +128,6 @@ async fn default_config_keeps_a_durable_sessions_whole_backlog() {
     b.shutdown().await;
 }
 
-/// Clean (in-memory) sessions keep a memory bound: an online subscriber that does not read
-/// while 3,000 QoS 1 messages arrive keeps at most `max_queued_messages` of them queued,
-/// the rest dropped and counted.
-#[tokio::test]
-async fn clean_sessions_keep_their_memory_bound_by_default() {
-    let b = start_broker(|c| c.mqtt.max_inflight = 10).await;
-    let mut slow = RawClient::connect(b.addr, ProtocolVersion::V311, "slow").await;
-    assert_eq!(slow.subscribe("sensors/#", QoS::AtLeastOnce).await, vec![1]);
-    let limit = holdfast::config::Config::default().mqtt.max_queued_messages as u32;
-    assert!(
-        limit > 0 && limit < 3000,
-        "clean sessions are bounded by default"
-    );
-    // Backpressure holds the publisher while the clean queue is long; publish in the
-    // background and read slowly, so the queue limit is what decides.
-    let addr = b.addr;
-    let publisher = tokio::spawn(async move { publish_range(addr, "sensors/t", 0..3000).await });
-    let got = drain(&mut slow, Duration::from_millis(2000)).await;
-    publisher.abort();
-    assert!(!got.is_empty());
-    let mut sorted = got.clone();
-    sorted.sort_unstable();
-    assert_eq!(sorted, got, "in order");
-    b.shutdown().await;
-}
-
 // ----- 2. session ids ----------------------------------------------------------------------
 
 /// Sessions whose store ids sit at the old scheme's edges (2^23 - 2 .. 2^23 + 1, 2^24, and
@@ -217,7 +191,7 @@ async fn durable_sessions_work_whatever_their_stored_session_id() {
             .chain((0..3).map(|k| format!("new-{k}")))
             .collect();
         for (i, n) in all.iter().enumerate() {
-            let base = (round * 100 + i as u32 * 10) as u32;
+            let base = round * 100 + i as u32 * 10;
             assert_eq!(
                 publish_range(b.addr, &format!("ids/{n}"), base..base + 5).await,
                 5
@@ -227,7 +201,7 @@ async fn durable_sessions_work_whatever_their_stored_session_id() {
         b.shutdown().await;
         let b = start_in(dir.path(), |_| {}).await;
         for (i, n) in all.iter().enumerate() {
-            let base = (round * 100 + i as u32 * 10) as u32;
+            let base = round * 100 + i as u32 * 10;
             let (mut s, present) = connect_durable(b.addr, ProtocolVersion::V5, n, false).await;
             assert!(present, "{n}: session kept");
             let got = drain(&mut s, Duration::from_millis(400)).await;
@@ -240,4 +214,59 @@ async fn durable_sessions_work_whatever_their_stored_session_id() {
         }
         b.shutdown().await;
     }
+}
+
+/// The default disk budget keeps a share of the filesystem free. With the share set above
+/// what is free, the database cannot grow: new QoS 1 messages for a durable session are
+/// refused with 0x97 once its free pages are used, everything acknowledged before is kept,
+/// and after a restart with room the backlog is delivered whole.
+#[tokio::test]
+async fn the_free_space_reserve_refuses_new_messages_and_keeps_the_acknowledged_ones() {
+    assert_eq!(Config::default().store.min_free_percent, 10);
+    let dir = tempfile::tempdir().unwrap();
+    let (avail, total) = holdfast::store::budget::filesystem_space(dir.path()).unwrap();
+    let beyond_free = (100 - avail * 100 / total + 1).min(99) as u8;
+    assert!(
+        (avail * 100 / total) < u64::from(beyond_free),
+        "test needs a filesystem that is not ~100% free"
+    );
+    let b = start_in(dir.path(), |c| c.store.min_free_percent = beyond_free).await;
+    let (mut dash, _) = connect_durable(b.addr, ProtocolVersion::V5, "dash", true).await;
+    assert_eq!(dash.subscribe("t/#", QoS::AtLeastOnce).await, vec![1]);
+    disconnect(dash).await;
+    let mut p = RawClient::connect(b.addr, ProtocolVersion::V5, "p").await;
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    let big = vec![b'x'; 2000];
+    for i in 0..2000u32 {
+        let mut payload = i.to_string().into_bytes();
+        payload.push(b' ');
+        payload.extend_from_slice(&big);
+        p.publish("t/a", &payload, QoS::AtLeastOnce, (i % 60000 + 1) as u16)
+            .await;
+        match p.recv().await {
+            Some(Packet::PubAck(a)) if a.reason_code == 0 => acked.push(i),
+            Some(Packet::PubAck(a)) => {
+                assert_eq!(a.reason_code, 0x97, "refused as quota exceeded");
+                refused += 1;
+                if refused == 5 {
+                    break;
+                }
+            }
+            other => panic!("expected PUBACK, got {other:?}"),
+        }
+    }
+    assert_eq!(refused, 5, "the reserve stopped the database from growing");
+    b.shutdown().await;
+    let b = start_in(dir.path(), |c| c.store.min_free_percent = 0).await;
+    let (mut dash, present) = connect_durable(b.addr, ProtocolVersion::V5, "dash", false).await;
+    assert!(present);
+    let mut got = Vec::new();
+    while let Ok(Some(Packet::Publish(m))) = dash.recv_timeout(Duration::from_millis(800)).await {
+        let text = std::str::from_utf8(&m.payload[..m.payload.len() - 2001]).unwrap();
+        got.push(text.parse::<u32>().unwrap());
+        dash.puback(m.packet_id).await;
+    }
+    assert_eq!(got, acked, "every acknowledged message, in order");
+    b.shutdown().await;
 }

@@ -34,6 +34,7 @@ async fn drain(addr: std::net::SocketAddr, conn: holdfast::protocol::Connect) ->
 async fn drop_oldest_keeps_the_newest_messages() {
     let b = start_broker(|c| {
         c.mqtt.max_queued_messages = 3;
+        c.mqtt.durable_max_queued_messages = 3;
         c.mqtt.queue_policy = QueuePolicy::DropOldest;
     })
     .await;
@@ -54,6 +55,7 @@ async fn drop_oldest_keeps_the_newest_messages() {
 async fn reject_new_answers_quota_exceeded_to_v5_and_withholds_the_v3_ack() {
     let b = start_broker(|c| {
         c.mqtt.max_queued_messages = 3;
+        c.mqtt.durable_max_queued_messages = 3;
         c.mqtt.queue_policy = QueuePolicy::RejectNew;
     })
     .await;
@@ -84,7 +86,9 @@ async fn reject_new_answers_quota_exceeded_to_v5_and_withholds_the_v3_ack() {
 async fn queued_bytes_limit_applies() {
     let b = start_broker(|c| {
         c.mqtt.max_queued_messages = 0;
+        c.mqtt.durable_max_queued_messages = 0;
         c.mqtt.max_queued_bytes = 10;
+        c.mqtt.durable_max_queued_bytes = 10;
     })
     .await;
     let conn = offline_subscriber(b.addr, "bytes").await;
@@ -126,7 +130,11 @@ async fn topic_length_and_depth_limits() {
 
 #[tokio::test]
 async fn a_subscriber_that_never_reads_does_not_stall_others() {
-    let b = start_broker(|c| c.mqtt.max_queued_messages = 100).await;
+    let b = start_broker(|c| {
+        c.mqtt.max_queued_messages = 100;
+        c.mqtt.durable_max_queued_messages = 100;
+    })
+    .await;
     // The stalled client subscribes and then never reads its socket.
     let mut stalled = RawClient::connect(b.addr, ProtocolVersion::V311, "stalled").await;
     stalled.subscribe("flood", QoS::AtMostOnce).await;
@@ -152,7 +160,11 @@ async fn a_subscriber_that_never_reads_does_not_stall_others() {
 async fn a_fast_qos1_publisher_is_slowed_to_its_subscriber_instead_of_losing_messages() {
     // Queue limit 1000 with drop-oldest: without backpressure a publisher that is acked at
     // once would overflow the slow subscriber's queue and messages would be dropped.
-    let b = start_broker(|c| c.mqtt.max_queued_messages = 1000).await;
+    let b = start_broker(|c| {
+        c.mqtt.max_queued_messages = 1000;
+        c.mqtt.durable_max_queued_messages = 1000;
+    })
+    .await;
     let mut sub = RawClient::connect(b.addr, ProtocolVersion::V311, "slow").await;
     sub.subscribe("bp", QoS::AtLeastOnce).await;
     let total: u32 = 5000;

@@ -154,6 +154,7 @@ fn budget(c: &mut Config, policy: BudgetPolicy) {
     c.store.max_bytes = 256 * 1024;
     c.store.budget_policy = policy;
     c.mqtt.max_queued_messages = 0;
+    c.mqtt.durable_max_queued_messages = 0;
 }
 
 #[tokio::test]
@@ -278,6 +279,7 @@ async fn budget_refusals_leave_no_phantom_bytes_in_the_queue_limit() {
     let b = start_in(dir.path(), |c| {
         budget(c, BudgetPolicy::RejectNew);
         c.mqtt.max_queued_bytes = 100 * 1024;
+        c.mqtt.durable_max_queued_bytes = 100 * 1024;
         c.mqtt.queue_policy = QueuePolicy::RejectNew;
     })
     .await;
@@ -395,6 +397,7 @@ async fn queue_limit_across_restart(policy: QueuePolicy) -> Vec<u32> {
     let dir = tempfile::tempdir().unwrap();
     let tweak = move |c: &mut Config| {
         c.mqtt.max_queued_messages = 3;
+        c.mqtt.durable_max_queued_messages = 3;
         c.mqtt.queue_policy = policy;
     };
     let b = start_in(dir.path(), tweak).await;

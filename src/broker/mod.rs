@@ -141,6 +141,7 @@ impl Broker {
             path: crate::store::db_path(&cfg.data_dir),
             synchronous: cfg.store.synchronous,
             max_bytes: cfg.store.max_bytes,
+            min_free_percent: cfg.store.min_free_percent,
             budget_policy: cfg.store.budget_policy,
             on_corrupt: cfg.store.on_corrupt,
         };

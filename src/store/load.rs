@@ -134,11 +134,6 @@ fn try_open(opts: &StoreOptions) -> Result<(Connection, Recovered), StoreError> 
             "database schema upgraded"
         );
     }
-    if opts.max_bytes > 0 {
-        let page_size: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
-        let pages = (opts.max_bytes as i64 / page_size.max(512)).max(16);
-        conn.pragma_update(None, "max_page_count", pages)?;
-    }
     renumber_out_of_range(&mut conn)?;
     if found < 3 {
         resend_sent_rows_in_order(&mut conn)?;

@@ -24,6 +24,7 @@
 //!   session's queue in memory and reads the rest back with `Command::ReadQueue`, which the
 //!   writer answers after committing everything submitted before it.
 
+pub mod budget;
 mod load;
 pub mod metrics;
 pub mod schema;
@@ -314,8 +315,10 @@ pub enum OnCorrupt {
 pub struct StoreOptions {
     pub path: PathBuf,
     pub synchronous: Synchronous,
-    /// Largest database size in bytes (0 = no limit beyond the disk).
+    /// Largest database size in bytes (0 = no fixed limit).
     pub max_bytes: u64,
+    /// Share of the filesystem (percent) the database never eats into (0 = off).
+    pub min_free_percent: u8,
     pub budget_policy: BudgetPolicy,
     pub on_corrupt: OnCorrupt,
 }

@@ -22,6 +22,7 @@ fn opts(dir: &Path) -> StoreOptions {
         path: db_path(dir),
         synchronous: Synchronous::Normal,
         max_bytes: 0,
+        min_free_percent: 0,
         budget_policy: BudgetPolicy::RejectNew,
         on_corrupt: OnCorrupt::Quarantine,
     }

@@ -39,6 +39,8 @@ pub struct Writer {
     failing: bool,
     /// Commit counts and latency, read by `observe`.
     metrics: std::sync::Arc<super::metrics::StoreMetrics>,
+    /// How large the database may grow (`max_page_count`), refreshed between groups.
+    budget: super::budget::Budget,
 }
 
 /// One entry of a group, in submission order.
@@ -64,7 +66,11 @@ struct Delta {
 
 impl Writer {
     pub fn new(conn: Connection, opts: StoreOptions, events: UnboundedSender<StoreEvent>) -> Self {
+        let mut budget =
+            super::budget::Budget::new(&opts.path, opts.max_bytes, opts.min_free_percent);
+        budget.apply(&conn, true);
         Writer {
+            budget,
             conn,
             opts,
             events,
@@ -228,6 +234,8 @@ impl Writer {
         if group.is_empty() && self.retry.is_empty() {
             return;
         }
+        // While refusing, look at the free space before every retry: room may be back.
+        self.budget.apply(&self.conn, self.failing);
         let mut attempts = 0;
         // Rows this group marks as sent: the router sends them once it commits, so the
         // budget must not drop them (they are still state 0 on disk until then).
@@ -926,6 +934,7 @@ mod tests {
             path: dir.join("holdfast.db"),
             synchronous: super::super::Synchronous::Normal,
             max_bytes,
+            min_free_percent: 0,
             budget_policy: BudgetPolicy::RejectNew,
             on_corrupt: OnCorrupt::Refuse,
         };

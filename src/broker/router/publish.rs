@@ -359,11 +359,21 @@ impl Router {
         }
         // Queue it, making room first if the queue is full.
         let len = msg.publish.payload.len() as u64;
-        let limits = s.limits.unwrap_or(QueueLimits {
-            max_messages: cfg.max_queued_messages as u64,
-            max_bytes: cfg.max_queued_bytes,
-            policy: cfg.queue_policy,
-            max_age_secs: 0,
+        let limits = s.limits.unwrap_or(if s.durable {
+            // On disk: bounded by the store's disk budget unless the operator opted in.
+            QueueLimits {
+                max_messages: cfg.durable_max_queued_messages,
+                max_bytes: cfg.durable_max_queued_bytes,
+                policy: cfg.queue_policy,
+                max_age_secs: 0,
+            }
+        } else {
+            QueueLimits {
+                max_messages: cfg.max_queued_messages as u64,
+                max_bytes: cfg.max_queued_bytes,
+                policy: cfg.queue_policy,
+                max_age_secs: 0,
+            }
         });
         let full = |s: &Session| {
             (limits.max_messages > 0 && s.queue_len >= limits.max_messages)
