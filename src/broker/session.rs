@@ -110,6 +110,19 @@ pub enum Held {
     },
 }
 
+/// Where a queued row was when it left the queue behind the router's back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowPlace {
+    /// In the in-memory queue (removed from it now).
+    Memory,
+    /// Taken into the in-flight window already.
+    InFlight,
+    /// On disk only, still counted.
+    Disk,
+    /// Already accounted for.
+    Gone,
+}
+
 /// Queue limits of one session (clients use the `[mqtt]` ones; a bridge outbox its own).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct QueueLimits {
@@ -164,6 +177,15 @@ pub struct Session {
     pub spilled_from: Option<u64>,
     /// A read-back of the on-disk queue is outstanding.
     pub reading: bool,
+    /// The outstanding read-back was asked for a read position that has since moved back
+    /// (`spill_all`): its answer is discarded and the read asked again.
+    pub read_stale: bool,
+    /// Oldest messages the queue limit dropped while a read-back was outstanding and the
+    /// in-memory queue was empty: they are the first rows of that read's answer (the store
+    /// answers the read before it sees the drops), deleted when it arrives. Counted already;
+    /// `drops_pending_bytes` is what was subtracted for them (an estimate until then).
+    pub drops_pending: u32,
+    pub drops_pending_bytes: u64,
     /// Output waiting for a commit: (token, item); token 0 = not waiting itself.
     pub held: VecDeque<(u64, Held)>,
     /// Incoming QoS 2 packet ids received (and routed) whose PUBREL has not come yet.
@@ -208,6 +230,9 @@ impl Session {
             queued_bytes: 0,
             spilled_from: None,
             reading: false,
+            read_stale: false,
+            drops_pending: 0,
+            drops_pending_bytes: 0,
             held: VecDeque::new(),
             incoming_qos2: HashSet::new(),
             gated: Vec::new(),
@@ -230,8 +255,43 @@ impl Session {
     }
 
     /// Whether nothing is queued ahead of a new message (so it may go straight out).
+    /// Decided by positions, never by the count: everything not in memory is at or after
+    /// `spilled_from` on disk until a read-back finds nothing more there.
     pub fn queue_empty(&self) -> bool {
-        self.queue_len == 0
+        self.queue.is_empty() && self.spilled_from.is_none()
+    }
+
+    /// A queued row left the queue behind the router's back (expiry sweep, disk budget,
+    /// a refused commit): forgets it if it is still counted, and says where it was.
+    /// Rows taken into the in-flight window, or read back and dropped since, were
+    /// accounted for when that happened.
+    pub fn forget_row(&mut self, seq: u64, size: u64) -> RowPlace {
+        if let Some(i) = self.queue.iter().position(|q| q.seq == seq) {
+            if let Some(q) = self.queue.remove(i) {
+                self.forget_queued(q.message.publish.payload.len() as u64);
+            }
+            RowPlace::Memory
+        } else if self.inflight.iter().any(|m| m.seq == seq) {
+            RowPlace::InFlight
+        } else if self.spilled_from.is_some_and(|from| seq >= from) {
+            self.forget_queued(size);
+            RowPlace::Disk
+        } else {
+            RowPlace::Gone
+        }
+    }
+
+    /// With nothing queued in memory, on disk or pending, the counts are exactly zero
+    /// (whatever estimate brought them here).
+    pub fn settle_counts(&mut self) {
+        if self.queue.is_empty()
+            && self.spilled_from.is_none()
+            && !self.reading
+            && self.drops_pending == 0
+        {
+            self.queue_len = 0;
+            self.queued_bytes = 0;
+        }
     }
 
     /// Next free packet id (1..=65535, skipping ids in flight). The window is never larger
@@ -328,6 +388,8 @@ impl Session {
         if let Some(front) = self.queue.front() {
             self.spilled_from = Some(front.seq);
             self.queue.clear();
+            // An answer on its way was asked for a later position: it must not be taken.
+            self.read_stale = self.reading;
         }
     }
 

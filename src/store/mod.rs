@@ -189,9 +189,11 @@ pub enum Op {
         sid: Sid,
         seq: u64,
     },
-    /// Queue limit policy: remove the `count` oldest not-yet-sent messages of a session.
+    /// Queue limit policy: remove the `count` oldest not-yet-sent messages of a session
+    /// from `from_seq` on (the router has the ones before in memory, or had them).
     DeleteOldest {
         sid: Sid,
+        from_seq: u64,
         count: u32,
     },
     /// Sets (Some) or deletes (None) the retained message of a topic.

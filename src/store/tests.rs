@@ -307,7 +307,11 @@ fn delete_oldest_drops_only_unsent_rows_and_counts_them() {
                         seq: 0,
                         packet_id: 1,
                     },
-                    Op::DeleteOldest { sid: 2, count: 2 },
+                    Op::DeleteOldest {
+                        sid: 2,
+                        from_seq: 0,
+                        count: 2,
+                    },
                 ],
             ),
         ],
@@ -415,7 +419,11 @@ proptest! {
                     seq: nth as u64 % next_seq[sid as usize].max(1),
                 }),
                 TestOp::DeleteOldest { sid, count } => {
-                    pending.push(Op::DeleteOldest { sid, count })
+                    pending.push(Op::DeleteOldest {
+                        sid,
+                        from_seq: 0,
+                        count,
+                    })
                 }
                 TestOp::Recreate { sid } => {
                     pending.push(Op::DeleteSession { sid });

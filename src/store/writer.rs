@@ -868,13 +868,20 @@ fn apply_op(
                     .execute(params![queue_id(*sid, *seq)])?;
             }
             Op::Delete { sid, seq } => delete_range(tx, *sid, *seq, *seq, per)?,
-            Op::DeleteOldest { sid, count } => {
+            Op::DeleteOldest {
+                sid,
+                from_seq,
+                count,
+            } => {
                 let mut st = tx.prepare_cached(
                     "DELETE FROM queue WHERE id IN (SELECT id FROM queue WHERE id BETWEEN ?1 AND ?2
                      AND state = 0 ORDER BY id LIMIT ?3) RETURNING size",
                 )?;
-                let mut rows =
-                    st.query(params![queue_range(*sid).0, queue_range(*sid).1, *count])?;
+                let mut rows = st.query(params![
+                    queue_id(*sid, *from_seq),
+                    queue_range(*sid).1,
+                    *count
+                ])?;
                 let d = per.entry(*sid).or_default();
                 while let Some(r) = rows.next()? {
                     d.queued -= 1;
@@ -1001,7 +1008,11 @@ mod tests {
             read(2),
             batch(vec![
                 enqueue(4, 0, 5),
-                Op::DeleteOldest { sid: 4, count: 1 },
+                Op::DeleteOldest {
+                    sid: 4,
+                    from_seq: 0,
+                    count: 1,
+                },
             ]),
             batch(vec![del(4, 0)]),
             batch(vec![Op::Enqueue {
@@ -1078,7 +1089,11 @@ mod tests {
             del(4),
             del(9),
             del(42),
-            Op::DeleteOldest { sid: 1, count: 1 },
+            Op::DeleteOldest {
+                sid: 1,
+                from_seq: 0,
+                count: 1,
+            },
             del(2),
             enqueue(1, 2, 20),
             del(7),

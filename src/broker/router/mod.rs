@@ -26,6 +26,8 @@
 //! queues), `subscribe`, `store_io` (tokens to the writer and what it reports back),
 //! `output` (held output and its release), `persist` (store encodings).
 
+#[cfg(test)]
+mod harness;
 mod ids;
 mod lifecycle;
 mod output;
@@ -33,6 +35,8 @@ mod persist;
 mod publish;
 mod store_io;
 mod subscribe;
+#[cfg(test)]
+mod tests;
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
@@ -46,7 +50,7 @@ use tracing::{debug, error, info, warn};
 use super::connection::{ConnId, ConnLink, Outgoing};
 use super::retained::RetainedStore;
 use super::session::{
-    ClientParams, Held, Inflight, InflightState, Message, QueueLimits, Queued, Session,
+    ClientParams, Held, Inflight, InflightState, Message, QueueLimits, Queued, RowPlace, Session,
 };
 use super::topic_tree::{Match, SessionId, SubscriptionData, SubscriptionTree};
 use crate::config::{MqttConfig, QueuePolicy};
@@ -512,8 +516,11 @@ impl Router {
             s.queue_len = waiting;
             s.queued_bytes = rs.queued_bytes;
             queued_total += rs.queued;
-            if waiting > 0 {
-                s.spilled_from = Some(last_inflight_seq.map(|q| q + 1).unwrap_or(0));
+            // Rows after the sent ones may wait on disk whatever the stored count says: the
+            // first read-back tells (an empty answer clears `spilled_from`).
+            let after_sent = last_inflight_seq.map_or(0, |q| q + 1);
+            if rs.next_seq > after_sent {
+                s.spilled_from = Some(after_sent);
             }
             s.will = rs.will.as_ref().and_then(will_from_stored);
             // Timers: wills of sessions that were connected when the broker stopped are

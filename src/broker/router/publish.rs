@@ -309,6 +309,12 @@ impl Router {
             debug!(client_id = %s.client_id, "message larger than the client's maximum packet size dropped");
             return true;
         }
+        if s.durable && s.next_seq > crate::store::MAX_SEQ {
+            // 2^40 messages without the queue ever empty at a start-up: refuse, never wrap
+            // onto older rows (see `store::Sid`).
+            note_drop(s, stats, "sequence numbers exhausted");
+            return false;
+        }
         let now = Instant::now();
         if msg.publish.qos == QoS::AtMostOnce {
             if let Some(c) = &s.conn {
@@ -394,9 +400,20 @@ impl Router {
                         } else {
                             // The oldest is on disk only; its exact size is known to the
                             // store, the router accounts the average queued size.
-                            ops.push(Op::DeleteOldest { sid, count: 1 });
                             let average = s.queued_bytes / s.queue_len.max(1);
                             s.forget_queued(average);
+                            if s.reading {
+                                // They are the first rows of the answer on its way (the
+                                // store reads before it sees this): deleted when it comes.
+                                s.drops_pending += 1;
+                                s.drops_pending_bytes += average;
+                            } else {
+                                ops.push(Op::DeleteOldest {
+                                    sid,
+                                    from_seq: s.spilled_from.unwrap_or(0),
+                                    count: 1,
+                                });
+                            }
                         }
                         note_drop(s, stats, "drop-oldest");
                     }
@@ -485,16 +502,15 @@ impl Router {
             }
             // Read the on-disk part back before the in-memory part runs out, so delivery
             // does not stall on the read.
+            // Whether anything is left there is the answer's to say (an empty, short answer
+            // with no new rows since clears `spilled_from`), never the count's.
             if let (Some(from), false, true) = (s.spilled_from, s.reading, s.is_online()) {
-                if s.queue.len() < READ_BATCH as usize {
-                    if s.durable && s.queue_len > s.queue.len() as u64 {
-                        s.reading = true;
-                        read_from = Some((from, s.next_seq));
-                    } else if s.queue.is_empty() {
-                        s.spilled_from = None;
-                    }
+                if s.durable && s.queue.len() < READ_BATCH as usize {
+                    s.reading = true;
+                    read_from = Some((from, s.next_seq));
                 }
             }
+            s.settle_counts();
             if s.queue_len == 0 && s.drop_episode {
                 s.drop_episode = false;
                 info!(client_id = %s.client_id, dropped_total = s.dropped, "client queue drained");

@@ -86,10 +86,9 @@ impl Router {
                     let Some(s) = self.sessions.get_mut(&sid) else {
                         continue;
                     };
-                    if let Some(i) = s.queue.iter().position(|q| q.seq == seq) {
-                        s.queue.remove(i);
-                    }
-                    s.forget_queued(u64::from(size));
+                    // Subtracted only if still counted: a row read back before the removal
+                    // was accounted for when it was taken or dropped.
+                    s.forget_row(seq, u64::from(size));
                     if why == "disk budget" {
                         s.dropped += 1;
                     }
@@ -118,16 +117,27 @@ impl Router {
         };
         if !ok {
             self.stats.refused_store_failure += 1;
+            let mut pump = Vec::new();
             for (sid, seq, size) in p.enqueued {
-                if let Some(s) = self.sessions.get_mut(&sid) {
-                    if let Some(i) = s.queue.iter().position(|q| q.seq == seq) {
-                        if let Some(q) = s.queue.remove(i) {
-                            s.forget_queued(q.message.publish.payload.len() as u64);
-                        }
-                    } else if s.spilled_from.is_some() {
-                        s.forget_queued(size);
-                    }
+                let Some(s) = self.sessions.get_mut(&sid) else {
+                    continue;
+                };
+                if s.forget_row(seq, size) != RowPlace::InFlight {
+                    continue;
                 }
+                // Taken into the window before its row was refused: it was not accepted
+                // (its publisher hears 0x97 or no acknowledgement), so it is not sent.
+                if let Some(i) = s.inflight.iter().position(|m| m.seq == seq) {
+                    if let Some(m) = s.inflight.remove(i) {
+                        s.held.retain(|(_, item)| {
+                            !matches!(item, Held::Deliver { packet_id, .. } if *packet_id == m.packet_id)
+                        });
+                    }
+                    pump.push(sid);
+                }
+            }
+            for sid in pump {
+                self.pump(sid);
             }
         }
         let mut sids = p.sids;
@@ -169,30 +179,71 @@ impl Router {
         };
         debug!(client_id = %s.client_id, rows = rows.len(), from_seq, "queue read back from disk");
         s.reading = false;
-        if !s.is_online() {
-            return; // read again when the client is back
+        let stale = std::mem::take(&mut s.read_stale);
+        if stale || !s.is_online() {
+            // Asked for a position that has moved back since, or for a client that left:
+            // read again (when it is back). Drops waiting for these rows go by position.
+            if s.drops_pending > 0 {
+                self.ops.push(Op::DeleteOldest {
+                    sid,
+                    from_seq: s.spilled_from.unwrap_or(from_seq),
+                    count: std::mem::take(&mut s.drops_pending),
+                });
+                s.drops_pending_bytes = 0;
+            }
+            if s.is_online() {
+                self.pump(sid);
+            }
+            return;
         }
         let now = Instant::now();
         let full = rows.len() as u32 >= limit;
         let mut last = None;
-        for row in rows {
+        // The queue limit dropped the oldest messages while this answer was on its way:
+        // they are its first rows. Delete them, and put the exact sizes in place of the
+        // estimate subtracted then.
+        let pending = s.drops_pending;
+        let skip = (pending as usize).min(rows.len());
+        let estimate = s.drops_pending_bytes / u64::from(pending.max(1)) * skip as u64;
+        let mut exact = 0;
+        for (i, row) in rows.into_iter().enumerate() {
             last = Some(row.seq);
-            match row_message(&row) {
+            let message = row_message(&row);
+            if i < skip {
+                exact += message.map_or(0, |m| m.publish.payload.len() as u64);
+                self.ops.push(Op::Delete { sid, seq: row.seq });
+                continue;
+            }
+            match message {
                 Some(m) if !m.is_expired(now) => s.queue.push_back(Queued {
                     seq: row.seq,
                     message: m,
                 }),
-                _ => {
+                expired => {
                     self.stats.expired += 1;
-                    s.forget_queued(row.packet.len() as u64);
+                    let size = expired.map_or(row.packet.len(), |m| m.publish.payload.len());
+                    s.forget_queued(size as u64);
                     self.ops.push(Op::Delete { sid, seq: row.seq });
                 }
             }
         }
+        s.queued_bytes = (s.queued_bytes + estimate).saturating_sub(exact);
+        s.drops_pending -= skip as u32;
+        s.drops_pending_bytes = s.drops_pending_bytes.saturating_sub(estimate);
+        let next = last.map(|l| l + 1).unwrap_or(from_seq).max(from_seq);
+        if s.drops_pending > 0 {
+            // More were dropped than this answer held: the oldest after it.
+            self.ops.push(Op::DeleteOldest {
+                sid,
+                from_seq: next,
+                count: std::mem::take(&mut s.drops_pending),
+            });
+            s.drops_pending_bytes = 0;
+        }
         s.spilled_from = if !full && s.next_seq == next_seq_at_request {
             None
         } else {
-            Some(last.map(|l| l + 1).unwrap_or(from_seq).max(from_seq))
+            Some(next)
         };
         self.pump(sid);
     }
