@@ -17,7 +17,7 @@
 //!
 //! The session is owned by the router task; nothing here is shared or locked.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use tokio::time::Instant;
@@ -188,8 +188,11 @@ pub struct Session {
     pub drops_pending_bytes: u64,
     /// Output waiting for a commit: (token, item); token 0 = not waiting itself.
     pub held: VecDeque<(u64, Held)>,
-    /// Incoming QoS 2 packet ids received (and routed) whose PUBREL has not come yet.
-    pub incoming_qos2: HashSet<u16>,
+    /// Incoming QoS 2 packet ids received (and routed) whose PUBREL has not come yet, with
+    /// the store token that carries what the message was stored with (0: nothing to wait
+    /// for). A resend of the PUBLISH is acknowledged only once that token has committed,
+    /// and a failed token removes the id again (the message was refused, not received).
+    pub incoming_qos2: HashMap<u16, u64>,
     /// Own queue limits instead of the `[mqtt]` ones (internal sessions).
     pub limits: Option<QueueLimits>,
     /// An internal session (a bridge's outbox): its QoS 1 messages go out without waiting
@@ -234,7 +237,7 @@ impl Session {
             drops_pending: 0,
             drops_pending_bytes: 0,
             held: VecDeque::new(),
-            incoming_qos2: HashSet::new(),
+            incoming_qos2: HashMap::new(),
             gated: Vec::new(),
             limits: None,
             internal: false,

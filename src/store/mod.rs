@@ -189,12 +189,21 @@ pub enum Op {
         sid: Sid,
         seq: u64,
     },
+    /// Queue limit policy: drops one queued (not yet sent) message, counted. Refused with
+    /// its token, like the `Enqueue` it makes room for: a refused message deletes nothing.
+    Drop {
+        sid: Sid,
+        seq: u64,
+    },
     /// Queue limit policy: remove the `count` oldest not-yet-sent messages of a session
     /// from `from_seq` on (the router has the ones before in memory, or had them).
+    /// Refused with its token, like `Drop`, when it makes room for a message of the same
+    /// token (`refusable`); otherwise a release op like any delete.
     DeleteOldest {
         sid: Sid,
         from_seq: u64,
         count: u32,
+        refusable: bool,
     },
     /// Sets (Some) or deletes (None) the retained message of a topic.
     Retain {
@@ -228,6 +237,13 @@ impl Op {
                 | Op::IncomingQos2 { present: true, .. }
                 | Op::Subscribe { .. }
                 | Op::UpsertSession { .. }
+                // Queue-limit drops make room for an `Enqueue` of the same token: when it
+                // is refused they must not delete what is stored.
+                | Op::Drop { .. }
+                | Op::DeleteOldest {
+                    refusable: true,
+                    ..
+                }
         )
     }
 }

@@ -311,6 +311,7 @@ fn delete_oldest_drops_only_unsent_rows_and_counts_them() {
                         sid: 2,
                         from_seq: 0,
                         count: 2,
+                        refusable: false,
                     },
                 ],
             ),
@@ -423,6 +424,7 @@ proptest! {
                         sid,
                         from_seq: 0,
                         count,
+                        refusable: false,
                     })
                 }
                 TestOp::Recreate { sid } => {

@@ -302,45 +302,40 @@ impl Writer {
                 }
             }
         }
-        // Keep what releases data; refuse what accepts it.
-        let mut release: Vec<Op> = std::mem::take(&mut self.retry);
-        let mut oks = Vec::new();
-        for item in group.iter_mut() {
-            if let Item::Batch(_, ops) = item {
-                oks.push(!ops.iter().any(Op::accepts_data));
-                release.extend(
-                    std::mem::take(ops)
-                        .into_iter()
-                        .filter(|o| !o.accepts_data()),
-                );
+        // One batch at a time, each in its own transaction, so only the batches that do
+        // not fit are refused (one oversized message must not fail its neighbours). A
+        // refused batch keeps what releases data and refuses what accepts it. Reads are
+        // answered in their place, from what is committed.
+        let mut stuck = !self.retry.is_empty() && apply(&mut self.conn, self.retry.iter()).is_err();
+        if !stuck {
+            self.retry.clear();
+            for (token, ok) in self.retry_tokens.drain(..) {
+                let _ = self.events.send(StoreEvent::Committed { token, ok });
             }
         }
-        let applied = match apply(&mut self.conn, release.iter()) {
-            Ok(()) => {
-                // Tokens of earlier failed groups come first.
-                for (token, ok) in self.retry_tokens.drain(..) {
-                    let _ = self.events.send(StoreEvent::Committed { token, ok });
-                }
-                true
-            }
-            Err(e) => {
-                // Nothing of these tokens is reported until their releases are on disk.
-                debug!(cause = %e, ops = release.len(), "release ops kept for retry");
-                self.retry = release;
-                false
-            }
-        };
-        // Reads were rolled back with the group: read again, from what is committed now
-        // (never rows of refused batches).
-        let mut oks = oks.into_iter();
         for item in group.drain(..) {
             match item {
-                Item::Batch(token, _) => {
-                    let ok = oks.next().unwrap_or(false);
-                    if applied {
-                        let _ = self.events.send(StoreEvent::Committed { token, ok });
-                    } else {
+                Item::Batch(token, ops) => {
+                    let mut ok = !stuck && apply(&mut self.conn, ops.iter()).is_ok();
+                    if !ok {
+                        let release: Vec<Op> =
+                            ops.iter().filter(|o| !o.accepts_data()).cloned().collect();
+                        let refused_nothing = release.len() == ops.len();
+                        if !stuck && apply(&mut self.conn, release.iter()).is_ok() {
+                            ok = refused_nothing;
+                        } else {
+                            // Nothing of this token is reported until its releases are
+                            // on disk (and nothing after it, to keep the order).
+                            stuck = true;
+                            self.retry.extend(release);
+                            self.retry_tokens.push((token, refused_nothing));
+                            continue;
+                        }
+                    }
+                    if stuck {
                         self.retry_tokens.push((token, ok));
+                    } else {
+                        let _ = self.events.send(StoreEvent::Committed { token, ok });
                     }
                 }
                 Item::Read {
@@ -353,6 +348,9 @@ impl Writer {
                     self.send_rows(sid, rows, from_seq, limit, next_seq_at_request);
                 }
             }
+        }
+        if stuck {
+            debug!(ops = self.retry.len(), "release ops kept for retry");
         }
     }
 
@@ -684,7 +682,7 @@ impl Deletes {
             {
                 self.flush(tx, *sid, per)?;
             }
-            Op::DeleteOldest { sid, .. } | Op::DeleteSession { sid } => {
+            Op::DeleteOldest { sid, .. } | Op::DeleteSession { sid } | Op::Drop { sid, .. } => {
                 self.flush(tx, *sid, per)?
             }
             _ => {}
@@ -868,10 +866,17 @@ fn apply_op(
                     .execute(params![queue_id(*sid, *seq)])?;
             }
             Op::Delete { sid, seq } => delete_range(tx, *sid, *seq, *seq, per)?,
+            Op::Drop { sid, seq } => {
+                let before = per.get(sid).map_or(0, |d| d.queued);
+                delete_range(tx, *sid, *seq, *seq, per)?;
+                let d = per.entry(*sid).or_default();
+                d.dropped += before - d.queued;
+            }
             Op::DeleteOldest {
                 sid,
                 from_seq,
                 count,
+                ..
             } => {
                 let mut st = tx.prepare_cached(
                     "DELETE FROM queue WHERE id IN (SELECT id FROM queue WHERE id BETWEEN ?1 AND ?2
@@ -981,7 +986,14 @@ mod tests {
 
     /// Events in submission order; a read sees exactly the batches submitted before it.
     fn expect(rx: &mut tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) -> Vec<String> {
-        (0..3)
+        expect_n(rx, 3)
+    }
+
+    fn expect_n(
+        rx: &mut tokio::sync::mpsc::UnboundedReceiver<StoreEvent>,
+        n: usize,
+    ) -> Vec<String> {
+        (0..n)
             .map(|_| match rx.blocking_recv().expect("event") {
                 StoreEvent::Committed { token, ok } => format!("commit {token} {ok}"),
                 StoreEvent::QueueRows { rows, .. } => {
@@ -1012,6 +1024,7 @@ mod tests {
                     sid: 4,
                     from_seq: 0,
                     count: 1,
+                    refusable: false,
                 },
             ]),
             batch(vec![del(4, 0)]),
@@ -1093,6 +1106,7 @@ mod tests {
                 sid: 1,
                 from_seq: 0,
                 count: 1,
+                refusable: false,
             },
             del(2),
             enqueue(1, 2, 20),
@@ -1140,6 +1154,45 @@ mod tests {
         assert_eq!(
             expect(&mut rx),
             ["commit 1 true", "rows [0, 1]", "commit 2 true"]
+        );
+    }
+
+    #[test]
+    fn one_oversized_message_does_not_fail_the_rest_of_its_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let opts = StoreOptions {
+            path: dir.path().join("holdfast.db"),
+            synchronous: super::super::Synchronous::Normal,
+            max_bytes: 64 * 1024,
+            min_free_percent: 0,
+            budget_policy: BudgetPolicy::RejectNew,
+            on_corrupt: OnCorrupt::Refuse,
+        };
+        let (conn, _) = super::super::load::open_and_load(&opts).unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut w = Writer::new(conn, opts, tx);
+        let mut group = vec![
+            Item::Batch(1, vec![session(1), enqueue(1, 0, 10)]),
+            Item::Batch(2, vec![enqueue(1, 1, 200 * 1024)]),
+            Item::Read {
+                sid: 1,
+                from_seq: 0,
+                limit: 10,
+                next_seq_at_request: 3,
+            },
+            Item::Batch(3, vec![enqueue(1, 2, 10)]),
+        ];
+        w.commit_group(&mut group);
+        let got = expect_n(&mut rx, 4);
+        assert_eq!(
+            got,
+            vec![
+                "commit 1 true",
+                "commit 2 false",
+                "rows [0]",
+                "commit 3 true"
+            ],
+            "only the message that cannot fit is refused, in order"
         );
     }
 

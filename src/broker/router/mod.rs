@@ -267,9 +267,24 @@ struct Timer {
 struct Pending {
     /// Sessions with held output carrying this token.
     sids: Vec<SessionId>,
-    /// Messages queued (not in flight) under this token: undone if the commit fails.
+    /// Messages queued or sent under this token: undone if the commit fails.
     /// (session, seq, payload bytes).
     enqueued: Vec<(SessionId, u64, u64)>,
+    /// Incoming QoS 2 packet ids recorded under this token: forgotten if it fails.
+    qos2: Vec<(SessionId, u16)>,
+    /// Queue-limit drops made under this token: taken back if it fails (the store refuses
+    /// them with the message they made room for).
+    drops: Vec<DropUndo>,
+}
+
+/// How to take back one queue-limit drop whose token failed.
+enum DropUndo {
+    /// Popped from the in-memory queue: it goes back.
+    Popped(SessionId, Box<Queued>),
+    /// The oldest row on disk (`Op::DeleteOldest`), with the bytes estimated for it.
+    Oldest(SessionId, u64),
+    /// Deferred to the answer of an outstanding read-back (`Session::drops_pending`).
+    Pending(SessionId, u64),
 }
 
 pub struct Router {
@@ -494,7 +509,7 @@ impl Router {
                     .subscribe(&filter, group.as_deref(), sid, data.clone());
                 s.subscriptions.insert(sub.filter, data);
             }
-            s.incoming_qos2 = rs.incoming_qos2.into_iter().collect();
+            s.incoming_qos2 = rs.incoming_qos2.into_iter().map(|p| (p, 0)).collect();
             let mut last_inflight_seq = None;
             for row in rs.inflight {
                 let Some(message) = row_message(&row) else {

@@ -103,9 +103,6 @@ pub(super) fn release(s: &mut Session, item: Held, ok: bool, stats: &mut RouterS
             let code = if ok {
                 code
             } else {
-                if qos2 {
-                    s.incoming_qos2.remove(&packet_id);
-                }
                 if !s.params.protocol.is_v5() {
                     warn!(client_id = %s.client_id, packet_id, "store refused the message: not acknowledged (3.x has no reason codes)");
                     return;

@@ -166,7 +166,7 @@ pub fn session_state_ops(s: &crate::broker::session::Session, ops: &mut Vec<crat
     for q in &s.queue {
         ops.push(enqueue(q.seq, None, &q.message));
     }
-    for &packet_id in &s.incoming_qos2 {
+    for &packet_id in s.incoming_qos2.keys() {
         ops.push(Op::IncomingQos2 {
             sid,
             packet_id,

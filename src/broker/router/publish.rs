@@ -14,14 +14,29 @@ impl Router {
         let packet_id = publish.packet_id;
         if qos == QoS::ExactlyOnce {
             if let Some(s) = self.sessions.get_mut(&sid) {
-                if s.incoming_qos2.contains(&packet_id) {
-                    // A resend of a message we already have: acknowledge, don't route again.
+                if let Some(&stored_by) = s.incoming_qos2.get(&packet_id) {
+                    // A resend of a message we already have: don't route again; acknowledge
+                    // once what it was stored with is committed (the first PUBREC may have
+                    // died with an earlier connection before that).
+                    let token = if stored_by > self.completed {
+                        match self.pending.get_mut(&stored_by) {
+                            Some(p) => p.sids.push(sid),
+                            None => self.cur.sids.push(sid),
+                        }
+                        stored_by
+                    } else {
+                        0
+                    };
                     let item = Held::PubAck {
                         packet_id,
                         qos2: true,
                         code: reason::SUCCESS,
                     };
-                    hold(s, 0, item, &mut self.cur, &mut self.stats);
+                    if token == 0 && s.held.is_empty() {
+                        hold(s, 0, item, &mut self.cur, &mut self.stats);
+                    } else if s.conn.is_some() {
+                        s.held.push_back((token, item));
+                    }
                     return;
                 }
             }
@@ -49,17 +64,22 @@ impl Router {
             // the client keeps it and retries later (the refusal was logged by the queue).
             return;
         }
-        if qos == QoS::ExactlyOnce && code < 0x80 {
-            s.incoming_qos2.insert(packet_id);
-            if s.durable {
-                self.ops.push(Op::IncomingQos2 {
-                    sid,
-                    packet_id,
-                    present: true,
-                });
-            }
+        if qos == QoS::ExactlyOnce && code < 0x80 && s.durable {
+            self.ops.push(Op::IncomingQos2 {
+                sid,
+                packet_id,
+                present: true,
+            });
         }
         let mut token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
+        if qos == QoS::ExactlyOnce && code < 0x80 {
+            if let Some(s) = self.sessions.get_mut(&sid) {
+                s.incoming_qos2.insert(packet_id, token);
+            }
+            if token != 0 {
+                self.cur.qos2.push((sid, packet_id));
+            }
+        }
         if gated {
             token |= GATE_BIT;
         } else if qos == QoS::AtLeastOnce && token != 0 && code == reason::SUCCESS {
@@ -94,7 +114,7 @@ impl Router {
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
-        let code = if s.incoming_qos2.remove(&packet_id) {
+        let code = if s.incoming_qos2.remove(&packet_id).is_some() {
             if s.durable {
                 self.ops.push(Op::IncomingQos2 {
                     sid,
@@ -347,6 +367,10 @@ impl Router {
                 // (see `Session::internal`).
                 if !(s.internal && msg.publish.qos == QoS::AtLeastOnce) {
                     token = *next_token;
+                    // If the commit fails the message was not accepted: it leaves the
+                    // window again, even if the connection (and the held send) is gone.
+                    cur.enqueued
+                        .push((sid, seq, msg.publish.payload.len() as u64));
                 }
             }
             s.inflight.push_back(Inflight {
@@ -395,7 +419,8 @@ impl Router {
                     while full(s) && s.queue_len > 0 {
                         if let Some(q) = s.pop_queue() {
                             if s.durable {
-                                ops.push(Op::Delete { sid, seq: q.seq });
+                                ops.push(Op::Drop { sid, seq: q.seq });
+                                cur.drops.push(DropUndo::Popped(sid, Box::new(q)));
                             }
                         } else {
                             // The oldest is on disk only; its exact size is known to the
@@ -407,12 +432,15 @@ impl Router {
                                 // store reads before it sees this): deleted when it comes.
                                 s.drops_pending += 1;
                                 s.drops_pending_bytes += average;
+                                cur.drops.push(DropUndo::Pending(sid, average));
                             } else {
                                 ops.push(Op::DeleteOldest {
                                     sid,
                                     from_seq: s.spilled_from.unwrap_or(0),
                                     count: 1,
+                                    refusable: true,
                                 });
+                                cur.drops.push(DropUndo::Oldest(sid, average));
                             }
                         }
                         note_drop(s, stats, "drop-oldest");

@@ -117,6 +117,14 @@ impl Router {
         };
         if !ok {
             self.stats.refused_store_failure += 1;
+            for (sid, packet_id) in p.qos2 {
+                // Refused, so not received: a resend is a new message.
+                if let Some(s) = self.sessions.get_mut(&sid) {
+                    if s.incoming_qos2.get(&packet_id) == Some(&token) {
+                        s.incoming_qos2.remove(&packet_id);
+                    }
+                }
+            }
             let mut pump = Vec::new();
             for (sid, seq, size) in p.enqueued {
                 let Some(s) = self.sessions.get_mut(&sid) else {
@@ -136,6 +144,9 @@ impl Router {
                     pump.push(sid);
                 }
             }
+            for undo in p.drops {
+                self.undo_drop(undo, &mut pump);
+            }
             for sid in pump {
                 self.pump(sid);
             }
@@ -148,6 +159,43 @@ impl Router {
                 flush_held(s, self.completed, &self.failed, &mut self.stats);
             }
         }
+    }
+
+    /// Takes back a queue-limit drop whose token failed: the message it made room for was
+    /// refused, and the store kept the dropped one.
+    fn undo_drop(&mut self, undo: DropUndo, pump: &mut Vec<SessionId>) {
+        let (sid, bytes) = match &undo {
+            DropUndo::Popped(sid, q) => (*sid, q.message.publish.payload.len() as u64),
+            DropUndo::Oldest(sid, b) | DropUndo::Pending(sid, b) => (*sid, *b),
+        };
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        match undo {
+            DropUndo::Popped(_, q) => {
+                if s.is_online() && s.spilled_from.is_none_or(|f| q.seq < f) {
+                    let at = s.queue.iter().position(|x| x.seq > q.seq);
+                    s.queue.insert(at.unwrap_or(s.queue.len()), *q);
+                } else {
+                    // Its row is on disk, unsent: read back from it.
+                    s.spill_all();
+                    s.spilled_from = Some(s.spilled_from.map_or(q.seq, |f| f.min(q.seq)));
+                }
+                pump.push(sid);
+            }
+            DropUndo::Oldest(..) => {}
+            DropUndo::Pending(..) => {
+                if s.drops_pending == 0 {
+                    return; // deleted already, with the read-back it waited for
+                }
+                s.drops_pending -= 1;
+                s.drops_pending_bytes = s.drops_pending_bytes.saturating_sub(bytes);
+            }
+        }
+        s.queue_len += 1;
+        s.queued_bytes += bytes;
+        s.dropped = s.dropped.saturating_sub(1);
+        self.stats.dropped_queue_full = self.stats.dropped_queue_full.saturating_sub(1);
     }
 
     /// Releases the acknowledgements of publishers that waited for `sid`'s queue.
@@ -184,10 +232,12 @@ impl Router {
             // Asked for a position that has moved back since, or for a client that left:
             // read again (when it is back). Drops waiting for these rows go by position.
             if s.drops_pending > 0 {
+                // A release op from here on: the tokens that made these drops are past.
                 self.ops.push(Op::DeleteOldest {
                     sid,
                     from_seq: s.spilled_from.unwrap_or(from_seq),
                     count: std::mem::take(&mut s.drops_pending),
+                    refusable: false,
                 });
                 s.drops_pending_bytes = 0;
             }
@@ -237,6 +287,7 @@ impl Router {
                 sid,
                 from_seq: next,
                 count: std::mem::take(&mut s.drops_pending),
+                refusable: false,
             });
             s.drops_pending_bytes = 0;
         }

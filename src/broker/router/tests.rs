@@ -94,3 +94,357 @@ fn a_reconnect_while_a_read_back_is_outstanding_skips_nothing() {
     assert_eq!(first_receipts(&got), numbers(0..400), "nothing skipped");
     assert_eq!(h.counts("s"), (0, 0));
 }
+
+/// Item 5: a QoS 2 PUBLISH resent on a new connection (takeover of a session with expiry
+/// 0, or a reconnect) while its first copy's commit is still on its way: the PUBREC must
+/// wait for that commit, not go out at once.
+#[test]
+fn a_resent_qos2_publish_is_not_acknowledged_before_its_commit() {
+    let mut h = Harness::new(|_, _| {});
+    let _ = offline_subscriber(&mut h);
+    let q = h.connect("q", true, 0, 10);
+    h.settle();
+    h.publish_qos(&q, QoS::ExactlyOnce, false, "t/a", b"once", 7, None);
+    h.freeze(); // committed on disk, the router not told yet
+    let mut q2 = h.connect("q", false, 0, 10); // takeover
+    h.publish_qos(&q2, QoS::ExactlyOnce, true, "t/a", b"once", 7, None);
+    assert_eq!(
+        Harness::acks(&mut q2),
+        vec![],
+        "no PUBREC before the commit is reported"
+    );
+    h.settle();
+    assert_eq!(Harness::acks(&mut q2), vec![(7, 0)]);
+}
+
+/// Item 5: the first copy's commit fails (disk budget) after the connection it came on is
+/// gone; the resend must not be acknowledged as received, since the message was not stored.
+#[test]
+fn a_resent_qos2_publish_whose_first_commit_failed_is_not_acknowledged_as_stored() {
+    let mut h = Harness::new(|_, o| o.max_bytes = 64 * 1024);
+    let mut s = {
+        let s = h.connect("s", true, HOUR, 10);
+        h.subscribe(&s, "t/#", QoS::ExactlyOnce);
+        h.settle();
+        h.disconnect(s);
+        h.settle();
+        None::<Client>
+    };
+    let q = h.connect("q", true, 0, 10);
+    h.settle();
+    let big = vec![b'x'; 200 * 1024];
+    h.publish_qos(&q, QoS::ExactlyOnce, false, "t/a", &big, 9, None);
+    h.freeze();
+    let mut q2 = h.connect("q", false, 0, 10);
+    h.settle(); // the commit failed: the message was refused
+    h.publish_qos(&q2, QoS::ExactlyOnce, true, "t/a", &big, 9, None);
+    h.settle();
+    let acks = Harness::acks(&mut q2);
+    assert_eq!(acks.len(), 1);
+    assert_eq!(acks[0], (9, crate::protocol::reason::QUOTA_EXCEEDED));
+    let _ = s.take();
+}
+
+// ----- model-based test ----------------------------------------------------------------------
+
+mod model {
+    //! Random interleavings of a publisher, a durable subscriber that comes and goes without
+    //! waiting for the store (reconnects, receives with and without acknowledging), store
+    //! answers that arrive late, disk budget refusals, an optional queue limit and restarts,
+    //! against a simple reference: every message acknowledged to the publisher is delivered
+    //! once (redeliveries only of messages the subscriber saw and did not acknowledge), in
+    //! publish order, unless the queue limit dropped it (counted); a refused message is never
+    //! delivered; and whenever the store has caught up, the router's count of waiting
+    //! messages equals the unsent rows on disk.
+
+    use std::collections::{HashMap, HashSet};
+
+    use proptest::prelude::*;
+
+    use super::super::harness::*;
+    use crate::config::QueuePolicy;
+    use crate::protocol::QoS;
+    use crate::store::BudgetPolicy;
+
+    #[derive(Debug, Clone)]
+    enum Action {
+        /// The publisher sends n QoS 1 messages (their PUBACKs come when they come).
+        Publish(u8),
+        /// The subscriber takes what it was sent and acknowledges it.
+        Receive,
+        /// The subscriber takes what it was sent and acknowledges nothing.
+        ReceiveNoAck,
+        Disconnect,
+        Reconnect,
+        /// The store's answers so far reach the router (without this they wait).
+        Settle,
+        /// The gateway stops (everything submitted is committed) and starts again.
+        Restart,
+    }
+
+    fn action(restarts: bool) -> impl Strategy<Value = Action> {
+        prop_oneof![
+            // Publishing and receiving dominate; bursts overflow the 64 KiB-ish window of
+            // free pages under the budget and the 20-message limit.
+            5 => (1..30u8).prop_map(Action::Publish),
+            4 => Just(Action::Receive),
+            1 => Just(Action::ReceiveNoAck),
+            // Reconnects without a settle in between are the races of issue 12.
+            2 => Just(Action::Disconnect),
+            3 => Just(Action::Reconnect),
+            3 => Just(Action::Settle),
+            if restarts { 1 } else { 0 } => Just(Action::Restart),
+        ]
+    }
+
+    struct World {
+        h: Harness,
+        p: Option<Client>,
+        s: Option<Client>,
+        next_id: u32,
+        /// Packet id → message id of publishes not acknowledged yet.
+        in_flight: HashMap<u16, u32>,
+        acked: Vec<u32>,
+        refused: HashSet<u32>,
+        /// Unknown fate: in flight when the gateway stopped.
+        unknown: HashSet<u32>,
+        /// (message id, DUP) in arrival order.
+        got: Vec<(u32, bool)>,
+        /// Seen and not acknowledged on the current connection.
+        unacked: HashSet<u32>,
+        seen: HashSet<u32>,
+        dropped_before: u64,
+    }
+
+    impl World {
+        fn take_acks(&mut self) {
+            let Some(p) = self.p.as_mut() else { return };
+            for (pid, code) in Harness::acks(p) {
+                let Some(id) = self.in_flight.remove(&pid) else {
+                    continue;
+                };
+                if code == 0 {
+                    self.acked.push(id);
+                } else {
+                    self.refused.insert(id);
+                }
+            }
+        }
+
+        fn take_publishes(&mut self, ack: bool) {
+            let Some(s) = self.s.as_mut() else { return };
+            let ps = s.publishes();
+            for p in ps {
+                let id: u32 = std::str::from_utf8(&p.payload[..8])
+                    .expect("utf8")
+                    .parse()
+                    .expect("id");
+                assert!(
+                    !self.seen.contains(&id) || p.dup,
+                    "message {id} delivered twice without DUP"
+                );
+                self.got.push((id, p.dup));
+                self.seen.insert(id);
+                if ack {
+                    self.h.puback(s, p.packet_id);
+                    self.unacked.remove(&id);
+                } else {
+                    self.unacked.insert(id);
+                }
+            }
+        }
+
+        fn apply(&mut self, a: &Action) {
+            match a {
+                Action::Publish(n) => {
+                    if self.p.is_none() {
+                        self.p = Some(self.h.connect("p", true, 0, 64));
+                    }
+                    for _ in 0..*n {
+                        let id = self.next_id;
+                        self.next_id += 1;
+                        let pid = (id % 60_000 + 1) as u16;
+                        let mut payload = format!("{id:08}").into_bytes();
+                        payload.resize(2048, b'.');
+                        let p = self.p.as_ref().expect("publisher");
+                        self.in_flight.insert(pid, id);
+                        self.h
+                            .publish_qos(p, QoS::AtLeastOnce, false, "t/a", &payload, pid, None);
+                        self.take_acks();
+                    }
+                }
+                Action::Receive => self.take_publishes(true),
+                Action::ReceiveNoAck => self.take_publishes(false),
+                Action::Disconnect => {
+                    if let Some(s) = self.s.take() {
+                        self.take_publishes_from(s);
+                    }
+                }
+                Action::Reconnect => {
+                    if let Some(s) = self.s.take() {
+                        self.take_publishes_from(s);
+                    }
+                    self.unacked.clear();
+                    self.s = Some(self.h.connect("s", false, 3600, 10));
+                }
+                Action::Settle => {
+                    self.h.settle();
+                    self.take_acks();
+                    self.check_counts();
+                }
+                Action::Restart => {
+                    self.take_acks();
+                    self.unknown
+                        .extend(self.in_flight.drain().map(|(_, id)| id));
+                    self.p = None;
+                    self.s = None;
+                    self.unacked.clear();
+                    let sid = self.h.r.by_client["s"];
+                    self.dropped_before += self.h.r.sessions[&sid].dropped;
+                    let h = std::mem::replace(&mut self.h, Harness::new(|_, _| {}));
+                    self.h = h.restart();
+                }
+            }
+        }
+
+        /// The subscriber's connection ends: what it was sent and did not read is lost
+        /// with it (it was not acknowledged, so it comes again).
+        fn take_publishes_from(&mut self, s: Client) {
+            self.h.disconnect(s);
+        }
+
+        fn check_counts(&mut self) {
+            let (counted, on_disk) = self.h.counts("s");
+            assert_eq!(
+                counted, on_disk,
+                "router's queue count vs unsent rows on disk"
+            );
+        }
+
+        fn finish(mut self) {
+            self.h.settle();
+            self.take_acks();
+            if let Some(s) = self.s.take() {
+                self.h.disconnect(s);
+            }
+            self.unacked.clear();
+            let mut s = self.h.connect("s", false, 3600, 10);
+            self.h.settle();
+            self.s = None;
+            loop {
+                self.h.settle();
+                let ps = s.publishes();
+                if ps.is_empty() {
+                    break;
+                }
+                for p in ps {
+                    let id: u32 = std::str::from_utf8(&p.payload[..8])
+                        .expect("utf8")
+                        .parse()
+                        .expect("id");
+                    self.got.push((id, p.dup));
+                    self.h.puback(&s, p.packet_id);
+                }
+            }
+            self.take_acks();
+            self.check_counts();
+            let sid = self.h.r.by_client["s"];
+            let dropped = self.dropped_before + self.h.r.sessions[&sid].dropped;
+            // First receipts, in order of arrival, are in publish order.
+            let mut first = Vec::new();
+            let mut seen = HashSet::new();
+            for (id, _) in &self.got {
+                if seen.insert(*id) {
+                    first.push(*id);
+                }
+            }
+            assert!(
+                first.windows(2).all(|w| w[0] < w[1]),
+                "deliveries out of order: {first:?}"
+            );
+            for id in &first {
+                assert!(
+                    !self.refused.contains(id),
+                    "refused message {id} was delivered (refused {:?}, got {:?})",
+                    self.refused,
+                    self.got
+                );
+                assert!(
+                    self.acked.contains(id)
+                        || self.unknown.contains(id)
+                        || self.in_flight.values().any(|v| v == id),
+                    "message {id} was never published"
+                );
+            }
+            let lost: Vec<u32> = self
+                .acked
+                .iter()
+                .filter(|id| !seen.contains(id))
+                .copied()
+                .collect();
+            assert!(
+                lost.len() as u64 <= dropped,
+                "acknowledged messages lost beyond the {dropped} counted drops: {lost:?}"
+            );
+            assert_eq!(
+                self.h.counts("s"),
+                (0, 0),
+                "queue empty on both sides at the end"
+            );
+        }
+    }
+
+    fn run(actions: &[Action], limit: Option<u64>) {
+        let mut h = Harness::new(|c, o| {
+            o.max_bytes = 256 * 1024;
+            o.budget_policy = BudgetPolicy::RejectNew;
+            if let Some(l) = limit {
+                c.durable_max_queued_messages = l;
+                c.queue_policy = QueuePolicy::DropOldest;
+            }
+        });
+        let s = h.connect("s", true, 3600, 10);
+        h.subscribe(&s, "t/#", QoS::AtLeastOnce);
+        h.settle();
+        let mut w = World {
+            h,
+            p: None,
+            s: Some(s),
+            next_id: 0,
+            in_flight: HashMap::new(),
+            acked: Vec::new(),
+            refused: HashSet::new(),
+            unknown: HashSet::new(),
+            got: Vec::new(),
+            unacked: HashSet::new(),
+            seen: HashSet::new(),
+            dropped_before: 0,
+        };
+        for a in actions {
+            w.apply(a);
+        }
+        w.finish();
+    }
+
+    proptest! {
+        // 24 cases in CI; PROPTEST_CASES=1000 for a longer search.
+        #![proptest_config(ProptestConfig {
+            cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(24),
+            ..ProptestConfig::default()
+        })]
+
+        #[test]
+        fn budget_refusals_late_answers_reconnects_and_restarts_lose_nothing(
+            actions in proptest::collection::vec(action(true), 1..60)
+        ) {
+            run(&actions, None);
+        }
+
+        #[test]
+        fn a_queue_limit_drops_only_what_it_counts(
+            actions in proptest::collection::vec(action(false), 1..60)
+        ) {
+            run(&actions, Some(20));
+        }
+    }
+}
