@@ -26,6 +26,7 @@
 
 mod load;
 pub mod metrics;
+pub mod powercut;
 pub mod schema;
 mod writer;
 
@@ -95,6 +96,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("the store writer thread is gone")]
     WriterGone,
+    #[error(transparent)]
+    Powercut(#[from] powercut::PowercutError),
 }
 
 /// A will kept with its session (for Will Delay across restarts).
