@@ -9,6 +9,7 @@
 //!   (strict checks, as in the crash loop).
 //! - `synchronous = "normal"`: the same harness loses acknowledged messages (the WAL is
 //!   synced only at checkpoints), which shows that it really cuts.
+//! - An admin command run after a cut applies it first and sees what the broker will see.
 //!
 //! Environment: `HOLDFAST_TEST_POWERCUT_ROUNDS` (default 20; for `normal` the most rounds
 //! before a loss must be seen, unless `HOLDFAST_TEST_POWERCUT_ALL_ROUNDS=1` runs them all,
@@ -20,7 +21,10 @@ mod crash;
 #[path = "common/daemon.rs"]
 mod daemon;
 
-use crash::{crash_loop, env_u64, seed_from_env, LoopOptions, Outcome};
+use crash::{connect_packet, crash_loop, env_u64, open, seed_from_env, LoopOptions, Outcome};
+use daemon::Daemon;
+use holdfast::protocol::Packet;
+use holdfast::store::powercut::ENV_VAR;
 
 /// Bytes of one WAL frame: a 24-byte frame header and a 4096-byte page (the default page
 /// size, which Holdfast keeps).
@@ -154,4 +158,65 @@ async fn power_cuts_lose_acknowledged_messages_with_synchronous_normal() {
          harness does not cut (seed {seed})",
         o.rounds
     );
+}
+
+/// `holdfast sessions list` on the power-cut installation: the client ids it lists.
+fn listed_sessions(d: &Daemon, power_cut: bool) -> Vec<String> {
+    let mut cmd = std::process::Command::new(daemon::BIN);
+    cmd.args(["sessions", "list", "--config"]).arg(&d.config);
+    if power_cut {
+        cmd.env(ENV_VAR, "1");
+    } else {
+        cmd.env_remove(ENV_VAR);
+    }
+    let out = cmd.output().expect("run holdfast sessions list");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text.lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|id| *id == "kept" || *id == "cut")
+        .map(String::from)
+        .collect()
+}
+
+/// Connects `id` as a durable session and leaves; returns CONNACK's Session Present.
+async fn durable_visit(d: &Daemon, id: &str) -> bool {
+    let (mut c, ack) = open(d.addr, connect_packet(id, false, 3600))
+        .await
+        .expect("connect");
+    c.send(&Packet::Disconnect(Default::default()))
+        .await
+        .expect("disconnect");
+    d.wait_offline_committed(id).await;
+    ack.session_present
+}
+
+/// Admin commands open the database through the same VFS: after a power cut they apply
+/// the cut first and show what survived, as the broker will, not the lost page cache.
+#[tokio::test]
+async fn admin_commands_and_the_broker_see_the_same_store_after_a_power_cut() {
+    let mut d = Daemon::new("[store]\nsynchronous = \"normal\"\n");
+    d.env.push((ENV_VAR.into(), "1".into()));
+    d.start().await;
+    durable_visit(&d, "kept").await;
+    d.sigterm().await; // a clean stop checkpoints: "kept" is synced
+    d.start().await;
+    durable_visit(&d, "cut").await; // committed, but with `normal` not synced
+    d.sigkill();
+    // What a SIGKILL alone leaves (read without the VFS: no cut applied).
+    assert_eq!(listed_sessions(&d, false), ["cut", "kept"]);
+    // The power cut, applied by the first process that opens the store with the VFS on.
+    assert_eq!(listed_sessions(&d, true), ["kept"]);
+    d.start().await;
+    assert!(durable_visit(&d, "kept").await, "kept survives");
+    assert!(
+        !durable_visit(&d, "cut").await,
+        "cut is gone for the broker too"
+    );
+    d.sigterm().await;
 }

@@ -87,7 +87,7 @@ pub fn seed_from_env(name: &str) -> u64 {
     })
 }
 
-fn connect_packet(id: &str, clean_start: bool, expiry: u32) -> Connect {
+pub fn connect_packet(id: &str, clean_start: bool, expiry: u32) -> Connect {
     Connect {
         protocol: ProtocolVersion::V5,
         clean_start,
@@ -105,7 +105,7 @@ fn connect_packet(id: &str, clean_start: bool, expiry: u32) -> Connect {
 
 /// Opens an MQTT connection; `None` if the broker is not there (refused, reset, closed).
 /// Panics if a live broker refuses the CONNECT or does not answer.
-async fn open(addr: SocketAddr, c: Connect) -> Option<(Conn, ConnAck)> {
+pub async fn open(addr: SocketAddr, c: Connect) -> Option<(Conn, ConnAck)> {
     let mut conn = Conn::tcp(addr, ProtocolVersion::V5).await.ok()?;
     conn.send(&Packet::Connect(Box::new(c))).await.ok()?;
     match conn.recv_timeout(PATIENCE).await {
