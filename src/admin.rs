@@ -490,6 +490,7 @@ pub fn open_store_read_only(data_dir: &Path) -> anyhow::Result<Connection> {
             db.display()
         );
     }
+    crate::store::powercut::install_from_env(&db)?;
     let conn = open_ro(&db).with_context(|| format!("opening database {}", db.display()))?;
     check_schema(&conn, &db)?;
     Ok(conn)
@@ -1155,6 +1156,7 @@ fn drop_offline(data_dir: &Path, client_id: &str) -> anyhow::Result<DropOutcome>
             db.display()
         );
     }
+    crate::store::powercut::install_from_env(&db)?;
     let mut conn = Connection::open_with_flags(
         &db,
         OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,

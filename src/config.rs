@@ -51,7 +51,7 @@ pub struct Config {
 #[serde(deny_unknown_fields, default)]
 pub struct StoreConfig {
     /// `full`: every commit is fsynced (survives power loss). `normal`: survives a process
-    /// crash, but the last commits may be lost on power loss.
+    /// crash, but a power cut loses everything committed since the last WAL checkpoint.
     pub synchronous: crate::store::Synchronous,
     /// Largest database file in bytes (0 = no fixed size; `min_free_percent` still applies).
     pub max_bytes: u64,

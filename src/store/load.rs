@@ -75,6 +75,8 @@ pub fn open_and_load(opts: &StoreOptions) -> Result<(Connection, Recovered), Sto
             })?;
         }
     }
+    // TEST ONLY (off unless HOLDFAST_TEST_POWERCUT_VFS=1): simulated power cuts.
+    super::powercut::install_from_env(&opts.path)?;
     match try_open(opts) {
         Ok(x) => Ok(x),
         Err(e) => {

@@ -2,8 +2,10 @@
 //!
 //! # Durability contract
 //! - One SQLite file (`<data_dir>/holdfast.db`) in WAL mode. With `synchronous = FULL`
-//!   (default) a commit survives power loss; with `NORMAL` it survives a process crash but
-//!   the last commits may be lost on power loss.
+//!   (default) a commit survives power loss; with `NORMAL` it survives a process crash, but
+//!   a power cut loses everything committed since the last WAL checkpoint (the WAL is
+//!   synced only then). Both are tested with simulated power cuts (`powercut`,
+//!   `tests/power_cut.rs`).
 //! - One writer thread owns the only write connection. The router submits `Batch`es of
 //!   `Op`s, each with a token; the writer takes whatever batches have arrived, applies them
 //!   in one transaction, commits, and only then reports every token as `Committed`
@@ -27,6 +29,7 @@
 pub mod budget;
 mod load;
 pub mod metrics;
+pub mod powercut;
 pub mod schema;
 mod writer;
 
@@ -120,6 +123,8 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("the store writer thread is gone")]
     WriterGone,
+    #[error(transparent)]
+    Powercut(#[from] powercut::PowercutError),
 }
 
 /// A will kept with its session (for Will Delay across restarts).

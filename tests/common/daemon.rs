@@ -156,6 +156,15 @@ impl Daemon {
         let _ = c.wait();
     }
 
+    /// SIGKILL and reap; true if the process was still running when the signal came
+    /// (false: it had exited on its own, e.g. because its store did not open).
+    pub fn sigkill_alive(&mut self) -> bool {
+        use std::os::unix::process::ExitStatusExt;
+        let mut c = self.child.take().expect("holdfast is not running");
+        let _ = c.kill();
+        c.wait().map(|s| s.signal() == Some(9)).unwrap_or(false)
+    }
+
     /// SIGTERM; waits for a successful exit.
     pub async fn sigterm(&mut self) {
         let mut c = self.child.take().expect("holdfast is not running");
