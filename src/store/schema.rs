@@ -15,6 +15,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0002_queue_enqueued_at",
         include_str!("../../migrations/0002_queue_enqueued_at.sql"),
     ),
+    (
+        "0004_session_owner",
+        include_str!("../../migrations/0004_session_owner.sql"),
+    ),
 ];
 
 /// The schema version this binary writes.

@@ -177,7 +177,7 @@ impl Router {
         for row in rows {
             last = Some(row.seq);
             match row_message(&row) {
-                Some(m) if !m.is_expired(now) => s.queue.push_back(Queued {
+                Some(m) if !m.is_expired(now) => s.push_read_back(Queued {
                     seq: row.seq,
                     message: m,
                 }),
