@@ -9,8 +9,9 @@
 //! # Dropping a session
 //! A running broker owns its sessions in memory, so editing the database under it would
 //! desynchronise the two. The broker therefore listens on a Unix domain socket,
-//! `<data_dir>/holdfast.sock` (mode 0600: only the broker's user may use it), speaking a
-//! line protocol, one request per connection:
+//! `admin_socket` (default `<data_dir>/holdfast.sock`; the packaged configuration puts it in
+//! systemd's runtime directory, `/run/holdfast/holdfast.sock`), mode 0600: only the broker's
+//! user may use it. It speaks a line protocol, one request per connection:
 //!
 //! ```text
 //! drop <client id, percent-encoded>\n   ->  ok dropped\n | ok not-found\n | err <message>\n
@@ -30,7 +31,9 @@
 //!
 //! The socket is created when the broker starts (a stale file left by a crash is replaced;
 //! a live one, answering, means another broker already uses the data directory and the
-//! start is refused), and removed when it stops, after the store is closed. During a
+//! start is refused). Any other failure to create it (a filesystem without Unix sockets,
+//! such as FAT/exFAT, a missing directory) is a loud warning: the gateway runs without it,
+//! and `sessions drop` must not be used while it runs. It is removed when the broker stops, after the store is closed. During a
 //! graceful shutdown it stays in place answering `err broker is shutting down`, so a
 //! concurrent `sessions drop` never mistakes a stopping broker for a stopped one.
 //!
@@ -150,15 +153,19 @@ pub struct AdminSocket {
 }
 
 impl AdminSocket {
-    /// Creates `<data_dir>/holdfast.sock` with mode 0600, replacing a stale socket file.
-    /// Refuses if a broker answers on the existing socket.
-    pub fn bind(data_dir: &Path) -> Result<AdminSocket, AdminSocketError> {
-        let path = socket_path(data_dir);
+    /// Creates the socket at `path` with mode 0600, replacing a stale socket file.
+    /// Refuses if a broker answers on the existing socket. `data_dir` locates the store.
+    pub fn bind(path: &Path, data_dir: &Path) -> Result<AdminSocket, AdminSocketError> {
+        let path = path.to_path_buf();
         let io_err = |source| AdminSocketError::Io {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(data_dir).map_err(io_err)?;
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&dir).map_err(io_err)?;
         match std::fs::symlink_metadata(&path) {
             Ok(meta) if !meta.file_type().is_socket() => {
                 return Err(AdminSocketError::NotASocket { path });
@@ -173,7 +180,7 @@ impl AdminSocket {
         }
         // Bind under a temporary name, restrict it, then rename into place: the socket is
         // never reachable under its public name with looser permissions.
-        let tmp = data_dir.join(format!(".holdfast-{}.sock", std::process::id()));
+        let tmp = dir.join(format!(".holdfast-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         let listener = std::os::unix::net::UnixListener::bind(&tmp).map_err(io_err)?;
         let setup = (|| {
@@ -1017,7 +1024,12 @@ pub fn oldest_enqueued(db: &Path, client_id: &str) -> Option<i64> {
 /// The running gateway's `status` object (see `observe::status`), or None when no broker
 /// is running on this data directory.
 pub fn gateway_status(data_dir: &Path) -> anyhow::Result<Option<serde_json::Value>> {
-    match ask_broker(data_dir, "status")? {
+    gateway_status_at(&socket_path(data_dir))
+}
+
+/// [`gateway_status`], asking the admin socket at `socket`.
+pub fn gateway_status_at(socket: &Path) -> anyhow::Result<Option<serde_json::Value>> {
+    match ask_broker(socket, "status")? {
         Ask::NoBroker => Ok(None),
         Ask::Answer(line) => {
             let Some(json) = line.strip_prefix("ok ") else {
@@ -1030,7 +1042,12 @@ pub fn gateway_status(data_dir: &Path) -> anyhow::Result<Option<serde_json::Valu
 
 /// Bridge status: from the running gateway, or (None) when no broker is running.
 pub fn bridge_status(data_dir: &Path) -> anyhow::Result<Option<Vec<serde_json::Value>>> {
-    match ask_broker(data_dir, "bridges")? {
+    bridge_status_at(&socket_path(data_dir))
+}
+
+/// [`bridge_status`], asking the admin socket at `socket`.
+pub fn bridge_status_at(socket: &Path) -> anyhow::Result<Option<Vec<serde_json::Value>>> {
+    match ask_broker(socket, "bridges")? {
         Ask::NoBroker => Ok(None),
         Ask::Answer(line) => {
             let Some(json) = line.strip_prefix("ok ") else {
@@ -1099,9 +1116,9 @@ enum Ask {
     NoBroker,
 }
 
-fn ask_broker(data_dir: &Path, request: &str) -> anyhow::Result<Ask> {
+fn ask_broker(socket: &Path, request: &str) -> anyhow::Result<Ask> {
     use std::io::ErrorKind;
-    let path = socket_path(data_dir);
+    let path = socket.to_path_buf();
     let mut stream = match std::os::unix::net::UnixStream::connect(&path) {
         Ok(s) => s,
         Err(e) if matches!(e.kind(), ErrorKind::NotFound | ErrorKind::ConnectionRefused) => {
@@ -1132,8 +1149,17 @@ fn ask_broker(data_dir: &Path, request: &str) -> anyhow::Result<Ask> {
 /// Drops a session: through the running broker when there is one, else directly in the
 /// database.
 pub fn drop_session(data_dir: &Path, client_id: &str) -> anyhow::Result<DropOutcome> {
+    drop_session_at(data_dir, &socket_path(data_dir), client_id)
+}
+
+/// [`drop_session`], asking the admin socket at `socket`.
+pub fn drop_session_at(
+    data_dir: &Path,
+    socket: &Path,
+    client_id: &str,
+) -> anyhow::Result<DropOutcome> {
     let request = format!("drop {}", encode_client_id(client_id));
-    match ask_broker(data_dir, &request)? {
+    match ask_broker(socket, &request)? {
         Ask::Answer(line) => match line.as_str() {
             "ok dropped" => Ok(DropOutcome::DroppedByBroker),
             "ok not-found" => Ok(DropOutcome::NotFound {

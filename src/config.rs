@@ -26,6 +26,12 @@ use serde::{Deserialize, Serialize};
 pub struct Config {
     /// Where the SQLite store and other state live.
     pub data_dir: PathBuf,
+    /// The admin socket (`holdfast sessions drop`, `status`, `bridge status`). Default
+    /// `<data_dir>/holdfast.sock`; the packaged configuration uses
+    /// `/run/holdfast/holdfast.sock` (systemd `RuntimeDirectory=`), so a data directory on
+    /// a filesystem without Unix sockets (FAT/exFAT, some FUSE) works. Failing to create
+    /// it is a warning, not fatal.
+    pub admin_socket: Option<PathBuf>,
     /// Threads of the async runtime (connections, router, bridges, serial ports); the
     /// store writer always has its own. 0 = one per CPU core.
     pub worker_threads: usize,
@@ -211,8 +217,20 @@ pub struct MqttConfig {
     /// If set, overrides the client's keep-alive (v5 Server Keep Alive; 3.x clients are
     /// held to it too).
     pub server_keep_alive: Option<u16>,
-    /// Seconds a new socket may take to send CONNECT.
+    /// Longest keep-alive a client may use, seconds (Mosquitto's `max_keepalive`); 0 = no
+    /// cap. A v5 client asking for more (or 0) is lowered to it and told with Server Keep
+    /// Alive; a 3.x client cannot be told and is refused (return code 2). Shorter
+    /// keep-alives are kept as asked. `server_keep_alive`, when set, wins.
+    pub max_keep_alive: u16,
+    /// Seconds a new socket may take for the whole handshake: TLS, WebSocket upgrade and
+    /// CONNECT.
     pub connect_timeout_secs: u64,
+    /// Sockets accepted but not past CONNECT yet, over all listeners; more are closed right
+    /// after accept (counted, logged once per episode).
+    pub max_handshaking: usize,
+    /// Largest CONNECT accepted (whole packet, bytes): the only packet read before the
+    /// client is authenticated. Larger ones close the socket before their body is read.
+    pub max_connect_packet_size: u32,
     /// Upper bound on a v5 Session Expiry Interval, seconds.
     pub max_session_expiry_secs: u32,
     /// Session expiry applied to 3.1.1 persistent (clean session = 0) sessions, seconds.
@@ -236,6 +254,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             data_dir: PathBuf::from("holdfast-data"),
+            admin_socket: None,
             worker_threads: 1,
             listener: vec![ListenerConfig::new("127.0.0.1:1883")],
             log: LogConfig::default(),
@@ -279,7 +298,10 @@ impl Default for MqttConfig {
             retain_available: true,
             topic_alias_maximum: 64,
             server_keep_alive: None,
+            max_keep_alive: 0,
             connect_timeout_secs: 10,
+            max_handshaking: 256,
+            max_connect_packet_size: 16 * 1024,
             max_session_expiry_secs: 7 * 24 * 3600,
             v3_session_expiry_secs: 7 * 24 * 3600,
             shutdown_timeout_secs: 5,
@@ -692,6 +714,7 @@ impl Config {
         }
         self.log.validate()?;
         self.mqtt.validate()?;
+        self.auth.validate()?;
         self.store.validate()?;
         self.sys.validate()?;
         self.metrics.validate()?;
@@ -714,6 +737,64 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Where the admin socket is: `admin_socket`, or `<data_dir>/holdfast.sock`.
+    pub fn admin_socket_path(&self) -> PathBuf {
+        match &self.admin_socket {
+            Some(p) => p.clone(),
+            None => crate::admin::socket_path(&self.data_dir),
+        }
+    }
+
+    /// Every file the configuration refers to, with its key: password and ACL files,
+    /// listener certificates, bridge certificates.
+    pub fn referenced_files(&self) -> Vec<(String, &Path)> {
+        let mut all: Vec<(String, &Option<PathBuf>)> = vec![
+            ("auth.password_file".into(), &self.auth.password_file),
+            ("auth.acl_file".into(), &self.auth.acl_file),
+        ];
+        for (i, l) in self.listener.iter().enumerate() {
+            all.push((format!("listener[{i}].tls_cert"), &l.tls_cert));
+            all.push((format!("listener[{i}].tls_key"), &l.tls_key));
+            all.push((format!("listener[{i}].tls_client_ca"), &l.tls_client_ca));
+        }
+        for (i, b) in self.bridge.iter().enumerate() {
+            all.push((format!("bridge[{i}].ca_file"), &b.ca_file));
+            all.push((format!("bridge[{i}].cert_file"), &b.cert_file));
+            all.push((format!("bridge[{i}].key_file"), &b.key_file));
+        }
+        all.into_iter()
+            .filter_map(|(k, p)| p.as_deref().map(|p| (k, p)))
+            .collect()
+    }
+
+    /// `holdfast check-config`: every referenced file can be opened for reading. The error
+    /// names the key, the file it refers to and `config_file` (where the key was set).
+    pub fn check_files(&self, config_file: Option<&Path>) -> Result<(), ConfigError> {
+        for (key, path) in self.referenced_files() {
+            if let Err(e) = std::fs::File::open(path) {
+                let err =
+                    ConfigError::invalid(key, format!("cannot read `{}`: {e}", path.display()));
+                return Err(match config_file {
+                    Some(f) => err.with_origin(Origin::File(f.to_path_buf())),
+                    None => err,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Config::to_toml`] with secrets (bridge passwords) replaced by `"<redacted>"`, for
+    /// printing.
+    pub fn to_toml_redacted(&self) -> String {
+        let mut shown = self.clone();
+        for b in &mut shown.bridge {
+            if b.password.is_some() {
+                b.password = Some("<redacted>".to_string());
+            }
+        }
+        shown.to_toml()
     }
 
     /// The effective configuration as TOML (for `holdfast check-config`). Loading the
@@ -951,6 +1032,21 @@ impl MqttConfig {
             return Err(ConfigError::invalid(
                 "mqtt.connect_timeout_secs",
                 "must be at least 1 second (got 0)",
+            ));
+        }
+        if self.max_handshaking == 0 {
+            return Err(ConfigError::invalid(
+                "mqtt.max_handshaking",
+                "must be at least 1 (got 0)",
+            ));
+        }
+        if self.max_connect_packet_size < 16 {
+            return Err(ConfigError::invalid(
+                "mqtt.max_connect_packet_size",
+                format!(
+                    "must be at least 16 bytes (got {})",
+                    self.max_connect_packet_size
+                ),
             ));
         }
         if !(0.0..=1_000_000.0).contains(&self.max_connection_rate) {

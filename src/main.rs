@@ -35,10 +35,15 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
-    /// Validate a configuration file and print the effective configuration.
+    /// Validate a configuration file and the files it refers to (password, ACL,
+    /// certificates), and print the effective configuration (secrets redacted).
     CheckConfig {
         /// TOML configuration file.
-        file: PathBuf,
+        #[arg(required_unless_present = "config", conflicts_with = "config")]
+        file: Option<PathBuf>,
+        /// The same, given as `--config FILE` (as for `run`).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Inspect or drop durable sessions (reads `<data_dir>/holdfast.db`).
     Sessions {
@@ -53,7 +58,9 @@ enum Command {
     /// Add or change a user in a password file (`[auth] password_file`): Argon2id hash,
     /// one `user:$argon2id$...` line per user. SIGHUP makes a running gateway re-read it.
     Passwd {
-        /// Password file (created if missing, mode 0600).
+        /// Password file. A new file gets mode 0640 and the owner and group of its
+        /// directory (`/etc/holdfast`, `root:holdfast`: readable by the service); an existing
+        /// file keeps its owner, group and mode.
         file: PathBuf,
         /// User name.
         user: String,
@@ -141,7 +148,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run { config } => run(config),
-        Command::CheckConfig { file } => check_config(file),
+        Command::CheckConfig { file, config } => match file.or(config) {
+            Some(f) => check_config(f),
+            None => Err(anyhow::anyhow!("check-config needs a configuration file")),
+        },
         Command::Sessions { command } => sessions(command),
         Command::Bridge { command } => bridge(command),
         Command::Passwd { file, user, stdin } => passwd(file, user, stdin),
@@ -163,15 +173,17 @@ fn main() -> ExitCode {
 
 fn check_config(file: PathBuf) -> anyhow::Result<()> {
     let cfg = Config::load(Some(&file))?;
-    print!("{}", cfg.to_toml());
+    cfg.check_files(Some(&file))?;
+    print!("{}", cfg.to_toml_redacted());
     eprintln!("holdfast: {} is valid", file.display());
     Ok(())
 }
 
 fn bridge(command: BridgeCommand) -> anyhow::Result<()> {
     let BridgeCommand::Status { config, json } = command;
-    let dir = data_dir(config)?;
-    match holdfast::admin::bridge_status(&dir)? {
+    let cfg = Config::load(config.as_deref())?;
+    let dir = cfg.data_dir.clone();
+    match holdfast::admin::bridge_status_at(&cfg.admin_socket_path())? {
         Some(items) => {
             if json {
                 println!("{}", serde_json::Value::Array(items));
@@ -207,12 +219,13 @@ fn bridge(command: BridgeCommand) -> anyhow::Result<()> {
 }
 
 fn status(config: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
-    let dir = data_dir(config)?;
-    let Some(v) = admin::gateway_status(&dir)? else {
+    let cfg = Config::load(config.as_deref())?;
+    let socket = cfg.admin_socket_path();
+    let Some(v) = admin::gateway_status_at(&socket)? else {
         anyhow::bail!(
             "no gateway running on {} (no answer on {})",
-            dir.display(),
-            admin::socket_path(&dir).display()
+            cfg.data_dir.display(),
+            socket.display()
         );
     };
     if json {
@@ -263,9 +276,10 @@ fn sessions(command: SessionsCommand) -> anyhow::Result<()> {
             }
         }
         SessionsCommand::Drop { client_id, config } => {
-            let dir = data_dir(config)?;
+            let cfg = Config::load(config.as_deref())?;
+            let dir = cfg.data_dir.clone();
             let shown = admin::display_id(&client_id);
-            match admin::drop_session(&dir, &client_id)? {
+            match admin::drop_session_at(&dir, &cfg.admin_socket_path(), &client_id)? {
                 admin::DropOutcome::DroppedByBroker => println!(
                     "dropped session {shown} on the running broker \
                      (client disconnected if online, will published if any)"
@@ -366,9 +380,14 @@ async fn wait_for_signal(broker: &Broker, reloader: &mut Reloader) -> anyhow::Re
     Ok(())
 }
 
-/// `holdfast passwd FILE USER`: adds or replaces USER's Argon2id hash in FILE (created
-/// with mode 0600 if missing). The password comes from the terminal (twice, not echoed)
-/// or, with `--stdin`, from the first line of standard input.
+/// `holdfast passwd FILE USER`: adds or replaces USER's Argon2id hash in FILE. The password
+/// comes from the terminal (twice, not echoed) or, with `--stdin`, from the first line of
+/// standard input.
+///
+/// Ownership, so that the service user can read what root wrote: an existing file keeps its
+/// owner, group and mode; a new one gets mode 0640 and its directory's owner and group
+/// (`/etc/holdfast` is `root:holdfast`). The result is checked: a file the directory's group
+/// cannot read is reported.
 fn passwd(file: PathBuf, user: String, stdin: bool) -> anyhow::Result<()> {
     use std::io::BufRead;
     holdfast::auth::password::valid_user_name(&user).map_err(anyhow::Error::msg)?;
@@ -415,10 +434,43 @@ fn passwd(file: PathBuf, user: String, stdin: bool) -> anyhow::Result<()> {
         f.write_all(new.as_bytes())?;
         f.sync_all()?;
     }
-    if let Ok(meta) = std::fs::metadata(&file) {
-        let _ = std::fs::set_permissions(&tmp, meta.permissions());
+    if let Err(e) = passwd_ownership(&file, &tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
     }
     std::fs::rename(&tmp, &file).with_context(|| format!("replacing {}", file.display()))?;
     eprintln!("holdfast: password for {user} set in {}", file.display());
+    Ok(())
+}
+
+/// Gives `tmp` (the new password file) the ownership and mode `file` should have: those of
+/// the existing `file`, or for a new file mode 0640 with the owner and group of its
+/// directory. Changing the owner needs root; other users keep their own and get the mode.
+fn passwd_ownership(file: &std::path::Path, tmp: &std::path::Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let (uid, gid, mode) = match std::fs::metadata(file) {
+        Ok(meta) => (meta.uid(), meta.gid(), meta.mode() & 0o7777),
+        Err(_) => {
+            let dir = match file.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            let meta = std::fs::metadata(dir)
+                .with_context(|| format!("reading the owner of {}", dir.display()))?;
+            (meta.uid(), meta.gid(), 0o640)
+        }
+    };
+    std::fs::set_permissions(tmp, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("setting the mode of {}", tmp.display()))?;
+    let me = std::fs::metadata(tmp)?;
+    if (me.uid(), me.gid()) != (uid, gid) {
+        if let Err(e) = std::os::unix::fs::chown(tmp, Some(uid), Some(gid)) {
+            eprintln!(
+                "holdfast: warning: cannot give {} owner {uid} and group {gid} ({e}); \
+                 make sure the holdfast service user can read it",
+                file.display()
+            );
+        }
+    }
     Ok(())
 }

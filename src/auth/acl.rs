@@ -25,9 +25,11 @@
 //!
 //! Publishing to topic T needs a `write` rule matching T and no `deny` rule matching T.
 //! Subscribing to filter F needs a `read` rule whose filter covers F (every topic F matches,
-//! the rule matches too) and no `deny` rule overlapping F (no topic matches both); shared
-//! subscriptions are checked on their inner filter. Because of that, a subscription is
-//! granted whole or not at all and deliveries need no further checks.
+//! the rule matches too) and no `deny` rule covering F; shared subscriptions are checked on
+//! their inner filter. A granted filter that overlaps a `deny` rule (some topic matches
+//! both, as `#` and `deny secret/#`) is [`SubscribeCheck::Filtered`]: granted, and each
+//! delivery to it is checked with [`ClientAcl::can_read`] (Mosquitto's behaviour). Filters
+//! that overlap no deny rule need no check per delivery.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -221,22 +223,71 @@ impl ClientAcl {
 
     /// May the client subscribe to `filter` (possibly `$share/group/...`)?
     pub fn can_subscribe(&self, filter: &str) -> bool {
+        self.check_subscribe(filter) != SubscribeCheck::Denied
+    }
+
+    /// How a subscription to `filter` (possibly `$share/group/...`) is granted.
+    pub fn check_subscribe(&self, filter: &str) -> SubscribeCheck {
         let filter = match topic::parse_shared(filter) {
             Ok(Some((_, inner))) => inner,
             Ok(None) => filter,
-            Err(_) => return false,
+            Err(_) => return SubscribeCheck::Denied,
         };
+        let deny = |r: &&Rule| r.access == Access::Deny;
         if self
             .rules
             .iter()
-            .any(|r| r.access == Access::Deny && overlaps(&r.filter, filter))
+            .filter(deny)
+            .any(|r| covers(&r.filter, filter))
         {
-            return false;
+            return SubscribeCheck::Denied;
         }
-        self.rules
+        if !self
+            .rules
             .iter()
             .any(|r| r.access.reads() && covers(&r.filter, filter))
+        {
+            return SubscribeCheck::Denied;
+        }
+        if self
+            .rules
+            .iter()
+            .filter(deny)
+            .any(|r| overlaps(&r.filter, filter))
+        {
+            SubscribeCheck::Filtered
+        } else {
+            SubscribeCheck::Granted
+        }
     }
+
+    /// May a message on `topic_name` be delivered to the client (a `read` rule matches it
+    /// and no `deny` rule does)? Asked per delivery only for [`SubscribeCheck::Filtered`]
+    /// subscriptions.
+    pub fn can_read(&self, topic_name: &str) -> bool {
+        for r in &self.rules {
+            if topic::matches(&r.filter, topic_name) {
+                if r.access == Access::Deny {
+                    return false;
+                }
+                if r.access.reads() {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// The ACL's answer to a SUBSCRIBE filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeCheck {
+    /// No `read` rule covers it, or a `deny` rule does: SUBACK 0x87 (3.x: 0x80).
+    Denied,
+    /// Granted; no `deny` rule overlaps it, so deliveries need no check.
+    Granted,
+    /// Granted, but some topics it matches are denied: each delivery is checked.
+    Filtered,
 }
 
 /// Does `rule` match every topic that `filter` matches?
@@ -356,12 +407,22 @@ pattern readwrite users/%u/#
     fn subscribe_matrix() {
         let acl = acl();
         let alice = acl.for_client(Some("alice"), "dev1");
-        // Granted, but it overlaps `deny alice/secret/#`: refused as a whole.
-        assert!(!alice.can_subscribe("alice/#"));
-        assert!(alice.can_subscribe("alice/public/#"));
+        // Granted, but it overlaps `deny alice/secret/#`: filtered per delivery.
+        assert_eq!(alice.check_subscribe("alice/#"), SubscribeCheck::Filtered);
+        assert_eq!(alice.check_subscribe("alice/+/x"), SubscribeCheck::Filtered);
+        assert_eq!(
+            alice.check_subscribe("alice/public/#"),
+            SubscribeCheck::Granted
+        );
+        // Wholly inside the deny rule, or not covered by a read rule: refused.
+        assert_eq!(
+            alice.check_subscribe("alice/secret/+"),
+            SubscribeCheck::Denied
+        );
         assert!(!alice.can_subscribe("#"));
-        // Overlaps the deny rule: refused as a whole.
-        assert!(!alice.can_subscribe("alice/+/x"));
+        assert!(alice.can_read("alice/x/y"));
+        assert!(!alice.can_read("alice/secret/x"));
+        assert!(!alice.can_read("public/x"));
         assert!(alice.can_subscribe("alice/public/+"));
         assert!(!alice.can_subscribe("shared/in"));
         assert!(alice.can_subscribe("devices/dev1/down/#"));

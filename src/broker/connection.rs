@@ -9,6 +9,22 @@
 //! Reads are cancel-safe (`read_buf` into an owned buffer, whole packets decoded from it);
 //! writes go through `write_buf`, so the loop keeps reading while a slow client drains, and
 //! stops taking new outgoing packets once `WRITE_HIGH_WATER` bytes are buffered.
+//!
+//! Before the client is authenticated it costs little: the socket holds a place under
+//! `mqtt.max_handshaking` (taken at accept, given back once the CONNECT is answered), the
+//! whole handshake is bounded by `mqtt.connect_timeout_secs`, the CONNECT may be at most
+//! `mqtt.max_connect_packet_size` bytes (a larger one is refused from its fixed header), and
+//! the password check waits at most `auth.hash_queue_timeout_ms` for a hashing slot.
+//!
+//! Authorization here covers the client's own packets: publishes (ACL, and never to
+//! `$SYS`), subscriptions and the will at CONNECT. The rules are re-derived when a SIGHUP
+//! reloaded the ACL file. What the client receives, and its will when it is published, are
+//! checked by the router (`router::security`).
+//!
+//! When the server closes a connection (a DISCONNECT with a reason code, a refused
+//! CONNACK), it half-closes: writes what it has, shuts its sending side and reads (and
+//! discards) for up to `CLOSE_DRAIN`, so a client still writing does not get a reset that
+//! would lose the reason code before it read it.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{BuildHasher, Hasher};
@@ -42,6 +58,9 @@ const READ_MIN: usize = 1024;
 const READ_MAX: usize = 64 * 1024;
 /// How long a closing connection may spend flushing its last bytes.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+/// After a server-initiated close: how long the half-closed socket keeps reading (and
+/// discarding) what the client still sends, waiting for its end of stream.
+const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 
 /// What the router sends to a connection. Packets are boxed so that each connection's
 /// channel blocks stay small (an idle connection costs a few KiB, not tens).
@@ -100,6 +119,73 @@ pub struct Shared {
     pub user_limit: Arc<super::ratelimit::UserLimit>,
     /// Bytes in/out of every listener, in configuration order.
     pub traffic: Vec<Arc<super::traffic::ListenerTraffic>>,
+    /// Sockets in the handshake (`mqtt.max_handshaking`).
+    pub handshakes: Handshakes,
+}
+
+/// Counts sockets accepted and not yet past CONNECT (`mqtt.max_handshaking`).
+#[derive(Debug, Default)]
+pub struct Handshakes {
+    count: Arc<AtomicUsize>,
+    /// Sockets closed at accept because the limit was reached.
+    pub refused: AtomicU64,
+    /// A refusal episode is being logged (cleared when the count falls to half the limit).
+    episode: std::sync::atomic::AtomicBool,
+}
+
+impl Handshakes {
+    /// A place for a new socket, or None (logged once per episode) when `max` are in use.
+    pub fn try_claim(&self, max: usize, peer: SocketAddr) -> Option<HandshakeSlot> {
+        let claimed = self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            });
+        match claimed {
+            Ok(n) => {
+                if n < max / 2 {
+                    self.episode.store(false, Ordering::Relaxed);
+                }
+                Some(HandshakeSlot(Some(self.count.clone())))
+            }
+            Err(_) => {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                if !self.episode.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(%peer, max, "too many sockets in the handshake (mqtt.max_handshaking): closing new ones (logged once per episode)");
+                }
+                None
+            }
+        }
+    }
+
+    /// Sockets in the handshake now.
+    pub fn current(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+/// One socket's place under `mqtt.max_handshaking`, given back on [`HandshakeSlot::release`]
+/// or drop.
+#[derive(Debug)]
+pub struct HandshakeSlot(Option<Arc<AtomicUsize>>);
+
+impl HandshakeSlot {
+    /// A slot that counts nothing (internal use and tests).
+    pub fn none() -> HandshakeSlot {
+        HandshakeSlot(None)
+    }
+
+    pub fn release(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        self.release();
+    }
 }
 
 /// What a connection knows about the listener that accepted it.
@@ -151,7 +237,8 @@ enum Close {
 
 /// Serves one accepted socket until it closes. `cert_user` is the name from a verified TLS
 /// client certificate; it becomes the user name (the CONNECT's user name and password are
-/// then not checked).
+/// then not checked). `slot` is the socket's place under `mqtt.max_handshaking`, given
+/// back once its CONNECT is answered.
 pub async fn serve<R, W>(
     reader: R,
     writer: W,
@@ -159,6 +246,7 @@ pub async fn serve<R, W>(
     shared: Arc<Shared>,
     ctx: Arc<ListenerContext>,
     cert_user: Option<String>,
+    slot: HandshakeSlot,
 ) where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
@@ -183,7 +271,7 @@ pub async fn serve<R, W>(
             return;
         }
     };
-    conn.run(connect).await;
+    conn.run(connect, slot).await;
 }
 
 struct Connection<R, W> {
@@ -208,6 +296,8 @@ struct State {
     username: Option<Arc<str>>,
     /// The ACL rules for this client; `None` = no ACL file, everything allowed.
     acl: Option<Arc<crate::auth::ClientAcl>>,
+    /// `Auth::generation` when `acl` was derived: a SIGHUP since makes it stale.
+    acl_generation: u64,
     /// SUBSCRIBEs sent to the router with ACL-denied filters removed: packet id → the
     /// original positions of the denied filters, spliced back into the router's SUBACK.
     denied_subs: HashMap<u16, Vec<usize>>,
@@ -250,7 +340,9 @@ where
     async fn read_connect(&mut self) -> Result<Option<Box<Connect>>, HandshakeError> {
         let timeout = Duration::from_secs(self.shared.cfg.connect_timeout_secs);
         let deadline = Instant::now() + timeout;
-        let max = self.shared.cfg.max_packet_size as usize;
+        // The only packet read from an unauthenticated client: small.
+        let cfg = &self.shared.cfg;
+        let max = cfg.max_connect_packet_size.min(cfg.max_packet_size) as usize;
         loop {
             if self.rbuf.first().is_some_and(|&b| b != 0x10) {
                 // Not a CONNECT fixed header: no need to wait for the rest.
@@ -283,23 +375,26 @@ where
         }
     }
 
-    async fn run(mut self, mut connect: Box<Connect>) {
+    async fn run(mut self, mut connect: Box<Connect>, mut handshake: HandshakeSlot) {
         self.version = connect.protocol;
         let password = connect.password.take();
         let accepted = match self.accept(connect) {
             Ok((request, mut state)) => match self.authenticate(&state, password).await {
                 Ok(()) => {
+                    state.acl_generation = self.ctx.auth.generation();
                     state.acl = self
                         .ctx
                         .auth
                         .acl_for(state.username.as_deref(), &state.client_id);
-                    self.claim_user_slot(&state)
+                    self.check_will(&state, &request)
+                        .and_then(|()| self.claim_user_slot(&state))
                         .map(|slot| (request, state, slot))
                 }
                 Err(code) => Err(code),
             },
             Err(code) => Err(code),
         };
+        handshake.release();
         // Held until the connection ends: its place under `max_connections_per_user`.
         let (request, mut state, _user_slot) = match accepted {
             Ok(x) => x,
@@ -311,7 +406,7 @@ where
                     properties: ConnAckProperties::default(),
                 });
                 protocol::encode(&ack, self.version, &mut self.wbuf);
-                self.flush_and_close().await;
+                self.flush_and_drain().await;
                 debug!(peer = %self.peer, cause = %HandshakeError::Refused(code), "connection refused");
                 return;
             }
@@ -337,9 +432,16 @@ where
         };
         let client_id = state.client_id.clone();
         debug!(peer = %self.peer, client_id = %client_id, version = ?self.version, "client connected");
+        let identity = crate::auth::Identity {
+            owner: crate::auth::SessionOwner::from_username(state.username.as_deref()),
+            acl: state.acl.clone(),
+        };
         if shared
             .router
-            .send(RouterEvent::Connect(Box::new(request)))
+            .send(RouterEvent::ClientConnect {
+                request: Box::new(request),
+                identity,
+            })
             .await
             .is_err()
         {
@@ -389,8 +491,38 @@ where
             })
             .await;
         shared.connected.fetch_sub(1, Ordering::Relaxed);
-        if !matches!(close, Close::Socket) {
-            self.flush_and_close().await;
+        match close {
+            Close::Socket => {}
+            // Shutdown: every client is told at once; no time for draining.
+            Close::Server(reason::SERVER_SHUTTING_DOWN) | Close::ClientDisconnect { .. } => {
+                self.flush_and_close().await
+            }
+            _ => self.flush_and_drain().await,
+        }
+    }
+
+    /// Refuses a will the client may not publish (its ACL, or `$SYS`) with 0x87 Not
+    /// authorized (3.1.1: return code 5). Checked again when the will is published.
+    fn check_will(&self, st: &State, request: &Accepted) -> Result<(), u8> {
+        let Some(w) = &request.will else {
+            return Ok(());
+        };
+        if super::router::will_allowed(st.acl.as_deref(), &w.topic) {
+            return Ok(());
+        }
+        info!(peer = %self.peer, client_id = %st.client_id, user = ?st.username, topic = %w.topic, "will refused: not authorized");
+        Err(reason::NOT_AUTHORIZED)
+    }
+
+    /// Re-derives the client's ACL if a SIGHUP reloaded the ACL file since.
+    fn refresh_acl(&self, st: &mut State) {
+        if st.acl.is_none() && !self.ctx.auth.checks_acl() {
+            return;
+        }
+        let generation = self.ctx.auth.generation();
+        if generation != st.acl_generation {
+            st.acl_generation = generation;
+            st.acl = self.ctx.auth.acl_for(st.username.as_deref(), &st.client_id);
         }
     }
 
@@ -422,16 +554,21 @@ where
         let Some(user) = &st.username else {
             return Ok(());
         };
-        if self
+        match self
             .ctx
             .auth
             .verify_password(user, password.as_deref())
             .await
         {
-            Ok(())
-        } else {
-            info!(peer = %self.peer, listener = %self.ctx.name, user = %user, "bad user name or password");
-            Err(reason::BAD_USER_NAME_OR_PASSWORD)
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                info!(peer = %self.peer, listener = %self.ctx.name, user = %user, "bad user name or password");
+                Err(reason::BAD_USER_NAME_OR_PASSWORD)
+            }
+            Err(busy) => {
+                info!(peer = %self.peer, listener = %self.ctx.name, user = %user, cause = %busy, "CONNECT refused: password check not started within auth.hash_queue_timeout_ms");
+                Err(reason::SERVER_UNAVAILABLE)
+            }
         }
     }
 
@@ -490,7 +627,21 @@ where
             cfg.v3_session_expiry_secs
         };
         let expiry = requested_expiry.min(cfg.max_session_expiry_secs);
-        let keep_alive = cfg.server_keep_alive.unwrap_or(c.keep_alive);
+        // `server_keep_alive` overrides every client; `max_keep_alive` only lowers longer
+        // keep-alives (and 0), as Mosquitto's max_keepalive: a 3.x client cannot be told
+        // and is refused.
+        let capped = cfg.max_keep_alive > 0
+            && (c.keep_alive == 0 || c.keep_alive > cfg.max_keep_alive)
+            && cfg.server_keep_alive.is_none();
+        if capped && !v5 {
+            info!(peer = %self.peer, keep_alive = c.keep_alive, max = cfg.max_keep_alive, "CONNECT refused: keep-alive above mqtt.max_keep_alive");
+            return Err(reason::CLIENT_IDENTIFIER_NOT_VALID);
+        }
+        let keep_alive = match cfg.server_keep_alive {
+            Some(k) => k,
+            None if capped => cfg.max_keep_alive,
+            None => c.keep_alive,
+        };
         let client_receive_max = c.properties.receive_maximum.unwrap_or(u16::MAX);
         let params = ClientParams {
             protocol: c.protocol,
@@ -516,7 +667,7 @@ where
             props.wildcard_subscription_available = Some(1);
             props.subscription_identifiers_available = Some(1);
             props.shared_subscription_available = Some(1);
-            if cfg.server_keep_alive.is_some() {
+            if cfg.server_keep_alive.is_some() || capped {
                 props.server_keep_alive = Some(keep_alive);
             }
         }
@@ -524,6 +675,7 @@ where
             client_id: client_id.clone(),
             username,
             acl: None,
+            acl_generation: 0,
             denied_subs: HashMap::new(),
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
@@ -775,6 +927,7 @@ where
         st: &mut State,
         mut s: crate::protocol::Subscribe,
     ) -> Option<crate::protocol::Subscribe> {
+        self.refresh_acl(st);
         let Some(acl) = &st.acl else {
             return Some(s);
         };
@@ -865,14 +1018,17 @@ where
                 ));
             }
         }
-        if st
-            .acl
-            .as_ref()
-            .is_some_and(|acl| !acl.can_publish(&p.topic))
+        self.refresh_acl(st);
+        let sys = crate::auth::is_sys_topic(&p.topic);
+        if sys
+            || st
+                .acl
+                .as_ref()
+                .is_some_and(|acl| !acl.can_publish(&p.topic))
         {
             // Not authorized: v5 gets PUBACK/PUBREC 0x87; 3.x clients cannot be told, so
             // the message is acknowledged as usual and dropped. QoS 0: dropped.
-            debug!(client_id = %st.client_id, user = ?st.username, topic = %p.topic, "publish denied by ACL");
+            debug!(client_id = %st.client_id, user = ?st.username, topic = %p.topic, sys, "publish not authorized");
             let code = if self.version.is_v5() {
                 reason::NOT_AUTHORIZED
             } else {
@@ -906,7 +1062,24 @@ where
         protocol::encode(&packet, self.version, &mut self.wbuf);
     }
 
-    /// Writes what is buffered (bounded in time) and shuts the socket down.
+    /// [`Self::flush_and_close`], then reads and discards what the client still sends until
+    /// it closes its side or `CLOSE_DRAIN` passes: closing with unread data would reset the
+    /// connection, and a client still writing could lose the reason code we just sent.
+    async fn flush_and_drain(&mut self) {
+        self.flush_and_close().await;
+        let _ = tokio::time::timeout(CLOSE_DRAIN, async {
+            let mut sink = [0u8; 4096];
+            loop {
+                match self.reader.read(&mut sink).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => self.meter.read(n, Instant::now()),
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Writes what is buffered (bounded in time) and shuts the socket's sending side down.
     async fn flush_and_close(&mut self) {
         let _ = tokio::time::timeout(CLOSE_FLUSH, async {
             while !self.wbuf.is_empty() {

@@ -44,6 +44,14 @@ pub async fn accept_loop(
         if !shared.rate_limit.admit(peer.ip()) {
             continue; // dropping the socket closes it (counted and logged by the limiter)
         }
+        // Unauthenticated sockets are capped: each may hold a TLS session, a CONNECT
+        // buffer and a password check (dropping the socket closes it; counted, logged).
+        let Some(slot) = shared
+            .handshakes
+            .try_claim(shared.cfg.max_handshaking, peer)
+        else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
         let ctx = ctx.clone();
@@ -52,10 +60,10 @@ pub async fn accept_loop(
                 tracker.spawn(async move {
                     if ctx.websocket.is_some() {
                         let deadline = Instant::now() + connect_timeout(&shared);
-                        return ws::serve(stream, peer, shared, ctx, None, deadline).await;
+                        return ws::serve(stream, peer, shared, ctx, None, deadline, slot).await;
                     }
                     let (r, w) = stream.into_split();
-                    serve(r, w, peer, shared, ctx, None).await;
+                    serve(r, w, peer, shared, ctx, None, slot).await;
                 });
             }
             Some(tls) => {
@@ -81,10 +89,11 @@ pub async fn accept_loop(
                         .and_then(|c| c.first())
                         .and_then(|c| certificate_name(c));
                     if ctx.websocket.is_some() {
-                        return ws::serve(stream, peer, shared, ctx, cert_user, deadline).await;
+                        return ws::serve(stream, peer, shared, ctx, cert_user, deadline, slot)
+                            .await;
                     }
                     let (r, w) = tokio::io::split(stream);
-                    serve(r, w, peer, shared, ctx, cert_user).await;
+                    serve(r, w, peer, shared, ctx, cert_user, slot).await;
                 });
             }
         }

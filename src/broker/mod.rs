@@ -77,7 +77,8 @@ pub struct Broker {
     router_tx: mpsc::Sender<RouterEvent>,
     router: JoinHandle<()>,
     shutdown_timeout: Duration,
-    admin: crate::admin::AdminHandle,
+    /// None when the admin socket could not be created (warned at start-up).
+    admin: Option<crate::admin::AdminHandle>,
     auth: Arc<crate::auth::Auth>,
     tls: Vec<tls::TlsListener>,
     observer: Arc<crate::observe::Observer>,
@@ -145,8 +146,23 @@ impl Broker {
             budget_policy: cfg.store.budget_policy,
             on_corrupt: cfg.store.on_corrupt,
         };
-        // Before the store: refuses to start if another broker answers on the socket.
-        let admin = crate::admin::AdminSocket::bind(&cfg.data_dir)?;
+        // Before the store: refuses to start if another broker answers on the socket. Any
+        // other failure (no Unix sockets on this filesystem, a missing runtime directory) is
+        // loud but not fatal: the gateway's job is MQTT, not the admin socket.
+        let admin = match crate::admin::AdminSocket::bind(&cfg.admin_socket_path(), &cfg.data_dir) {
+            Ok(a) => Some(a),
+            Err(e @ crate::admin::AdminSocketError::AlreadyRunning { .. }) => return Err(e.into()),
+            Err(e) => {
+                warn!(
+                    cause = %e,
+                    "RUNNING WITHOUT THE ADMIN SOCKET: `holdfast status`, `bridge status` and \
+                     `sessions drop` cannot reach this gateway (do not use `sessions drop` while it \
+                     runs); set `admin_socket` to a path on a filesystem with Unix sockets, such \
+                     as /run/holdfast/holdfast.sock"
+                );
+                None
+            }
+        };
         let t0 = std::time::Instant::now();
         // Start-up: blocking is fine. Recovery and migrations of a big database on an SD card
         // can take long, so systemd's start timeout is extended meanwhile.
@@ -178,6 +194,10 @@ impl Broker {
             .filter_map(|l| l.local_addr().ok())
             .collect::<Vec<_>>();
         let store_probe = store.probe();
+        if auth.checks_acl() {
+            // The first event the router handles: recovered sessions get their owners' rules.
+            let _ = router_tx.try_send(RouterEvent::Reauthorize { auth: auth.clone() });
+        }
         let router = tokio::spawn(
             Router::new(
                 mqtt.clone(),
@@ -207,6 +227,7 @@ impl Broker {
             ),
             user_limit: Arc::new(ratelimit::UserLimit::new(cfg.auth.max_connections_per_user)),
             traffic,
+            handshakes: Default::default(),
         });
         for (l, (ctx, tls)) in listeners.into_iter().zip(contexts) {
             tokio::spawn(listener::accept_loop(
@@ -264,12 +285,14 @@ impl Broker {
                 shutdown.clone(),
             ));
         }
-        let admin = admin.serve(
-            router_tx.clone(),
-            shutdown.clone(),
-            shared.clone(),
-            observer.clone(),
-        );
+        let admin = admin.map(|a| {
+            a.serve(
+                router_tx.clone(),
+                shutdown.clone(),
+                shared.clone(),
+                observer.clone(),
+            )
+        });
         Ok(Broker {
             shared: shared.clone(),
             local_addrs,
@@ -288,12 +311,23 @@ impl Broker {
     }
 
     /// SIGHUP: re-reads the password and ACL files and the TLS certificates. Established
-    /// connections are kept (with the rules they connected with); whatever fails to load
-    /// is logged and its previous version stays in force. Returns the number of failures.
+    /// connections are kept; they and every stored session follow the new ACL from now on
+    /// (subscriptions it no longer grants are removed). Whatever fails to load is logged and
+    /// its previous version stays in force. Returns the number of failures.
     pub fn reload(&self) -> usize {
         let mut failed = 0;
         if self.auth.reload().is_err() {
             failed += 1;
+        } else if self.auth.checks_acl() {
+            // Sessions (online or not) take on the new rules; their subscriptions are
+            // re-checked (`router::security`).
+            let ev = RouterEvent::Reauthorize {
+                auth: self.auth.clone(),
+            };
+            if let Err(mpsc::error::TrySendError::Full(ev)) = self.router_tx.try_send(ev) {
+                let tx = self.router_tx.clone();
+                tokio::spawn(async move { tx.send(ev).await });
+            }
         }
         for t in &self.tls {
             match t.reload() {
@@ -424,7 +458,9 @@ impl Broker {
         let _ = tokio::time::timeout_at(deadline, self.router).await;
         // Last: while the socket exists a `sessions drop` asks (and is refused) instead of
         // editing the database under the stopping broker.
-        self.admin.close().await;
+        if let Some(admin) = self.admin {
+            admin.close().await;
+        }
         info!("stopped");
     }
 }

@@ -11,7 +11,8 @@
 //! - an in-flight message is removed only on PUBACK / PUBCOMP (or a PUBREC with an error
 //!   reason), or when the whole session ends;
 //! - durable sessions keep at most `MEM_QUEUE` (internal ones `MEM_QUEUE_INTERNAL`) queued
-//!   messages in memory, and none while offline: `queue` is always a prefix of the queue,
+//!   messages and `MEM_QUEUE_BYTES` (`MEM_QUEUE_BYTES_INTERNAL`) payload bytes in memory,
+//!   and none while offline: `queue` is always a prefix of the queue,
 //!   and everything from `spilled_from` on is on disk only. Memory does not grow with the
 //!   number of queued messages.
 //!
@@ -32,6 +33,12 @@ pub const MEM_QUEUE: usize = 256;
 /// upstream is a little slower than the local publishers for a while, a longer window
 /// keeps the outbox from reading back from disk what it wrote a moment ago.
 pub const MEM_QUEUE_INTERNAL: usize = 4096;
+/// Payload bytes a durable session keeps in its in-memory queue, whatever the message
+/// count: 4,096 messages of 1 MiB would otherwise be 4 GiB on a 512 MB gateway. The rest
+/// stays on disk and is read back as the window drains.
+pub const MEM_QUEUE_BYTES: u64 = 1024 * 1024;
+/// The same for an internal session (a bridge outbox).
+pub const MEM_QUEUE_BYTES_INTERNAL: u64 = 4 * 1024 * 1024;
 
 /// Where an outgoing QoS 1/2 message stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,6 +177,8 @@ pub struct Session {
     pub inflight: VecDeque<Inflight>,
     /// The front of the queue that is in memory.
     pub queue: VecDeque<Queued>,
+    /// Payload bytes in `queue` (approximate after read-backs; bounds memory, not policy).
+    pub queue_mem_bytes: u64,
     /// Messages waiting (in memory or on disk), not counting in-flight ones.
     pub queue_len: u64,
     pub queued_bytes: u64,
@@ -212,6 +221,14 @@ pub struct Session {
     pub drop_episode: bool,
     /// Bumped on every connect and disconnect, so timers armed earlier are ignored.
     pub generation: u64,
+    /// Who the session belongs to (`router::security`).
+    pub owner: crate::auth::SessionOwner,
+    /// The ACL in force for the session (None: no ACL file, or an internal session):
+    /// replaced at every CONNECT and SIGHUP; wills and filtered deliveries obey it.
+    pub acl: Option<Arc<crate::auth::ClientAcl>>,
+    /// Some subscription overlaps a deny rule of `acl`: deliveries are checked one by one.
+    /// False for every other session (no check per delivery).
+    pub acl_filtered: bool,
 }
 
 impl Session {
@@ -229,6 +246,7 @@ impl Session {
             next_seq: 0,
             inflight: VecDeque::new(),
             queue: VecDeque::new(),
+            queue_mem_bytes: 0,
             queue_len: 0,
             queued_bytes: 0,
             spilled_from: None,
@@ -244,6 +262,9 @@ impl Session {
             will: None,
             dropped: 0,
             drop_episode: false,
+            owner: crate::auth::SessionOwner::Unknown,
+            acl: None,
+            acl_filtered: false,
             generation: 0,
         }
     }
@@ -271,7 +292,9 @@ impl Session {
     pub fn forget_row(&mut self, seq: u64, size: u64) -> RowPlace {
         if let Some(i) = self.queue.iter().position(|q| q.seq == seq) {
             if let Some(q) = self.queue.remove(i) {
-                self.forget_queued(q.message.publish.payload.len() as u64);
+                let size = q.message.publish.payload.len() as u64;
+                self.queue_mem_bytes = self.queue_mem_bytes.saturating_sub(size);
+                self.forget_queued(size);
             }
             RowPlace::Memory
         } else if self.inflight.iter().any(|m| m.seq == seq) {
@@ -352,12 +375,16 @@ impl Session {
     /// Adds a message to the back of the queue (kept in memory only if allowed).
     pub fn push_queue(&mut self, q: Queued) {
         self.queue_len += 1;
-        self.queued_bytes += q.message.publish.payload.len() as u64;
+        let size = q.message.publish.payload.len() as u64;
+        self.queued_bytes += size;
         let in_memory = !self.durable
             || (self.spilled_from.is_none()
                 && self.is_online()
-                && self.queue.len() < self.mem_queue());
+                && self.queue.len() < self.mem_queue()
+                && (self.queue.is_empty()
+                    || self.queue_mem_bytes + size <= self.mem_queue_bytes()));
         if in_memory {
+            self.queue_mem_bytes += size;
             self.queue.push_back(q);
         } else if self.spilled_from.is_none() {
             self.spilled_from = Some(q.seq);
@@ -373,11 +400,28 @@ impl Session {
         }
     }
 
+    /// Most payload bytes kept in the in-memory queue.
+    fn mem_queue_bytes(&self) -> u64 {
+        if self.internal {
+            MEM_QUEUE_BYTES_INTERNAL
+        } else {
+            MEM_QUEUE_BYTES
+        }
+    }
+
     /// Takes the front of the in-memory queue.
     pub fn pop_queue(&mut self) -> Option<Queued> {
         let q = self.queue.pop_front()?;
-        self.forget_queued(q.message.publish.payload.len() as u64);
+        let size = q.message.publish.payload.len() as u64;
+        self.queue_mem_bytes = self.queue_mem_bytes.saturating_sub(size);
+        self.forget_queued(size);
         Some(q)
+    }
+
+    /// Appends a message read back from disk to the in-memory queue.
+    pub fn push_read_back(&mut self, q: Queued) {
+        self.queue_mem_bytes += q.message.publish.payload.len() as u64;
+        self.queue.push_back(q);
     }
 
     /// Accounts for a queued message that left the queue.
@@ -394,6 +438,7 @@ impl Session {
             // An answer on its way was asked for a later position: it must not be taken.
             self.read_stale = self.reading;
         }
+        self.queue_mem_bytes = 0;
     }
 
     /// Subscription filters in the form the subscription tree wants: (filter, group).
@@ -455,5 +500,49 @@ mod tests {
         assert_eq!(s.allocate_packet_id(), 3);
         s.inflight = (1..=70).map(inflight).collect();
         assert_eq!(s.allocate_packet_id(), 71);
+    }
+
+    #[test]
+    fn a_bridge_outbox_keeps_its_in_memory_queue_bounded_in_bytes() {
+        let params = ClientParams {
+            protocol: ProtocolVersion::V311,
+            window: 10,
+            max_packet_size: u32::MAX,
+            compact_packet_ids: true,
+        };
+        let mut s = Session::new(1, Arc::from("bridge"), params, true);
+        s.internal = true;
+        let (link, _rx) = ConnLink::new(1);
+        s.conn = Some(link);
+        let big = bytes::Bytes::from(vec![0u8; 64 * 1024]);
+        for seq in 0..MEM_QUEUE_INTERNAL as u64 {
+            let publish = Publish {
+                payload: big.clone(),
+                ..Default::default()
+            };
+            s.push_queue(Queued {
+                seq,
+                message: Message {
+                    publish,
+                    expires_at: None,
+                },
+            });
+        }
+        let in_memory: u64 = s
+            .queue
+            .iter()
+            .map(|q| q.message.publish.payload.len() as u64)
+            .sum();
+        assert!(
+            in_memory <= MEM_QUEUE_BYTES_INTERNAL,
+            "{in_memory} bytes in memory"
+        );
+        assert_eq!(in_memory, s.queue_mem_bytes);
+        assert_eq!(s.queue_len, MEM_QUEUE_INTERNAL as u64);
+        assert_eq!(s.spilled_from, Some(s.queue.len() as u64));
+        // Taking from the front frees the budget.
+        let before = s.queue_mem_bytes;
+        s.pop_queue();
+        assert_eq!(s.queue_mem_bytes, before - big.len() as u64);
     }
 }

@@ -59,6 +59,7 @@ pub async fn serve<S>(
     ctx: Arc<ListenerContext>,
     cert_user: Option<String>,
     deadline: Instant,
+    slot: super::connection::HandshakeSlot,
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
@@ -83,7 +84,7 @@ pub async fn serve<S>(
         }
     };
     let (r, w) = tokio::io::split(ws);
-    serve_mqtt(r, w, peer, shared, ctx, cert_user).await;
+    serve_mqtt(r, w, peer, shared, ctx, cert_user, slot).await;
 }
 
 /// Why an upgrade did not happen.

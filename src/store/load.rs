@@ -41,6 +41,8 @@ pub struct RecoveredSession {
     pub next_seq: u64,
     /// Rows already sent (state >= 1), in order; they are resent with DUP = 1.
     pub inflight: Vec<QueueRow>,
+    /// Who owns the session (`user:<name>` / `anonymous`); None if not recorded.
+    pub owner: Option<String>,
 }
 
 #[derive(Debug, Default)]
@@ -274,7 +276,7 @@ fn load(conn: &Connection) -> Result<Recovered, StoreError> {
     {
         let mut st = conn.prepare(
             "SELECT sid, client_id, protocol, expiry_interval, disconnected_at, will, will_delay,
-                    queued, queued_bytes, dropped FROM session",
+                    queued, queued_bytes, dropped, owner FROM session",
         )?;
         let rows = st.query_map([], |r| {
             let will: Option<Vec<u8>> = r.get(5)?;
@@ -295,6 +297,7 @@ fn load(conn: &Connection) -> Result<Recovered, StoreError> {
                 dropped: r.get::<_, i64>(9)?.max(0) as u64,
                 next_seq: 0,
                 inflight: Vec::new(),
+                owner: r.get(10)?,
             })
             .map(|mut s| {
                 if let (Some(w), Ok(d)) = (s.will.as_mut(), r.get::<_, i64>(6)) {

@@ -146,6 +146,12 @@ pub enum Op {
         expiry: u32,
         will: Option<StoredWill>,
     },
+    /// Records who owns a session (`user:<name>` or `anonymous`, see
+    /// `broker::router::security`). Follows the session's `UpsertSession`.
+    SetOwner {
+        sid: Sid,
+        owner: Arc<str>,
+    },
     /// The session went offline at `at_ms`; its expiry (maybe changed on DISCONNECT) and
     /// its pending delayed will.
     SessionOffline {

@@ -19,6 +19,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0003_session_slots",
         include_str!("../../migrations/0003_session_slots.sql"),
     ),
+    (
+        "0004_session_owner",
+        include_str!("../../migrations/0004_session_owner.sql"),
+    ),
 ];
 
 /// The schema version this binary writes.

@@ -794,6 +794,10 @@ fn apply_op(
                     will.as_ref().map(|w| i64::from(w.delay)).unwrap_or(0)
                 ])?;
             }
+            Op::SetOwner { sid, owner } => {
+                tx.prepare_cached("UPDATE session SET owner = ?2 WHERE sid = ?1")?
+                    .execute(params![*sid as i64, &**owner])?;
+            }
             Op::DeleteSession { sid } => {
                 let s = *sid as i64;
                 tx.prepare_cached("DELETE FROM session WHERE sid = ?1")?

@@ -76,6 +76,15 @@ impl RawClient {
         }
     }
 
+    /// Wraps a socket the test opened itself.
+    pub fn from_stream(stream: TcpStream, version: ProtocolVersion) -> RawClient {
+        RawClient {
+            stream,
+            version,
+            buf: BytesMut::new(),
+        }
+    }
+
     /// Connects with the given CONNECT and returns the CONNACK packet.
     pub async fn connect_with(addr: SocketAddr, c: Connect) -> (RawClient, Packet) {
         let mut client = RawClient::tcp(addr, c.protocol).await;

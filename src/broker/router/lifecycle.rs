@@ -2,9 +2,15 @@
 //! and session expiry timers, ending sessions, graceful shutdown.
 
 use super::*;
+use crate::auth::Identity;
 
 impl Router {
-    pub(super) fn on_connect(&mut self, req: ConnectRequest) {
+    pub(super) fn on_connect(&mut self, req: ConnectRequest, identity: Option<Identity>) {
+        if let Some(id) = &identity {
+            if self.refuse_foreign_session(&req, id) {
+                return;
+            }
+        }
         let ConnectRequest {
             link,
             client_id,
@@ -29,13 +35,13 @@ impl Router {
                         // The old connection did not DISCONNECT normally. Its will is
                         // delayed only if the session continues and a delay was asked for.
                         if clean_start || will_delay(&w) == 0 {
-                            wills.push(w);
+                            wills.extend(security::permitted_will(s, w));
                         }
                     }
                 } else if let Some(w) = s.will.take() {
                     // A delayed will is cancelled by reconnecting, unless the session ends.
                     if clean_start {
-                        wills.push(w);
+                        wills.extend(security::permitted_will(s, w));
                     }
                 }
                 resumed = !clean_start;
@@ -68,6 +74,9 @@ impl Router {
             }
         };
         self.by_conn.insert(link.id, sid);
+        if let Some(id) = identity {
+            self.adopt_identity(sid, id);
+        }
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
@@ -87,6 +96,7 @@ impl Router {
                 expiry: expiry_interval,
                 will: s.will.as_ref().map(will_to_stored),
             });
+            self.ops.extend(Router::owner_op(s));
         }
         if promote {
             session_state_ops(s, &mut self.ops);
@@ -155,7 +165,7 @@ impl Router {
             s.expiry_interval = e.min(self.cfg.max_session_expiry_secs);
         }
         let will = match will {
-            WillAction::Publish => s.will.take(),
+            WillAction::Publish => s.will.take().and_then(|w| security::permitted_will(s, w)),
             WillAction::Discard => {
                 s.will = None;
                 None
@@ -225,6 +235,7 @@ impl Router {
             match t.kind {
                 TimerKind::WillDelay => {
                     if let Some(w) = s.will.take() {
+                        let w = security::permitted_will(s, w);
                         if s.durable {
                             self.ops.push(Op::SessionOffline {
                                 sid: t.session,
@@ -233,11 +244,13 @@ impl Router {
                                 will: None,
                             });
                         }
-                        self.publish_will(w);
+                        if let Some(w) = w {
+                            self.publish_will(w);
+                        }
                     }
                 }
                 TimerKind::SessionExpiry => {
-                    if let Some(w) = s.will.take() {
+                    if let Some(w) = s.will.take().and_then(|w| security::permitted_will(s, w)) {
                         self.publish_will(w);
                     }
                     self.stats.sessions_expired += 1;
@@ -290,7 +303,8 @@ impl Router {
                 if online {
                     let keep = s.will.as_ref().is_some_and(|w| will_delay(w) > 0);
                     if !keep {
-                        wills.extend(s.will.take());
+                        let w = s.will.take();
+                        wills.extend(w.and_then(|w| security::permitted_will(s, w)));
                     }
                     self.ops.push(Op::SessionOffline {
                         sid: s.id,
@@ -300,7 +314,8 @@ impl Router {
                     });
                 }
             } else {
-                wills.extend(s.will.take());
+                let w = s.will.take();
+                wills.extend(w.and_then(|w| security::permitted_will(s, w)));
             }
         }
         for w in wills {

@@ -24,7 +24,8 @@
 //! handlers live beside it: `lifecycle` (CONNECT, disconnect, will and expiry timers,
 //! shutdown), `publish` (publish and acknowledgement flows, routing, delivery, pumping
 //! queues), `subscribe`, `store_io` (tokens to the writer and what it reports back),
-//! `output` (held output and its release), `persist` (store encodings).
+//! `output` (held output and its release), `persist` (store encodings), `security`
+//! (session ownership, the ACL in force per session, filtered deliveries, wills).
 
 #[cfg(test)]
 mod harness;
@@ -33,6 +34,7 @@ mod lifecycle;
 mod output;
 mod persist;
 mod publish;
+mod security;
 mod store_io;
 mod subscribe;
 #[cfg(test)]
@@ -63,6 +65,7 @@ use crate::protocol::{
 use crate::store::{unix_ms, Command, Op, QueueRow, Recovered, Store, StoreEvent};
 use output::*;
 use persist::*;
+pub use security::will_allowed;
 
 /// How many events the router takes from its channel per wake-up.
 const BATCH: usize = 256;
@@ -108,7 +111,19 @@ pub enum WillAction {
 }
 
 pub enum RouterEvent {
+    /// An internal client (bridge, serial port) attaches to its session.
     Connect(Box<ConnectRequest>),
+    /// A network client attaches: as `Connect`, refused if the session belongs to another
+    /// identity, and the session takes on the client's ACL (`security`).
+    ClientConnect {
+        request: Box<ConnectRequest>,
+        identity: crate::auth::Identity,
+    },
+    /// The ACL file was (re)loaded: every session takes on its owner's current rules and
+    /// its subscriptions are re-checked (sent at start-up and after each SIGHUP).
+    Reauthorize {
+        auth: Arc<crate::auth::Auth>,
+    },
     Publish {
         conn: ConnId,
         publish: Publish,
@@ -499,6 +514,7 @@ impl Router {
             s.offline_since_ms = rs.disconnected_at.unwrap_or(now_ms);
             s.next_seq = rs.next_seq;
             s.dropped = rs.dropped;
+            s.owner = crate::auth::SessionOwner::from_stored(rs.owner.as_deref());
             for sub in rs.subscriptions {
                 let data = SubscriptionData {
                     options: options_from_byte(sub.options),
@@ -650,7 +666,11 @@ impl Router {
 
     fn handle(&mut self, ev: RouterEvent) {
         match ev {
-            RouterEvent::Connect(req) => self.on_connect(*req),
+            RouterEvent::Connect(req) => self.on_connect(*req, None),
+            RouterEvent::ClientConnect { request, identity } => {
+                self.on_connect(*request, Some(identity))
+            }
+            RouterEvent::Reauthorize { auth } => self.reauthorize(&auth),
             RouterEvent::Publish {
                 conn,
                 publish,
@@ -669,7 +689,10 @@ impl Router {
             RouterEvent::PubComp { conn, packet_id } => {
                 self.on_ack(conn, packet_id, InflightState::AwaitingComp)
             }
-            RouterEvent::Subscribe { conn, subscribe } => self.on_subscribe(conn, subscribe),
+            RouterEvent::Subscribe { conn, subscribe } => {
+                self.note_subscribe(conn, &subscribe);
+                self.on_subscribe(conn, subscribe)
+            }
             RouterEvent::Unsubscribe { conn, unsubscribe } => {
                 self.on_unsubscribe(conn, unsubscribe)
             }
@@ -736,7 +759,7 @@ impl Router {
                 self.by_conn.remove(&c.id);
                 c.send(Outgoing::Disconnect(reason::ADMINISTRATIVE_ACTION));
             }
-            will = s.will.take();
+            will = s.will.take().and_then(|w| security::permitted_will(s, w));
         }
         if let Some(w) = will {
             self.publish_will(w);

@@ -319,6 +319,9 @@ impl Router {
         let Some(s) = sessions.get_mut(&sid) else {
             return true;
         };
+        if super::security::filtered_out(s, &msg.publish.topic) {
+            return true; // denied to this subscriber by a deny rule its filter overlaps
+        }
         let mut msg = msg;
         if let Some(age) = s.limits.map(|l| l.max_age_secs).filter(|a| *a > 0) {
             let cap = Instant::now() + Duration::from_secs(u64::from(age));

@@ -175,6 +175,7 @@ impl Router {
             DropUndo::Popped(_, q) => {
                 if s.is_online() && s.spilled_from.is_none_or(|f| q.seq < f) {
                     let at = s.queue.iter().position(|x| x.seq > q.seq);
+                    s.queue_mem_bytes += q.message.publish.payload.len() as u64;
                     s.queue.insert(at.unwrap_or(s.queue.len()), *q);
                 } else {
                     // Its row is on disk, unsent: read back from it.
@@ -265,7 +266,7 @@ impl Router {
                 continue;
             }
             match message {
-                Some(m) if !m.is_expired(now) => s.queue.push_back(Queued {
+                Some(m) if !m.is_expired(now) => s.push_read_back(Queued {
                     seq: row.seq,
                     message: m,
                 }),
