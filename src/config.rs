@@ -71,6 +71,9 @@ pub struct StoreConfig {
     /// A database file found corrupt at start-up: `quarantine` moves it aside and starts
     /// empty (loudly); `refuse` stops with an error.
     pub on_corrupt: crate::store::OnCorrupt,
+    /// Run SQLite's `quick_check` over the whole file at start-up (reads every page once:
+    /// seconds per GB on an SD card), so damage is found before anything is served.
+    pub integrity_check: bool,
     /// Seconds between sweeps that delete expired queued messages.
     pub sweep_interval_secs: u64,
 }
@@ -83,6 +86,7 @@ impl Default for StoreConfig {
             min_free_percent: 10,
             budget_policy: crate::store::BudgetPolicy::RejectNew,
             on_corrupt: crate::store::OnCorrupt::Quarantine,
+            integrity_check: true,
             sweep_interval_secs: 60,
         }
     }

@@ -4,6 +4,8 @@
 //! QoS 2 acknowledgements and disk errors. Real broker in process, real SQLite files.
 
 mod common;
+#[path = "common/metrics.rs"]
+mod metrics;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -268,5 +270,146 @@ async fn the_free_space_reserve_refuses_new_messages_and_keeps_the_acknowledged_
         dash.puback(m.packet_id).await;
     }
     assert_eq!(got, acked, "every acknowledged message, in order");
+    b.shutdown().await;
+}
+
+// ----- 7. storage errors -------------------------------------------------------------------
+
+/// A stopped gateway with 2,000 queued 1 KiB messages for the durable session `dash` whose
+/// database is then damaged in the middle (one page overwritten, as a failing SD card
+/// does), outside what start-up reads.
+async fn damaged_backlog(dir: &Path) {
+    let b = start_in(dir, |_| {}).await;
+    let (mut dash, _) = connect_durable(b.addr, ProtocolVersion::V5, "dash", true).await;
+    assert_eq!(dash.subscribe("t/#", QoS::AtLeastOnce).await, vec![1]);
+    disconnect(dash).await;
+    let mut p = RawClient::connect(b.addr, ProtocolVersion::V5, "p").await;
+    for i in 0..2000u32 {
+        let mut payload = format!("{i}").into_bytes();
+        payload.push(b' ');
+        payload.resize(1024, b'.');
+        p.publish("t/a", &payload, QoS::AtLeastOnce, (i % 60000 + 1) as u16)
+            .await;
+        match p.recv().await {
+            Some(Packet::PubAck(a)) => assert_eq!(a.reason_code, 0),
+            other => panic!("{other:?}"),
+        }
+    }
+    b.shutdown().await; // checkpoints: everything is in the main file
+    let db = dir.join("holdfast.db");
+    let len = std::fs::metadata(&db).unwrap().len();
+    let page = 4096u64;
+    let middle = (len / page / 2) * page;
+    let mut bytes = std::fs::read(&db).unwrap();
+    for b in &mut bytes[middle as usize..(middle + page) as usize] {
+        *b = 0xAB;
+    }
+    std::fs::write(&db, bytes).unwrap();
+}
+
+#[tokio::test]
+async fn a_database_damaged_inside_is_found_by_the_startup_check() {
+    let dir = tempfile::tempdir().unwrap();
+    damaged_backlog(dir.path()).await;
+    let mut cfg = Config {
+        data_dir: dir.path().to_path_buf(),
+        listener: vec![holdfast::config::ListenerConfig::new("127.0.0.1:0")],
+        ..Config::default()
+    };
+    cfg.store.on_corrupt = holdfast::store::OnCorrupt::Refuse;
+    cfg.sys.interval_secs = 0;
+    match holdfast::broker::Broker::start(&cfg).await {
+        Ok(_) => panic!("a damaged database was served"),
+        Err(e) => {
+            let text = format!("{e:#}");
+            assert!(text.contains("corrupt"), "{text}");
+            assert!(text.contains("holdfast.db"), "names the file: {text}");
+        }
+    }
+}
+
+/// Without the start-up check, the damage is found by the read-back: it is retried, never
+/// taken as "the queue is empty" (which let newer messages overtake the unread backlog),
+/// and `/healthz` says what is wrong.
+#[tokio::test]
+async fn a_failed_read_back_is_retried_and_reported_not_taken_as_an_empty_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    damaged_backlog(dir.path()).await;
+    let b = start_in(dir.path(), |c| {
+        c.store.integrity_check = false;
+        c.metrics.bind = Some("127.0.0.1:0".into());
+    })
+    .await;
+    let metrics_at = b.broker.as_ref().unwrap().metrics_addr().expect("metrics");
+    let (mut dash, _) = connect_durable(b.addr, ProtocolVersion::V5, "dash", false).await;
+    let mut p = RawClient::connect(b.addr, ProtocolVersion::V5, "p2").await;
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+    let mut published_late = false;
+    while tokio::time::Instant::now() < deadline {
+        match dash.recv_timeout(Duration::from_millis(300)).await {
+            Ok(Some(Packet::Publish(m))) => {
+                let text = std::str::from_utf8(&m.payload).unwrap();
+                got.push(text.split(' ').next().unwrap().parse::<u32>().unwrap());
+                dash.puback(m.packet_id).await;
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(()) if !published_late => {
+                // The backlog stalled at the damage: a new message must wait behind it.
+                p.publish("t/a", b"9999 late", QoS::AtLeastOnce, 1).await;
+                published_late = true;
+            }
+            Err(()) => {}
+        }
+    }
+    assert!(
+        published_late && got.len() < 2000,
+        "the damage stopped the read-back"
+    );
+    assert_eq!(
+        got,
+        (0..got.len() as u32).collect::<Vec<_>>(),
+        "in order, nothing overtook the backlog"
+    );
+    let (code, _, body) = metrics::http(metrics_at, "GET", "/healthz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("corrupt"), "{body}");
+    let (_, _, text) = metrics::http(metrics_at, "GET", "/metrics").await;
+    assert!(
+        text.contains("holdfast_store_state{state=\"corrupt\"} 1"),
+        "{text}"
+    );
+    b.shutdown().await;
+}
+
+/// Another process holds the database lock past SQLite's 5 s busy timeout (a backup, a
+/// stray `sqlite3` shell): the commit is retried, the publisher's acknowledgement waits and
+/// then succeeds (nothing refused), and meanwhile `/healthz` says the store is locked.
+#[tokio::test]
+async fn a_lock_held_past_the_busy_timeout_delays_acknowledgements_instead_of_refusing() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start_in(dir.path(), |c| c.metrics.bind = Some("127.0.0.1:0".into())).await;
+    let metrics_at = b.broker.as_ref().unwrap().metrics_addr().expect("metrics");
+    let (mut dash, _) = connect_durable(b.addr, ProtocolVersion::V5, "dash", true).await;
+    assert_eq!(dash.subscribe("t/#", QoS::AtLeastOnce).await, vec![1]);
+    disconnect(dash).await;
+    let db = rusqlite::Connection::open(dir.path().join("holdfast.db")).unwrap();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let mut p = RawClient::connect(b.addr, ProtocolVersion::V5, "p").await;
+    p.publish("t/a", b"7", QoS::AtLeastOnce, 1).await;
+    assert!(
+        p.recv_timeout(Duration::from_millis(6500)).await.is_err(),
+        "no acknowledgement while the store is locked"
+    );
+    let (code, _, body) = metrics::http(metrics_at, "GET", "/healthz").await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("locked"), "{body}");
+    db.execute_batch("COMMIT").unwrap();
+    match p.recv_timeout(Duration::from_secs(8)).await {
+        Ok(Some(Packet::PubAck(a))) => assert_eq!(a.reason_code, 0, "accepted, not refused"),
+        other => panic!("expected PUBACK, got {other:?}"),
+    }
+    let (code, _, body) = metrics::http(metrics_at, "GET", "/healthz").await;
+    assert_eq!(code, 200, "{body}");
     b.shutdown().await;
 }

@@ -145,6 +145,7 @@ impl Broker {
             min_free_percent: cfg.store.min_free_percent,
             budget_policy: cfg.store.budget_policy,
             on_corrupt: cfg.store.on_corrupt,
+            integrity_check: cfg.store.integrity_check,
         };
         // Before the store: refuses to start if another broker answers on the socket. Any
         // other failure (no Unix sockets on this filesystem, a missing runtime directory) is

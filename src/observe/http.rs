@@ -100,7 +100,13 @@ async fn handle(mut stream: TcpStream, observer: &Observer) -> std::io::Result<(
                 "{}\nrouter: {}\nstore: {}\n",
                 if h.ok() { "ok" } else { "unhealthy" },
                 if h.router { "ok" } else { "not responding" },
-                if h.store { "ok" } else { "not responding" },
+                if h.store || !h.store_state.healthy() {
+                    // A writer stuck retrying a locked or failing store does not answer
+                    // pings: say why.
+                    h.store_state.describe()
+                } else {
+                    "not responding"
+                },
             );
             let code = if h.ok() { 200 } else { 503 };
             respond(&mut stream, code, "text/plain", &body, head_only).await
@@ -328,6 +334,43 @@ pub fn render(s: &Snapshot, health: Health) -> String {
         "counter",
         "Group commits that failed.",
         &one(s.commits.failures),
+    );
+    family(
+        &mut o,
+        "holdfast_store_errors_total",
+        "counter",
+        "Failed store operations by kind (full, locked, io_error, corrupt).",
+        &crate::store::metrics::StoreState::ALL[1..]
+            .iter()
+            .map(|k| {
+                (
+                    format!("{{kind=\"{}\"}}", k.name()),
+                    s.store_errors.0[*k as usize] as f64,
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    family(
+        &mut o,
+        "holdfast_store_read_failures_total",
+        "counter",
+        "Queue read-backs that failed (asked again; nothing is skipped).",
+        &one(s.store_errors.1),
+    );
+    family(
+        &mut o,
+        "holdfast_store_state",
+        "gauge",
+        "1 for the store's current state (ok, full, locked, io_error, corrupt).",
+        &crate::store::metrics::StoreState::ALL
+            .iter()
+            .map(|k| {
+                (
+                    format!("{{state=\"{}\"}}", k.name()),
+                    f64::from(u8::from(health.store_state == *k)),
+                )
+            })
+            .collect::<Vec<_>>(),
     );
     family(
         &mut o,

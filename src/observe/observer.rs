@@ -26,6 +26,8 @@ pub struct Snapshot {
     pub store_db_bytes: u64,
     pub store_wal_bytes: u64,
     pub commits: CommitCounts,
+    /// Failed store operations per `StoreState::ALL` kind, and failed queue read-backs.
+    pub store_errors: ([u64; 5], u64),
     /// Commit latency over the last completed interval.
     pub latency: LatencySummary,
     /// Length of that interval.
@@ -81,12 +83,15 @@ impl Snapshot {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct Health {
     pub router: bool,
+    /// The writer answers.
     pub store: bool,
+    /// What the writer last found (`StoreState`: full, locked, I/O error, corrupt).
+    pub store_state: crate::store::metrics::StoreState,
 }
 
 impl Health {
     pub fn ok(&self) -> bool {
-        self.router && self.store
+        self.router && self.store && self.store_state.healthy()
     }
 }
 
@@ -150,6 +155,7 @@ impl Observer {
         Health {
             router: router.is_some(),
             store: store.unwrap_or(false),
+            store_state: self.store.metrics().state(),
         }
     }
 
@@ -184,6 +190,7 @@ impl Observer {
             store_db_bytes: size(db),
             store_wal_bytes: size(PathBuf::from(wal)),
             commits: self.store.metrics().counts(),
+            store_errors: self.store.metrics().error_counts(),
             latency,
             latency_interval,
             traffic: self

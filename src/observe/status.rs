@@ -86,17 +86,26 @@ fn ms_text(us: u64) -> String {
 pub fn format(v: &Value, now_ms: i64) -> String {
     let n = |p: &str| v.pointer(p).and_then(Value::as_u64).unwrap_or(0);
     let mut out = String::new();
+    let state_name = v.pointer("/health/store_state").and_then(Value::as_str);
     let health: Health = Health {
         router: v.pointer("/health/router").and_then(Value::as_bool) == Some(true),
         store: v.pointer("/health/store").and_then(Value::as_bool) == Some(true),
+        store_state: crate::store::metrics::StoreState::ALL
+            .into_iter()
+            .find(|k| Some(k.name()) == state_name)
+            .unwrap_or(crate::store::metrics::StoreState::Ok),
     };
-    let health_text = match (health.router, health.store) {
-        (true, true) => "healthy".to_string(),
-        (r, s) => format!(
+    let health_text = match (health.router, health.store, health.store_state.healthy()) {
+        (true, true, true) if health.store_state == crate::store::metrics::StoreState::Ok => {
+            "healthy".to_string()
+        }
+        (true, true, true) => format!("healthy (store {})", health.store_state.describe()),
+        (r, s, ok) => format!(
             "UNHEALTHY ({})",
             [
                 (!r).then_some("router not answering"),
-                (!s).then_some("store writer not answering")
+                (!s).then_some("store writer not answering"),
+                (!ok).then_some(health.store_state.describe()),
             ]
             .into_iter()
             .flatten()

@@ -20,11 +20,92 @@ pub const COMMIT_BUCKETS_US: [u64; 13] = [
 /// old ones round-robin (the percentiles stay representative of the interval).
 const MAX_SAMPLES: usize = 8192;
 
+/// What the store can do right now, as the writer last found it. Each failure has its own
+/// behaviour (`writer`), log line, health answer and counter:
+/// - `Full`: the disk budget or the disk is full. New QoS 1/2 messages are refused (or the
+///   oldest dropped, per `store.budget_policy`); the gateway is healthy, by design.
+/// - `Locked`: another process held the database lock past the busy timeout. The writer
+///   retries the same commit (publishers wait for their acknowledgements) for up to
+///   `LOCK_PATIENCE`, then refuses new messages until the lock is gone. Unhealthy.
+/// - `IoError`: the storage failed a read or write (a dying SD card). New messages are
+///   refused, everything accepted is kept and retried. Unhealthy.
+/// - `Corrupt`: SQLite found the file corrupt. As `IoError`; a restart runs the integrity
+///   check and applies `store.on_corrupt`. Unhealthy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StoreState {
+    Ok = 0,
+    Full = 1,
+    Locked = 2,
+    IoError = 3,
+    Corrupt = 4,
+}
+
+impl StoreState {
+    pub const ALL: [StoreState; 5] = [
+        StoreState::Ok,
+        StoreState::Full,
+        StoreState::Locked,
+        StoreState::IoError,
+        StoreState::Corrupt,
+    ];
+
+    /// Classifies a failed store operation.
+    pub fn of(e: &rusqlite::Error) -> StoreState {
+        use rusqlite::ErrorCode;
+        match e.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => StoreState::Full,
+            Some(ErrorCode::DatabaseBusy | ErrorCode::DatabaseLocked) => StoreState::Locked,
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => StoreState::Corrupt,
+            _ => StoreState::IoError,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreState::Ok => "ok",
+            StoreState::Full => "full",
+            StoreState::Locked => "locked",
+            StoreState::IoError => "io_error",
+            StoreState::Corrupt => "corrupt",
+        }
+    }
+
+    /// What `/healthz` says about it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            StoreState::Ok => "ok",
+            StoreState::Full => "full: refusing new QoS 1/2 messages (disk budget)",
+            StoreState::Locked => "locked by another process past the busy timeout",
+            StoreState::IoError => "I/O error: refusing new QoS 1/2 messages (failing storage?)",
+            StoreState::Corrupt => "corrupt: refusing new QoS 1/2 messages; restart to check",
+        }
+    }
+
+    /// Whether the gateway is healthy in this state (a full budget is working as designed).
+    pub fn healthy(self) -> bool {
+        matches!(self, StoreState::Ok | StoreState::Full)
+    }
+
+    fn from_u8(v: u8) -> StoreState {
+        StoreState::ALL
+            .get(usize::from(v))
+            .copied()
+            .unwrap_or(StoreState::IoError)
+    }
+}
+
 /// Commit statistics shared between the writer thread and readers.
 #[derive(Debug, Default)]
 pub struct StoreMetrics {
     commits: AtomicU64,
     failures: AtomicU64,
+    /// `StoreState` as u8.
+    state: std::sync::atomic::AtomicU8,
+    /// Failed operations by `StoreState` (index; `Ok` unused), queue reads included.
+    errors: [AtomicU64; 5],
+    /// Queue read-backs that failed (retried).
+    read_failures: AtomicU64,
     /// Per-bucket (not cumulative) counts; the last one is `+Inf`.
     buckets: [AtomicU64; COMMIT_BUCKETS_US.len() + 1],
     sum_us: AtomicU64,
@@ -79,6 +160,33 @@ impl StoreMetrics {
                 recent[n % MAX_SAMPLES] = sample;
             }
         }
+    }
+
+    /// The writer's view of the store now.
+    pub fn state(&self) -> StoreState {
+        StoreState::from_u8(self.state.load(Ordering::Relaxed))
+    }
+
+    pub fn set_state(&self, s: StoreState) {
+        self.state.store(s as u8, Ordering::Relaxed);
+    }
+
+    /// Counts one failed operation of kind `s`.
+    pub fn record_error(&self, s: StoreState) {
+        self.errors[s as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_read_failure(&self) {
+        self.read_failures.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Failed operations per kind (`StoreState::ALL` order) and failed queue reads.
+    pub fn error_counts(&self) -> ([u64; 5], u64) {
+        let mut out = [0; 5];
+        for (o, e) in out.iter_mut().zip(&self.errors) {
+            *o = e.load(Ordering::Relaxed);
+        }
+        (out, self.read_failures.load(Ordering::Relaxed))
     }
 
     /// Cumulative counters (for Prometheus).

@@ -119,6 +119,8 @@ pub enum StoreError {
          move it aside or restore a backup"
     )]
     Corrupt { path: PathBuf, cause: String },
+    #[error("integrity check of {path} failed: {detail}")]
+    Integrity { path: PathBuf, detail: String },
     #[error("sqlite: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("the store writer thread is gone")]
@@ -307,6 +309,9 @@ pub enum StoreEvent {
         from_seq: u64,
         limit: u32,
         next_seq_at_request: u64,
+        /// The read failed (I/O error, corruption): `rows` is empty and says nothing about
+        /// the queue; read again later.
+        failed: bool,
     },
     /// Rows removed by the store itself (expiry sweep, disk budget); the router forgets
     /// them and adjusts its counts.
@@ -350,6 +355,9 @@ pub struct StoreOptions {
     pub min_free_percent: u8,
     pub budget_policy: BudgetPolicy,
     pub on_corrupt: OnCorrupt,
+    /// `PRAGMA quick_check` at start-up: a corrupt file is handled by `on_corrupt` before
+    /// anything is served from it.
+    pub integrity_check: bool,
 }
 
 /// Handle to the writer thread.

@@ -25,6 +25,7 @@ fn opts(dir: &Path) -> StoreOptions {
         min_free_percent: 0,
         budget_policy: BudgetPolicy::RejectNew,
         on_corrupt: OnCorrupt::Quarantine,
+        integrity_check: true,
     }
 }
 

@@ -9,10 +9,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::Receiver;
 use std::time::{Duration, Instant};
 
-use rusqlite::{params, Connection, ErrorCode};
+use rusqlite::{params, Connection};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, error, info, warn};
 
+use super::metrics::StoreState;
 use super::{
     queue_id, queue_range, split_queue_id, unix_ms, BudgetPolicy, Command, Op, QueueRow, Sid,
     StoreEvent, StoreOptions,
@@ -22,6 +23,9 @@ use super::{
 const MAX_GROUP: usize = 4096;
 /// Rows dropped at a time when the disk budget is full under drop-oldest.
 const BUDGET_DROP_ROWS: i64 = 256;
+/// How long a commit is retried while another process holds the database lock (each try
+/// already waits out the 5 s busy timeout) before new messages are refused.
+const LOCK_PATIENCE: Duration = Duration::from_secs(30);
 /// Checkpoint the WAL after this long without work.
 const IDLE_CHECKPOINT: Duration = Duration::from_secs(5);
 
@@ -35,8 +39,8 @@ pub struct Writer {
     /// (so an acknowledgement never gets ahead of the change it acknowledges, and tokens
     /// are still reported in order).
     retry_tokens: Vec<(u64, bool)>,
-    /// Whether the last commit failed (for logging once per episode).
-    failing: bool,
+    /// What made the last commit fail, if it did (for logging once per episode).
+    failing: Option<StoreState>,
     /// Commit counts and latency, read by `observe`.
     metrics: std::sync::Arc<super::metrics::StoreMetrics>,
     /// How large the database may grow (`max_page_count`), refreshed between groups.
@@ -76,7 +80,7 @@ impl Writer {
             events,
             retry: Vec::new(),
             retry_tokens: Vec::new(),
-            failing: false,
+            failing: None,
             metrics: Default::default(),
         }
     }
@@ -213,20 +217,34 @@ impl Writer {
         }
     }
 
+    /// Answers a queue read-back. A failed read is reported as failed (the router keeps its
+    /// read position and asks again), never as an empty queue.
     fn send_rows(
         &self,
         sid: Sid,
-        rows: Vec<QueueRow>,
+        rows: rusqlite::Result<Vec<QueueRow>>,
         from_seq: u64,
         limit: u32,
         next_seq_at_request: u64,
     ) {
+        let (rows, failed) = match rows {
+            Ok(rows) => (rows, false),
+            Err(e) => {
+                let kind = StoreState::of(&e);
+                error!(sid, cause = %e, state = kind.name(), "reading a queue back from disk failed: it is read again");
+                self.metrics.record_read_failure();
+                self.metrics.record_error(kind);
+                self.metrics.set_state(kind);
+                (Vec::new(), true)
+            }
+        };
         let _ = self.events.send(StoreEvent::QueueRows {
             sid,
             rows,
             from_seq,
             limit,
             next_seq_at_request,
+            failed,
         });
     }
 
@@ -235,7 +253,7 @@ impl Writer {
             return;
         }
         // While refusing, look at the free space before every retry: room may be back.
-        self.budget.apply(&self.conn, self.failing);
+        self.budget.apply(&self.conn, self.failing.is_some());
         let mut attempts = 0;
         // Rows this group marks as sent: the router sends them once it commits, so the
         // budget must not drop them (they are still state 0 on disk until then).
@@ -260,10 +278,10 @@ impl Writer {
                     for (token, ok) in self.retry_tokens.drain(..) {
                         let _ = self.events.send(StoreEvent::Committed { token, ok });
                     }
-                    if self.failing {
-                        self.failing = false;
-                        info!("store writes succeed again");
+                    if let Some(was) = self.failing.take() {
+                        info!(was = was.name(), "store writes succeed again");
                     }
+                    self.metrics.set_state(StoreState::Ok);
                     let mut reads = reads.into_iter();
                     for item in group.drain(..) {
                         match item {
@@ -276,7 +294,7 @@ impl Writer {
                                 limit,
                                 next_seq_at_request,
                             } => {
-                                let rows = reads.next().unwrap_or_default();
+                                let rows = reads.next().unwrap_or_else(|| Ok(Vec::new()));
                                 self.send_rows(sid, rows, from_seq, limit, next_seq_at_request);
                             }
                         }
@@ -284,17 +302,38 @@ impl Writer {
                     return;
                 }
                 Err(e) => {
-                    let full = e.sqlite_error_code() == Some(ErrorCode::DiskFull);
-                    if !self.failing {
-                        error!(cause = %e, full, "store commit failed: refusing new QoS 1/2 messages until it succeeds (logged once per episode)");
-                        self.failing = true;
+                    let kind = StoreState::of(&e);
+                    self.metrics.record_error(kind);
+                    self.metrics.set_state(kind);
+                    if self.failing != Some(kind) {
+                        self.failing = Some(kind);
+                        match kind {
+                            StoreState::Full => {
+                                warn!(cause = %e, "store full (disk budget or disk): applying store.budget_policy (logged once per episode)")
+                            }
+                            StoreState::Locked => {
+                                error!(cause = %e, patience_secs = LOCK_PATIENCE.as_secs(), "DATABASE LOCKED by another process: retrying the commit, acknowledgements wait (logged once per episode)")
+                            }
+                            StoreState::Corrupt => {
+                                error!(cause = %e, "DATABASE CORRUPT at run time: refusing new QoS 1/2 messages, keeping what is stored; restart to run the integrity check (store.on_corrupt)")
+                            }
+                            StoreState::IoError | StoreState::Ok => {
+                                error!(cause = %e, "STORAGE I/O ERROR: refusing new QoS 1/2 messages until writes succeed, keeping what is stored (check the SD card / disk)")
+                            }
+                        }
                     }
                     attempts += 1;
-                    if full
+                    if kind == StoreState::Full
                         && self.opts.budget_policy == BudgetPolicy::DropOldest
                         && attempts <= 8
                         && self.make_room(&sending)
                     {
+                        continue;
+                    }
+                    if kind == StoreState::Locked && started.elapsed() < LOCK_PATIENCE {
+                        // Someone else holds the lock (a backup, a stray sqlite3 shell):
+                        // wait for it rather than refuse what was sent to us.
+                        std::thread::sleep(Duration::from_millis(100));
                         continue;
                     }
                     self.metrics.record(started.elapsed(), false);
@@ -488,8 +527,13 @@ fn apply_deltas(tx: &rusqlite::Transaction, per: &HashMap<Sid, Delta>) -> rusqli
 
 /// Up to `limit` not-yet-sent rows of a session's queue with seq >= `from_seq` (on error:
 /// logged, none).
-fn read_rows(conn: &Connection, sid: Sid, from_seq: u64, limit: u32) -> Vec<QueueRow> {
-    let result = (|| -> rusqlite::Result<Vec<QueueRow>> {
+fn read_rows(
+    conn: &Connection,
+    sid: Sid,
+    from_seq: u64,
+    limit: u32,
+) -> rusqlite::Result<Vec<QueueRow>> {
+    (|| -> rusqlite::Result<Vec<QueueRow>> {
         let mut st = conn.prepare_cached(
             "SELECT id, state, packet_id, expires_at, packet FROM queue
              WHERE id BETWEEN ?1 AND ?2 AND state = 0 ORDER BY id LIMIT ?3",
@@ -507,11 +551,7 @@ fn read_rows(conn: &Connection, sid: Sid, from_seq: u64, limit: u32) -> Vec<Queu
             },
         )?;
         rows.collect()
-    })();
-    result.unwrap_or_else(|e| {
-        error!(sid, cause = %e, "reading a queue back from disk failed");
-        Vec::new()
-    })
+    })()
 }
 
 /// The queue row an op touches, for the row ops that [`transient_rows`] may skip.
@@ -579,7 +619,7 @@ fn apply_group(
     conn: &mut Connection,
     retry: &[Op],
     group: &[Item],
-) -> rusqlite::Result<Vec<Vec<QueueRow>>> {
+) -> rusqlite::Result<Vec<rusqlite::Result<Vec<QueueRow>>>> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut per: HashMap<Sid, Delta> = HashMap::new();
     let now = unix_ms();
@@ -953,6 +993,7 @@ mod tests {
             min_free_percent: 0,
             budget_policy: BudgetPolicy::RejectNew,
             on_corrupt: OnCorrupt::Refuse,
+            integrity_check: true,
         };
         let (store, _, rx) = Store::open(&opts).expect("open store");
         (store, rx)
@@ -1171,6 +1212,7 @@ mod tests {
             min_free_percent: 0,
             budget_policy: BudgetPolicy::RejectNew,
             on_corrupt: OnCorrupt::Refuse,
+            integrity_check: true,
         };
         let (conn, _) = super::super::load::open_and_load(&opts).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -74,6 +74,7 @@ impl Harness {
             min_free_percent: 0,
             budget_policy: BudgetPolicy::RejectNew,
             on_corrupt: OnCorrupt::Refuse,
+            integrity_check: true,
         };
         tweak(&mut cfg, &mut opts);
         Harness::open(dir, cfg, opts)

@@ -341,6 +341,9 @@ pub struct Router {
     /// Set while `ops` holds only bridge outbox bookkeeping that nothing waits for (see
     /// `submit_unless_lazy`): when it must be submitted at the latest.
     lazy_until: Option<Instant>,
+    /// Sessions whose queue read-back failed, asked again at `read_retry_at`.
+    read_retry: Vec<SessionId>,
+    read_retry_at: Option<Instant>,
     /// The keys of `early` in token order, for pruning.
     early_order: std::collections::VecDeque<(u64, (SessionId, u64))>,
     pub stats: RouterStats,
@@ -380,6 +383,8 @@ impl Router {
             route_gated: false,
             early: HashMap::new(),
             lazy_until: None,
+            read_retry: Vec::new(),
+            read_retry_at: None,
             early_order: std::collections::VecDeque::new(),
             stats: RouterStats::default(),
         };
@@ -651,6 +656,11 @@ impl Router {
                     self.submit();
                 }
                 _ = sleep_until_opt(self.lazy_until) => self.submit(),
+                _ = sleep_until_opt(self.read_retry_at) => {
+                    self.event_ops_start = self.ops.len();
+                    self.retry_reads();
+                    self.submit();
+                }
                 _ = sweep.tick() => self.sweep(),
             }
         }

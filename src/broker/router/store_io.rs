@@ -6,6 +6,8 @@ use super::*;
 
 /// Longest time bridge outbox bookkeeping waits for a commit to ride along with.
 const LAZY_SUBMIT: Duration = Duration::from_millis(20);
+/// Wait before asking again a queue read-back that failed.
+const READ_RETRY: Duration = Duration::from_secs(1);
 /// Most such ops held back at once.
 const LAZY_MAX_OPS: usize = 4096;
 
@@ -75,7 +77,14 @@ impl Router {
                 from_seq,
                 limit,
                 next_seq_at_request,
-            } => self.on_queue_rows(sid, rows, from_seq, limit, next_seq_at_request),
+                failed,
+            } => {
+                if failed {
+                    self.on_read_failed(sid);
+                } else {
+                    self.on_queue_rows(sid, rows, from_seq, limit, next_seq_at_request)
+                }
+            }
             StoreEvent::Removed { rows, why } => {
                 for (sid, seq, size) in rows {
                     if why == "disk budget" {
@@ -212,6 +221,29 @@ impl Router {
                 }
                 flush_held(s, self.completed, &self.failed, &mut self.stats);
             }
+        }
+    }
+
+    /// A read-back failed (the writer logged why): nothing is known about the rows, so the
+    /// read position stays and the read is asked again in a second.
+    fn on_read_failed(&mut self, sid: SessionId) {
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
+        s.reading = false;
+        s.read_stale = false;
+        if !self.read_retry.contains(&sid) {
+            self.read_retry.push(sid);
+        }
+        self.read_retry_at
+            .get_or_insert_with(|| Instant::now() + READ_RETRY);
+    }
+
+    /// Asks again the read-backs that failed.
+    pub(super) fn retry_reads(&mut self) {
+        self.read_retry_at = None;
+        for sid in std::mem::take(&mut self.read_retry) {
+            self.pump(sid);
         }
     }
 
