@@ -154,6 +154,12 @@ pub enum Op {
         sid: Sid,
         owner: Arc<str>,
     },
+    /// The session is connected again (clears `disconnected_at`). A release op, unlike
+    /// `UpsertSession`: a resumed session whose update the store refuses must not keep the
+    /// old disconnect time, which would expire it at the next start.
+    MarkOnline {
+        sid: Sid,
+    },
     /// The session went offline at `at_ms`; its expiry (maybe changed on DISCONNECT) and
     /// its pending delayed will.
     SessionOffline {

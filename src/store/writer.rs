@@ -816,6 +816,10 @@ fn apply_op(
                     now
                 ])?;
             }
+            Op::MarkOnline { sid } => {
+                tx.prepare_cached("UPDATE session SET disconnected_at = NULL WHERE sid = ?1")?
+                    .execute([*sid as i64])?;
+            }
             Op::SessionOffline {
                 sid,
                 at_ms,
@@ -1240,6 +1244,53 @@ mod tests {
             ],
             "only the message that cannot fit is refused, in order"
         );
+    }
+
+    #[test]
+    fn a_refused_resume_still_clears_the_disconnect_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut rx) = open(dir.path(), 64 * 1024);
+        let offline = Op::SessionOffline {
+            sid: 1,
+            at_ms: 1_000,
+            expiry: 60,
+            will: None,
+        };
+        store
+            .send(Command::Batch {
+                token: 1,
+                ops: vec![session(1), offline],
+            })
+            .unwrap();
+        assert_eq!(expect_one(&mut rx), "commit 1 true");
+        // The resume carries a will too large for the budget: refused, but the session is
+        // online, and its row must not keep the old disconnect time.
+        let resume = Op::UpsertSession {
+            sid: 1,
+            client_id: Arc::from("c"),
+            protocol: 5,
+            expiry: 60,
+            will: Some(super::super::StoredWill {
+                packet: Bytes::from(vec![1u8; 200 * 1024]),
+                delay: 0,
+            }),
+        };
+        store
+            .send(Command::Batch {
+                token: 2,
+                ops: vec![Op::MarkOnline { sid: 1 }, resume],
+            })
+            .unwrap();
+        assert_eq!(expect_one(&mut rx), "commit 2 false");
+        let db = Connection::open(dir.path().join("holdfast.db")).unwrap();
+        let at: Option<i64> = db
+            .query_row(
+                "SELECT disconnected_at FROM session WHERE sid = 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(at, None);
     }
 
     #[test]

@@ -141,6 +141,16 @@ impl Harness {
         }
     }
 
+    /// Several router events handled in one batch, as `Router::run` takes them from its
+    /// channel: their store ops go to the writer as one token.
+    pub fn events(&mut self, evs: Vec<RouterEvent>) {
+        for ev in evs {
+            self.r.event_ops_start = self.r.ops.len();
+            self.r.handle(ev);
+        }
+        self.collect();
+    }
+
     /// Waits until the writer has handled everything submitted, and takes its events.
     fn collect(&mut self) {
         self.r.submit();

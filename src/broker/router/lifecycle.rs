@@ -88,6 +88,9 @@ impl Router {
         // from now on: write what it holds, or what it acknowledges would die with the process.
         let promote = !s.durable && expiry_interval > 0;
         s.durable |= promote;
+        if s.durable && resumed {
+            self.ops.push(Op::MarkOnline { sid });
+        }
         if s.durable {
             self.ops.push(Op::UpsertSession {
                 sid,

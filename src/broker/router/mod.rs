@@ -74,6 +74,9 @@ const READ_BATCH: u32 = 128;
 /// Held output marked with this bit also waits for a subscriber's queue to shrink
 /// (backpressure on QoS 1/2 publishers).
 const GATE_BIT: u64 = 1 << 63;
+/// Held output marked with this bit waits for a token whose commit failed: it is released
+/// as refused (the mark replaces a set of failed tokens that would only grow).
+const FAILED_BIT: u64 = 1 << 62;
 /// A clean, online subscriber queue this long gates its publishers' acknowledgements...
 const GATE_HIGH: u64 = 256;
 /// ...until it is down to this length.
@@ -290,6 +293,10 @@ struct Pending {
     /// Queue-limit drops made under this token: taken back if it fails (the store refuses
     /// them with the message they made room for).
     drops: Vec<DropUndo>,
+    /// Subscriptions stored under this token, with what they replaced: taken back if it
+    /// fails (the SUBACK reports the failure; a subscription that is not on disk would
+    /// vanish at the next restart).
+    subs: Vec<(SessionId, String, Option<SubscriptionData>)>,
 }
 
 /// How to take back one queue-limit drop whose token failed.
@@ -328,8 +335,6 @@ pub struct Router {
     pending: HashMap<u64, Pending>,
     /// Highest token the store has reported (tokens complete in order).
     completed: u64,
-    /// Tokens whose commit failed (rare; consulted when gated output is released later).
-    failed: std::collections::HashSet<u64>,
     /// Set by `route` when the publisher's acknowledgement must wait for a slow queue.
     route_gated: bool,
     /// QoS 1 messages whose only durable copy is a bridge outbox row not committed yet:
@@ -379,7 +384,6 @@ impl Router {
             cur: Pending::default(),
             pending: HashMap::new(),
             completed: 0,
-            failed: std::collections::HashSet::new(),
             route_gated: false,
             early: HashMap::new(),
             lazy_until: None,

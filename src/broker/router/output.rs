@@ -36,20 +36,15 @@ pub(super) fn hold(
 }
 
 /// Releases held output whose tokens are committed (up to `completed`) and not gated.
-pub(super) fn flush_held(
-    s: &mut Session,
-    completed: u64,
-    failed: &std::collections::HashSet<u64>,
-    stats: &mut RouterStats,
-) {
+pub(super) fn flush_held(s: &mut Session, completed: u64, stats: &mut RouterStats) {
     while let Some((t, _)) = s.held.front() {
-        if *t & GATE_BIT != 0 || *t > completed {
+        if *t & GATE_BIT != 0 || *t & !FAILED_BIT > completed {
             break;
         }
         let Some((t, item)) = s.held.pop_front() else {
             break;
         };
-        release(s, item, t == 0 || !failed.contains(&t), stats);
+        release(s, item, t & FAILED_BIT == 0, stats);
     }
 }
 
@@ -69,6 +64,19 @@ pub(super) fn release(s: &mut Session, item: Held, ok: bool, stats: &mut RouterS
             warn!(client_id = %s.client_id, "new session not stored (the store refuses new data): connection refused with 0x97 Quota exceeded");
             a.reason_code = reason::QUOTA_EXCEEDED;
             c.send(Outgoing::Packet(Box::new(Packet::ConnAck(a))));
+        }
+        Held::Packet(Packet::SubAck(mut a)) if !ok => {
+            // The subscriptions were not stored (and were taken back): say so.
+            warn!(client_id = %s.client_id, "subscription not stored (the store refuses new data): SUBACK reports failure");
+            let refused = if s.params.protocol.is_v5() {
+                reason::QUOTA_EXCEEDED
+            } else {
+                0x80
+            };
+            for code in a.reason_codes.iter_mut().filter(|c| **c < 0x80) {
+                *code = refused;
+            }
+            c.send(Outgoing::Packet(Box::new(Packet::SubAck(a))));
         }
         Held::Packet(p) => {
             if matches!(p, Packet::Publish(_)) {

@@ -182,7 +182,7 @@ impl Router {
         if let Some((t, _)) = waiting {
             *t = 0;
             self.stats.acked_by_upstream += 1;
-            flush_held(s, self.completed, &self.failed, &mut self.stats);
+            flush_held(s, self.completed, &mut self.stats);
         }
     }
 

@@ -118,9 +118,6 @@ impl Router {
                 self.early.remove(&key);
             }
         }
-        if !ok {
-            self.failed.insert(token);
-        }
         let Some(p) = self.pending.remove(&token) else {
             return;
         };
@@ -156,6 +153,23 @@ impl Router {
             for undo in p.drops {
                 self.undo_drop(undo, &mut pump);
             }
+            for (sid, filter, before) in p.subs.into_iter().rev() {
+                let Some(s) = self.sessions.get_mut(&sid) else {
+                    continue;
+                };
+                let (inner, group) = super::super::session::split_share(&filter);
+                match before {
+                    Some(data) => {
+                        self.tree
+                            .subscribe(&inner, group.as_deref(), sid, data.clone());
+                        s.subscriptions.insert(filter, data);
+                    }
+                    None => {
+                        self.tree.unsubscribe(&inner, group.as_deref(), sid);
+                        s.subscriptions.remove(&filter);
+                    }
+                }
+            }
             for sid in pump {
                 self.pump(sid);
             }
@@ -163,9 +177,20 @@ impl Router {
         let mut sids = p.sids;
         sids.sort_unstable();
         sids.dedup();
+        if !ok {
+            for sid in &sids {
+                if let Some(s) = self.sessions.get_mut(sid) {
+                    for (t, _) in s.held.iter_mut() {
+                        if *t & !(GATE_BIT | FAILED_BIT) == token {
+                            *t |= FAILED_BIT;
+                        }
+                    }
+                }
+            }
+        }
         for sid in sids {
             if let Some(s) = self.sessions.get_mut(&sid) {
-                flush_held(s, self.completed, &self.failed, &mut self.stats);
+                flush_held(s, self.completed, &mut self.stats);
             }
         }
     }
@@ -219,7 +244,7 @@ impl Router {
                 for (t, _) in s.held.iter_mut() {
                     *t &= !GATE_BIT;
                 }
-                flush_held(s, self.completed, &self.failed, &mut self.stats);
+                flush_held(s, self.completed, &mut self.stats);
             }
         }
     }

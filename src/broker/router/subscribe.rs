@@ -45,6 +45,9 @@ impl Router {
             };
             let existed = self.tree.subscribe(inner, group, sid, data.clone());
             if s.durable {
+                // Taken back if the store refuses it (the SUBACK then says so).
+                let before = s.subscriptions.get(&f.filter).cloned();
+                self.cur.subs.push((sid, f.filter.clone(), before));
                 self.ops.push(Op::Subscribe {
                     sid,
                     filter: f.filter.clone(),

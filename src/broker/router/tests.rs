@@ -2,6 +2,7 @@
 //! store's answers arriving late (`harness`). Issue 12, items 3-6.
 
 use super::harness::*;
+use super::{Outgoing, Packet, Publish, RouterEvent};
 use crate::config::QueuePolicy;
 use crate::protocol::QoS;
 
@@ -143,6 +144,93 @@ fn a_resent_qos2_publish_whose_first_commit_failed_is_not_acknowledged_as_stored
     assert_eq!(acks.len(), 1);
     assert_eq!(acks[0], (9, crate::protocol::reason::QUOTA_EXCEEDED));
     let _ = s.take();
+}
+
+/// Item 6: a SUBSCRIBE whose commit the store refuses (here in the same batch as a message
+/// too large for the disk budget) must not be reported as granted, nor stay active.
+#[test]
+fn a_subscription_the_store_refused_is_not_granted() {
+    let mut h = Harness::new(|_, o| o.max_bytes = 64 * 1024);
+    let mut s = h.connect("s", true, HOUR, 10);
+    h.settle();
+    let _ = s.take();
+    let big = bytes::Bytes::from(vec![b'x'; 200 * 1024]);
+    h.events(vec![
+        RouterEvent::Publish {
+            conn: s.conn,
+            publish: Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: true,
+                topic: "big/r".into(),
+                packet_id: 3,
+                properties: Default::default(),
+                payload: big,
+            },
+            received: tokio::time::Instant::now(),
+        },
+        RouterEvent::Subscribe {
+            conn: s.conn,
+            subscribe: crate::protocol::Subscribe {
+                packet_id: 4,
+                subscription_identifier: None,
+                user_properties: Vec::new(),
+                filters: vec![crate::protocol::SubscribeFilter {
+                    filter: "t/#".into(),
+                    options: crate::protocol::SubscriptionOptions {
+                        qos: QoS::AtLeastOnce,
+                        ..Default::default()
+                    },
+                }],
+            },
+        },
+    ]);
+    h.settle();
+    let subacks: Vec<Vec<u8>> = s
+        .take()
+        .into_iter()
+        .filter_map(|o| match o {
+            Outgoing::Packet(p) => match *p {
+                Packet::SubAck(a) => Some(a.reason_codes),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(subacks, vec![vec![crate::protocol::reason::QUOTA_EXCEEDED]]);
+    let sid = h.r.by_client["s"];
+    assert!(h.r.sessions[&sid].subscriptions.is_empty(), "taken back");
+    let p = h.connect("p", true, 0, 10);
+    h.publish(&p, "t/a", "1", 1, None);
+    h.settle();
+    assert!(s.publishes().is_empty(), "not subscribed");
+}
+
+/// Item 6: with `reject-new` at the disk budget and `drop-oldest` at the queue limit, a
+/// message the store refuses must not delete a stored one to make room (a retrying
+/// publisher would erase the backlog).
+#[test]
+fn a_refused_message_does_not_drop_a_stored_one() {
+    let mut h = Harness::new(|c, o| {
+        o.max_bytes = 64 * 1024;
+        c.durable_max_queued_messages = 3;
+        c.queue_policy = QueuePolicy::DropOldest;
+    });
+    let p = offline_subscriber(&mut h);
+    publish_range(&mut h, &p, 0..3);
+    let big = vec![b'x'; 200 * 1024];
+    for retry in 0..5u16 {
+        h.publish_qos(&p, QoS::AtLeastOnce, true, "t/a", &big, 100 + retry, None);
+        h.settle();
+    }
+    assert_eq!(h.counts("s"), (3, 3));
+    let mut s = h.connect("s", false, HOUR, 10);
+    assert_eq!(
+        h.drain(&mut s),
+        numbers(0..3),
+        "the stored backlog is whole"
+    );
+    assert_eq!(h.r.sessions[&h.r.by_client["s"]].dropped, 0);
 }
 
 // ----- model-based test ----------------------------------------------------------------------
