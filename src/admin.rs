@@ -352,6 +352,7 @@ async fn handle_request(
             format!("ok {v}")
         }
         "drop" => match decode_client_id(arg) {
+            Ok(id) if is_internal(&id) => format!("err {}", internal_refusal(&id)),
             Ok(id) => drop_on_broker(id, router, shutdown, db).await,
             Err(e) => format!("err bad client id: {e}"),
         },
@@ -1129,9 +1130,25 @@ fn ask_broker(data_dir: &Path, request: &str) -> anyhow::Result<Ask> {
     Ok(Ask::Answer(line))
 }
 
+/// A session the gateway itself owns (a bridge outbox, a serial port): admin commands
+/// leave it alone (dropping an outbox would silently stop the uplink until a restart).
+fn is_internal(client_id: &str) -> bool {
+    client_id.starts_with(crate::bridge::INTERNAL_PREFIX)
+        || client_id.starts_with(crate::serial::INTERNAL_PREFIX)
+}
+
+fn internal_refusal(client_id: &str) -> String {
+    format!(
+        "{client_id:?} is an internal session of the gateway (a bridge outbox or a serial port), not a client's: it cannot be dropped; to discard a bridge's backlog, remove the bridge or its rules from the configuration and restart"
+    )
+}
+
 /// Drops a session: through the running broker when there is one, else directly in the
-/// database.
+/// database. Internal sessions are refused.
 pub fn drop_session(data_dir: &Path, client_id: &str) -> anyhow::Result<DropOutcome> {
+    if is_internal(client_id) {
+        bail!("{}", internal_refusal(client_id));
+    }
     let request = format!("drop {}", encode_client_id(client_id));
     match ask_broker(data_dir, &request)? {
         Ask::Answer(line) => match line.as_str() {

@@ -175,6 +175,9 @@ pub struct Session {
     /// without DUP, which the upstream treats as the QoS 1 duplicate it may be anyway; a
     /// client's session keeps the stricter rule (a redelivery always carries DUP).
     pub internal: bool,
+    /// Internal sessions: filters whose QoS 0 messages are kept like QoS 1 (queued while
+    /// offline, stored, acknowledged). Empty for clients.
+    pub queue_qos0: Vec<String>,
     /// Publishers whose acknowledgements wait until this session's queue shrinks
     /// (backpressure: a fast QoS 1/2 publisher is slowed to its slowest subscriber's pace
     /// instead of overflowing that subscriber's queue).
@@ -213,6 +216,7 @@ impl Session {
             gated: Vec::new(),
             limits: None,
             internal: false,
+            queue_qos0: Vec::new(),
             will: None,
             dropped: 0,
             drop_episode: false,
