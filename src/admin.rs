@@ -1069,6 +1069,12 @@ pub fn format_bridges(items: &[serde_json::Value], now_ms: i64) -> String {
         } else {
             format!("down {}", human_secs((now_ms - since) / 1000))
         };
+        // Messages wait and nothing was acknowledged for `stall_secs`.
+        let state = if v["stalled"].as_bool().unwrap_or(false) {
+            format!("STALLED, {state}")
+        } else {
+            state
+        };
         let outbox = &v["outbox"];
         let oldest = v["oldest_enqueued_ms"]
             .as_i64()
