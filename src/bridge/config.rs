@@ -107,9 +107,10 @@ pub struct BridgeConfig {
     /// QoS 1/2 payload bytes in flight upstream (at least one message, however large).
     #[serde(default = "default_inflight_bytes")]
     pub inflight_bytes: u64,
-    /// A message the upstream answers by closing the connection this many times in a row
-    /// (nothing acknowledged meanwhile) is removed from the outbox and counted as
-    /// rejected; 0 = retried for ever.
+    /// After this many connections in a row that the upstream closed with the same message
+    /// first in flight (nothing acknowledged meanwhile), the messages go one at a time; the
+    /// one in flight alone at the next close is removed from the outbox and counted as
+    /// rejected (`super::strikes`). 0 = retried for ever.
     #[serde(default = "default_reject_after_closes")]
     pub reject_after_closes: u32,
     /// Seconds with messages waiting and none acknowledged before the bridge reports

@@ -24,10 +24,10 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rumqttc::tokio_rustls::rustls;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::rustls;
 
 use super::upstream::{AckKind, Granted, UpEvent, Upstream};
 use super::{BridgeConfig, BridgeProtocol};
@@ -60,6 +60,8 @@ pub(super) struct Link {
     /// The upstream ended the connection (EOF, reset, DISCONNECT), as opposed to a timeout
     /// on our side: see [`Upstream::closed_by_peer`].
     closed_by_peer: bool,
+    /// Reads while a write is blocked land here first (allocated once, not per flush).
+    scratch: Box<[u8]>,
 }
 
 /// Connects (TCP, TLS, CONNECT with Clean Start / Clean Session = false and, over MQTT 5,
@@ -96,7 +98,7 @@ async fn open(
             let name = cfg.server_name.clone().unwrap_or(host);
             let name = rustls::pki_types::ServerName::try_from(name)
                 .map_err(|e| format!("TLS server name: {e}"))?;
-            let stream = rumqttc::tokio_rustls::TlsConnector::from(tls)
+            let stream = tokio_rustls::TlsConnector::from(tls)
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS: {e}"))?;
@@ -120,6 +122,7 @@ async fn open(
         awaiting_pingresp: false,
         idle_timeout: Duration::from_secs(cfg.ack_timeout_secs.max(1)),
         closed_by_peer: false,
+        scratch: vec![0; 8 * 1024].into_boxed_slice(),
     };
     let connect = Connect {
         protocol: version,
@@ -304,7 +307,6 @@ impl Link {
         &mut self,
         cx: &mut std::task::Context<'_>,
         pos: usize,
-        scratch: &mut [u8],
     ) -> Poll<Result<Progress, String>> {
         let io = Pin::new(&mut self.io);
         match io.poll_write(cx, &self.wbuf[pos..]) {
@@ -322,7 +324,7 @@ impl Link {
         if self.rbuf.len() >= READ_AHEAD {
             return Poll::Pending;
         }
-        let mut rb = ReadBuf::new(scratch);
+        let mut rb = ReadBuf::new(&mut self.scratch);
         match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Err(
                 self.peer_closed("upstream closed the connection".into())
@@ -341,12 +343,11 @@ impl Link {
     /// The write loop of [`Upstream::flush`], reading while the socket is full.
     async fn write_out(&mut self) -> Result<(), String> {
         let mut pos = 0;
-        let mut scratch = [0u8; 8 * 1024];
         let mut idle_since: Option<Instant> = None;
         let idle_timeout = self.idle_timeout;
         while pos < self.wbuf.len() {
             // The usual case, a socket that takes the whole batch, arms no timer.
-            let step = std::future::poll_fn(|cx| self.poll_progress(cx, pos, &mut scratch));
+            let step = std::future::poll_fn(|cx| self.poll_progress(cx, pos));
             let mut step = std::pin::pin!(step);
             let progress = match futures_util::FutureExt::now_or_never(step.as_mut()) {
                 Some(r) => r?,

@@ -1,5 +1,5 @@
 //! The upstream bridge: one task per `[[bridge]]`, carrying local topics up and cloud
-//! topics down through an MQTT 3.1.1 (rumqttc) or MQTT 5 client with a persistent upstream session.
+//! topics down through an MQTT 3.1.1 or 5 connection with a persistent upstream session.
 //!
 //! # Design
 //! The outbox is an internal *durable session* of the router (client id
@@ -8,8 +8,9 @@
 //! - a local QoS 1 publish matching an `out` rule is committed to the bridge's queue
 //!   before the publisher's PUBACK;
 //! - the bridge gets messages in order, with packet ids assigned by the router and stored
-//!   with the row (compact ids 1..=inflight, as rumqttc requires); the same id is used
-//!   upstream, so nothing has to be guessed from rumqttc's event order;
+//!   with the row (compact ids 1..=window, so each outbox keeps to its own range of
+//!   upstream ids: see `pump`); the same id is used upstream, so an acknowledgement names
+//!   its message exactly;
 //! - a row is deleted only when the upstream PUBACK for that packet id arrives and the
 //!   bridge forwards it to the router as the session's PUBACK;
 //! - when the link drops, the bridge detaches the internal session; on reconnect it
@@ -19,7 +20,7 @@
 //!
 //! Downlink: messages from upstream subscriptions (`in` rules) are published into the
 //! router by the internal session; the router's PUBACK for them comes only after the local
-//! commit, and only then is the upstream PUBACK sent (rumqttc manual acks). Messages that
+//! commit, and only then is the upstream PUBACK sent. Messages that
 //! came down are never sent back up: the internal session's subscriptions use No Local.
 //!
 //! QoS 2 (MQTT 5 upstreams): the router's PUBREL for an uplink message goes upstream only
@@ -46,6 +47,7 @@ mod link;
 mod pacer;
 mod pump;
 mod status;
+mod strikes;
 mod tls;
 mod upstream;
 
@@ -168,7 +170,7 @@ pub type Rates = (u32, u64);
 /// The bridge task: runs until `shutdown`. `rates` carries new drain limits (SIGHUP).
 pub async fn run(
     cfg: BridgeConfig,
-    tls: Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>,
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     rates: tokio::sync::watch::Receiver<Rates>,
@@ -189,7 +191,7 @@ struct Bridge {
     /// `in` rules as (remote filter, remote prefix, local prefix, qos).
     inbound: Vec<(String, String, String, u8)>,
     /// TLS client configuration when `tls = true` (built once; files read at start-up).
-    tls: Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>,
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     /// Current drain limits (changed on SIGHUP).
     rates: tokio::sync::watch::Receiver<Rates>,
     /// Messages sent / acknowledged / received since the counts were last added to the
@@ -200,9 +202,8 @@ struct Bridge {
     /// Downlink QoS 2 messages awaiting their PUBREL: upstream packet id → the outbox
     /// (class index) that published it, which holds the id (kept across reconnects).
     qos2_down: Mutex<HashMap<u16, usize>>,
-    /// A message the upstream answered by closing the connection: class index (16 bits),
-    /// its packet id (16 bits) and how many times in a row (32 bits); 0 = none.
-    strikes: AtomicU64,
+    /// Which message makes the upstream close the connection (see `strikes`).
+    strikes: strikes::Strikes,
 }
 
 /// Indices into `Bridge::counts`.
@@ -261,6 +262,7 @@ impl Bridge {
                 (i.client_id, filters)
             })
             .collect();
+        let strikes = strikes::Strikes::new(cfg.reject_after_closes);
         Bridge {
             classes,
             cfg,
@@ -273,7 +275,7 @@ impl Bridge {
             counts: Default::default(),
             progress: status::Progress::new(),
             qos2_down: Mutex::new(HashMap::new()),
-            strikes: AtomicU64::new(0),
+            strikes,
         }
     }
 
@@ -527,6 +529,10 @@ impl Bridge {
             self.cfg.inflight_bytes,
             self.cfg.ack_timeout_secs,
         );
+        link.isolate_left = self.strikes.isolating();
+        if link.isolate_left > 0 {
+            warn!(bridge = %self.cfg.name, messages = link.isolate_left, "the upstream keeps closing the connection while the same message is in flight: sending one message at a time to find the one it refuses");
+        }
         let end = self.pump(up, &mut link, &mut receivers, early).await;
         self.publish_counts();
         let lost_qos0 = link
@@ -540,7 +546,10 @@ impl Bridge {
             self.status(|st| st.dropped_qos0 += lost_qos0);
         }
         if matches!(end, End::Lost(_)) {
-            self.strike(link.suspect, up.closed_by_peer());
+            let isolated = link.isolate_left > 0;
+            let in_flight = link.in_flight();
+            self.strikes
+                .lost(link.suspect, up.closed_by_peer(), isolated, in_flight);
         }
         for c in &link.classes {
             let _ = router
@@ -552,42 +561,6 @@ impl Bridge {
                 .await;
         }
         (end, link.progress && !link.quota)
-    }
-
-    /// After a lost link: if the upstream closed it while `suspect` (the first message
-    /// sent since the last acknowledgement) was out, one more strike against that
-    /// message; anything else clears the count.
-    fn strike(&self, suspect: Option<(usize, u16)>, closed_by_peer: bool) {
-        let next = match suspect.filter(|_| closed_by_peer) {
-            None => 0,
-            Some((k, id)) => {
-                let key = (k as u64) << 48 | u64::from(id) << 32;
-                let old = self.strikes.load(Ordering::Relaxed);
-                let count = if old & !0xffff_ffff == key {
-                    (old & 0xffff_ffff) + 1
-                } else {
-                    1
-                };
-                key | count.min(0xffff_ffff)
-            }
-        };
-        self.strikes.store(next, Ordering::Relaxed);
-    }
-
-    /// Whether outbox `k`'s message `packet_id` has made the upstream close the connection
-    /// `reject_after_closes` times in a row (then it is set aside, and the count cleared).
-    fn set_aside(&self, k: usize, packet_id: u16) -> bool {
-        let s = self.strikes.load(Ordering::Relaxed);
-        let limit = u64::from(self.cfg.reject_after_closes);
-        if s == 0 || limit == 0 {
-            return false;
-        }
-        let key = (k as u64) << 48 | u64::from(packet_id) << 32;
-        if s & !0xffff_ffff == key && s & 0xffff_ffff >= limit {
-            self.strikes.store(0, Ordering::Relaxed);
-            return true;
-        }
-        false
     }
 
     /// Local topic → remote topic through the first matching `out` rule.

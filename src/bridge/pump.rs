@@ -72,6 +72,9 @@ pub(super) struct Link {
     /// The first message sent after the last acknowledgement: (outbox, its packet id). If
     /// the upstream closes the connection while it is out, it is the suspect.
     pub suspect: Option<(usize, u16)>,
+    /// Messages still to send one at a time to find the one the upstream refuses by
+    /// closing the connection (see `super::strikes`); 0 = not isolating.
+    pub isolate_left: u32,
 }
 
 /// One outbox during a connected period.
@@ -105,7 +108,13 @@ impl Link {
             progress: false,
             quota: false,
             suspect: None,
+            isolate_left: 0,
         }
+    }
+
+    /// QoS 1/2 messages sent upstream and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
     }
 
     /// Upstream packet id of outbox `k`'s packet id `id`.
@@ -122,7 +131,7 @@ impl Link {
     /// Must outbox `k` wait (a higher priority has messages held or in flight, or had one
     /// within `PRIORITY_GRACE`; or `inflight_bytes` are out)?
     fn gated(&self, k: usize) -> bool {
-        if self.in_flight_bytes >= self.max_bytes {
+        if self.in_flight_bytes >= self.max_bytes || (self.isolate_left > 0 && self.in_flight > 0) {
             return true;
         }
         let now = Instant::now();
@@ -323,6 +332,9 @@ impl Bridge {
                 }
                 link.last_ack = Instant::now();
                 link.suspect = None;
+                if link.isolate_left > 0 {
+                    link.isolate_left = self.strikes.acked();
+                }
                 let conn = link.classes[k].conn;
                 let done = kind != AckKind::Rec || reason >= 0x80;
                 if reason >= 0x80 {
@@ -534,8 +546,8 @@ impl Bridge {
             let refused = reason::IMPLEMENTATION_SPECIFIC_ERROR;
             return self.complete_now(conn, local_qos, packet_id, refused).await;
         };
-        if local_qos != QoS::AtMostOnce && self.set_aside(k, packet_id) {
-            warn!(bridge = %self.cfg.name, topic = %p.topic, closes = self.cfg.reject_after_closes, "the upstream closed the connection every time this message was in flight: removed from the outbox and counted as rejected");
+        if local_qos != QoS::AtMostOnce && self.strikes.set_aside(k, packet_id) {
+            warn!(bridge = %self.cfg.name, topic = %p.topic, "the upstream closed the connection when this message was in flight alone (after reject_after_closes closes with it first in flight): removed from the outbox and counted as rejected");
             self.status(|st| st.rejected += 1);
             let refused = reason::IMPLEMENTATION_SPECIFIC_ERROR;
             return self.complete_now(conn, local_qos, packet_id, refused).await;

@@ -131,7 +131,7 @@ pub struct ClientParams {
     /// Largest packet the client accepts (v5 Maximum Packet Size), whole packet.
     pub max_packet_size: u32,
     /// Hand out the smallest free packet id (1..=window) instead of cycling through all
-    /// 65535: the bridge's rumqttc client only accepts ids up to its in-flight limit.
+    /// 65535: a bridge maps each outbox's ids into its own range of upstream ids.
     pub compact_packet_ids: bool,
 }
 
