@@ -174,6 +174,34 @@ async fn slow_uplink_issue_scenario() {
     slow_uplink(V311, 32, 300_000, 200_000).await;
 }
 
+/// One message that needs longer on the wire (3 s at 300 kB/s) than `ack_timeout_secs`
+/// (1 s): the acknowledgement timer allows for the time the message at the head of the
+/// line needs, so it arrives, once, over one connection.
+#[tokio::test]
+async fn a_message_longer_on_the_wire_than_the_ack_timeout_still_goes() {
+    let up = start_broker(|_| {}).await;
+    let proxy = Proxy::start_small_buffer(up.addr, 16 * 1024).await;
+    let mut cloud = SeqSub::start(up.addr, "cloud-sub", "site/#", UP_REMOTE).await;
+    let b = BridgeConfig {
+        ack_timeout_secs: 1,
+        ..bridge_to(proxy.addr, V311)
+    };
+    let gw = gateway(b).await;
+    wait_link(gw.addr, &mut cloud, Duration::from_secs(10)).await;
+    proxy.throttle(300_000);
+    let accepted = proxy.accepted();
+    let mut sensor = publisher(gw.addr, "sensor").await;
+    sensor
+        .publish(UP_LOCAL, &numbered(0, 900_000), QoS::AtLeastOnce, 1)
+        .await;
+    assert!(matches!(sensor.recv().await, Some(Packet::PubAck(_))));
+    cloud.wait_for(1, Duration::from_secs(15)).await;
+    assert_eq!(cloud.dups, 0);
+    assert_eq!(proxy.accepted(), accepted, "no reconnect");
+    gw.shutdown().await;
+    up.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------------------
 // 2. Half-open under traffic
 

@@ -97,7 +97,8 @@ pub struct BridgeConfig {
     /// ends the connection). Under traffic `ack_timeout_secs` is much quicker.
     #[serde(default = "default_keepalive")]
     pub keepalive_secs: u16,
-    /// With messages in flight, no acknowledgement for this long means the link is dead
+    /// With messages in flight, no acknowledgement for this long (plus the time the head
+    /// of the line needs on the wire at the measured rate) means the link is dead
     /// (reconnect, resend in order); also the longest a write may make no progress.
     #[serde(default = "default_ack_timeout")]
     pub ack_timeout_secs: u64,

@@ -204,6 +204,8 @@ struct Bridge {
     qos2_down: Mutex<HashMap<u16, usize>>,
     /// Which message makes the upstream close the connection (see `strikes`).
     strikes: strikes::Strikes,
+    /// The link's rate as measured by the last connection, bytes/s (`f64` bits).
+    rate: AtomicU64,
 }
 
 /// Indices into `Bridge::counts`.
@@ -276,6 +278,7 @@ impl Bridge {
             progress: status::Progress::new(),
             qos2_down: Mutex::new(HashMap::new()),
             strikes,
+            rate: AtomicU64::new(pump::INITIAL_RATE.to_bits()),
         }
     }
 
@@ -530,11 +533,13 @@ impl Bridge {
             self.cfg.ack_timeout_secs,
         );
         link.isolate_left = self.strikes.isolating();
+        link.rate = f64::from_bits(self.rate.load(Ordering::Relaxed));
         if link.isolate_left > 0 {
             warn!(bridge = %self.cfg.name, messages = link.isolate_left, "the upstream keeps closing the connection while the same message is in flight: sending one message at a time to find the one it refuses");
         }
         let end = self.pump(up, &mut link, &mut receivers, early).await;
         self.publish_counts();
+        self.rate.store(link.rate.to_bits(), Ordering::Relaxed);
         let lost_qos0 = link
             .classes
             .iter()

@@ -13,7 +13,8 @@
 //! window, so after a drop the router resends them like any other).
 //!
 //! When the link is dead: with QoS 1/2 messages in flight, no acknowledgement for
-//! `ack_timeout_secs` ends the period (a half-open link under traffic is noticed in
+//! `ack_timeout_secs` (plus the head of the line's time on the wire at the measured rate)
+//! ends the period (a half-open link under traffic is noticed in
 //! seconds; the keep-alive still covers idle links). Acknowledgements are read while a
 //! batch is being written ([`super::link`]), so a slow but moving link never trips it.
 //!
@@ -75,7 +76,22 @@ pub(super) struct Link {
     /// Messages still to send one at a time to find the one the upstream refuses by
     /// closing the connection (see `super::strikes`); 0 = not isolating.
     pub isolate_left: u32,
+    /// Upstream ids of the QoS 1/2 messages in flight, in the order they were sent: the
+    /// front is the head of the line, whose time on the wire the ack timer allows for.
+    order: VecDeque<u16>,
+    /// The link's rate as the acknowledgements show it, bytes/s (kept across connections
+    /// by the bridge), and the measurement window: (since, bytes acknowledged).
+    pub rate: f64,
+    rate_window: Option<(Instant, u64)>,
 }
+
+/// Rate assumed before any measurement, bytes/s: a slow uplink (a message of 1 MB at the
+/// head of the line gets 20 s on top of `ack_timeout_secs` until the real rate is known).
+pub(super) const INITIAL_RATE: f64 = 50_000.0;
+/// The ack timer never assumes a slower link than this, bytes/s.
+const FLOOR_RATE: f64 = 10_000.0;
+/// Shortest measurement window for the rate (bursts of acknowledgements would inflate it).
+const RATE_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// One outbox during a connected period.
 pub(super) struct Class {
@@ -109,6 +125,9 @@ impl Link {
             quota: false,
             suspect: None,
             isolate_left: 0,
+            order: VecDeque::new(),
+            rate: INITIAL_RATE,
+            rate_window: None,
         }
     }
 
@@ -152,9 +171,20 @@ impl Link {
         Some(latest + PRIORITY_GRACE)
     }
 
-    /// When the link counts as dead unless an acknowledgement comes (messages in flight).
+    /// When the link counts as dead unless an acknowledgement comes (messages in flight):
+    /// `ack_timeout` after the last acknowledgement, plus the time the message at the head
+    /// of the line needs on the wire at the measured rate (a large message on a slow link
+    /// is not a dead link).
     fn ack_deadline(&self) -> Option<Instant> {
-        (self.in_flight > 0).then(|| self.last_ack + self.ack_timeout)
+        if self.in_flight == 0 {
+            return None;
+        }
+        let head = self
+            .order
+            .front()
+            .map_or(0, |id| self.sizes[usize::from(*id)]);
+        let wire = f64::from(head) / self.rate.max(FLOOR_RATE);
+        Some(self.last_ack + self.ack_timeout + std::time::Duration::from_secs_f64(wire))
     }
 
     fn sent(&mut self, k: usize, upstream_id: u16, bytes: usize) {
@@ -165,14 +195,34 @@ impl Link {
         self.classes[k].in_flight += 1;
         self.sizes[usize::from(upstream_id)] = bytes as u32;
         self.in_flight_bytes += bytes as u64;
+        self.order.push_back(upstream_id);
     }
 
-    fn completed(&mut self, k: usize, upstream_id: u16) {
+    fn completed(&mut self, k: usize, upstream_id: u16, now: Instant) {
         self.in_flight = self.in_flight.saturating_sub(1);
         let c = &mut self.classes[k];
         c.in_flight = c.in_flight.saturating_sub(1);
         let size = std::mem::take(&mut self.sizes[usize::from(upstream_id)]);
         self.in_flight_bytes = self.in_flight_bytes.saturating_sub(u64::from(size));
+        if let Some(i) = self.order.iter().position(|id| *id == upstream_id) {
+            self.order.remove(i);
+        }
+        // The rate: bytes acknowledged over at least `RATE_WINDOW` of busy link.
+        match &mut self.rate_window {
+            None => self.rate_window = Some((now, 0)),
+            Some((since, bytes)) => {
+                *bytes += u64::from(size);
+                let took = now.duration_since(*since);
+                if took >= RATE_WINDOW {
+                    let sample = *bytes as f64 / took.as_secs_f64();
+                    self.rate = 0.5 * self.rate + 0.5 * sample;
+                    self.rate_window = Some((now, 0));
+                }
+            }
+        }
+        if self.in_flight == 0 {
+            self.rate_window = None;
+        }
     }
 }
 
@@ -330,7 +380,8 @@ impl Bridge {
                         "upstream answered 0x97 Quota exceeded (packet id {packet_id}); backing off, the message stays queued"
                     )));
                 }
-                link.last_ack = Instant::now();
+                let now = Instant::now();
+                link.last_ack = now;
                 link.suspect = None;
                 if link.isolate_left > 0 {
                     link.isolate_left = self.strikes.acked();
@@ -347,7 +398,7 @@ impl Bridge {
                     }
                 }
                 if done {
-                    link.completed(k, upstream_id);
+                    link.completed(k, upstream_id, now);
                 }
                 // A QoS 2 message the upstream only takes at QoS 1: its PUBACK is our PUBREC.
                 let kind = match (kind, link.emulated.get(&upstream_id)) {
