@@ -359,6 +359,7 @@ async fn handle_request(
             format!("ok {v}")
         }
         "drop" => match decode_client_id(arg) {
+            Ok(id) if is_internal(&id) => format!("err {}", internal_refusal(&id)),
             Ok(id) => drop_on_broker(id, router, shutdown, db).await,
             Err(e) => format!("err bad client id: {e}"),
         },
@@ -1085,6 +1086,12 @@ pub fn format_bridges(items: &[serde_json::Value], now_ms: i64) -> String {
         } else {
             format!("down {}", human_secs((now_ms - since) / 1000))
         };
+        // Messages wait and nothing was acknowledged for `stall_secs`.
+        let state = if v["stalled"].as_bool().unwrap_or(false) {
+            format!("STALLED, {state}")
+        } else {
+            state
+        };
         let outbox = &v["outbox"];
         let oldest = v["oldest_enqueued_ms"]
             .as_i64()
@@ -1146,8 +1153,21 @@ fn ask_broker(socket: &Path, request: &str) -> anyhow::Result<Ask> {
     Ok(Ask::Answer(line))
 }
 
+/// A session the gateway itself owns (a bridge outbox, a serial port): admin commands
+/// leave it alone (dropping an outbox would silently stop the uplink until a restart).
+fn is_internal(client_id: &str) -> bool {
+    client_id.starts_with(crate::bridge::INTERNAL_PREFIX)
+        || client_id.starts_with(crate::serial::INTERNAL_PREFIX)
+}
+
+fn internal_refusal(client_id: &str) -> String {
+    format!(
+        "{client_id:?} is an internal session of the gateway (a bridge outbox or a serial port), not a client's: it cannot be dropped; to discard a bridge's backlog, remove the bridge or its rules from the configuration and restart"
+    )
+}
+
 /// Drops a session: through the running broker when there is one, else directly in the
-/// database.
+/// database. Internal sessions are refused.
 pub fn drop_session(data_dir: &Path, client_id: &str) -> anyhow::Result<DropOutcome> {
     drop_session_at(data_dir, &socket_path(data_dir), client_id)
 }
@@ -1158,6 +1178,9 @@ pub fn drop_session_at(
     socket: &Path,
     client_id: &str,
 ) -> anyhow::Result<DropOutcome> {
+    if is_internal(client_id) {
+        bail!("{}", internal_refusal(client_id));
+    }
     let request = format!("drop {}", encode_client_id(client_id));
     match ask_broker(socket, &request)? {
         Ask::Answer(line) => match line.as_str() {

@@ -50,6 +50,12 @@ pub struct Config {
     pub bridge: Vec<crate::bridge::BridgeConfig>,
     /// Serial sensor ports, `[[serial]]` tables (none by default).
     pub serial: Vec<crate::serial::SerialConfig>,
+    /// This gateway's name in default identifiers (a bridge's upstream client id is
+    /// `holdfast-<device_id>-<bridge name>`); unset = derived from `/etc/machine-id`.
+    pub device_id: Option<String>,
+    /// Where the machine id is read (not a configuration key: a seam for tests).
+    #[serde(skip)]
+    pub machine_id_file: PathBuf,
 }
 
 /// The durable store (SQLite file `<data_dir>/holdfast.db`).
@@ -269,6 +275,8 @@ impl Default for Config {
             metrics: Default::default(),
             bridge: Vec::new(),
             serial: Vec::new(),
+            device_id: None,
+            machine_id_file: PathBuf::from("/etc/machine-id"),
         }
     }
 }
@@ -683,6 +691,17 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::invalid("data_dir", "must not be empty"));
+        }
+        if let Some(d) = &self.device_id {
+            if d.is_empty()
+                || d.len() > 64
+                || d.chars().any(|c| c.is_whitespace() || "/+#".contains(c))
+            {
+                return Err(ConfigError::invalid(
+                    "device_id",
+                    "must be 1 to 64 characters without spaces, '/', '+' or '#'",
+                ));
+            }
         }
         if self.worker_threads > 256 {
             return Err(ConfigError::invalid(

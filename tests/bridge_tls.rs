@@ -133,6 +133,7 @@ fn tls_bridge(pki: &Pki, port: u16, ca: &str) -> BridgeConfig {
             local_prefix: String::new(),
             remote_prefix: "gw/".into(),
             priority: 0,
+            queue_qos0: false,
         }],
         ..BridgeConfig::example()
     }

@@ -31,6 +31,7 @@ fn rule(pattern: &str, direction: Direction, qos: u8) -> TopicRule {
         local_prefix: String::new(),
         remote_prefix: "site/".into(),
         priority: 0,
+        queue_qos0: false,
     }
 }
 

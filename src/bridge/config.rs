@@ -1,6 +1,8 @@
 //! `[[bridge]]` settings: one upstream broker each, with `[[bridge.topic]]` rules in the
 //! form Mosquitto users know (`pattern`, `direction`, `qos`, `local_prefix`, `remote_prefix`).
 
+use std::path::Path;
+
 use serde::{Deserialize, Serialize};
 
 use crate::config::ConfigError;
@@ -45,6 +47,11 @@ pub struct TopicRule {
     /// `telemetry/#` after an outage). Order is kept within a priority.
     #[serde(default)]
     pub priority: u8,
+    /// Keep QoS 0 messages of the `out` side in the outbox like QoS 1 (stored, sent
+    /// upstream at QoS 1, deleted on its PUBACK) instead of dropping (and counting) those
+    /// that arrive while the upstream is unreachable.
+    #[serde(default)]
+    pub queue_qos0: bool,
 }
 
 fn default_direction() -> Direction {
@@ -73,7 +80,8 @@ pub struct BridgeConfig {
     #[serde(default = "default_protocol")]
     pub protocol: BridgeProtocol,
     /// Client id upstream; stable across restarts so the upstream session persists.
-    /// Default: `holdfast-<hostname>-<name>`.
+    /// Default: `holdfast-<device>-<name>`, `<device>` being the top-level `device_id` or
+    /// else derived from `/etc/machine-id` (see [`BridgeConfig::resolve_client_id`]).
     #[serde(default)]
     pub client_id: Option<String>,
     #[serde(default)]
@@ -84,20 +92,38 @@ pub struct BridgeConfig {
     /// keeps downlink messages for the gateway during an outage). Default one day.
     #[serde(default = "default_session_expiry")]
     pub session_expiry_secs: u32,
-    /// Keep-alive upstream, seconds (min 5). Also bounds half-open link detection: up to
-    /// 2× (rumqttc pings every keep-alive whatever the traffic and gives up at the second
-    /// unanswered ping), then `connect_timeout_secs` per silent reconnect attempt.
+    /// Keep-alive upstream, seconds (min 5). Bounds half-open detection on an idle link:
+    /// up to 2× (a ping every keep-alive whatever the traffic; the second unanswered one
+    /// ends the connection). Under traffic `ack_timeout_secs` is much quicker.
     #[serde(default = "default_keepalive")]
     pub keepalive_secs: u16,
+    /// With messages in flight, no acknowledgement for this long (plus the time the head
+    /// of the line needs on the wire at the measured rate) means the link is dead
+    /// (reconnect, resend in order); also the longest a write may make no progress.
+    #[serde(default = "default_ack_timeout")]
+    pub ack_timeout_secs: u64,
     /// QoS 1/2 messages in flight upstream (v5: at most the upstream's Receive Maximum).
     #[serde(default = "default_inflight")]
     pub inflight: u16,
+    /// QoS 1/2 payload bytes in flight upstream (at least one message, however large).
+    #[serde(default = "default_inflight_bytes")]
+    pub inflight_bytes: u64,
+    /// After this many connections in a row that the upstream closed with the same message
+    /// first in flight (nothing acknowledged meanwhile), the messages go one at a time; the
+    /// one in flight alone at the next close is removed from the outbox and counted as
+    /// rejected (`super::strikes`). 0 = retried for ever.
+    #[serde(default = "default_reject_after_closes")]
+    pub reject_after_closes: u32,
+    /// Seconds with messages waiting and none acknowledged before the bridge reports
+    /// itself stalled (status, `$SYS`, `/healthz`).
+    #[serde(default = "default_stall")]
+    pub stall_secs: u64,
     /// Reconnect backoff bounds, milliseconds (exponential with full jitter).
     #[serde(default = "default_backoff_min")]
     pub reconnect_min_ms: u64,
     #[serde(default = "default_backoff_max")]
     pub reconnect_max_ms: u64,
-    /// Seconds to establish TCP + MQTT upstream before giving up on an attempt.
+    /// Seconds to establish TCP + TLS + MQTT upstream before giving up on an attempt.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
     /// Drain limit after a reconnect, messages per second (0 = full speed).
@@ -160,6 +186,18 @@ fn default_keepalive() -> u16 {
 fn default_inflight() -> u16 {
     32
 }
+fn default_ack_timeout() -> u64 {
+    5
+}
+fn default_inflight_bytes() -> u64 {
+    512 * 1024
+}
+fn default_reject_after_closes() -> u32 {
+    5
+}
+fn default_stall() -> u64 {
+    120
+}
 fn default_backoff_min() -> u64 {
     500
 }
@@ -183,7 +221,11 @@ impl BridgeConfig {
             password: Some("secret".into()),
             session_expiry_secs: default_session_expiry(),
             keepalive_secs: default_keepalive(),
+            ack_timeout_secs: default_ack_timeout(),
             inflight: default_inflight(),
+            inflight_bytes: default_inflight_bytes(),
+            reject_after_closes: default_reject_after_closes(),
+            stall_secs: default_stall(),
             reconnect_min_ms: default_backoff_min(),
             reconnect_max_ms: default_backoff_max(),
             connect_timeout_secs: default_connect_timeout(),
@@ -206,6 +248,7 @@ impl BridgeConfig {
                 local_prefix: String::new(),
                 remote_prefix: "site-17/".into(),
                 priority: 0,
+                queue_qos0: false,
             }],
         }
     }
@@ -221,15 +264,40 @@ impl BridgeConfig {
         self
     }
 
-    /// The client id used upstream.
+    /// The client id used upstream (after [`BridgeConfig::resolve_client_id`]).
     pub fn effective_client_id(&self) -> String {
-        if let Some(id) = &self.client_id {
-            return id.clone();
+        match &self.client_id {
+            Some(id) => id.clone(),
+            None => format!("holdfast-gateway-{}", self.name),
         }
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "gateway".into());
-        format!("holdfast-{host}-{}", self.name)
+    }
+
+    /// Fills in the default client id, `holdfast-<device>-<name>`, and says where it came
+    /// from: `<device>` is `device_id` if set, else 16 hex digits hashed from the machine
+    /// id (`machine_id_file`, normally `/etc/machine-id`: unique per installation, where the
+    /// hostname is `raspberrypi` on every board flashed from one image; hashed because
+    /// systemd asks that the id itself not be shown to the network), else the hostname.
+    pub fn resolve_client_id(&mut self, device_id: Option<&str>, machine_id_file: &Path) -> &str {
+        let source = if self.client_id.is_some() {
+            "client_id"
+        } else if let Some(d) = device_id {
+            self.client_id = Some(format!("holdfast-{d}-{}", self.name));
+            "device_id"
+        } else if let Some(m) = read_machine_id(machine_id_file) {
+            let h = fnv1a64(format!("holdfast-bridge:{m}").as_bytes());
+            self.client_id = Some(format!("holdfast-{h:016x}-{}", self.name));
+            "machine id"
+        } else {
+            let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| "gateway".into());
+            tracing::warn!(bridge = %self.name, file = %machine_id_file.display(), "no machine id: the default upstream client id falls back to the hostname, which boards flashed from one image share; set device_id or client_id");
+            self.client_id = Some(format!("holdfast-{host}-{}", self.name));
+            "hostname"
+        };
+        let id = self.client_id.as_deref().unwrap_or_default();
+        tracing::info!(bridge = %self.name, client_id = id, source, "bridge client id");
+        id
     }
 
     pub fn validate(&self, i: usize) -> Result<(), ConfigError> {
@@ -251,6 +319,15 @@ impl BridgeConfig {
         }
         if self.inflight == 0 {
             return Err(ConfigError::invalid(key("inflight"), "must be at least 1"));
+        }
+        for (k, v) in [
+            ("ack_timeout_secs", self.ack_timeout_secs),
+            ("inflight_bytes", self.inflight_bytes),
+            ("stall_secs", self.stall_secs),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::invalid(key(k), "must be at least 1"));
+            }
         }
         let classes = super::priorities(self).len();
         if usize::from(self.inflight) * classes > usize::from(u16::MAX) {
@@ -344,6 +421,26 @@ impl BridgeConfig {
                     "prefixes must not contain wildcards",
                 ));
             }
+            // 3.1.1 has no No Local: the upstream would send every uplink message the `in`
+            // side matches straight back down (local subscribers would get it twice).
+            if self.protocol == BridgeProtocol::V311 && t.direction.is_in() {
+                let echo = self.topic.iter().find(|o| {
+                    o.direction.is_out()
+                        && crate::auth::acl::overlaps(
+                            &format!("{}{}", o.remote_prefix, o.pattern),
+                            &remote,
+                        )
+                });
+                if let Some(o) = echo {
+                    return Err(ConfigError::invalid(
+                        tk("direction"),
+                        format!(
+                            "over MQTT 3.1.1 the upstream would echo every uplink message on `{}{}` back down (3.1.1 has no No Local): use protocol = \"5\", or give the `in` and `out` sides remote prefixes that do not overlap",
+                            o.remote_prefix, o.pattern
+                        ),
+                    ));
+                }
+            }
             // Each priority is its own outbox: a message matching out rules of two
             // priorities would be sent twice.
             if t.direction.is_out() {
@@ -365,5 +462,58 @@ impl BridgeConfig {
             }
         }
         Ok(())
+    }
+}
+
+/// The machine id (trimmed), if the file holds one.
+fn read_machine_id(path: &Path) -> Option<String> {
+    let id = std::fs::read_to_string(path).ok()?.trim().to_string();
+    (!id.is_empty()).then_some(id)
+}
+
+/// FNV-1a, 64 bits: stable across Rust releases (unlike `DefaultHasher`), as a client id
+/// derived from it must be.
+fn fnv1a64(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_client_id_from_device_id_machine_id_or_hostname() {
+        let dir = tempfile::tempdir().unwrap();
+        let mid = dir.path().join("machine-id");
+        std::fs::write(&mid, "0123456789abcdef0123456789abcdef\n").unwrap();
+        let mut b = BridgeConfig {
+            client_id: None,
+            ..BridgeConfig::example()
+        };
+        let derived = b.clone().resolve_client_id(None, &mid).to_string();
+        assert!(derived.starts_with("holdfast-") && derived.ends_with("-cloud"));
+        assert!(!derived.contains("0123456789abcdef"), "{derived}");
+        // Stable (same file, same id) and different for another machine.
+        assert_eq!(b.clone().resolve_client_id(None, &mid), derived);
+        std::fs::write(&mid, "fedcba9876543210fedcba9876543210").unwrap();
+        assert_ne!(b.clone().resolve_client_id(None, &mid), derived);
+        assert_eq!(
+            b.clone().resolve_client_id(Some("pump-7"), &mid),
+            "holdfast-pump-7-cloud"
+        );
+        let host = b
+            .clone()
+            .resolve_client_id(None, &dir.path().join("missing"))
+            .to_string();
+        assert!(
+            host.starts_with("holdfast-") && host.ends_with("-cloud"),
+            "{host}"
+        );
+        b.client_id = Some("fixed".into());
+        assert_eq!(b.resolve_client_id(Some("pump-7"), &mid), "fixed");
+        // FNV-1a reference value: the derivation must never change under a gateway.
+        assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
     }
 }

@@ -1,5 +1,5 @@
 //! The upstream bridge: one task per `[[bridge]]`, carrying local topics up and cloud
-//! topics down through an MQTT 3.1.1 (rumqttc) or MQTT 5 client with a persistent upstream session.
+//! topics down through an MQTT 3.1.1 or 5 connection with a persistent upstream session.
 //!
 //! # Design
 //! The outbox is an internal *durable session* of the router (client id
@@ -8,8 +8,9 @@
 //! - a local QoS 1 publish matching an `out` rule is committed to the bridge's queue
 //!   before the publisher's PUBACK;
 //! - the bridge gets messages in order, with packet ids assigned by the router and stored
-//!   with the row (compact ids 1..=inflight, as rumqttc requires); the same id is used
-//!   upstream, so nothing has to be guessed from rumqttc's event order;
+//!   with the row (compact ids 1..=window, so each outbox keeps to its own range of
+//!   upstream ids: see `pump`); the same id is used upstream, so an acknowledgement names
+//!   its message exactly;
 //! - a row is deleted only when the upstream PUBACK for that packet id arrives and the
 //!   bridge forwards it to the router as the session's PUBACK;
 //! - when the link drops, the bridge detaches the internal session; on reconnect it
@@ -19,7 +20,7 @@
 //!
 //! Downlink: messages from upstream subscriptions (`in` rules) are published into the
 //! router by the internal session; the router's PUBACK for them comes only after the local
-//! commit, and only then is the upstream PUBACK sent (rumqttc manual acks). Messages that
+//! commit, and only then is the upstream PUBACK sent. Messages that
 //! came down are never sent back up: the internal session's subscriptions use No Local.
 //!
 //! QoS 2 (MQTT 5 upstreams): the router's PUBREL for an uplink message goes upstream only
@@ -28,148 +29,53 @@
 //! session. An upstream whose Maximum QoS is lower gets the message at its maximum, and
 //! its acknowledgement completes the local exchange.
 //!
-//! The upstream connection itself is version-specific and stateless ([`upstream`]):
-//! MQTT 3.1.1 through rumqttc ([`v311`]), MQTT 5 with our own codec ([`v5`]).
+//! Parts: `link` is the upstream connection (MQTT 3.1.1 or 5 with our own codec,
+//! stateless: see `upstream`); `pump` moves messages during one connected period
+//! (in-flight bounds, the acknowledgement timeout that notices a dead link under traffic,
+//! priorities, packet-id mapping); `status` reports (status, `$SYS`, stalled); this
+//! file connects, backs off and keeps what outlives a connection.
+//!
+//! Reconnecting: exponential backoff with full jitter, started over only after progress
+//! (an acknowledgement or a downlink message, or a link that stayed up a keep-alive), so
+//! an upstream that closes right after CONNACK is retried ever more slowly. 0x97 Quota
+//! exceeded ends the connection without progress: the message stays queued and goes
+//! again, in order, after the backoff. A message during which the upstream closes the
+//! connection `reject_after_closes` times in a row is set aside (counted as rejected).
 
 pub mod config;
+mod link;
+mod pacer;
+mod pump;
+mod status;
+mod strikes;
 mod tls;
 mod upstream;
-mod v311;
-mod v5;
 
+pub use status::{all_status_json, stalled, status_json, BridgeStatus};
 pub use tls::client_config as tls_client_config;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-
-use crate::backoff::Backoff;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::backoff::Backoff;
 pub use config::{BridgeConfig, BridgeProtocol, Direction, TopicRule};
-use upstream::{AckKind, Granted, UpEvent, Upstream};
+use upstream::{Granted, UpEvent, Upstream};
 
-use crate::broker::connection::{ConnLink, Outgoing, Shared};
+use crate::broker::connection::{ConnLink, Shared};
 use crate::broker::router::{ConnectRequest, InternalSession, RouterEvent, WillAction};
 use crate::broker::session::{ClientParams, QueueLimits};
 use crate::protocol::{
-    reason, topic, ConnAck, Packet, ProtocolVersion, PubAckLike, Publish, QoS,
-    SubscribeFilter as Sf, SubscriptionOptions,
+    topic, ConnAck, ProtocolVersion, QoS, SubscribeFilter as Sf, SubscriptionOptions,
 };
 
 /// Prefix of the internal session ids; clients may not use it.
 pub const INTERNAL_PREFIX: &str = "$bridge/";
-
-/// Live status of one bridge (`holdfast bridge status`, `$SYS/holdfast/bridge/<name>/...`).
-#[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct BridgeStatus {
-    pub name: String,
-    pub address: String,
-    pub client_id: String,
-    pub connected: bool,
-    /// Unix ms of the last change of `connected`.
-    pub since_ms: i64,
-    pub last_error: Option<String>,
-    /// Messages handed to the upstream connection (resends included).
-    pub sent: u64,
-    /// Messages the upstream acknowledged (PUBACK, or PUBCOMP for QoS 2): each deletes
-    /// one from the outbox.
-    pub acked: u64,
-    /// Messages the upstream refused (v5 reason code >= 0x80) or could never take (larger
-    /// than its Maximum Packet Size): removed from the outbox, logged and counted here.
-    pub rejected: u64,
-    /// Messages received from upstream (downlink).
-    pub received: u64,
-    /// Successful connections since start.
-    pub connects: u64,
-    /// Client ids of its outboxes (internal sessions), highest priority first.
-    pub outboxes: Vec<String>,
-}
-
-/// How often the bridge publishes its statistics under `$SYS`.
-const STATS_EVERY: Duration = Duration::from_secs(10);
-
-/// Why a connected period ended.
-enum End {
-    Shutdown,
-    Lost(String),
-}
-
-/// How one connection attempt went.
-enum Attempt {
-    Failed(String),
-    Ended(End),
-}
-
-/// One connected period: the outboxes' connections and what the upstream granted.
-struct Link {
-    granted: Granted,
-    /// One per outbox, highest priority first.
-    classes: Vec<Class>,
-    /// Upstream packet id = class index × `stride` + the outbox's own id (1..=window).
-    stride: u16,
-    /// Messages sent upstream below their local QoS (the upstream's Maximum QoS is
-    /// lower), by upstream packet id, with the local QoS: the upstream's answer completes
-    /// them.
-    emulated: HashMap<u16, QoS>,
-}
-
-/// One outbox during a connected period.
-struct Class {
-    conn: u64,
-    /// Its local filters (which outbox a downlink message is published through).
-    filters: Vec<String>,
-    /// QoS 1/2 messages sent upstream and not yet completed.
-    in_flight: usize,
-    /// When the router last handed this outbox a message.
-    last_message: Option<Instant>,
-    /// Messages held back while a higher priority has messages waiting or in flight.
-    held: VecDeque<Publish>,
-}
-
-/// How long a priority counts as busy after its last message: the router hands over the
-/// next one only after the previous acknowledgement reached it, so "nothing in flight"
-/// alone would let lower priorities slip in between.
-const PRIORITY_GRACE: Duration = Duration::from_millis(20);
-
-impl Link {
-    /// Upstream packet id of outbox `k`'s packet id `id`.
-    fn upstream_id(&self, k: usize, id: u16) -> u16 {
-        (k as u16) * self.stride + id
-    }
-
-    /// Outbox and its own packet id for an upstream packet id.
-    fn local_id(&self, up: u16) -> Option<(usize, u16)> {
-        let k = usize::from(up.checked_sub(1)? / self.stride);
-        (k < self.classes.len()).then(|| (k, up - (k as u16) * self.stride))
-    }
-
-    /// Must outbox `k` wait (a higher priority has messages held or in flight, or had one
-    /// within `PRIORITY_GRACE`)?
-    fn gated(&self, k: usize) -> bool {
-        let now = Instant::now();
-        self.classes[..k].iter().any(|c| {
-            c.in_flight > 0
-                || !c.held.is_empty()
-                || c.last_message.is_some_and(|t| now < t + PRIORITY_GRACE)
-        })
-    }
-
-    /// When held messages should be looked at again (the latest grace period of a higher
-    /// priority ends), if any are held.
-    fn recheck_at(&self) -> Option<Instant> {
-        if self.classes.iter().all(|c| c.held.is_empty()) {
-            return None;
-        }
-        let latest = self.classes.iter().filter_map(|c| c.last_message).max()?;
-        Some(latest + PRIORITY_GRACE)
-    }
-}
 
 fn qos_of(q: u8) -> QoS {
     match q {
@@ -237,9 +143,16 @@ pub fn internal_sessions(cfg: &BridgeConfig) -> Vec<InternalSession> {
                     },
                 })
                 .collect();
+            let queue_qos0 = cfg
+                .topic
+                .iter()
+                .filter(|t| t.direction.is_out() && t.priority == priority && t.queue_qos0)
+                .map(|t| format!("{}{}", t.local_prefix, t.pattern))
+                .collect();
             InternalSession {
                 client_id: outbox_id(&cfg.name, priority).into(),
                 filters,
+                queue_qos0,
                 limits: QueueLimits {
                     max_messages: cfg.max_queued_messages,
                     max_bytes: cfg.max_queued_bytes,
@@ -257,7 +170,7 @@ pub type Rates = (u32, u64);
 /// The bridge task: runs until `shutdown`. `rates` carries new drain limits (SIGHUP).
 pub async fn run(
     cfg: BridgeConfig,
-    tls: Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>,
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     shared: Arc<Shared>,
     shutdown: CancellationToken,
     rates: tokio::sync::watch::Receiver<Rates>,
@@ -278,18 +191,39 @@ struct Bridge {
     /// `in` rules as (remote filter, remote prefix, local prefix, qos).
     inbound: Vec<(String, String, String, u8)>,
     /// TLS client configuration when `tls = true` (built once; files read at start-up).
-    tls: Option<Arc<rumqttc::tokio_rustls::rustls::ClientConfig>>,
+    tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
     /// Current drain limits (changed on SIGHUP).
     rates: tokio::sync::watch::Receiver<Rates>,
     /// Messages sent / acknowledged / received since the counts were last added to the
     /// status (once per pass of the pump, not a lock per message).
-    counts: [std::sync::atomic::AtomicU64; 3],
+    counts: [AtomicU64; 3],
+    /// When the upstream last acknowledged something (shared with the stall watch).
+    progress: Arc<status::Progress>,
+    /// Downlink QoS 2 messages awaiting their PUBREL: upstream packet id → the outbox
+    /// (class index) that published it, which holds the id (kept across reconnects).
+    qos2_down: Mutex<HashMap<u16, usize>>,
+    /// Which message makes the upstream close the connection (see `strikes`).
+    strikes: strikes::Strikes,
+    /// The link's rate as measured by the last connection, bytes/s (`f64` bits).
+    rate: AtomicU64,
 }
 
 /// Indices into `Bridge::counts`.
 const SENT: usize = 0;
 const ACKED: usize = 1;
 const RECEIVED: usize = 2;
+
+/// Why a connected period ended.
+enum End {
+    Shutdown,
+    Lost(String),
+}
+
+/// How one connection attempt went.
+enum Attempt {
+    Failed(String),
+    Ended(End),
+}
 
 impl Bridge {
     fn new(
@@ -330,6 +264,7 @@ impl Bridge {
                 (i.client_id, filters)
             })
             .collect();
+        let strikes = strikes::Strikes::new(cfg.reject_after_closes);
         Bridge {
             classes,
             cfg,
@@ -340,6 +275,10 @@ impl Bridge {
             tls: None,
             rates,
             counts: Default::default(),
+            progress: status::Progress::new(),
+            qos2_down: Mutex::new(HashMap::new()),
+            strikes,
+            rate: AtomicU64::new(pump::INITIAL_RATE.to_bits()),
         }
     }
 
@@ -351,10 +290,17 @@ impl Bridge {
     fn publish_counts(&self) {
         let [sent, acked, received] = self.counts.each_ref().map(|c| c.swap(0, Ordering::Relaxed));
         if sent + acked + received > 0 {
+            if acked > 0 {
+                self.progress.acked_now();
+            }
+            let now = crate::store::unix_ms();
             self.status(|st| {
                 st.sent += sent;
                 st.acked += acked;
                 st.received += received;
+                if acked > 0 {
+                    st.last_ack_ms = now;
+                }
             });
         }
     }
@@ -371,6 +317,8 @@ impl Bridge {
     /// Records a change of link state: status, `$SYS` topic, log (by the caller).
     async fn set_connected(&self, connected: bool, error: Option<String>) {
         let now = crate::store::unix_ms();
+        self.progress.connected.store(connected, Ordering::Relaxed);
+        let mut stalled = false;
         self.status(|st| {
             if st.connected != connected {
                 st.since_ms = now;
@@ -382,46 +330,16 @@ impl Bridge {
             if error.is_some() {
                 st.last_error = error;
             }
+            stalled = st.stalled;
         });
-        let state = if connected {
-            "connected"
-        } else {
-            "disconnected"
-        };
-        self.sys("state", state.as_bytes().to_vec()).await;
-    }
-
-    /// Publishes a retained `$SYS/holdfast/bridge/<name>/<leaf>` message locally.
-    async fn sys(&self, leaf: &str, payload: Vec<u8>) {
-        let topic = format!("$SYS/holdfast/bridge/{}/{leaf}", self.cfg.name);
-        let _ = self
-            .shared
-            .router
-            .send(RouterEvent::sys(topic, payload))
-            .await;
-    }
-
-    /// Publishes the bridge's statistics (status + outbox figures) every `STATS_EVERY`.
-    async fn stats_loop(shared: Arc<Shared>, name: String, shutdown: CancellationToken) {
-        let mut tick = tokio::time::interval(STATS_EVERY);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = shutdown.cancelled() => return,
-            }
-            let Some(json) = status_json(&shared, &name).await else {
-                continue;
-            };
-            let topic = format!("$SYS/holdfast/bridge/{name}/stats");
-            if shared
-                .router
-                .send(RouterEvent::sys(topic, json.into_bytes()))
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
+        let state = status::state_word(connected, stalled);
+        status::sys(
+            &self.shared,
+            &self.cfg.name,
+            "state",
+            state.as_bytes().to_vec(),
+        )
+        .await;
     }
 
     async fn run(self) {
@@ -432,29 +350,26 @@ impl Bridge {
             st.since_ms = crate::store::unix_ms();
             st.outboxes = self.classes.iter().map(|(id, _)| id.to_string()).collect();
         });
-        self.sys("state", b"disconnected".to_vec()).await;
-        tokio::spawn(Self::stats_loop(
+        status::sys(
+            &self.shared,
+            &self.cfg.name,
+            "state",
+            b"disconnected".to_vec(),
+        )
+        .await;
+        tokio::spawn(status::watch(
             self.shared.clone(),
             self.cfg.name.clone(),
+            Duration::from_secs(self.cfg.stall_secs.max(1)),
+            self.progress.clone(),
             self.shutdown.clone(),
         ));
         let mut backoff = Backoff::new(self.cfg.reconnect_min_ms, self.cfg.reconnect_max_ms);
         let mut last_error = String::new();
         let max_packet = self.shared.cfg.max_packet_size as usize + 1024;
         while !self.shutdown.is_cancelled() {
-            let tls = self.tls.clone();
-            let outcome = match self.cfg.protocol {
-                BridgeProtocol::V311 => {
-                    let max_id = self.cfg.inflight * self.classes.len() as u16;
-                    let connect = v311::connect(&self.cfg, tls, max_packet, max_id);
-                    self.attempt(connect, &mut backoff).await
-                }
-                BridgeProtocol::V5 => {
-                    self.attempt(v5::connect(&self.cfg, tls, max_packet), &mut backoff)
-                        .await
-                }
-            };
-            match outcome {
+            let connect = link::connect(&self.cfg, self.tls.clone(), max_packet);
+            match self.attempt(connect, &mut backoff).await {
                 Attempt::Failed(e) => {
                     if e != last_error {
                         warn!(bridge = %self.cfg.name, address = %self.cfg.address, cause = %e, "bridge cannot connect upstream (retrying with backoff; logged once per distinct error)");
@@ -475,7 +390,10 @@ impl Bridge {
         debug!(bridge = %self.cfg.name, "bridge stopped");
     }
 
-    /// One connection attempt and, if it succeeds, the connected period.
+    /// One connection attempt and, if it succeeds, the connected period. The backoff
+    /// starts over only after progress (an acknowledgement or a downlink message, or a
+    /// link that stayed up for a keep-alive period): an upstream that closes right after
+    /// CONNACK (a duplicate client id, a refused message) is retried ever more slowly.
     async fn attempt<U: Upstream>(
         &self,
         connect: impl std::future::Future<Output = Result<(U, Granted), String>>,
@@ -490,13 +408,17 @@ impl Bridge {
             },
             _ = self.shutdown.cancelled() => return Attempt::Ended(End::Shutdown),
         };
+        let since = Instant::now();
         info!(bridge = %self.cfg.name, address = %self.cfg.address, protocol = ?self.cfg.protocol, session_present = granted.session_present, "bridge connected upstream");
-        backoff.reset();
         self.set_connected(true, None).await;
-        let end = match self.subscribe_upstream(&mut up).await {
-            Err(e) => End::Lost(e),
+        let (end, progress) = match self.subscribe_upstream(&mut up).await {
+            Err(e) => (End::Lost(e), false),
             Ok(early) => self.connected(&mut up, granted, early).await,
         };
+        let stayed = since.elapsed() >= Duration::from_secs(u64::from(self.cfg.keepalive_secs));
+        if progress || stayed {
+            backoff.reset();
+        }
         if matches!(end, End::Shutdown) {
             up.close().await;
         }
@@ -554,16 +476,15 @@ impl Bridge {
     }
 
     /// Attaches the outboxes (internal sessions) and moves messages both ways until the
-    /// link drops.
+    /// link drops. Returns how it ended and whether anything moved.
     async fn connected<U: Upstream>(
         &self,
         up: &mut U,
         granted: Granted,
         early: Vec<UpEvent>,
-    ) -> End {
+    ) -> (End, bool) {
         let n = self.classes.len() as u16;
-        // The upstream's Receive Maximum is shared by the outboxes; each keeps its own
-        // packet ids 1..=window, sent upstream shifted by `stride` per class.
+        // The upstream's Receive Maximum is shared by the outboxes.
         let window = self
             .cfg
             .inflight
@@ -594,9 +515,9 @@ impl Bridge {
                 connack: ConnAck::default(),
             }));
             if router.send(attach).await.is_err() {
-                return End::Shutdown;
+                return (End::Shutdown, false);
             }
-            classes.push(Class {
+            classes.push(pump::Class {
                 conn,
                 filters: filters.clone(),
                 in_flight: 0,
@@ -605,14 +526,36 @@ impl Bridge {
             });
             receivers.push(rx);
         }
-        let mut link = Link {
+        let mut link = pump::Link::new(
             granted,
             classes,
-            stride: self.cfg.inflight,
-            emulated: HashMap::new(),
-        };
+            self.cfg.inflight_bytes,
+            self.cfg.ack_timeout_secs,
+        );
+        link.isolate_left = self.strikes.isolating();
+        link.rate = f64::from_bits(self.rate.load(Ordering::Relaxed));
+        if link.isolate_left > 0 {
+            warn!(bridge = %self.cfg.name, messages = link.isolate_left, "the upstream keeps closing the connection while the same message is in flight: sending one message at a time to find the one it refuses");
+        }
         let end = self.pump(up, &mut link, &mut receivers, early).await;
         self.publish_counts();
+        self.rate.store(link.rate.to_bits(), Ordering::Relaxed);
+        let lost_qos0 = link
+            .classes
+            .iter()
+            .flat_map(|c| c.held.iter())
+            .filter(|p| p.qos == QoS::AtMostOnce)
+            .count() as u64;
+        if lost_qos0 > 0 {
+            warn!(bridge = %self.cfg.name, count = lost_qos0, "QoS 0 messages held back when the link dropped are lost (counted as dropped_qos0)");
+            self.status(|st| st.dropped_qos0 += lost_qos0);
+        }
+        if matches!(end, End::Lost(_)) {
+            let isolated = link.isolate_left > 0;
+            let in_flight = link.in_flight();
+            self.strikes
+                .lost(link.suspect, up.closed_by_peer(), isolated, in_flight);
+        }
         for c in &link.classes {
             let _ = router
                 .send(RouterEvent::Disconnected {
@@ -622,359 +565,7 @@ impl Bridge {
                 })
                 .await;
         }
-        end
-    }
-
-    async fn pump<U: Upstream>(
-        &self,
-        up: &mut U,
-        link: &mut Link,
-        rxs: &mut [mpsc::UnboundedReceiver<Outgoing>],
-        early: Vec<UpEvent>,
-    ) -> End {
-        for ev in early {
-            if let Some(end) = self.incoming(up, link, ev).await {
-                return end;
-            }
-        }
-        let mut rates = self.rates.clone();
-        let (rate, bytes_rate) = *rates.borrow_and_update();
-        let mut pacer = Pacer::new(rate, bytes_rate);
-        loop {
-            // Highest priority first.
-            for (k, rx) in rxs.iter_mut().enumerate() {
-                while pacer.ready() {
-                    let Ok(out) = rx.try_recv() else {
-                        break;
-                    };
-                    match self.outgoing(up, link, k, out).await {
-                        Err(end) => return end,
-                        Ok(bytes) => pacer.sent(bytes),
-                    }
-                }
-            }
-            if let Err(end) = self.release_held(up, link, &mut pacer).await {
-                return end;
-            }
-            if let Err(e) = up.flush().await {
-                return End::Lost(e);
-            }
-            self.publish_counts();
-            let recheck = link.recheck_at().filter(|t| *t > Instant::now());
-            // Everything is written: `next` may be cancelled here.
-            let ev = tokio::select! {
-                _ = self.shutdown.cancelled() => return End::Shutdown,
-                _ = tokio::time::sleep_until(recheck.unwrap_or_else(Instant::now)), if recheck.is_some() => continue,
-                out = recv_any(rxs), if pacer.ready() => match out {
-                    None => return End::Shutdown,
-                    Some((k, out)) => {
-                        match self.outgoing(up, link, k, out).await {
-                            Err(end) => return end,
-                            Ok(bytes) => pacer.sent(bytes),
-                        }
-                        continue;
-                    }
-                },
-                _ = tokio::time::sleep_until(pacer.next), if !pacer.ready() => continue,
-                Ok(()) = rates.changed() => {
-                    let (rate, bytes_rate) = *rates.borrow_and_update();
-                    info!(bridge = %self.cfg.name, max_rate = rate, max_bytes_rate = bytes_rate, "bridge drain limits changed");
-                    pacer = Pacer::new(rate, bytes_rate);
-                    continue;
-                }
-                ev = up.next() => ev,
-            };
-            let mut ev = ev.map(Some);
-            // The rest of a burst (acks arrive many per read) without another round.
-            loop {
-                match ev {
-                    Err(e) => return End::Lost(e),
-                    Ok(None) => break,
-                    Ok(Some(ev)) => {
-                        if let Some(end) = self.incoming(up, link, ev).await {
-                            return end;
-                        }
-                    }
-                }
-                ev = up.try_next();
-            }
-        }
-    }
-
-    /// Sends held messages of the outboxes that no higher priority holds back any more.
-    async fn release_held<U: Upstream>(
-        &self,
-        up: &mut U,
-        link: &mut Link,
-        pacer: &mut Pacer,
-    ) -> Result<(), End> {
-        for k in 1..link.classes.len() {
-            while pacer.ready() && !link.gated(k) {
-                let Some(p) = link.classes[k].held.pop_front() else {
-                    break;
-                };
-                let bytes = self.uplink(up, link, k, p).await?;
-                pacer.sent(bytes);
-            }
-        }
-        Ok(())
-    }
-
-    /// Sends an event to the router; `Some(End::Shutdown)` if the router is gone.
-    async fn to_router(&self, ev: RouterEvent) -> Option<End> {
-        self.shared
-            .router
-            .send(ev)
-            .await
-            .err()
-            .map(|_| End::Shutdown)
-    }
-
-    /// Handles one event from upstream. `Some` ends the connected period.
-    async fn incoming<U: Upstream>(&self, up: &mut U, link: &mut Link, ev: UpEvent) -> Option<End> {
-        match ev {
-            UpEvent::Nothing => None,
-            UpEvent::Disconnect(why) => Some(End::Lost(why)),
-            UpEvent::Publish(p) => {
-                self.count(RECEIVED);
-                self.downlink(up, link, p).await
-            }
-            UpEvent::Release(packet_id) => {
-                // Downlink ids are the upstream's, whichever outbox published the message.
-                let conn = self.downlink_conn(link, None);
-                self.to_router(RouterEvent::PubRel { conn, packet_id })
-                    .await
-            }
-            UpEvent::Ack {
-                kind,
-                packet_id: upstream_id,
-                reason,
-            } => {
-                let Some((k, packet_id)) = link.local_id(upstream_id) else {
-                    warn!(bridge = %self.cfg.name, packet_id = upstream_id, "acknowledgement for a packet id we did not use; ignored");
-                    return None;
-                };
-                let conn = link.classes[k].conn;
-                let done = kind != AckKind::Rec || reason >= 0x80;
-                if reason >= 0x80 {
-                    warn!(bridge = %self.cfg.name, packet_id, reason = format!("{reason:#04x}"), "the upstream refused a message (v5 reason code); it is removed from the outbox and counted as rejected");
-                    self.status(|st| st.rejected += 1);
-                } else if done {
-                    self.count(ACKED);
-                }
-                if done {
-                    let c = &mut link.classes[k];
-                    c.in_flight = c.in_flight.saturating_sub(1);
-                }
-                // A QoS 2 message the upstream only takes at QoS 1: its PUBACK is our PUBREC.
-                let kind = match (kind, link.emulated.get(&upstream_id)) {
-                    (AckKind::Ack, Some(QoS::ExactlyOnce)) => AckKind::Rec,
-                    _ => kind,
-                };
-                if kind != AckKind::Rec || reason >= 0x80 {
-                    link.emulated.remove(&upstream_id);
-                }
-                self.to_router(match kind {
-                    // Accepted by the upstream (the next hop holds it now).
-                    AckKind::Ack if reason < 0x80 => RouterEvent::UpstreamAck { conn, packet_id },
-                    AckKind::Ack => RouterEvent::PubAck { conn, packet_id },
-                    AckKind::Rec => RouterEvent::PubRec {
-                        conn,
-                        packet_id,
-                        reason,
-                    },
-                    AckKind::Comp => RouterEvent::PubComp { conn, packet_id },
-                })
-                .await
-            }
-        }
-    }
-
-    /// Hands one message from upstream to the router; its upstream acknowledgement waits
-    /// for the router's (after the local commit). `Some` ends the connected period.
-    async fn downlink<U: Upstream>(&self, up: &mut U, link: &Link, mut p: Publish) -> Option<End> {
-        let Some(local) = self.local_topic(&p.topic) else {
-            warn!(bridge = %self.cfg.name, topic = %p.topic, "downlink message matches no `in` rule; acknowledged and dropped");
-            let ack = PubAckLike::new(p.packet_id);
-            let packet = match p.qos {
-                QoS::AtMostOnce => return None,
-                QoS::AtLeastOnce => Packet::PubAck(ack),
-                QoS::ExactlyOnce => Packet::PubRec(ack),
-            };
-            return up.queue(packet).err().map(End::Lost);
-        };
-        let conn = self.downlink_conn(link, Some(&local));
-        p.topic = local.into();
-        p.dup = false;
-        // Upstream-only properties: ours are assigned by the router for each subscriber.
-        p.properties.subscription_identifiers.clear();
-        p.properties.topic_alias = None;
-        if p.qos == QoS::AtMostOnce {
-            p.packet_id = 0;
-        }
-        self.to_router(RouterEvent::Publish {
-            conn,
-            publish: p,
-            received: Instant::now(),
-        })
-        .await
-    }
-
-    /// The outbox a downlink message is published through: the one whose `out` filters
-    /// match its local topic (No Local then keeps it from going back up), else the lowest
-    /// priority (the default outbox).
-    fn downlink_conn(&self, link: &Link, local: Option<&str>) -> u64 {
-        local
-            .and_then(|t| {
-                link.classes
-                    .iter()
-                    .find(|c| c.filters.iter().any(|f| topic::matches(f, t)))
-            })
-            .or(link.classes.last())
-            .map(|c| c.conn)
-            .unwrap_or_default()
-    }
-
-    /// Handles one packet from outbox `k`: the payload bytes it puts on the link (for the
-    /// drain pacer), or `Err` to end the connected period.
-    async fn outgoing<U: Upstream>(
-        &self,
-        up: &mut U,
-        link: &mut Link,
-        k: usize,
-        out: Outgoing,
-    ) -> Result<usize, End> {
-        let conn = link.classes[k].conn;
-        let packet = match out {
-            Outgoing::Disconnect(_) => {
-                return Err(if self.shutdown.is_cancelled() {
-                    End::Shutdown
-                } else {
-                    End::Lost("detached by the router".into())
-                })
-            }
-            Outgoing::Packet(p) => *p,
-        };
-        let lost = End::Lost;
-        if matches!(packet, Packet::Publish(_)) && link.classes.len() > 1 {
-            link.classes[k].last_message = Some(Instant::now());
-        }
-        match packet {
-            // Behind held messages of its own priority too, or it would overtake them.
-            Packet::Publish(p) if link.gated(k) || !link.classes[k].held.is_empty() => {
-                link.classes[k].held.push_back(p)
-            }
-            Packet::Publish(p) => return self.uplink(up, link, k, p).await,
-            // The router released a QoS 2 message: upstream, unless it only took it at a
-            // lower QoS (then it is complete already).
-            Packet::PubRel(mut a) => {
-                let upstream_id = link.upstream_id(k, a.packet_id);
-                if link.emulated.remove(&upstream_id).is_some() {
-                    let ev = RouterEvent::PubComp {
-                        conn,
-                        packet_id: a.packet_id,
-                    };
-                    if let Some(end) = self.to_router(ev).await {
-                        return Err(end);
-                    }
-                } else {
-                    a.packet_id = upstream_id;
-                    up.queue(Packet::PubRel(a)).map_err(lost)?;
-                }
-            }
-            // The router committed (or refused) a downlink message.
-            Packet::PubAck(a) | Packet::PubRec(a) if a.reason_code >= 0x80 => {
-                warn!(bridge = %self.cfg.name, packet_id = a.packet_id, code = a.reason_code, "downlink message refused locally; not acknowledged upstream (it will be redelivered)");
-            }
-            p @ (Packet::PubAck(_) | Packet::PubRec(_) | Packet::PubComp(_)) => {
-                up.queue(p).map_err(lost)?;
-            }
-            _ => {}
-        }
-        Ok(0)
-    }
-
-    /// One outbox message upstream, within what the upstream granted.
-    async fn uplink<U: Upstream>(
-        &self,
-        up: &mut U,
-        link: &mut Link,
-        k: usize,
-        mut p: Publish,
-    ) -> Result<usize, End> {
-        let conn = link.classes[k].conn;
-        let packet_id = p.packet_id;
-        let upstream_id = link.upstream_id(k, packet_id);
-        let local_qos = p.qos;
-        let Some(remote) = self.remote_topic(&p.topic) else {
-            // Cannot happen (the session only subscribes `out` rules); don't let it block
-            // the queue.
-            let refused = reason::IMPLEMENTATION_SPECIFIC_ERROR;
-            return match self.complete(conn, local_qos, packet_id, refused).await {
-                Some(end) => Err(end),
-                None => Ok(0),
-            };
-        };
-        p.topic = remote.into();
-        p.qos = p.qos.min(link.granted.maximum_qos);
-        p.retain &= link.granted.retain_available;
-        p.properties.subscription_identifiers.clear();
-        p.properties.topic_alias = None;
-        if p.qos == QoS::AtMostOnce {
-            p.packet_id = 0;
-            p.dup = false;
-        } else {
-            p.packet_id = upstream_id;
-        }
-        let bytes = p.payload.len();
-        let sent_qos = p.qos;
-        if let Err(e) = up.queue(Packet::Publish(p)) {
-            // It can never go: count it and remove it rather than block the outbox.
-            warn!(bridge = %self.cfg.name, cause = %e, "message cannot be sent upstream; removed from the outbox and counted as rejected");
-            self.status(|st| st.rejected += 1);
-            let refused = reason::PACKET_TOO_LARGE;
-            return match self.complete(conn, local_qos, packet_id, refused).await {
-                Some(end) => Err(end),
-                None => Ok(0),
-            };
-        }
-        self.count(SENT);
-        if sent_qos != QoS::AtMostOnce {
-            link.classes[k].in_flight += 1;
-        }
-        if sent_qos < local_qos {
-            // The upstream's Maximum QoS is lower: its acknowledgement (or none, at QoS 0)
-            // completes the message.
-            link.emulated.insert(upstream_id, local_qos);
-            if sent_qos == QoS::AtMostOnce {
-                if let Some(end) = self.complete(conn, local_qos, packet_id, 0).await {
-                    return Err(end);
-                }
-            }
-        }
-        Ok(bytes)
-    }
-
-    /// Tells the router an outbox message is done without an upstream acknowledgement:
-    /// PUBACK (QoS 1) or PUBREC (QoS 2): with a failure `reason` the router deletes it at
-    /// once; with 0 its PUBREL follows, answered in `outgoing` (the message is in
-    /// `emulated`).
-    async fn complete(&self, conn: u64, qos: QoS, packet_id: u16, reason: u8) -> Option<End> {
-        match qos {
-            QoS::AtMostOnce => None,
-            QoS::AtLeastOnce => {
-                self.to_router(RouterEvent::PubAck { conn, packet_id })
-                    .await
-            }
-            QoS::ExactlyOnce => {
-                self.to_router(RouterEvent::PubRec {
-                    conn,
-                    packet_id,
-                    reason,
-                })
-                .await
-            }
-        }
+        (end, link.progress && !link.quota)
     }
 
     /// Local topic → remote topic through the first matching `out` rule.
@@ -991,106 +582,5 @@ impl Bridge {
             .iter()
             .find(|(filter, _, _, _)| topic::matches(filter, remote))
             .map(|(_, rp, lp, _)| format!("{lp}{}", &remote[rp.len()..]))
-    }
-}
-
-/// The next packet from any outbox, highest priority first; `None` once one is closed.
-async fn recv_any(rxs: &mut [mpsc::UnboundedReceiver<Outgoing>]) -> Option<(usize, Outgoing)> {
-    std::future::poll_fn(|cx| {
-        for (k, rx) in rxs.iter_mut().enumerate() {
-            match rx.poll_recv(cx) {
-                std::task::Poll::Ready(Some(out)) => return std::task::Poll::Ready(Some((k, out))),
-                std::task::Poll::Ready(None) => return std::task::Poll::Ready(None),
-                std::task::Poll::Pending => {}
-            }
-        }
-        std::task::Poll::Pending
-    })
-    .await
-}
-
-/// One bridge's status merged with its outbox figures from the router (summed over its
-/// priorities), as JSON.
-pub async fn status_json(shared: &Shared, name: &str) -> Option<String> {
-    let status = shared.bridges.lock().ok()?.get(name).cloned()?;
-    let mut outbox: Option<crate::broker::router::SessionStats> = None;
-    for id in &status.outboxes {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let ask = RouterEvent::SessionStats {
-            client_id: id.clone(),
-            reply,
-        };
-        if shared.router.send(ask).await.is_err() {
-            break;
-        }
-        if let Some(st) = rx.await.ok().flatten() {
-            let sum = outbox.get_or_insert_with(Default::default);
-            sum.online |= st.online;
-            sum.queued += st.queued;
-            sum.queued_bytes += st.queued_bytes;
-            sum.inflight += st.inflight;
-            sum.dropped += st.dropped;
-        }
-    }
-    #[derive(serde::Serialize)]
-    struct Full {
-        #[serde(flatten)]
-        status: BridgeStatus,
-        outbox: Option<crate::broker::router::SessionStats>,
-    }
-    serde_json::to_string(&Full { status, outbox }).ok()
-}
-
-/// Every bridge's status as JSON objects (admin socket).
-pub async fn all_status_json(shared: &Shared) -> Vec<String> {
-    let names: Vec<String> = match shared.bridges.lock() {
-        Ok(all) => all.keys().cloned().collect(),
-        Err(_) => Vec::new(),
-    };
-    let mut out = Vec::new();
-    for name in names {
-        if let Some(j) = status_json(shared, &name).await {
-            out.push(j);
-        }
-    }
-    out
-}
-
-/// Paces the drain to `max_rate` messages/s and `max_bytes_rate` payload bytes/s (0 = no
-/// limit), allowing a burst of one message.
-struct Pacer {
-    per_message: Option<Duration>,
-    bytes_per_sec: u64,
-    next: Instant,
-}
-
-impl Pacer {
-    fn new(max_rate: u32, max_bytes_rate: u64) -> Self {
-        Pacer {
-            per_message: (max_rate > 0).then(|| Duration::from_secs_f64(1.0 / f64::from(max_rate))),
-            bytes_per_sec: max_bytes_rate,
-            next: Instant::now(),
-        }
-    }
-
-    fn ready(&self) -> bool {
-        Instant::now() >= self.next
-    }
-
-    fn sent(&mut self, bytes: usize) {
-        if bytes == 0 && self.per_message.is_none() {
-            return;
-        }
-        let by_bytes = if self.bytes_per_sec > 0 {
-            Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec as f64)
-        } else {
-            Duration::ZERO
-        };
-        let cost = self.per_message.unwrap_or(Duration::ZERO).max(by_bytes);
-        if cost.is_zero() {
-            return;
-        }
-        let now = Instant::now();
-        self.next = self.next.max(now.checked_sub(cost).unwrap_or(now)) + cost;
     }
 }

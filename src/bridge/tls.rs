@@ -6,12 +6,12 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use rumqttc::tokio_rustls::rustls;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::WebPkiServerVerifier;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio_rustls::rustls;
 
 use super::config::BridgeConfig;
 

@@ -1,6 +1,5 @@
-//! What the bridge needs from an upstream connection, whatever MQTT version it speaks:
-//! [`super::v311`] drives rumqttc's MQTT 3.1.1 client, [`super::v5`] speaks MQTT 5 with our
-//! own codec.
+//! What the bridge needs from an upstream connection, whatever MQTT version it speaks
+//! ([`super::link`] speaks both, with our own codec).
 //!
 //! Both are thin relays. Packet ids, in-flight windows, resends with DUP and the QoS 2
 //! states live in the router's internal session (`$bridge/<name>`, stored like any durable
@@ -60,9 +59,13 @@ pub(super) trait Upstream {
     /// be written by the next `flush`. `Err` if the upstream cannot take it at all (too
     /// large for its Maximum Packet Size): the caller decides what happens to the message.
     fn queue(&mut self, packet: Packet) -> Result<(), String>;
-    /// Writes everything queued, one flush, bounded in time (a black-holed link cannot
-    /// stall it forever).
+    /// Writes everything queued, reading what arrives meanwhile (for `try_next`); fails
+    /// when nothing moved either way for `ack_timeout_secs` (a black-holed link cannot
+    /// stall it for ever, a slow one that keeps moving is fine).
     async fn flush(&mut self) -> Result<(), String>;
+    /// Whether the upstream ended the connection (EOF, reset, DISCONNECT) rather than a
+    /// timeout on our side.
+    fn closed_by_peer(&self) -> bool;
     /// Subscribes the `in` rules and waits for the SUBACK: the reason code per filter,
     /// and the events that came before it (a resumed session delivers what it queued, and
     /// releases QoS 2 messages, right after CONNACK; they must be handled, not dropped).
@@ -73,18 +76,4 @@ pub(super) trait Upstream {
     ) -> Result<(Vec<u8>, Vec<UpEvent>), String>;
     /// Ends the session politely (DISCONNECT, session kept upstream), best effort.
     async fn close(&mut self);
-}
-
-/// Runs `work` bounded by `limit` (`None` if it took longer), without arming a timer when
-/// it completes at once, the usual case for a write the socket takes whole: a timer per
-/// flush is a clock read and a timer-wheel entry per batch.
-pub(super) async fn bounded<T>(
-    limit: Duration,
-    work: impl std::future::Future<Output = T>,
-) -> Option<T> {
-    let mut work = std::pin::pin!(work);
-    if let Some(r) = futures_util::FutureExt::now_or_never(work.as_mut()) {
-        return Some(r);
-    }
-    tokio::time::timeout(limit, work).await.ok()
 }

@@ -241,11 +241,13 @@ impl Broker {
         }
         let mut bridge_rates = std::collections::HashMap::new();
         for (b, tls) in cfg.bridge.iter().zip(bridge_tls) {
-            info!(bridge = %b.name, address = %b.address, tls = b.tls, "starting bridge");
+            let mut b = b.clone();
+            b.resolve_client_id(cfg.device_id.as_deref(), &cfg.machine_id_file);
+            info!(bridge = %b.name, address = %b.address, tls = b.tls, client_id = %b.effective_client_id(), "starting bridge");
             let (rates_tx, rates) = tokio::sync::watch::channel((b.max_rate, b.max_bytes_rate));
             bridge_rates.insert(b.name.clone(), rates_tx);
             tracker.spawn(crate::bridge::run(
-                b.clone(),
+                b,
                 tls,
                 shared.clone(),
                 shutdown.clone(),

@@ -151,7 +151,7 @@ pub struct ClientParams {
     /// Largest packet the client accepts (v5 Maximum Packet Size), whole packet.
     pub max_packet_size: u32,
     /// Hand out the smallest free packet id (1..=window) instead of cycling through all
-    /// 65535: the bridge's rumqttc client only accepts ids up to its in-flight limit.
+    /// 65535: a bridge maps each outbox's ids into its own range of upstream ids.
     pub compact_packet_ids: bool,
 }
 
@@ -209,6 +209,9 @@ pub struct Session {
     /// without DUP, which the upstream treats as the QoS 1 duplicate it may be anyway; a
     /// client's session keeps the stricter rule (a redelivery always carries DUP).
     pub internal: bool,
+    /// Internal sessions: filters whose QoS 0 messages are kept like QoS 1 (queued while
+    /// offline, stored, acknowledged). Empty for clients.
+    pub queue_qos0: Vec<String>,
     /// Publishers whose acknowledgements wait until this session's queue shrinks
     /// (backpressure: a fast QoS 1/2 publisher is slowed to its slowest subscriber's pace
     /// instead of overflowing that subscriber's queue).
@@ -259,6 +262,7 @@ impl Session {
             gated: Vec::new(),
             limits: None,
             internal: false,
+            queue_qos0: Vec::new(),
             will: None,
             dropped: 0,
             drop_episode: false,

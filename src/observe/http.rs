@@ -96,9 +96,16 @@ async fn handle(mut stream: TcpStream, observer: &Observer) -> std::io::Result<(
         }
         "/healthz" => {
             let h = observer.health(HEALTH_DEADLINE).await;
-            let body = format!(
+            // A stalled bridge is reported but keeps 200: restarting the gateway would not
+            // help (the upstream or the link is the problem) and loses nothing either way.
+            let stalled = crate::bridge::stalled(observer.shared());
+            let mut body = format!(
                 "{}\nrouter: {}\nstore: {}\n",
-                if h.ok() { "ok" } else { "unhealthy" },
+                match (h.ok(), stalled.is_empty()) {
+                    (false, _) => "unhealthy",
+                    (true, true) => "ok",
+                    (true, false) => "degraded",
+                },
                 if h.router { "ok" } else { "not responding" },
                 if h.store || !h.store_state.healthy() {
                     // A writer stuck retrying a locked or failing store does not answer
@@ -108,6 +115,9 @@ async fn handle(mut stream: TcpStream, observer: &Observer) -> std::io::Result<(
                     "not responding"
                 },
             );
+            for name in stalled {
+                body.push_str(&format!("bridge {name}: stalled\n"));
+            }
             let code = if h.ok() { 200 } else { 503 };
             respond(&mut stream, code, "text/plain", &body, head_only).await
         }

@@ -57,6 +57,7 @@ impl Snapshot {
             let s = r.stats;
             s.dropped_queue_full
                 + s.dropped_qos0_backlog
+                + s.dropped_qos0_bridge_offline
                 + s.dropped_too_large
                 + s.dropped_disk_budget
                 + s.expired
@@ -65,12 +66,13 @@ impl Snapshot {
 
     /// `(reason, count)` for each drop reason (labels of `holdfast_messages_dropped_total`
     /// and leaves of `$SYS/holdfast/messages/dropped/`).
-    pub fn dropped(&self) -> Option<[(&'static str, u64); 5]> {
+    pub fn dropped(&self) -> Option<[(&'static str, u64); 6]> {
         self.router.map(|r| {
             let s = r.stats;
             [
                 ("queue_full", s.dropped_queue_full),
                 ("qos0_backlog", s.dropped_qos0_backlog),
+                ("qos0_bridge_offline", s.dropped_qos0_bridge_offline),
                 ("too_large", s.dropped_too_large),
                 ("disk_budget", s.dropped_disk_budget),
                 ("expired", s.expired),

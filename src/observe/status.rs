@@ -168,6 +168,7 @@ pub fn format(v: &Value, now_ms: i64) -> String {
             let parts: Vec<String> = [
                 ("queue_full", "queue full"),
                 ("qos0_backlog", "QoS 0 backlog"),
+                ("qos0_bridge_offline", "QoS 0 bridge offline"),
                 ("too_large", "too large"),
                 ("disk_budget", "disk budget"),
                 ("expired", "expired"),

@@ -18,7 +18,7 @@
 //! | `messages/sent` | PUBLISH packets delivered to clients (and bridge outboxes) |
 //! | `messages/retained` | retained messages |
 //! | `messages/dropped` | total of the reasons below |
-//! | `messages/dropped/<reason>` | `queue_full`, `qos0_backlog`, `too_large`, `disk_budget`, `expired` |
+//! | `messages/dropped/<reason>` | `queue_full`, `qos0_backlog`, `qos0_bridge_offline`, `too_large`, `disk_budget`, `expired` |
 //! | `store/size` | database + WAL bytes |
 //! | `store/commits` | group commits since start |
 //! | `store/commit_latency/p50`, `.../p99` | ms over the last interval |

@@ -10,6 +10,13 @@
 //! - `refuse(true)`: new connections are closed right after accept;
 //! - `latency(d)`: each chunk is delivered `d` after it was read (both directions);
 //! - `throttle(bytes_per_sec)`: each direction is limited to that rate (0 = unlimited).
+//!
+//! The throttle takes bytes off the sender at the link's rate; latency is added after that
+//! (bytes "on the air" do not count against anything). [`Proxy::start_small_buffer`]
+//! models the far end of a radio link: the proxy's sockets get a small kernel receive
+//! buffer and it reads at most that much at a time, so a throttled link pushes back on the
+//! sender within kilobytes instead of absorbing megabytes (as loopback-sized buffers
+//! would).
 #![allow(dead_code)]
 
 use std::net::SocketAddr;
@@ -31,6 +38,8 @@ struct Inner {
     refuse: AtomicBool,
     latency_us: AtomicU64,
     throttle_bps: AtomicU64,
+    /// Kernel receive buffer and largest read; 0 = the system's defaults, 16 KiB reads.
+    buffer: usize,
     accepted: AtomicUsize,
     refused: AtomicUsize,
     open: AtomicUsize,
@@ -45,7 +54,28 @@ pub struct Proxy {
 
 impl Proxy {
     pub async fn start(target: SocketAddr) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("proxy bind");
+        Proxy::start_with(target, 0).await
+    }
+
+    /// A proxy whose sockets have a `bytes` receive buffer and which reads at most `bytes`
+    /// at a time (see the module doc).
+    pub async fn start_small_buffer(target: SocketAddr, bytes: usize) -> Proxy {
+        Proxy::start_with(target, bytes.max(1024)).await
+    }
+
+    async fn start_with(target: SocketAddr, buffer: usize) -> Proxy {
+        let socket = tokio::net::TcpSocket::new_v4().expect("proxy socket");
+        if buffer > 0 {
+            // Inherited by accepted sockets (set before listen, as the window scale is
+            // negotiated at the handshake).
+            socket
+                .set_recv_buffer_size(buffer as u32)
+                .expect("SO_RCVBUF");
+        }
+        socket
+            .bind("127.0.0.1:0".parse().unwrap())
+            .expect("proxy bind");
+        let listener = socket.listen(128).expect("proxy listen");
         let addr = listener.local_addr().unwrap();
         let inner = Arc::new(Inner {
             target: std::sync::Mutex::new(target),
@@ -54,6 +84,7 @@ impl Proxy {
             refuse: AtomicBool::new(false),
             latency_us: AtomicU64::new(0),
             throttle_bps: AtomicU64::new(0),
+            buffer,
             accepted: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
             open: AtomicUsize::new(0),
@@ -166,10 +197,17 @@ async fn connection(inner: Arc<Inner>, client: TcpStream, token: CancellationTok
     inner.open.fetch_add(1, Ordering::SeqCst);
     let _guard = OpenGuard(inner.clone());
     let target = *inner.target.lock().unwrap();
+    let connect = async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        if inner.buffer > 0 {
+            socket.set_recv_buffer_size(inner.buffer as u32)?;
+        }
+        socket.connect(target).await
+    };
     let server = tokio::select! {
         _ = token.cancelled() => return,
         _ = inner.shutdown.cancelled() => return,
-        s = TcpStream::connect(target) => match s {
+        s = connect => match s {
             Ok(s) => s,
             Err(_) => return, // closing the client is what an unreachable target looks like
         },
@@ -201,16 +239,28 @@ async fn pipe(
     mut w: tokio::net::tcp::OwnedWriteHalf,
 ) {
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(64);
+    // Small reads with a small buffer, so the sender feels the link's pace at once.
+    let chunk = if inner.buffer > 0 {
+        inner.buffer.min(16 * 1024)
+    } else {
+        16 * 1024
+    };
+    // The reader takes bytes off the sender at the link's rate (the throttle), the writer
+    // delivers each chunk `latency` later: bytes "on the air" do not slow the link down.
     let reader = {
         let inner = inner.clone();
         async move {
-            let mut buf = vec![0u8; 16 * 1024];
+            let mut buf = vec![0u8; chunk];
             loop {
                 open_link(&inner).await;
                 let n = match r.read(&mut buf).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => n,
                 };
+                let bps = inner.throttle_bps.load(Ordering::SeqCst);
+                if bps > 0 {
+                    tokio::time::sleep(Duration::from_secs_f64(n as f64 / bps as f64)).await;
+                }
                 let due =
                     Instant::now() + Duration::from_micros(inner.latency_us.load(Ordering::SeqCst));
                 if tx.send((due, buf[..n].to_vec())).await.is_err() {
@@ -225,10 +275,6 @@ async fn pipe(
             open_link(&inner).await;
             if w.write_all(&chunk).await.is_err() {
                 return;
-            }
-            let bps = inner.throttle_bps.load(Ordering::SeqCst);
-            if bps > 0 {
-                tokio::time::sleep(Duration::from_secs_f64(chunk.len() as f64 / bps as f64)).await;
             }
         }
     };

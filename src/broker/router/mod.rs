@@ -88,6 +88,9 @@ pub struct InternalSession {
     /// Exactly these subscriptions (others left from an earlier configuration are removed).
     pub filters: Vec<crate::protocol::SubscribeFilter>,
     pub limits: QueueLimits,
+    /// Filters whose QoS 0 messages the session keeps like QoS 1 (a bridge rule's
+    /// `queue_qos0`).
+    pub queue_qos0: Vec<String>,
 }
 
 /// What the connection asks of the router when its CONNECT has been accepted.
@@ -235,6 +238,9 @@ pub struct RouterStats {
     pub publishes_out: u64,
     pub dropped_queue_full: u64,
     pub dropped_qos0_backlog: u64,
+    /// QoS 0 messages for a bridge outbox while its upstream is unreachable (rules
+    /// without `queue_qos0`).
+    pub dropped_qos0_bridge_offline: u64,
     pub dropped_too_large: u64,
     pub dropped_disk_budget: u64,
     pub refused_store_failure: u64,
@@ -408,6 +414,7 @@ impl Router {
             client_id,
             filters,
             limits,
+            queue_qos0,
         } = internal;
         let params = ClientParams {
             protocol: crate::protocol::ProtocolVersion::V311,
@@ -449,6 +456,7 @@ impl Router {
         s.params = params;
         s.limits = Some(limits);
         s.internal = true;
+        s.queue_qos0 = queue_qos0;
         let wanted: HashMap<String, SubscriptionData> = filters
             .into_iter()
             .map(|f| {

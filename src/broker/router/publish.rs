@@ -323,6 +323,14 @@ impl Router {
             return true; // denied to this subscriber by a deny rule its filter overlaps
         }
         let mut msg = msg;
+        if msg.publish.qos == QoS::AtMostOnce
+            && !s.queue_qos0.is_empty()
+            && s.queue_qos0
+                .iter()
+                .any(|f| topic::matches(f, &msg.publish.topic))
+        {
+            msg.publish.qos = QoS::AtLeastOnce;
+        }
         if let Some(age) = s.limits.map(|l| l.max_age_secs).filter(|a| *a > 0) {
             let cap = Instant::now() + Duration::from_secs(u64::from(age));
             msg.expires_at = Some(msg.expires_at.map_or(cap, |t| t.min(cap)));
@@ -351,6 +359,15 @@ impl Router {
                 return true;
             }
             if !(cfg.queue_qos0_offline && s.expiry_interval > 0) {
+                if s.internal {
+                    // A bridge outbox while the upstream is unreachable: not silent.
+                    s.dropped += 1;
+                    stats.dropped_qos0_bridge_offline += 1;
+                    if !s.drop_episode {
+                        s.drop_episode = true;
+                        warn!(client_id = %s.client_id, "QoS 0 messages for a bridge whose upstream is unreachable are dropped (counted; set queue_qos0 on the rule to keep them; logged once until the outbox drains)");
+                    }
+                }
                 return true;
             }
         } else if s.window_open() && s.queue_empty() {

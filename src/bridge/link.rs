@@ -1,39 +1,50 @@
-//! MQTT 5 upstream, spoken with Holdfast's own codec (`crate::protocol`).
+//! The upstream connection, MQTT 3.1.1 or 5, spoken with Holdfast's own codec
+//! (`crate::protocol`, the broker's, fuzzed and tested both ways).
 //!
-//! Why not rumqttc's v5 client, as for 3.1.1: its `EventLoop` keeps the network private
-//! (the 3.1.1 one exposes it), so requests can only go through its `pending` queue, which
-//! costs a timer tick per message (about 1,000 messages/s), or its request channel, where
-//! packet ids, DUP and the QoS 2 release are rumqttc's choice rather than the outbox's.
-//! And its v5 codec mis-reads DISCONNECT (`e0 00` fails, `e0 01 8e` is silently swallowed:
-//! `../shared/research/crates.md` §1), which is exactly how a cloud broker says "session
-//! taken over" or "shutting down". Our codec is the broker's, fuzzed and tested both ways.
+//! Why not rumqttc (used here up to session 3 for 3.1.1): its state machine refuses
+//! acknowledgements for packet ids above its in-flight limit, so a gateway restarted with a
+//! lower `inflight` and messages in flight reconnected for ever ("unsolicited ack"); its
+//! framed network cannot read while it writes, so on a slow uplink the acknowledgements
+//! waited behind a whole window of writing; and its v5 client hides its network and
+//! mis-reads DISCONNECT (`../shared/research/crates.md` §1).
 //!
 //! The link keeps no message state: ids, windows, DUP resends and QoS 2 states are the
 //! router's (see [`super::upstream`]). It only encodes, decodes, pings and enforces the
 //! limits the upstream announced in its CONNACK.
+//!
+//! Writing never stops reading: while the socket does not take more bytes, [`Link::flush`]
+//! reads what the upstream sent (acknowledgements) into the read buffer, and it gives up
+//! only when *neither* direction moved for `ack_timeout_secs` (a progress timeout, not a
+//! bound on the whole batch: a window that takes a minute on a 200 kB/s uplink is fine as
+//! long as bytes keep moving).
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use rumqttc::tokio_rustls::rustls;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::rustls;
 
 use super::upstream::{AckKind, Granted, UpEvent, Upstream};
-use super::BridgeConfig;
+use super::{BridgeConfig, BridgeProtocol};
 use crate::protocol::{
     decode, encode, encoded_len, reason, ConnAck, Connect, ConnectProperties, Disconnect, Packet,
     ProtocolVersion, QoS, Subscribe, SubscribeFilter,
 };
 
-const V5: ProtocolVersion = ProtocolVersion::V5;
-
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-pub(super) struct V5Link {
+/// Most bytes read ahead while a write is blocked (beyond that, reading waits for the
+/// bridge to handle what was read).
+const READ_AHEAD: usize = 1 << 20;
+
+pub(super) struct Link {
+    version: ProtocolVersion,
     io: Box<dyn Io>,
     rbuf: BytesMut,
     wbuf: BytesMut,
@@ -44,16 +55,23 @@ pub(super) struct V5Link {
     keepalive: Duration,
     next_ping: Instant,
     awaiting_pingresp: bool,
-    write_timeout: Duration,
+    /// A flush fails when no byte moved either way for this long.
+    idle_timeout: Duration,
+    /// The upstream ended the connection (EOF, reset, DISCONNECT), as opposed to a timeout
+    /// on our side: see [`Upstream::closed_by_peer`].
+    closed_by_peer: bool,
+    /// Reads while a write is blocked land here first (allocated once, not per flush).
+    scratch: Box<[u8]>,
 }
 
-/// Connects (TCP, TLS, CONNECT with Clean Start = false and the configured Session Expiry)
-/// and waits for a successful CONNACK, all within `connect_timeout_secs`.
+/// Connects (TCP, TLS, CONNECT with Clean Start / Clean Session = false and, over MQTT 5,
+/// the configured Session Expiry) and waits for a successful CONNACK, all within
+/// `connect_timeout_secs`.
 pub(super) async fn connect(
     cfg: &BridgeConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
     max_packet_size: usize,
-) -> Result<(V5Link, Granted), String> {
+) -> Result<(Link, Granted), String> {
     let limit = Duration::from_secs(cfg.connect_timeout_secs.max(1));
     match tokio::time::timeout(limit, open(cfg, tls, max_packet_size)).await {
         Ok(r) => r,
@@ -68,7 +86,7 @@ async fn open(
     cfg: &BridgeConfig,
     tls: Option<Arc<rustls::ClientConfig>>,
     max_in: usize,
-) -> Result<(V5Link, Granted), String> {
+) -> Result<(Link, Granted), String> {
     let tcp = TcpStream::connect(&cfg.address)
         .await
         .map_err(|e| format!("connecting to {}: {e}", cfg.address))?;
@@ -80,15 +98,20 @@ async fn open(
             let name = cfg.server_name.clone().unwrap_or(host);
             let name = rustls::pki_types::ServerName::try_from(name)
                 .map_err(|e| format!("TLS server name: {e}"))?;
-            let stream = rumqttc::tokio_rustls::TlsConnector::from(tls)
+            let stream = tokio_rustls::TlsConnector::from(tls)
                 .connect(name, tcp)
                 .await
                 .map_err(|e| format!("TLS: {e}"))?;
             Box::new(stream)
         }
     };
+    let version = match cfg.protocol {
+        BridgeProtocol::V311 => ProtocolVersion::V311,
+        BridgeProtocol::V5 => ProtocolVersion::V5,
+    };
     let keepalive = cfg.keepalive_secs.max(5);
-    let mut link = V5Link {
+    let mut link = Link {
+        version,
         io,
         rbuf: BytesMut::with_capacity(8 * 1024),
         wbuf: BytesMut::with_capacity(8 * 1024),
@@ -97,12 +120,15 @@ async fn open(
         keepalive: Duration::from_secs(u64::from(keepalive)),
         next_ping: Instant::now(),
         awaiting_pingresp: false,
-        write_timeout: Duration::from_secs(cfg.connect_timeout_secs.max(1)),
+        idle_timeout: Duration::from_secs(cfg.ack_timeout_secs.max(1)),
+        closed_by_peer: false,
+        scratch: vec![0; 8 * 1024].into_boxed_slice(),
     };
     let connect = Connect {
-        protocol: V5,
+        protocol: version,
         clean_start: false,
         keep_alive: keepalive,
+        // Encoded over MQTT 5 only.
         properties: ConnectProperties {
             session_expiry_interval: Some(cfg.session_expiry_secs.max(1)),
             receive_maximum: Some(cfg.inflight),
@@ -114,7 +140,7 @@ async fn open(
         username: cfg.username.clone(),
         password: cfg.password.clone().map(Into::into),
     };
-    encode(&Packet::Connect(Box::new(connect)), V5, &mut link.wbuf);
+    encode(&Packet::Connect(Box::new(connect)), version, &mut link.wbuf);
     link.flush().await?;
     let ack = match link.read_packet().await? {
         Packet::ConnAck(ack) => ack,
@@ -123,9 +149,14 @@ async fn open(
     link.accept(ack)
 }
 
-impl V5Link {
-    /// Applies a CONNACK: refusal → `Err`; otherwise the upstream's limits.
-    fn accept(mut self, ack: ConnAck) -> Result<(V5Link, Granted), String> {
+impl Link {
+    fn v5(&self) -> bool {
+        self.version.is_v5()
+    }
+
+    /// Applies a CONNACK: refusal → `Err`; otherwise the upstream's limits (MQTT 5; a
+    /// 3.1.1 upstream announces none and takes QoS 0 and 1 from the bridge).
+    fn accept(mut self, ack: ConnAck) -> Result<(Link, Granted), String> {
         let p = &ack.properties;
         if ack.reason_code >= 0x80 {
             let mut e = format!(
@@ -157,6 +188,7 @@ impl V5Link {
             maximum_qos: match p.maximum_qos {
                 Some(0) => QoS::AtMostOnce,
                 Some(1) => QoS::AtLeastOnce,
+                _ if !self.v5() => QoS::AtLeastOnce,
                 _ => QoS::ExactlyOnce,
             },
             retain_available: p.retain_available != Some(0),
@@ -167,20 +199,28 @@ impl V5Link {
     /// Reads until one whole packet is decoded. Cancel-safe: bytes read stay in `rbuf`.
     async fn read_packet(&mut self) -> Result<Packet, String> {
         loop {
-            match decode(&mut self.rbuf, V5, self.max_in) {
-                Ok(Some(p)) => return Ok(p),
-                Ok(None) => {}
-                Err(e) => return Err(format!("bad packet from upstream: {e}")),
+            if let Some(p) = self.decode()? {
+                return Ok(p);
             }
             if self.rbuf.capacity() - self.rbuf.len() < 4096 {
                 self.rbuf.reserve(8 * 1024);
             }
             match self.io.read_buf(&mut self.rbuf).await {
-                Ok(0) => return Err("upstream closed the connection".into()),
+                Ok(0) => return Err(self.peer_closed("upstream closed the connection".into())),
                 Ok(_) => {}
-                Err(e) => return Err(format!("reading from upstream: {e}")),
+                Err(e) => return Err(self.peer_closed(format!("reading from upstream: {e}"))),
             }
         }
+    }
+
+    fn decode(&mut self) -> Result<Option<Packet>, String> {
+        decode(&mut self.rbuf, self.version, self.max_in)
+            .map_err(|e| format!("bad packet from upstream: {e}"))
+    }
+
+    fn peer_closed(&mut self, why: String) -> String {
+        self.closed_by_peer = true;
+        why
     }
 
     /// Reads the next packet, or queues a PINGREQ when the keep-alive is due (`None`: flush
@@ -197,7 +237,7 @@ impl V5Link {
                         self.keepalive.as_secs()
                     ));
                 }
-                encode(&Packet::PingReq, V5, &mut self.wbuf);
+                encode(&Packet::PingReq, self.version, &mut self.wbuf);
                 self.awaiting_pingresp = true;
                 self.next_ping = Instant::now() + self.keepalive;
                 Ok(None)
@@ -230,6 +270,7 @@ impl V5Link {
             }
             Packet::SubAck(_) | Packet::UnsubAck(_) => UpEvent::Nothing,
             Packet::Disconnect(d) => {
+                self.closed_by_peer = true;
                 let mut why = format!("upstream sent DISCONNECT {:#04x}", d.reason_code);
                 if let Some(s) = &d.properties.reason_string {
                     why.push_str(&format!(" ({s})"));
@@ -246,18 +287,103 @@ impl V5Link {
         })
     }
 
-    /// Queues a DISCONNECT 0x82 Protocol Error (sent by the caller's last flush, if any).
+    /// Queues a DISCONNECT 0x82 Protocol Error over MQTT 5 (sent by the caller's last
+    /// flush, if any); a 3.1.1 client just closes.
     fn protocol_error(&mut self, why: &str) {
+        if !self.v5() {
+            return;
+        }
         let mut d = Disconnect {
             reason_code: reason::PROTOCOL_ERROR,
             ..Default::default()
         };
         d.properties.reason_string = Some(why.to_string());
-        encode(&Packet::Disconnect(d), V5, &mut self.wbuf);
+        encode(&Packet::Disconnect(d), self.version, &mut self.wbuf);
+    }
+
+    /// Writes `wbuf` from `pos`: the bytes written, or the bytes read meanwhile (the
+    /// write is blocked), whichever comes first.
+    fn poll_progress(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        pos: usize,
+    ) -> Poll<Result<Progress, String>> {
+        let io = Pin::new(&mut self.io);
+        match io.poll_write(cx, &self.wbuf[pos..]) {
+            Poll::Ready(Ok(0)) => {
+                return Poll::Ready(Err(
+                    self.peer_closed("upstream closed the connection".into())
+                ))
+            }
+            Poll::Ready(Ok(n)) => return Poll::Ready(Ok(Progress::Wrote(n))),
+            Poll::Ready(Err(e)) => {
+                return Poll::Ready(Err(self.peer_closed(format!("writing to upstream: {e}"))))
+            }
+            Poll::Pending => {}
+        }
+        if self.rbuf.len() >= READ_AHEAD {
+            return Poll::Pending;
+        }
+        let mut rb = ReadBuf::new(&mut self.scratch);
+        match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Err(
+                self.peer_closed("upstream closed the connection".into())
+            )),
+            Poll::Ready(Ok(())) => {
+                self.rbuf.extend_from_slice(rb.filled());
+                Poll::Ready(Ok(Progress::Read))
+            }
+            Poll::Ready(Err(e)) => {
+                Poll::Ready(Err(self.peer_closed(format!("reading from upstream: {e}"))))
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// The write loop of [`Upstream::flush`], reading while the socket is full.
+    async fn write_out(&mut self) -> Result<(), String> {
+        let mut pos = 0;
+        let mut idle_since: Option<Instant> = None;
+        let idle_timeout = self.idle_timeout;
+        while pos < self.wbuf.len() {
+            // The usual case, a socket that takes the whole batch, arms no timer.
+            let step = std::future::poll_fn(|cx| self.poll_progress(cx, pos));
+            let mut step = std::pin::pin!(step);
+            let progress = match futures_util::FutureExt::now_or_never(step.as_mut()) {
+                Some(r) => r?,
+                None => {
+                    let since = *idle_since.get_or_insert_with(Instant::now);
+                    match tokio::time::timeout_at(since + idle_timeout, step).await {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            return Err(format!(
+                                "writing to the upstream made no progress for {} s",
+                                idle_timeout.as_secs()
+                            ))
+                        }
+                    }
+                }
+            };
+            idle_since = None;
+            if let Progress::Wrote(n) = progress {
+                pos += n;
+            }
+        }
+        let flush = std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_flush(cx));
+        match tokio::time::timeout(self.idle_timeout, flush).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(self.peer_closed(format!("writing to upstream: {e}"))),
+            Err(_) => Err("writing to the upstream timed out".into()),
+        }
     }
 }
 
-impl Upstream for V5Link {
+enum Progress {
+    Wrote(usize),
+    Read,
+}
+
+impl Upstream for Link {
     async fn next(&mut self) -> Result<UpEvent, String> {
         match self.next_packet().await? {
             None => Ok(UpEvent::Nothing),
@@ -266,15 +392,14 @@ impl Upstream for V5Link {
     }
 
     fn try_next(&mut self) -> Result<Option<UpEvent>, String> {
-        match decode(&mut self.rbuf, V5, self.max_in) {
-            Ok(Some(p)) => self.event(p).map(Some),
-            Ok(None) => Ok(None),
-            Err(e) => Err(format!("bad packet from upstream: {e}")),
+        match self.decode()? {
+            Some(p) => self.event(p).map(Some),
+            None => Ok(None),
         }
     }
 
     fn queue(&mut self, packet: Packet) -> Result<(), String> {
-        let len = encoded_len(&packet, V5);
+        let len = encoded_len(&packet, self.version);
         if len > self.max_out {
             return Err(format!(
                 "{} of {len} bytes is larger than the upstream's Maximum Packet Size ({} bytes)",
@@ -282,7 +407,7 @@ impl Upstream for V5Link {
                 self.max_out
             ));
         }
-        encode(&packet, V5, &mut self.wbuf);
+        encode(&packet, self.version, &mut self.wbuf);
         Ok(())
     }
 
@@ -290,19 +415,13 @@ impl Upstream for V5Link {
         if self.wbuf.is_empty() {
             return Ok(());
         }
-        let io = &mut self.io;
-        let buf = &self.wbuf;
-        let work = async {
-            io.write_all(buf).await?;
-            io.flush().await
-        };
-        let r = match super::upstream::bounded(self.write_timeout, work).await {
-            Some(Ok(())) => Ok(()),
-            Some(Err(e)) => Err(format!("writing to upstream: {e}")),
-            None => Err("writing to the upstream timed out".into()),
-        };
+        let r = self.write_out().await;
         self.wbuf.clear();
         r
+    }
+
+    fn closed_by_peer(&self) -> bool {
+        self.closed_by_peer
     }
 
     async fn subscribe(
@@ -341,10 +460,11 @@ impl Upstream for V5Link {
     }
 
     async fn close(&mut self) {
-        // Normal disconnection: the upstream keeps the session for its expiry interval.
+        // Normal disconnection: the upstream keeps the session (for its expiry interval
+        // over MQTT 5) and discards no will (we set none).
         encode(
             &Packet::Disconnect(Disconnect::default()),
-            V5,
+            self.version,
             &mut self.wbuf,
         );
         let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
