@@ -240,6 +240,24 @@ impl SeqSub {
     /// Asserts nothing new arrives for `t` (duplicates are fine).
     pub async fn expect_no_new(&mut self, t: Duration) {
         let before = self.next;
+        self.read_for(t).await;
+        assert_eq!(self.next, before, "{}: unexpected new messages", self.id);
+    }
+
+    /// Reads until nothing new has arrived for `quiet`: what an upstream had accepted before
+    /// a cut may still be on its way to this subscriber (which reads the upstream directly).
+    pub async fn settle(&mut self, quiet: Duration) {
+        loop {
+            let before = self.next;
+            self.read_for(quiet).await;
+            if self.next == before {
+                return;
+            }
+        }
+    }
+
+    /// Reads (and acknowledges) whatever arrives for `t`.
+    async fn read_for(&mut self, t: Duration) {
         let deadline = Instant::now() + t;
         while Instant::now() < deadline {
             if let Some(c) = self.c.as_mut() {
@@ -255,7 +273,6 @@ impl SeqSub {
                 tokio::time::sleep(deadline - Instant::now()).await;
             }
         }
-        assert_eq!(self.next, before, "{}: unexpected new messages", self.id);
     }
 
     pub fn report(&self, test: &str) {
