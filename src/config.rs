@@ -89,7 +89,7 @@ impl Default for StoreConfig {
         StoreConfig {
             synchronous: crate::store::Synchronous::Full,
             max_bytes: 0,
-            min_free_percent: 10,
+            min_free_percent: 5,
             budget_policy: crate::store::BudgetPolicy::RejectNew,
             on_corrupt: crate::store::OnCorrupt::Quarantine,
             integrity_check: true,

@@ -224,7 +224,7 @@ async fn durable_sessions_work_whatever_their_stored_session_id() {
 /// and after a restart with room the backlog is delivered whole.
 #[tokio::test]
 async fn the_free_space_reserve_refuses_new_messages_and_keeps_the_acknowledged_ones() {
-    assert_eq!(Config::default().store.min_free_percent, 10);
+    assert_eq!(Config::default().store.min_free_percent, 5);
     let dir = tempfile::tempdir().unwrap();
     let (avail, total) = holdfast::store::budget::filesystem_space(dir.path()).unwrap();
     let beyond_free = (100 - avail * 100 / total + 1).min(99) as u8;
