@@ -13,52 +13,13 @@ use std::time::Duration;
 
 use common::*;
 use holdfast::config::Config;
-use holdfast::protocol::{Disconnect, Packet, ProtocolVersion, PubAckLike, Publish, QoS};
-use holdfast::store::Synchronous;
-
-/// Starts an in-process broker whose data lives in `dir` (so it can be restarted on it).
-async fn start_in(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestBroker {
-    let dir = dir.to_path_buf();
-    start_broker(move |c| {
-        c.data_dir = dir;
-        c.store.synchronous = Synchronous::Normal;
-        tweak(c);
-    })
-    .await
-}
+use holdfast::protocol::{Packet, ProtocolVersion, PubAckLike, Publish, QoS};
 
 fn index_of(p: &Publish) -> u32 {
     std::str::from_utf8(&p.payload)
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("unexpected payload on {}: {:?}", p.topic, p.payload))
-}
-
-/// Connects a v5 (expiry 1 h) or 3.1.1 (clean session 0) durable session.
-async fn connect_durable(
-    addr: SocketAddr,
-    version: ProtocolVersion,
-    id: &str,
-    clean: bool,
-) -> (RawClient, bool) {
-    let mut c = connect_packet(version, id, clean);
-    if version == ProtocolVersion::V5 {
-        c.properties.session_expiry_interval = Some(3600);
-    }
-    let (c, ack) = RawClient::connect_with(addr, c).await;
-    match ack {
-        Packet::ConnAck(a) if a.reason_code == 0 => (c, a.session_present),
-        other => panic!("connect refused: {other:?}"),
-    }
-}
-
-async fn disconnect(mut c: RawClient) {
-    c.send(Packet::Disconnect(Disconnect {
-        reason_code: 0,
-        properties: Default::default(),
-    }))
-    .await;
-    let _ = c.recv_timeout(Duration::from_secs(2)).await;
 }
 
 /// Publishes `range` as QoS 1 messages on `topic` (payload = the number), up to 100 in flight,
@@ -115,11 +76,12 @@ async fn drain(c: &mut RawClient, quiet: Duration) -> Vec<u32> {
 #[tokio::test]
 async fn default_config_keeps_a_durable_sessions_whole_backlog() {
     let b = start_broker(|_| {}).await;
-    let (mut dash, _) = connect_durable(b.addr, ProtocolVersion::V311, "dash", false).await;
+    let (mut dash, _) = connect_durable_as(b.addr, ProtocolVersion::V311, "dash", false).await;
     assert_eq!(dash.subscribe("sensors/#", QoS::AtLeastOnce).await, vec![1]);
     disconnect(dash).await;
     assert_eq!(publish_range(b.addr, "sensors/t", 0..3000).await, 3000);
-    let (mut dash, present) = connect_durable(b.addr, ProtocolVersion::V311, "dash", false).await;
+    let (mut dash, present) =
+        connect_durable_as(b.addr, ProtocolVersion::V311, "dash", false).await;
     assert!(present);
     let got = drain(&mut dash, Duration::from_millis(1500)).await;
     assert_eq!(
@@ -138,10 +100,10 @@ async fn default_config_keeps_a_durable_sessions_whole_backlog() {
 #[tokio::test]
 async fn durable_sessions_work_whatever_their_stored_session_id() {
     let dir = tempfile::tempdir().unwrap();
-    let b = start_in(dir.path(), |_| {}).await;
+    let b = start_broker_in(dir.path(), |_| {}).await;
     let names = ["edge-a", "edge-b", "edge-c", "edge-d", "edge-e"];
     for n in names {
-        let (mut s, _) = connect_durable(b.addr, ProtocolVersion::V5, n, true).await;
+        let (mut s, _) = connect_durable_as(b.addr, ProtocolVersion::V5, n, true).await;
         assert_eq!(
             s.subscribe(&format!("ids/{n}"), QoS::AtLeastOnce).await,
             vec![1]
@@ -176,11 +138,11 @@ async fn durable_sessions_work_whatever_their_stored_session_id() {
         }
     }
     for round in 0..2 {
-        let b = start_in(dir.path(), |_| {}).await;
+        let b = start_broker_in(dir.path(), |_| {}).await;
         // Three more durable sessions after the edge ones.
         for k in 0..3 {
             let id = format!("new-{k}");
-            let (mut s, _) = connect_durable(b.addr, ProtocolVersion::V5, &id, round == 0).await;
+            let (mut s, _) = connect_durable_as(b.addr, ProtocolVersion::V5, &id, round == 0).await;
             assert_eq!(
                 s.subscribe(&format!("ids/{id}"), QoS::AtLeastOnce).await,
                 vec![1]
@@ -201,10 +163,10 @@ async fn durable_sessions_work_whatever_their_stored_session_id() {
         }
         // Restart between publishing and receiving: the rows must come back from disk.
         b.shutdown().await;
-        let b = start_in(dir.path(), |_| {}).await;
+        let b = start_broker_in(dir.path(), |_| {}).await;
         for (i, n) in all.iter().enumerate() {
             let base = round * 100 + i as u32 * 10;
-            let (mut s, present) = connect_durable(b.addr, ProtocolVersion::V5, n, false).await;
+            let (mut s, present) = connect_durable_as(b.addr, ProtocolVersion::V5, n, false).await;
             assert!(present, "{n}: session kept");
             let got = drain(&mut s, Duration::from_millis(400)).await;
             assert_eq!(
@@ -232,8 +194,8 @@ async fn the_free_space_reserve_refuses_new_messages_and_keeps_the_acknowledged_
         (avail * 100 / total) < u64::from(beyond_free),
         "test needs a filesystem that is not ~100% free"
     );
-    let b = start_in(dir.path(), |c| c.store.min_free_percent = beyond_free).await;
-    let (mut dash, _) = connect_durable(b.addr, ProtocolVersion::V5, "dash", true).await;
+    let b = start_broker_in(dir.path(), |c| c.store.min_free_percent = beyond_free).await;
+    let (mut dash, _) = connect_durable_as(b.addr, ProtocolVersion::V5, "dash", true).await;
     assert_eq!(dash.subscribe("t/#", QoS::AtLeastOnce).await, vec![1]);
     disconnect(dash).await;
     let mut p = RawClient::connect(b.addr, ProtocolVersion::V5, "p").await;
@@ -260,8 +222,8 @@ async fn the_free_space_reserve_refuses_new_messages_and_keeps_the_acknowledged_
     }
     assert_eq!(refused, 5, "the reserve stopped the database from growing");
     b.shutdown().await;
-    let b = start_in(dir.path(), |c| c.store.min_free_percent = 0).await;
-    let (mut dash, present) = connect_durable(b.addr, ProtocolVersion::V5, "dash", false).await;
+    let b = start_broker_in(dir.path(), |c| c.store.min_free_percent = 0).await;
+    let (mut dash, present) = connect_durable_as(b.addr, ProtocolVersion::V5, "dash", false).await;
     assert!(present);
     let mut got = Vec::new();
     while let Ok(Some(Packet::Publish(m))) = dash.recv_timeout(Duration::from_millis(800)).await {
@@ -279,8 +241,8 @@ async fn the_free_space_reserve_refuses_new_messages_and_keeps_the_acknowledged_
 /// database is then damaged in the middle (one page overwritten, as a failing SD card
 /// does), outside what start-up reads.
 async fn damaged_backlog(dir: &Path) {
-    let b = start_in(dir, |_| {}).await;
-    let (mut dash, _) = connect_durable(b.addr, ProtocolVersion::V5, "dash", true).await;
+    let b = start_broker_in(dir, |_| {}).await;
+    let (mut dash, _) = connect_durable_as(b.addr, ProtocolVersion::V5, "dash", true).await;
     assert_eq!(dash.subscribe("t/#", QoS::AtLeastOnce).await, vec![1]);
     disconnect(dash).await;
     let mut p = RawClient::connect(b.addr, ProtocolVersion::V5, "p").await;
@@ -335,13 +297,13 @@ async fn a_database_damaged_inside_is_found_by_the_startup_check() {
 async fn a_failed_read_back_is_retried_and_reported_not_taken_as_an_empty_queue() {
     let dir = tempfile::tempdir().unwrap();
     damaged_backlog(dir.path()).await;
-    let b = start_in(dir.path(), |c| {
+    let b = start_broker_in(dir.path(), |c| {
         c.store.integrity_check = false;
         c.metrics.bind = Some("127.0.0.1:0".into());
     })
     .await;
     let metrics_at = b.broker.as_ref().unwrap().metrics_addr().expect("metrics");
-    let (mut dash, _) = connect_durable(b.addr, ProtocolVersion::V5, "dash", false).await;
+    let (mut dash, _) = connect_durable_as(b.addr, ProtocolVersion::V5, "dash", false).await;
     let mut p = RawClient::connect(b.addr, ProtocolVersion::V5, "p2").await;
     let mut got = Vec::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
@@ -388,9 +350,9 @@ async fn a_failed_read_back_is_retried_and_reported_not_taken_as_an_empty_queue(
 #[tokio::test]
 async fn a_lock_held_past_the_busy_timeout_delays_acknowledgements_instead_of_refusing() {
     let dir = tempfile::tempdir().unwrap();
-    let b = start_in(dir.path(), |c| c.metrics.bind = Some("127.0.0.1:0".into())).await;
+    let b = start_broker_in(dir.path(), |c| c.metrics.bind = Some("127.0.0.1:0".into())).await;
     let metrics_at = b.broker.as_ref().unwrap().metrics_addr().expect("metrics");
-    let (mut dash, _) = connect_durable(b.addr, ProtocolVersion::V5, "dash", true).await;
+    let (mut dash, _) = connect_durable_as(b.addr, ProtocolVersion::V5, "dash", true).await;
     assert_eq!(dash.subscribe("t/#", QoS::AtLeastOnce).await, vec![1]);
     disconnect(dash).await;
     let db = rusqlite::Connection::open(dir.path().join("holdfast.db")).unwrap();
@@ -401,7 +363,10 @@ async fn a_lock_held_past_the_busy_timeout_delays_acknowledgements_instead_of_re
         p.recv_timeout(Duration::from_millis(6500)).await.is_err(),
         "no acknowledgement while the store is locked"
     );
-    let (code, _, body) = metrics::http(metrics_at, "GET", "/healthz").await;
+    let (code, body) = health_until(metrics_at, |code, body| {
+        code == 503 && body.contains("locked")
+    })
+    .await;
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("locked"), "{body}");
     db.execute_batch("COMMIT").unwrap();
@@ -409,7 +374,19 @@ async fn a_lock_held_past_the_busy_timeout_delays_acknowledgements_instead_of_re
         Ok(Some(Packet::PubAck(a))) => assert_eq!(a.reason_code, 0, "accepted, not refused"),
         other => panic!("expected PUBACK, got {other:?}"),
     }
-    let (code, _, body) = metrics::http(metrics_at, "GET", "/healthz").await;
+    let (code, body) = health_until(metrics_at, |code, _| code == 200).await;
     assert_eq!(code, 200, "{body}");
     b.shutdown().await;
+}
+
+/// `/healthz` until `done` says so or 5 s pass (the writer answers between its retries).
+async fn health_until(at: std::net::SocketAddr, done: impl Fn(u16, &str) -> bool) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let (code, _, body) = metrics::http(at, "GET", "/healthz").await;
+        if done(code, &body) || tokio::time::Instant::now() > deadline {
+            return (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

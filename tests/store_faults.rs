@@ -17,31 +17,18 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use holdfast::config::{Config, ListenerConfig, QueuePolicy};
-use holdfast::protocol::{
-    reason, Connect, Disconnect, Packet, ProtocolVersion, PubAckLike, Publish, QoS,
-};
-use holdfast::store::{BudgetPolicy, OnCorrupt, Synchronous};
+use holdfast::protocol::{reason, Connect, Packet, ProtocolVersion, PubAckLike, Publish, QoS};
+use holdfast::store::{BudgetPolicy, OnCorrupt};
 
 const BIN: &str = env!("CARGO_BIN_EXE_holdfast");
 const PAYLOAD: usize = 1024;
 
 // ----- helpers -----------------------------------------------------------------------------
 
-/// Starts an in-process broker whose data lives in `dir` (so it can be restarted on it).
-async fn start_in(dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestBroker {
-    let dir = dir.to_path_buf();
-    start_broker(move |c| {
-        c.data_dir = dir;
-        c.store.synchronous = Synchronous::Normal;
-        tweak(c);
-    })
-    .await
-}
-
 /// Graceful shutdown, then a new broker on the same data dir and config.
 async fn restart(b: TestBroker, dir: &Path, tweak: impl FnOnce(&mut Config)) -> TestBroker {
     b.shutdown().await;
-    start_in(dir, tweak).await
+    start_broker_in(dir, tweak).await
 }
 
 fn payload(i: u32) -> Vec<u8> {
@@ -71,15 +58,6 @@ async fn connect_durable(addr: SocketAddr, id: &str, clean: bool) -> (RawClient,
         Packet::ConnAck(a) if a.reason_code == 0 => (c, a.session_present),
         other => panic!("connect refused: {other:?}"),
     }
-}
-
-async fn disconnect(mut c: RawClient) {
-    c.send(Packet::Disconnect(Disconnect {
-        reason_code: 0,
-        properties: Default::default(),
-    }))
-    .await;
-    let _ = c.recv_timeout(Duration::from_secs(2)).await;
 }
 
 /// A durable v5 subscriber to `t/#` (QoS 1) that then goes offline.
@@ -160,7 +138,7 @@ fn budget(c: &mut Config, policy: BudgetPolicy) {
 #[tokio::test]
 async fn budget_reject_new_refuses_without_losing_what_was_acknowledged_and_recovers() {
     let dir = tempfile::tempdir().unwrap();
-    let b = start_in(dir.path(), |c| budget(c, BudgetPolicy::RejectNew)).await;
+    let b = start_broker_in(dir.path(), |c| budget(c, BudgetPolicy::RejectNew)).await;
     offline_subscriber(b.addr, "sub").await;
     let mut watch = RawClient::connect(b.addr, ProtocolVersion::V5, "watch").await;
     watch.subscribe("t/#", QoS::AtMostOnce).await;
@@ -276,7 +254,7 @@ async fn budget_reject_new_refuses_without_losing_what_was_acknowledged_and_reco
 #[tokio::test]
 async fn budget_refusals_leave_no_phantom_bytes_in_the_queue_limit() {
     let dir = tempfile::tempdir().unwrap();
-    let b = start_in(dir.path(), |c| {
+    let b = start_broker_in(dir.path(), |c| {
         budget(c, BudgetPolicy::RejectNew);
         c.mqtt.max_queued_bytes = 100 * 1024;
         c.mqtt.durable_max_queued_bytes = 100 * 1024;
@@ -345,7 +323,7 @@ async fn budget_refusals_leave_no_phantom_bytes_in_the_queue_limit() {
 #[tokio::test]
 async fn budget_drop_oldest_keeps_acknowledging_and_delivers_a_counted_suffix() {
     let dir = tempfile::tempdir().unwrap();
-    let b = start_in(dir.path(), |c| budget(c, BudgetPolicy::DropOldest)).await;
+    let b = start_broker_in(dir.path(), |c| budget(c, BudgetPolicy::DropOldest)).await;
     offline_subscriber(b.addr, "sub").await;
     // A second durable subscriber with a short queue is not the one that pays.
     let (mut small, _) = connect_durable(b.addr, "small", true).await;
@@ -400,7 +378,7 @@ async fn queue_limit_across_restart(policy: QueuePolicy) -> Vec<u32> {
         c.mqtt.durable_max_queued_messages = 3;
         c.mqtt.queue_policy = policy;
     };
-    let b = start_in(dir.path(), tweak).await;
+    let b = start_broker_in(dir.path(), tweak).await;
     offline_subscriber(b.addr, "sub").await;
     let mut p = RawClient::connect(b.addr, ProtocolVersion::V5, "p").await;
     let mut codes = Vec::new();
@@ -621,7 +599,7 @@ async fn an_empty_version_0_database_is_migrated() {
         db.execute_batch("PRAGMA user_version = 0; CREATE TABLE t(x); DROP TABLE t;")
             .unwrap();
     }
-    let b = start_in(dir.path(), |_| {}).await;
+    let b = start_broker_in(dir.path(), |_| {}).await;
     pubsub_works(b.addr).await;
     b.shutdown().await;
     let db = rusqlite::Connection::open(db_file(dir.path())).unwrap();
@@ -693,7 +671,7 @@ async fn a_migration_killed_half_way_is_completed_on_the_next_start() {
         .map(|m| m.len())
         .unwrap_or(0);
     assert!(wal > 0, "uncommitted migration pages reached the WAL");
-    let b = start_in(dir.path(), |_| {}).await;
+    let b = start_broker_in(dir.path(), |_| {}).await;
     pubsub_works(b.addr).await;
     b.shutdown().await;
     let v: u32 = rusqlite::Connection::open(&db)

@@ -58,6 +58,47 @@ pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> TestBroker {
     }
 }
 
+/// Starts an in-process broker whose data lives in `dir` (so it can be restarted on it),
+/// with `synchronous = "normal"` (tests that need power-loss durability use the binary).
+pub async fn start_broker_in(dir: &std::path::Path, tweak: impl FnOnce(&mut Config)) -> TestBroker {
+    let dir = dir.to_path_buf();
+    start_broker(move |c| {
+        c.data_dir = dir;
+        c.store.synchronous = holdfast::store::Synchronous::Normal;
+        tweak(c);
+    })
+    .await
+}
+
+/// Connects a durable session: v5 with Session Expiry 1 h, or 3.1.1 with Clean Session 0
+/// (when `clean` is false). Returns the client and Session Present; panics if refused.
+pub async fn connect_durable_as(
+    addr: SocketAddr,
+    version: ProtocolVersion,
+    id: &str,
+    clean: bool,
+) -> (RawClient, bool) {
+    let mut c = connect_packet(version, id, clean);
+    if version == ProtocolVersion::V5 {
+        c.properties.session_expiry_interval = Some(3600);
+    }
+    let (c, ack) = RawClient::connect_with(addr, c).await;
+    match ack {
+        Packet::ConnAck(a) if a.reason_code == 0 => (c, a.session_present),
+        other => panic!("connect refused: {other:?}"),
+    }
+}
+
+/// A normal DISCONNECT, then waits (briefly) for the close.
+pub async fn disconnect(mut c: RawClient) {
+    c.send(Packet::Disconnect(protocol::Disconnect {
+        reason_code: 0,
+        properties: Default::default(),
+    }))
+    .await;
+    let _ = c.recv_timeout(Duration::from_secs(2)).await;
+}
+
 /// A bare MQTT client: sends packets, returns what the broker sends, nothing hidden.
 pub struct RawClient {
     pub stream: TcpStream,
