@@ -8,6 +8,7 @@
 //! - `serial`: serial sensor ingest (lines formats and Modbus RTU) as internal publishers.
 //! - `admin`: operator commands (`sessions`, `backup`) and the broker's admin socket.
 //! - `reload`: what SIGHUP changes in a running gateway (configuration re-read).
+//! - `probe`: `holdfast pub` / `holdfast sub`, an MQTT client (rumqttc) for operators.
 
 pub mod admin;
 pub mod auth;
@@ -16,6 +17,7 @@ pub mod bridge;
 pub mod broker;
 pub mod config;
 pub mod observe;
+pub mod probe;
 pub mod protocol;
 pub mod reload;
 pub mod serial;

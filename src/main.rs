@@ -78,6 +78,41 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Publish one message (MQTT 3.1.1, a standard client: rumqttc) and wait for the
+    /// broker's acknowledgement; for checking a gateway from its own shell.
+    Pub {
+        #[command(flatten)]
+        target: MqttTarget,
+        /// Topic.
+        #[arg(long, short)]
+        topic: String,
+        /// Payload.
+        #[arg(long, short)]
+        message: String,
+        /// QoS 0, 1 or 2.
+        #[arg(long, short, default_value_t = 1)]
+        qos: u8,
+        /// Retain the message.
+        #[arg(long, short)]
+        retain: bool,
+    },
+    /// Subscribe and print `topic payload` lines (payloads as UTF-8, lossy).
+    Sub {
+        #[command(flatten)]
+        target: MqttTarget,
+        /// Topic filter.
+        #[arg(long, short)]
+        topic: String,
+        /// QoS 0, 1 or 2.
+        #[arg(long, short, default_value_t = 1)]
+        qos: u8,
+        /// Stop after this many messages (0 = never).
+        #[arg(long, short = 'C', default_value_t = 0)]
+        count: usize,
+        /// Stop after this many seconds without a message (0 = never).
+        #[arg(long, short = 'W', default_value_t = 0)]
+        idle_secs: u64,
+    },
     /// Consistent online backup of the store (works while the broker runs).
     ///
     /// Restore: stop the broker, copy FILE to `<data_dir>/holdfast.db`, remove
@@ -92,6 +127,45 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+}
+
+/// Where `pub` / `sub` connect.
+#[derive(clap::Args)]
+struct MqttTarget {
+    /// Broker host.
+    #[arg(long, short = 'H', default_value = "127.0.0.1")]
+    host: String,
+    /// Broker port.
+    #[arg(long, short, default_value_t = 1883)]
+    port: u16,
+    /// Client id (default: holdfast-probe-<pid>).
+    #[arg(long, short = 'i')]
+    id: Option<String>,
+    /// User name.
+    #[arg(long, short)]
+    user: Option<String>,
+    /// Password (also from HOLDFAST_PROBE_PASSWORD, which keeps it out of `ps`).
+    #[arg(
+        long,
+        short = 'P',
+        env = "HOLDFAST_PROBE_PASSWORD",
+        hide_env_values = true
+    )]
+    password: Option<String>,
+}
+
+impl MqttTarget {
+    fn target(self) -> holdfast::probe::Target {
+        holdfast::probe::Target {
+            host: self.host,
+            port: self.port,
+            client_id: self
+                .id
+                .unwrap_or_else(|| format!("holdfast-probe-{}", std::process::id())),
+            username: self.user,
+            password: self.password,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -161,6 +235,40 @@ fn main() -> ExitCode {
             config,
             force,
         } => backup(file, config, force),
+        Command::Pub {
+            target,
+            topic,
+            message,
+            qos,
+            retain,
+        } => probe_runtime().and_then(|rt| {
+            rt.block_on(holdfast::probe::publish(
+                &target.target(),
+                &topic,
+                message.into_bytes(),
+                qos,
+                retain,
+                std::time::Duration::from_secs(10),
+            ))
+        }),
+        Command::Sub {
+            target,
+            topic,
+            qos,
+            count,
+            idle_secs,
+        } => probe_runtime().and_then(|rt| {
+            let idle = (idle_secs > 0).then(|| std::time::Duration::from_secs(idle_secs));
+            rt.block_on(holdfast::probe::subscribe(
+                &target.target(),
+                &topic,
+                qos,
+                count,
+                idle,
+                |t, p| println!("{t} {}", String::from_utf8_lossy(p)),
+            ))
+            .map(|_| ())
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -169,6 +277,12 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn probe_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn check_config(file: PathBuf) -> anyhow::Result<()> {
