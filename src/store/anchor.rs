@@ -28,6 +28,15 @@ pub fn read(conn: &Connection) -> rusqlite::Result<Option<Anchor>> {
     })
 }
 
+/// What to add to a time on the store's time line to show it as wall-clock Unix ms (as
+/// of the last anchor; 0 for a store without one). For people only, never for deadlines.
+pub fn wall_offset_ms(conn: &Connection) -> i64 {
+    match read(conn) {
+        Ok(Some(a)) => a.wall_ms.saturating_sub(a.line_ms),
+        _ => 0,
+    }
+}
+
 /// Records `a` (inside the caller's transaction, if any).
 pub fn write(conn: &Connection, a: &Anchor) -> rusqlite::Result<()> {
     let mut st = conn.prepare_cached(

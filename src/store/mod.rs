@@ -43,6 +43,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+pub use anchor::wall_offset_ms;
 pub use load::{Recovered, RecoveredSession, RecoveredSubscription};
 
 /// Session id, as used by the router and the store; stored in the high bits of `queue.id`.
