@@ -85,6 +85,32 @@ async fn publish_expiring(d: &Daemon, topic: &str, n: u16, expiry: u32) {
     disconnect(p).await;
 }
 
+/// `holdfast sessions show <id> --json` against the daemon's config.
+async fn show_session(d: &Daemon, id: &str) -> serde_json::Value {
+    let args: Vec<String> = vec![
+        "sessions".into(),
+        "show".into(),
+        id.into(),
+        "--json".into(),
+        "--config".into(),
+        d.config.display().to_string(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(daemon::BIN)
+            .args(&args)
+            .output()
+            .expect("run holdfast")
+    })
+    .await
+    .expect("join");
+    assert!(
+        out.status.success(),
+        "sessions show failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
 /// The reproduction: at 1970-01-02 a v5 session (expiry 1 day) goes offline and 10
 /// messages (expiry 1 hour) are queued for it; the broker dies; it starts again with the
 /// real clock (56 years later). The session and all 10 messages are still there, with
@@ -100,6 +126,25 @@ async fn a_session_and_its_messages_queued_at_1970_survive_a_restart_at_the_real
     d.sigkill();
     set_wall_clock(&mut d, None);
     d.start().await;
+
+    // The operator sees wall-clock times, not the 1970 the session was stored at.
+    let shown = show_session(&d, "pi-sensor").await;
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64;
+    let disconnected = shown["session"]["disconnected_at_ms"]
+        .as_i64()
+        .expect("offline");
+    assert!(
+        (now_ms - disconnected).abs() < 600_000,
+        "disconnected_at shown as {disconnected}, now is {now_ms}"
+    );
+    let expires = shown["queue"][0]["expires_at_ms"].as_i64().expect("expiry");
+    assert!(
+        (expires - (now_ms + 3_600_000)).abs() < 600_000,
+        "message expiry shown as {expires}, now is {now_ms}"
+    );
 
     let (mut c, present) = connect(d.addr, durable("pi-sensor", false, DAY)).await;
     assert!(
