@@ -14,7 +14,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use common::*;
 use daemon::Daemon;
 use holdfast::clock::TEST_WALL_CLOCK_OFFSET_ENV;
-use holdfast::protocol::{ConnAck, Connect, Packet, ProtocolVersion, Publish, QoS};
+use holdfast::protocol::{
+    ConnAck, Connect, Packet, ProtocolVersion, Publish, QoS, Will, WillProperties,
+};
 
 const V5: ProtocolVersion = ProtocolVersion::V5;
 const DAY: u32 = 86_400;
@@ -114,14 +116,28 @@ async fn show_session(d: &Daemon, id: &str) -> serde_json::Value {
 /// The reproduction: at 1970-01-02 a v5 session (expiry 1 day) goes offline and 10
 /// messages (expiry 1 hour) are queued for it; the broker dies; it starts again with the
 /// real clock (56 years later). The session and all 10 messages are still there, with
-/// (almost) all of their hour left.
+/// (almost) all of their hour left, and a will delayed by an hour is not sent.
 #[tokio::test]
 async fn a_session_and_its_messages_queued_at_1970_survive_a_restart_at_the_real_time() {
     let mut d = Daemon::new("");
     set_wall_clock(&mut d, Some(offset_to_1970_01_02()));
     d.start().await;
-    offline_subscriber(&d, "pi-sensor", DAY, "c/t").await;
+    offline_subscriber(&d, "pi-sensor", DAY, "c/#").await;
     publish_expiring(&d, "c/t", 10, 3600).await;
+    // A client with a will delayed by an hour drops off (no DISCONNECT).
+    let mut c = durable("pi-will", true, DAY);
+    c.will = Some(Will {
+        topic: "c/will".into(),
+        payload: bytes::Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: WillProperties {
+            will_delay_interval: Some(3600),
+            ..Default::default()
+        },
+    });
+    drop(connect(d.addr, c).await);
+    d.wait_offline_committed("pi-will").await;
 
     d.sigkill();
     set_wall_clock(&mut d, None);
@@ -159,7 +175,8 @@ async fn a_session_and_its_messages_queued_at_1970_survive_a_restart_at_the_real
         assert!(left > 3500, "message {i}: {left} s of 3600 left");
         c.puback(p.packet_id).await;
     }
-    c.expect_silence(Duration::from_millis(300)).await;
+    // Nothing else: in particular not the will, whose hour has not passed.
+    c.expect_silence(Duration::from_millis(500)).await;
 }
 
 /// With the clock stuck near 1970 in both runs, countdowns still run on the time that
