@@ -48,3 +48,83 @@ pub fn write(conn: &Connection, a: &Anchor) -> rusqlite::Result<()> {
     st.execute(params![SYNCED, i64::from(a.synced)])?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{
+        db_path, load, BudgetPolicy, Command, OnCorrupt, StoreOptions, Synchronous,
+    };
+
+    fn opts(dir: &std::path::Path) -> StoreOptions {
+        StoreOptions {
+            path: db_path(dir),
+            synchronous: Synchronous::Normal,
+            max_bytes: 0,
+            min_free_percent: 0,
+            budget_policy: BudgetPolicy::RejectNew,
+            on_corrupt: OnCorrupt::Quarantine,
+            integrity_check: false,
+        }
+    }
+
+    #[test]
+    fn a_store_last_run_at_1970_continues_its_time_line_not_the_wall_clock() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path());
+        let (conn, rec) = load::open_and_load(&o).unwrap();
+        let wall = crate::clock::wall_ms();
+        assert!(
+            (rec.clock.now_ms() - wall).abs() < 5_000,
+            "a new store starts at the wall clock"
+        );
+        let a = read(&conn).unwrap().expect("anchor written at start-up");
+        assert!((a.wall_ms - wall).abs() < 5_000);
+        // The last run's clock said 1970-01-02.
+        let day = 86_400_000;
+        write(
+            &conn,
+            &Anchor {
+                line_ms: day,
+                wall_ms: day,
+                synced: false,
+            },
+        )
+        .unwrap();
+        drop(conn);
+        let (conn, rec) = load::open_and_load(&o).unwrap();
+        let line = rec.clock.now_ms();
+        assert!((day..day + 5_000).contains(&line), "time line at {line}");
+        assert!(
+            wall_offset_ms(&conn) > wall - day - 5_000,
+            "shown as wall clock"
+        );
+    }
+
+    #[test]
+    fn the_expiry_sweep_records_the_anchor() {
+        let dir = tempfile::tempdir().unwrap();
+        let o = opts(dir.path());
+        let (store, rec, _ev) = crate::store::Store::open(&o).unwrap();
+        let conn = rusqlite::Connection::open(db_path(dir.path())).unwrap();
+        write(
+            &conn,
+            &Anchor {
+                line_ms: 1,
+                wall_ms: 1,
+                synced: false,
+            },
+        )
+        .unwrap();
+        store
+            .send(Command::SweepExpired {
+                now_ms: rec.clock.now_ms(),
+            })
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        store.send(Command::Ping(tx)).unwrap();
+        rx.blocking_recv().unwrap();
+        let a = read(&conn).unwrap().unwrap();
+        assert!(a.line_ms > 1 && a.wall_ms > 1, "{a:?}");
+    }
+}

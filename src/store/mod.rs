@@ -25,6 +25,10 @@
 //! - Queued messages stay on disk; the router keeps at most a bounded window of each
 //!   session's queue in memory and reads the rest back with `Command::ReadQueue`, which the
 //!   writer answers after committing everything submitted before it.
+//! - Stored deadlines (`session.disconnected_at`, `queue.expires_at`, `retained.expires_at`)
+//!   and stamps (`created_at`, `enqueued_at`) are milliseconds on the store's time line
+//!   ([`crate::clock`]), never compared with the wall clock; the clock anchor that continues
+//!   the line across restarts is kept in `counter` (`anchor`).
 
 mod anchor;
 pub mod budget;
