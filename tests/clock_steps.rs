@@ -208,3 +208,45 @@ async fn countdowns_run_while_the_broker_runs_whatever_the_wall_clock_says() {
     // Its message had a 2 s expiry: gone, by time that did pass.
     c.expect_silence(Duration::from_millis(500)).await;
 }
+
+/// A bridge outbox with `max_age_secs = 3600`, filled at 1970-01-02 while the upstream is
+/// unreachable, then a crash and a start with the real clock: every message still goes up.
+#[tokio::test]
+async fn a_bridge_outbox_filled_at_1970_is_not_aged_out_by_the_clock_step() {
+    let mut up = Daemon::new("");
+    let mut gw = Daemon::new(&format!(
+        "[[bridge]]\nname = \"up\"\naddress = \"{}\"\nclient_id = \"gw-clock\"\n\
+         reconnect_min_ms = 50\nreconnect_max_ms = 200\nmax_age_secs = 3600\n\
+         [[bridge.topic]]\npattern = \"s/#\"\ndirection = \"out\"\n",
+        up.addr
+    ));
+    set_wall_clock(&mut gw, Some(offset_to_1970_01_02()));
+    gw.start().await;
+    let mut p = RawClient::connect(gw.addr, V5, "sensor").await;
+    for i in 1..=5u16 {
+        p.publish("s/x", format!("b{i}").as_bytes(), QoS::AtLeastOnce, i)
+            .await;
+        match p.recv().await {
+            Some(Packet::PubAck(a)) if a.packet_id == i && a.reason_code == 0 => {}
+            other => panic!("expected a PUBACK for {i}, got {other:?}"),
+        }
+    }
+    drop(p);
+    gw.sigkill();
+
+    up.start().await;
+    let mut sub = RawClient::connect(up.addr, V5, "cloud-app").await;
+    assert_eq!(sub.subscribe("s/#", QoS::AtLeastOnce).await, vec![1]);
+    set_wall_clock(&mut gw, None);
+    gw.start().await;
+    for i in 1..=5 {
+        let m = sub.recv_publish().await;
+        assert_eq!(
+            m.payload.as_ref(),
+            format!("b{i}").as_bytes(),
+            "\n{}",
+            gw.log_text()
+        );
+        sub.puback(m.packet_id).await;
+    }
+}
