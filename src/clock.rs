@@ -58,11 +58,12 @@ pub fn synchronised() -> bool {
     kernel_synchronised() && wall_ms() >= WALL_CLOCK_FLOOR_MS
 }
 
-/// The kernel's view (`ntp_adjtime` read-only): an NTP client has disciplined the clock.
+/// The kernel's view (`adjtimex` with `modes = 0`, a read; available in glibc and musl,
+/// unlike `ntp_adjtime`): an NTP client has disciplined the clock.
 fn kernel_synchronised() -> bool {
     // SAFETY: a zeroed `timex` with `modes = 0` only reads the kernel's state.
     let mut tx: libc::timex = unsafe { std::mem::zeroed() };
-    let state = unsafe { libc::ntp_adjtime(&mut tx) };
+    let state = unsafe { libc::adjtimex(&mut tx) };
     state >= 0 && state != libc::TIME_ERROR && tx.status & libc::STA_UNSYNC == 0
 }
 
