@@ -617,6 +617,8 @@ fn summary_from_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Resul
     let subscriptions: i64 = conn
         .prepare_cached("SELECT count(*) FROM subscription WHERE sid = ?1")?
         .query_row([sid], |q| q.get(0))?;
+    // Stored times are on the store's time line (`crate::clock`); shown as wall clock.
+    let disconnected_at = disconnected_at.map(|t| t + crate::store::wall_offset_ms(conn));
     Ok(SessionSummary {
         sid,
         client_id: r.get(1)?,
@@ -724,7 +726,9 @@ fn read_detail(
                 qos: publish.as_ref().map(|p| p.qos as u8),
                 topic: publish.map(|p| p.topic.to_string()),
                 size: r.get::<_, i64>(4)?.max(0) as u64,
-                expires_at_ms: r.get(3)?,
+                expires_at_ms: r
+                    .get::<_, Option<i64>>(3)?
+                    .map(|t| t + crate::store::wall_offset_ms(conn)),
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -1002,7 +1006,8 @@ pub enum DropOutcome {
     NotFound { broker_running: bool },
 }
 
-/// Unix ms when the oldest message still queued for `client_id` was enqueued.
+/// Unix ms (wall clock, as of the store's clock anchor) when the oldest message still
+/// queued for `client_id` was enqueued.
 pub fn oldest_enqueued(db: &Path, client_id: &str) -> Option<i64> {
     let conn = open_ro(db).ok()?;
     let sid: i64 = conn
@@ -1020,6 +1025,7 @@ pub fn oldest_enqueued(db: &Path, client_id: &str) -> Option<i64> {
     )
     .ok()
     .flatten()
+    .map(|t| t + crate::store::wall_offset_ms(&conn))
 }
 
 /// The running gateway's `status` object (see `observe::status`), or None when no broker

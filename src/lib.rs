@@ -7,6 +7,7 @@
 //! - `bridge`: upstream connections with a durable outbox (an internal session).
 //! - `serial`: serial sensor ingest (lines formats and Modbus RTU) as internal publishers.
 //! - `admin`: operator commands (`sessions`, `backup`) and the broker's admin socket.
+//! - `clock`: the time line deadlines that outlive a run are kept on (wall clock steps).
 //! - `reload`: what SIGHUP changes in a running gateway (configuration re-read).
 //! - `probe`: `holdfast pub` / `holdfast sub`, an MQTT client (rumqttc) for operators.
 
@@ -15,6 +16,7 @@ pub mod auth;
 pub mod backoff;
 pub mod bridge;
 pub mod broker;
+pub mod clock;
 pub mod config;
 pub mod observe;
 pub mod probe;

@@ -158,6 +158,15 @@ async fn every_line_format_with_partial_writes_on_four_ports_at_once() {
         p.properties.user_properties.iter().any(|(k, _)| k == "ts"),
         "raw + timestamp → user property"
     );
+    let synced = holdfast::clock::synchronised().to_string();
+    assert!(
+        p.properties
+            .user_properties
+            .iter()
+            .any(|(k, v)| k == "ts_synced" && *v == synced),
+        "raw + timestamp → ts_synced user property: {:?}",
+        p.properties.user_properties
+    );
     assert_eq!(text(&next(&mut sub).await), "second");
 
     // json, a field in the topic, split mid-token.
@@ -169,6 +178,11 @@ async fn every_line_format_with_partial_writes_on_four_ports_at_once() {
     let v: Value = serde_json::from_slice(&p.payload).unwrap();
     assert_eq!(v["temp"], 21.5);
     assert!(v["ts"].as_i64().unwrap() > 1_600_000_000_000);
+    assert_eq!(
+        v["ts_synced"].as_bool(),
+        Some(holdfast::clock::synchronised()),
+        "the timestamp says whether the clock was synchronised: {v}"
+    );
 
     // csv with CRLF and a custom separator.
     csv.write_all(b"kitchen; 21.5;40\r\n").await.unwrap();
@@ -422,6 +436,8 @@ async fn modbus_rtu_devices_polled_on_a_pty() {
         let mut v: Value = serde_json::from_slice(&p.payload).unwrap();
         assert!(v["ts"].as_i64().unwrap() > 1_600_000_000_000);
         v.as_object_mut().unwrap().remove("ts");
+        let synced = v.as_object_mut().unwrap().remove("ts_synced");
+        assert_eq!(synced, Some(json!(holdfast::clock::synchronised())));
         assert_eq!(
             v,
             json!({"device": "m1", "unit": 1, "temp": -12.5, "power": 230.5, "relay": true})

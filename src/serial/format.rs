@@ -217,6 +217,31 @@ pub struct Reading {
     pub payload: Bytes,
 }
 
+/// When a reading was taken: the gateway's wall clock, and whether that clock was
+/// synchronised ([`crate::clock::synchronised`]); a board without a real-time clock reads
+/// 1970 or a stale time until NTP sets it, and consumers must be able to tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    pub ms: i64,
+    pub synced: bool,
+}
+
+impl Stamp {
+    /// The wall clock now.
+    pub fn now() -> Stamp {
+        Stamp {
+            ms: crate::clock::wall_ms(),
+            synced: crate::clock::synchronised(),
+        }
+    }
+
+    /// Adds `"ts"` and `"ts_synced"` to a JSON object.
+    pub fn insert(&self, m: &mut Map<String, Value>) {
+        m.insert("ts".into(), self.ms.into());
+        m.insert("ts_synced".into(), self.synced.into());
+    }
+}
+
 /// Turns one line into a reading according to the port's format.
 pub struct LineFormat {
     format: Format,
@@ -239,8 +264,8 @@ impl LineFormat {
         })
     }
 
-    /// `now_ms` is only used with `timestamp = true`.
-    pub fn reading(&self, line: &Bytes, now_ms: i64) -> Result<Reading, Reject> {
+    /// `now` is only used with `timestamp = true`.
+    pub fn reading(&self, line: &Bytes, now: Stamp) -> Result<Reading, Reject> {
         let text = std::str::from_utf8(line).map_err(|_| Reject::Utf8)?;
         let common = |v: &str| match v {
             "name" | "device" => Some(self.name.clone()),
@@ -262,7 +287,7 @@ impl LineFormat {
                     .ok_or(Reject::Topic)?;
                 let payload = match (&mut v, self.timestamp) {
                     (Value::Object(m), true) => {
-                        m.insert("ts".into(), now_ms.into());
+                        now.insert(m);
                         Bytes::from(v.to_string())
                     }
                     _ => line.clone(),
@@ -286,7 +311,7 @@ impl LineFormat {
                 let mut v = v;
                 if self.timestamp {
                     if let Value::Object(m) = &mut v {
-                        m.insert("ts".into(), now_ms.into());
+                        now.insert(m);
                     }
                 }
                 Ok(Reading {
@@ -315,7 +340,7 @@ impl LineFormat {
                 );
                 m.insert("raw".into(), text.into());
                 if self.timestamp {
-                    m.insert("ts".into(), now_ms.into());
+                    now.insert(&mut m);
                 }
                 Ok(Reading {
                     topic,
@@ -529,6 +554,11 @@ mod tests {
         assert!(Template::parse("a/{}").is_err());
     }
 
+    const T0: Stamp = Stamp {
+        ms: 0,
+        synced: true,
+    };
+
     fn cfg(format: Format, topic: &str) -> SerialConfig {
         SerialConfig::lines("gps0", "/dev/null", format, topic)
     }
@@ -539,23 +569,30 @@ mod tests {
         c.timestamp = true;
         let f = LineFormat::new(&c).unwrap();
         let r = f
-            .reading(&Bytes::from_static(br#"{"id":"t1","v":2.5}"#), 42)
+            .reading(
+                &Bytes::from_static(br#"{"id":"t1","v":2.5}"#),
+                Stamp {
+                    ms: 42,
+                    synced: false,
+                },
+            )
             .unwrap();
         assert_eq!(r.topic, "sensors/gps0/t1");
         let v: Value = serde_json::from_slice(&r.payload).unwrap();
         assert_eq!(v["ts"], 42);
+        assert_eq!(v["ts_synced"], false, "an unsynchronised clock is said");
         assert_eq!(v["v"], 2.5);
         assert_eq!(
-            f.reading(&Bytes::from_static(b"{\"id\":"), 0),
+            f.reading(&Bytes::from_static(b"{\"id\":"), T0),
             Err(Reject::Json)
         );
         assert_eq!(
-            f.reading(&Bytes::from_static(b"{\"v\":1}"), 0),
+            f.reading(&Bytes::from_static(b"{\"v\":1}"), T0),
             Err(Reject::Topic),
             "missing field"
         );
         assert_eq!(
-            f.reading(&Bytes::from_static(b"\xff\xfe"), 0),
+            f.reading(&Bytes::from_static(b"\xff\xfe"), T0),
             Err(Reject::Utf8)
         );
     }
@@ -566,16 +603,16 @@ mod tests {
         c.columns = vec!["id".into(), "temp".into(), "note".into()];
         let f = LineFormat::new(&c).unwrap();
         let r = f
-            .reading(&Bytes::from_static(b"7, 21.5 ,\"a, \"\"b\"\"\""), 0)
+            .reading(&Bytes::from_static(b"7, 21.5 ,\"a, \"\"b\"\"\""), T0)
             .unwrap();
         assert_eq!(r.topic, "csv/7");
         assert_eq!(
             serde_json::from_slice::<Value>(&r.payload).unwrap(),
             serde_json::json!({"id": 7, "temp": 21.5, "note": "a, \"b\""})
         );
-        assert_eq!(f.reading(&Bytes::from_static(b"1,2"), 0), Err(Reject::Csv));
+        assert_eq!(f.reading(&Bytes::from_static(b"1,2"), T0), Err(Reject::Csv));
         assert_eq!(
-            f.reading(&Bytes::from_static(b"1,\"2,3"), 0),
+            f.reading(&Bytes::from_static(b"1,\"2,3"), T0),
             Err(Reject::Csv)
         );
         assert_eq!(split_csv("a,,b", ',').unwrap(), vec!["a", "", "b"]);
@@ -594,7 +631,7 @@ mod tests {
         assert_eq!(nmea_with_checksum(&gga[..gga.len() - 3]), gga);
         let f = LineFormat::new(&cfg(Format::Nmea, "gps/{name}/{sentence}")).unwrap();
         let r = f
-            .reading(&Bytes::copy_from_slice(gga.as_bytes()), 0)
+            .reading(&Bytes::copy_from_slice(gga.as_bytes()), T0)
             .unwrap();
         assert_eq!(r.topic, "gps/gps0/GPGGA");
         let v: Value = serde_json::from_slice(&r.payload).unwrap();

@@ -549,7 +549,7 @@ impl Port {
         if line.is_empty() || line.iter().all(|b| b.is_ascii_whitespace()) {
             return Ok(()); // blank lines are not readings
         }
-        let now = crate::store::unix_ms();
+        let now = format::Stamp::now();
         let reading = lines.reading(&line, now).and_then(|r| {
             if self.valid_topic(&r.topic) {
                 Ok(r)
@@ -561,8 +561,9 @@ impl Port {
             Ok(r) => {
                 let mut properties = PublishProperties::default();
                 if self.cfg.timestamp && self.cfg.format == Format::Raw {
-                    let ts: UserProperty = ("ts".into(), now.to_string());
-                    properties.user_properties.push(ts);
+                    let ts: UserProperty = ("ts".into(), now.ms.to_string());
+                    let synced: UserProperty = ("ts_synced".into(), now.synced.to_string());
+                    properties.user_properties.extend([ts, synced]);
                 }
                 self.publish(link, r.topic, r.payload, properties).await
             }
@@ -700,7 +701,7 @@ impl Port {
                     continue;
                 };
                 if self.cfg.timestamp {
-                    m.insert("ts".into(), crate::store::unix_ms().into());
+                    format::Stamp::now().insert(&mut m);
                 }
                 let payload = Bytes::from(serde_json::Value::Object(m).to_string());
                 if let Err(end) = self

@@ -10,9 +10,11 @@ use bytes::Bytes;
 use rusqlite::{params, Connection, ErrorCode, OptionalExtension};
 use tracing::{error, info, warn};
 
+use crate::clock::{self, Clock, Resumed};
+
 use super::{
-    configure, queue_range, schema, split_queue_id, unix_ms, OnCorrupt, QueueRow, Sid, StoreError,
-    StoreOptions, StoredWill, MAX_SEQ, MAX_SID, SEQ_BITS,
+    anchor, configure, queue_range, schema, split_queue_id, unix_ms, OnCorrupt, QueueRow, Sid,
+    StoreError, StoreOptions, StoredWill, MAX_SEQ, MAX_SID, SEQ_BITS,
 };
 
 #[derive(Debug, Clone)]
@@ -28,7 +30,8 @@ pub struct RecoveredSession {
     pub client_id: String,
     pub protocol: u8,
     pub expiry: u32,
-    /// Unix ms when it went offline; None if it was connected when the broker stopped.
+    /// When it went offline (store time line, ms); None if it was connected when the
+    /// broker stopped.
     pub disconnected_at: Option<i64>,
     pub will: Option<StoredWill>,
     pub subscriptions: Vec<RecoveredSubscription>,
@@ -48,10 +51,13 @@ pub struct RecoveredSession {
 #[derive(Debug, Default)]
 pub struct Recovered {
     pub sessions: Vec<RecoveredSession>,
-    /// (topic, expires_at unix ms, v5 PUBLISH packet)
+    /// (topic, expires_at on the store time line in ms, v5 PUBLISH packet)
     pub retained: Vec<(String, Option<i64>, Bytes)>,
     /// Where a corrupt database was moved, if that happened.
     pub quarantined: Option<PathBuf>,
+    /// The store's time line, continued from the last run (see [`crate::clock`]): stored
+    /// deadlines (`disconnected_at`, `expires_at`) are on it.
+    pub clock: Clock,
 }
 
 fn is_corrupt(e: &StoreError) -> Option<String> {
@@ -148,8 +154,36 @@ fn try_open(opts: &StoreOptions) -> Result<(Connection, Recovered), StoreError> 
     if found < 3 {
         resend_sent_rows_in_order(&mut conn)?;
     }
-    let recovered = load(&conn)?;
+    let mut recovered = load(&conn)?;
+    recovered.clock = continue_time_line(&conn)?;
     Ok((conn, recovered))
+}
+
+/// Continues the store's time line from the last run's anchor, counting the offline time
+/// only when the wall clock can measure it ([`clock::resume`]), and records the new anchor.
+fn continue_time_line(conn: &Connection) -> Result<Clock, StoreError> {
+    let last = anchor::read(conn)?;
+    let (wall, synced) = (clock::wall_ms(), clock::synchronised());
+    let (base, how) = clock::resume(last, wall, synced);
+    let clock = Clock::starting_at(base);
+    match how {
+        Resumed::Fresh => {}
+        Resumed::Counted { offline } => info!(
+            offline_secs = offline.as_secs(),
+            clock_synchronised = synced,
+            "time while stopped counted for expiries"
+        ),
+        Resumed::NotCounted { why } => warn!(
+            why,
+            wall_ms = wall,
+            last_wall_ms = last.map(|a| a.wall_ms),
+            clock_synchronised = synced,
+            "WALL CLOCK STEPPED: the time while stopped is not counted; session expiry, will \
+             delay and message expiry resume where they stopped"
+        ),
+    }
+    anchor::write(conn, &clock.anchor())?;
+    Ok(clock)
 }
 
 /// `PRAGMA quick_check` (every page read once, O(file size)): a file that opens but is
@@ -394,5 +428,6 @@ fn load(conn: &Connection) -> Result<Recovered, StoreError> {
         sessions,
         retained,
         quarantined: None,
+        clock: Clock::default(),
     })
 }

@@ -25,7 +25,12 @@
 //! - Queued messages stay on disk; the router keeps at most a bounded window of each
 //!   session's queue in memory and reads the rest back with `Command::ReadQueue`, which the
 //!   writer answers after committing everything submitted before it.
+//! - Stored deadlines (`session.disconnected_at`, `queue.expires_at`, `retained.expires_at`)
+//!   and stamps (`created_at`, `enqueued_at`) are milliseconds on the store's time line
+//!   ([`crate::clock`]), never compared with the wall clock; the clock anchor that continues
+//!   the line across restarts is kept in `counter` (`anchor`).
 
+mod anchor;
 pub mod budget;
 mod load;
 pub mod metrics;
@@ -38,11 +43,11 @@ mod tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+pub use anchor::wall_offset_ms;
 pub use load::{Recovered, RecoveredSession, RecoveredSubscription};
 
 /// Session id, as used by the router and the store; stored in the high bits of `queue.id`.
@@ -84,12 +89,10 @@ pub fn split_queue_id(id: i64) -> (Sid, u64) {
     (id >> SEQ_BITS, id & MAX_SEQ)
 }
 
-/// Milliseconds since the Unix epoch (wall clock; used for what must survive restarts).
+/// Milliseconds since the Unix epoch (wall clock: for people, never for deadlines that
+/// outlive a run, which use the store's time line, [`crate::clock`]).
 pub fn unix_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
+    crate::clock::wall_ms()
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -290,7 +293,8 @@ pub enum Command {
         /// Echoed back so the router can tell whether new rows arrived meanwhile.
         next_seq_at_request: u64,
     },
-    /// Deletes not-yet-sent messages whose expiry has passed.
+    /// Deletes not-yet-sent messages whose expiry has passed (`now_ms` on the store's time
+    /// line, [`Recovered::clock`]) and records the clock anchor.
     SweepExpired {
         now_ms: i64,
     },
@@ -406,7 +410,7 @@ impl Store {
         let (conn, recovered) = load::open_and_load(opts)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-        let w = writer::Writer::new(conn, opts.clone(), ev_tx);
+        let w = writer::Writer::new(conn, opts.clone(), ev_tx, recovered.clock);
         let metrics = w.metrics();
         let thread = std::thread::Builder::new()
             .name("holdfast-store".into())

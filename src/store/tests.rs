@@ -32,7 +32,7 @@ fn opts(dir: &Path) -> StoreOptions {
 /// Opens the store, runs a writer over `cmds` (queued before it starts, so consecutive
 /// batches form one group), stops it and returns every event it reported.
 fn run_writer(o: &StoreOptions, cmds: Vec<Command>) -> Vec<StoreEvent> {
-    let (conn, _) = load::open_and_load(o).expect("open");
+    let (conn, rec) = load::open_and_load(o).expect("open");
     let (tx, rx) = std::sync::mpsc::channel();
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
     for c in cmds {
@@ -40,7 +40,7 @@ fn run_writer(o: &StoreOptions, cmds: Vec<Command>) -> Vec<StoreEvent> {
     }
     let (done, _done_rx) = oneshot::channel();
     tx.send(Command::Shutdown(done)).unwrap();
-    Writer::new(conn, o.clone(), ev_tx).run(rx);
+    Writer::new(conn, o.clone(), ev_tx, rec.clock).run(rx);
     let mut events = Vec::new();
     while let Ok(e) = ev_rx.try_recv() {
         events.push(e);

@@ -14,9 +14,11 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, error, info, warn};
 
 use super::metrics::StoreState;
+use crate::clock::Clock;
+
 use super::{
-    queue_id, queue_range, split_queue_id, unix_ms, BudgetPolicy, Command, Op, QueueRow, Sid,
-    StoreEvent, StoreOptions,
+    queue_id, queue_range, split_queue_id, BudgetPolicy, Command, Op, QueueRow, Sid, StoreEvent,
+    StoreOptions,
 };
 
 /// Most commands taken per group.
@@ -45,6 +47,8 @@ pub struct Writer {
     metrics: std::sync::Arc<super::metrics::StoreMetrics>,
     /// How large the database may grow (`max_page_count`), refreshed between groups.
     budget: super::budget::Budget,
+    /// The store's time line: `created_at` / `enqueued_at` stamps and the clock anchor.
+    clock: Clock,
 }
 
 /// One entry of a group, in submission order.
@@ -69,7 +73,12 @@ struct Delta {
 }
 
 impl Writer {
-    pub fn new(conn: Connection, opts: StoreOptions, events: UnboundedSender<StoreEvent>) -> Self {
+    pub fn new(
+        conn: Connection,
+        opts: StoreOptions,
+        events: UnboundedSender<StoreEvent>,
+        clock: Clock,
+    ) -> Self {
         let mut budget =
             super::budget::Budget::new(&opts.path, opts.max_bytes, opts.min_free_percent);
         budget.apply(&conn, true);
@@ -82,6 +91,7 @@ impl Writer {
             retry_tokens: Vec::new(),
             failing: None,
             metrics: Default::default(),
+            clock,
         }
     }
 
@@ -163,6 +173,7 @@ impl Writer {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if let Some(done) = stop {
+                self.write_anchor();
                 self.checkpoint();
                 let _ = done.send(());
                 info!("store closed");
@@ -205,6 +216,13 @@ impl Writer {
                 let _ = reply.send(());
             }
             Command::Batch { .. } | Command::Shutdown(_) => {}
+        }
+    }
+
+    /// Records where the time line is (at shutdown; sweeps record it in their own commit).
+    fn write_anchor(&mut self) {
+        if let Err(e) = super::anchor::write(&self.conn, &self.clock.anchor()) {
+            warn!(cause = %e, "could not record the clock anchor");
         }
     }
 
@@ -271,7 +289,7 @@ impl Writer {
             .collect();
         let started = Instant::now();
         loop {
-            match apply_group(&mut self.conn, &self.retry, group) {
+            match apply_group(&mut self.conn, &self.retry, group, self.clock.now_ms()) {
                 Ok(reads) => {
                     self.metrics.record(started.elapsed(), true);
                     self.retry.clear();
@@ -345,7 +363,8 @@ impl Writer {
         // not fit are refused (one oversized message must not fail its neighbours). A
         // refused batch keeps what releases data and refuses what accepts it. Reads are
         // answered in their place, from what is committed.
-        let mut stuck = !self.retry.is_empty() && apply(&mut self.conn, self.retry.iter()).is_err();
+        let mut stuck = !self.retry.is_empty()
+            && apply(&mut self.conn, self.retry.iter(), self.clock.now_ms()).is_err();
         if !stuck {
             self.retry.clear();
             for (token, ok) in self.retry_tokens.drain(..) {
@@ -355,12 +374,15 @@ impl Writer {
         for item in group.drain(..) {
             match item {
                 Item::Batch(token, ops) => {
-                    let mut ok = !stuck && apply(&mut self.conn, ops.iter()).is_ok();
+                    let mut ok =
+                        !stuck && apply(&mut self.conn, ops.iter(), self.clock.now_ms()).is_ok();
                     if !ok {
                         let release: Vec<Op> =
                             ops.iter().filter(|o| !o.accepts_data()).cloned().collect();
                         let refused_nothing = release.len() == ops.len();
-                        if !stuck && apply(&mut self.conn, release.iter()).is_ok() {
+                        if !stuck
+                            && apply(&mut self.conn, release.iter(), self.clock.now_ms()).is_ok()
+                        {
                             ok = refused_nothing;
                         } else {
                             // Nothing of this token is reported until its releases are
@@ -496,6 +518,9 @@ impl Writer {
             "DELETE FROM retained WHERE expires_at IS NOT NULL AND expires_at <= ?1",
             params![now_ms],
         )?;
+        // The next start continues the time line from here (a crash loses at most one
+        // sweep interval of it, and only when the wall clock stepped in that interval).
+        super::anchor::write(&tx, &self.clock.anchor())?;
         tx.commit()?;
         Ok(removed)
     }
@@ -619,10 +644,10 @@ fn apply_group(
     conn: &mut Connection,
     retry: &[Op],
     group: &[Item],
+    now: i64,
 ) -> rusqlite::Result<Vec<rusqlite::Result<Vec<QueueRow>>>> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut per: HashMap<Sid, Delta> = HashMap::new();
-    let now = unix_ms();
     let mut reads = Vec::new();
     for op in retry {
         apply_op(&tx, op, &mut per, now)?;
@@ -770,11 +795,15 @@ impl Deletes {
     }
 }
 
-/// Applies ops in one transaction. Any error rolls everything back.
-fn apply<'a>(conn: &mut Connection, ops: impl Iterator<Item = &'a Op>) -> rusqlite::Result<()> {
+/// Applies ops in one transaction, `now` on the store time line. Any error rolls
+/// everything back.
+fn apply<'a>(
+    conn: &mut Connection,
+    ops: impl Iterator<Item = &'a Op>,
+    now: i64,
+) -> rusqlite::Result<()> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut per: HashMap<Sid, Delta> = HashMap::new();
-    let now = unix_ms();
     for op in ops {
         apply_op(&tx, op, &mut per, now)?;
     }
@@ -1218,9 +1247,9 @@ mod tests {
             on_corrupt: OnCorrupt::Refuse,
             integrity_check: true,
         };
-        let (conn, _) = super::super::load::open_and_load(&opts).unwrap();
+        let (conn, rec) = super::super::load::open_and_load(&opts).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut w = Writer::new(conn, opts, tx);
+        let mut w = Writer::new(conn, opts, tx, rec.clock);
         let mut group = vec![
             Item::Batch(1, vec![session(1), enqueue(1, 0, 10)]),
             Item::Batch(2, vec![enqueue(1, 1, 200 * 1024)]),

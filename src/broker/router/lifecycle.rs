@@ -102,7 +102,7 @@ impl Router {
             self.ops.extend(Router::owner_op(s));
         }
         if promote {
-            session_state_ops(s, &mut self.ops);
+            session_state_ops(&self.clock, s, &mut self.ops);
         }
         connack.session_present = resumed;
         let token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
@@ -209,7 +209,7 @@ impl Router {
         }
         if s.durable {
             s.spill_all();
-            s.offline_since_ms = unix_ms();
+            s.offline_since_ms = self.clock.now_ms();
             self.ops.push(Op::SessionOffline {
                 sid,
                 at_ms: s.offline_since_ms,
@@ -299,7 +299,7 @@ impl Router {
         // unless a Will Delay outlasts this restart (durable sessions keep it on disk).
         // Sessions that are not durable end now, and so do their delayed wills.
         let mut wills = Vec::new();
-        let now_ms = unix_ms();
+        let now_ms = self.clock.now_ms();
         for s in self.sessions.values_mut() {
             let online = s.conn.is_some();
             if s.durable {

@@ -55,6 +55,7 @@ use super::session::{
     ClientParams, Held, Inflight, InflightState, Message, QueueLimits, Queued, RowPlace, Session,
 };
 use super::topic_tree::{Match, SessionId, SubscriptionData, SubscriptionTree};
+use crate::clock::Clock;
 use crate::config::{MqttConfig, QueuePolicy};
 use crate::protocol::reason;
 use crate::protocol::topic;
@@ -62,7 +63,7 @@ use crate::protocol::{
     AckProperties, ConnAck, Packet, PubAckLike, Publish, QoS, SubAck, Subscribe, UnsubAck,
     Unsubscribe, Will,
 };
-use crate::store::{unix_ms, Command, Op, QueueRow, Recovered, Store, StoreEvent};
+use crate::store::{Command, Op, QueueRow, Recovered, Store, StoreEvent};
 use output::*;
 use persist::*;
 pub use security::will_allowed;
@@ -321,6 +322,8 @@ pub struct Router {
     store: Option<Store>,
     store_rx: mpsc::UnboundedReceiver<StoreEvent>,
     sweep_every: Duration,
+    /// The store's time line: what every deadline kept on disk is measured on.
+    clock: Clock,
     sessions: HashMap<SessionId, Session>,
     by_client: HashMap<Arc<str>, SessionId>,
     by_conn: HashMap<ConnId, SessionId>,
@@ -376,6 +379,7 @@ impl Router {
             store: Some(store),
             store_rx,
             sweep_every,
+            clock: recovered.clock,
             sessions: HashMap::new(),
             by_client: HashMap::new(),
             by_conn: HashMap::new(),
@@ -431,7 +435,7 @@ impl Router {
                 };
                 let mut s = Session::new(sid, client_id.clone(), params, true);
                 s.expiry_interval = u32::MAX;
-                s.offline_since_ms = unix_ms();
+                s.offline_since_ms = self.clock.now_ms();
                 self.ops.push(Op::UpsertSession {
                     sid,
                     client_id: client_id.clone(),
@@ -503,14 +507,16 @@ impl Router {
     /// store. Queued messages stay on disk; they are read back when their client returns.
     fn recover(&mut self, rec: Recovered) {
         let now = Instant::now();
-        let now_ms = unix_ms();
+        // On the store's time line, which continued from the last run counting the time
+        // while stopped only if the wall clock could measure it (`crate::clock`).
+        let now_ms = self.clock.now_ms();
         for (topic, expires, packet) in rec.retained {
             if let Some(p) = decode_publish(&packet) {
                 self.retained.set(
                     &topic,
                     Some(Retained {
                         publish: p,
-                        expires_at: unix_to_instant(expires),
+                        expires_at: store_to_instant(&self.clock, expires),
                     }),
                 );
             }
@@ -545,7 +551,7 @@ impl Router {
             s.incoming_qos2 = rs.incoming_qos2.into_iter().map(|p| (p, 0)).collect();
             let mut last_inflight_seq = None;
             for row in rs.inflight {
-                let Some(message) = row_message(&row) else {
+                let Some(message) = row_message(&self.clock, &row) else {
                     continue;
                 };
                 last_inflight_seq = Some(row.seq);
@@ -798,11 +804,11 @@ enum RouteOutcome {
     QuotaExceeded,
 }
 
-fn row_message(row: &QueueRow) -> Option<Message> {
+fn row_message(clock: &Clock, row: &QueueRow) -> Option<Message> {
     let publish = decode_publish(&row.packet)?;
     Some(Message {
         publish,
-        expires_at: unix_to_instant(row.expires_at),
+        expires_at: store_to_instant(clock, row.expires_at),
     })
 }
 

@@ -1,15 +1,17 @@
 //! Conversions between in-memory router state and what the store keeps: messages and wills
-//! as encoded v5 PUBLISH packets, expiry instants as Unix milliseconds, subscription
-//! options as the SUBSCRIBE options byte.
+//! as encoded v5 PUBLISH packets, expiry instants as milliseconds on the store's time line
+//! ([`crate::clock`]: never the wall clock, which may step), subscription options as the
+//! SUBSCRIBE options byte.
 
 use bytes::{Bytes, BytesMut};
 use tokio::time::Instant;
 
+use crate::clock::Clock;
 use crate::protocol::{
     self, Packet, ProtocolVersion, Publish, PublishProperties, QoS, SubscriptionOptions, Will,
     WillProperties,
 };
-use crate::store::{unix_ms, StoredWill};
+use crate::store::StoredWill;
 
 /// Encodes a message for the store. The packet id on disk is a placeholder (a QoS 1/2
 /// PUBLISH must carry a non-zero one to be well-formed); the real one is in `queue.packet_id`.
@@ -34,7 +36,8 @@ pub fn decode_publish(bytes: &Bytes) -> Option<Publish> {
     }
 }
 
-pub fn instant_to_unix(at: Option<Instant>) -> Option<i64> {
+/// A deadline as milliseconds on the store's time line.
+pub fn instant_to_store(clock: &Clock, at: Option<Instant>) -> Option<i64> {
     at.map(|t| {
         let now = Instant::now();
         let delta = if t >= now {
@@ -42,14 +45,15 @@ pub fn instant_to_unix(at: Option<Instant>) -> Option<i64> {
         } else {
             -(now.duration_since(t).as_millis() as i64)
         };
-        unix_ms() + delta
+        clock.now_ms().saturating_add(delta)
     })
 }
 
-pub fn unix_to_instant(ms: Option<i64>) -> Option<Instant> {
+/// A deadline stored on the time line, as an instant of this run.
+pub fn store_to_instant(clock: &Clock, ms: Option<i64>) -> Option<Instant> {
     ms.map(|ms| {
         let now = Instant::now();
-        let delta = ms - unix_ms();
+        let delta = ms.saturating_sub(clock.now_ms());
         if delta >= 0 {
             now + std::time::Duration::from_millis(delta as u64)
         } else {
@@ -137,7 +141,11 @@ pub fn protocol_from_level(level: u8) -> ProtocolVersion {
 /// without a Session Expiry Interval) and becomes durable because a connection resumed it
 /// with one: its subscriptions, in-flight and queued messages and incoming QoS 2 ids. The
 /// caller pushes `Op::UpsertSession` first.
-pub fn session_state_ops(s: &crate::broker::session::Session, ops: &mut Vec<crate::store::Op>) {
+pub fn session_state_ops(
+    clock: &Clock,
+    s: &crate::broker::session::Session,
+    ops: &mut Vec<crate::store::Op>,
+) {
     use crate::broker::session::InflightState;
     use crate::store::Op;
     let sid = s.id;
@@ -153,7 +161,7 @@ pub fn session_state_ops(s: &crate::broker::session::Session, ops: &mut Vec<crat
         sid,
         seq,
         packet_id,
-        expires_at: instant_to_unix(m.expires_at),
+        expires_at: instant_to_store(clock, m.expires_at),
         size: m.publish.payload.len() as u32,
         packet: encode_publish(&m.publish),
     };

@@ -250,9 +250,12 @@ impl Router {
             });
             self.ops.push(Op::Retain {
                 topic: publish.topic.clone(),
-                message: value
-                    .as_ref()
-                    .map(|r| (instant_to_unix(r.expires_at), encode_publish(&r.publish))),
+                message: value.as_ref().map(|r| {
+                    (
+                        instant_to_store(&self.clock, r.expires_at),
+                        encode_publish(&r.publish),
+                    )
+                }),
             });
             // Visible at once; the publisher's ack still waits for the commit.
             self.retained.set(&publish.topic, value);
@@ -379,7 +382,7 @@ impl Router {
                     sid,
                     seq,
                     packet_id: Some(packet_id),
-                    expires_at: instant_to_unix(msg.expires_at),
+                    expires_at: instant_to_store(&self.clock, msg.expires_at),
                     size: msg.publish.payload.len() as u32,
                     packet: encode_publish(&msg.publish),
                 });
@@ -479,7 +482,7 @@ impl Router {
                 sid,
                 seq,
                 packet_id: None,
-                expires_at: instant_to_unix(msg.expires_at),
+                expires_at: instant_to_store(&self.clock, msg.expires_at),
                 size: len as u32,
                 packet: encode_publish(&msg.publish),
             });

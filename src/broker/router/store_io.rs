@@ -316,7 +316,7 @@ impl Router {
         let mut exact = 0;
         for (i, row) in rows.into_iter().enumerate() {
             last = Some(row.seq);
-            let message = row_message(&row);
+            let message = row_message(&self.clock, &row);
             if i < skip {
                 exact += message.map_or(0, |m| m.publish.payload.len() as u64);
                 self.ops.push(Op::Delete { sid, seq: row.seq });
@@ -363,6 +363,8 @@ impl Router {
         self.retained
             .retain(|_, r| r.expires_at.is_none_or(|t| t > now));
         self.stats.expired += (before - self.retained.len()) as u64;
-        self.store_command(Command::SweepExpired { now_ms: unix_ms() });
+        self.store_command(Command::SweepExpired {
+            now_ms: self.clock.now_ms(),
+        });
     }
 }
