@@ -35,6 +35,8 @@ mod writer;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod wear_tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -456,9 +458,29 @@ pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join("holdfast.db")
 }
 
+/// Page size of a newly created database (SQLite's default is 4096).
+///
+/// # Flash wear
+/// Every commit appends each page it changed to the WAL as a frame of page size + 24
+/// bytes, and is fsync'd (`synchronous = full`). A durable message at a low rate is one
+/// commit that changes about two pages (the queue's right-most leaf and the session row with
+/// its counters): with 4 KiB pages that is 2 × 4,120 bytes, which the file system writes as
+/// three 4 KiB blocks, ~12 KiB per 64-byte message. With 1 KiB pages the same commit is
+/// 2 × 1,048 bytes, usually within one or two blocks. Under load, when a commit carries
+/// many messages, small pages cost a little more (more frames and frame headers per byte),
+/// which is measured in `benches/flash_wear.rs` (README, "Flash wear"). Smaller than 1 KiB
+/// would make B-trees deeper and push ordinary messages into overflow pages.
+///
+/// It only applies when the file is created: an existing database keeps its page size
+/// (`VACUUM` changes it, see docs/operations.md).
+pub const PAGE_SIZE: u32 = 1024;
+
 /// Opens a connection with the pragmas every Holdfast connection uses.
 pub fn configure(conn: &Connection, synchronous: Synchronous) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Before anything creates the file (setting WAL mode does): a no-op on an existing
+    // database.
+    conn.pragma_update(None, "page_size", PAGE_SIZE)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(
         None,
