@@ -20,6 +20,7 @@ fn opts(dir: &Path) -> StoreOptions {
         budget_policy: BudgetPolicy::RejectNew,
         on_corrupt: OnCorrupt::Quarantine,
         integrity_check: true,
+        commit_delay: std::time::Duration::ZERO,
     }
 }
 
@@ -97,4 +98,106 @@ fn a_commit_of_one_small_message_appends_little_to_the_wal() {
         per_commit <= 2600,
         "each one-message commit appended {per_commit} bytes to the WAL"
     );
+}
+
+/// `store.commit_delay_ms`: batches that arrive within the delay after the first share its
+/// commit (one fsync for all), and none of them is reported committed before that commit.
+#[test]
+fn batches_within_the_commit_delay_share_one_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = StoreOptions {
+        commit_delay: std::time::Duration::from_millis(400),
+        ..opts(dir.path())
+    };
+    let (store, _, mut ev) = Store::open(&o).expect("open");
+    let probe = store.probe();
+    let started = std::time::Instant::now();
+    store
+        .send(Command::Batch {
+            token: 1,
+            ops: vec![Op::UpsertSession {
+                sid: 1,
+                client_id: Arc::from("sensor"),
+                protocol: 4,
+                expiry: u32::MAX,
+                will: None,
+            }],
+        })
+        .unwrap();
+    for seq in 0..3u64 {
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        assert!(
+            ev.try_recv().is_err(),
+            "nothing is reported before the group's commit"
+        );
+        store
+            .send(Command::Batch {
+                token: seq + 2,
+                ops: vec![Op::Enqueue {
+                    sid: 1,
+                    seq,
+                    packet_id: None,
+                    expires_at: None,
+                    size: 64,
+                    packet: Bytes::from(vec![b'x'; 90]),
+                }],
+            })
+            .unwrap();
+    }
+    let mut tokens = Vec::new();
+    while tokens.len() < 4 {
+        match ev.blocking_recv().expect("writer alive") {
+            StoreEvent::Committed { token, ok } => {
+                assert!(ok);
+                tokens.push(token);
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let waited = started.elapsed();
+    assert_eq!(tokens, vec![1, 2, 3, 4]);
+    assert_eq!(
+        probe.metrics().counts().commits,
+        1,
+        "one commit for all four"
+    );
+    assert!(
+        waited >= std::time::Duration::from_millis(400)
+            && waited < std::time::Duration::from_secs(3),
+        "the first batch waited the delay, and not much longer ({waited:?})"
+    );
+    let rows: i64 = Connection::open(&o.path)
+        .unwrap()
+        .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(rows, 3, "what was reported committed is on disk");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(store.close());
+}
+
+/// Without a delay (the default) a batch is committed as soon as the writer takes it.
+#[test]
+fn without_a_commit_delay_a_lone_batch_is_committed_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path());
+    let (store, _, mut ev) = Store::open(&o).expect("open");
+    let probe = store.probe();
+    for token in 1..=3u64 {
+        commit(
+            &store,
+            &mut ev,
+            token,
+            vec![Op::Count {
+                name: "test",
+                add: 1,
+            }],
+        );
+    }
+    assert_eq!(probe.metrics().counts().commits, 3);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(store.close());
 }

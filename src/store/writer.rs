@@ -120,13 +120,7 @@ impl Writer {
                     Err(_) => break,
                 }
             };
-            let mut cmds = vec![first];
-            while cmds.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(c) => cmds.push(c),
-                    Err(_) => break,
-                }
-            }
+            let cmds = self.gather(first, &rx);
             let mut group: Vec<Item> = Vec::new();
             let mut stop = None;
             // Health-check pings alone are no work (no idle checkpoint after them).
@@ -174,6 +168,40 @@ impl Writer {
             }
         }
         self.checkpoint();
+    }
+
+    /// The commands of one group: `first`, then whatever has arrived, up to `MAX_GROUP`.
+    /// With `commit_delay` (opt-in), a group that starts with a batch also waits up to that
+    /// long after it for more batches to share its commit; a shutdown ends the wait.
+    fn gather(&self, first: Command, rx: &Receiver<Command>) -> Vec<Command> {
+        let deadline = (!self.opts.commit_delay.is_zero()
+            && matches!(first, Command::Batch { .. }))
+        .then(|| Instant::now() + self.opts.commit_delay);
+        let mut cmds = vec![first];
+        while cmds.len() < MAX_GROUP {
+            let next = match rx.try_recv() {
+                Ok(c) => c,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    let Some(left) = deadline
+                        .map(|d| d.saturating_duration_since(Instant::now()))
+                        .filter(|left| !left.is_zero())
+                    else {
+                        break;
+                    };
+                    match rx.recv_timeout(left) {
+                        Ok(c) => c,
+                        Err(_) => break,
+                    }
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+            };
+            let stop = matches!(next, Command::Shutdown(_));
+            cmds.push(next);
+            if stop {
+                break;
+            }
+        }
+        cmds
     }
 
     fn other(&mut self, cmd: Command) {
@@ -998,6 +1026,7 @@ mod tests {
             budget_policy: BudgetPolicy::RejectNew,
             on_corrupt: OnCorrupt::Refuse,
             integrity_check: true,
+            commit_delay: std::time::Duration::ZERO,
         };
         let (store, _, rx) = Store::open(&opts).expect("open store");
         (store, rx)
@@ -1217,6 +1246,7 @@ mod tests {
             budget_policy: BudgetPolicy::RejectNew,
             on_corrupt: OnCorrupt::Refuse,
             integrity_check: true,
+            commit_delay: std::time::Duration::ZERO,
         };
         let (conn, _) = super::super::load::open_and_load(&opts).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

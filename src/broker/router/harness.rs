@@ -75,6 +75,7 @@ impl Harness {
             budget_policy: BudgetPolicy::RejectNew,
             on_corrupt: OnCorrupt::Refuse,
             integrity_check: true,
+            commit_delay: std::time::Duration::ZERO,
         };
         tweak(&mut cfg, &mut opts);
         Harness::open(dir, cfg, opts)
