@@ -201,3 +201,45 @@ fn without_a_commit_delay_a_lone_batch_is_committed_at_once() {
         .unwrap();
     rt.block_on(store.close());
 }
+
+/// With a commit delay, a group that has gathered enough batches is committed without
+/// waiting out the delay, so a busy publisher is not slowed to `window / delay`.
+#[test]
+fn a_full_delayed_group_is_committed_without_waiting_out_the_delay() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = StoreOptions {
+        commit_delay: std::time::Duration::from_secs(1),
+        ..opts(dir.path())
+    };
+    let (store, _, mut ev) = Store::open(&o).expect("open");
+    let started = std::time::Instant::now();
+    // Exactly enough: one group however the writer's reads interleave with the sends.
+    let n = super::writer::DELAY_ENOUGH_BATCHES as u64;
+    for token in 1..=n {
+        store
+            .send(Command::Batch {
+                token,
+                ops: vec![Op::Count {
+                    name: "test",
+                    add: 1,
+                }],
+            })
+            .unwrap();
+    }
+    let mut last = 0;
+    while last < n {
+        if let StoreEvent::Committed { token, ok } = ev.blocking_recv().expect("writer alive") {
+            assert!(ok);
+            last = token;
+        }
+    }
+    let waited = started.elapsed();
+    assert!(
+        waited < std::time::Duration::from_millis(800),
+        "{n} batches waited {waited:?} for a 1 s delay"
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(store.close());
+}

@@ -26,6 +26,11 @@ const BUDGET_DROP_ROWS: i64 = 256;
 /// How long a commit is retried while another process holds the database lock (each try
 /// already waits out the 5 s busy timeout) before new messages are refused.
 const LOCK_PATIENCE: Duration = Duration::from_secs(30);
+/// With `commit_delay`, a group this large is committed without waiting out the delay: its
+/// commit's fixed cost (the pages and fsync every commit pays) is already shared by enough
+/// messages, and a publisher with this many messages in flight is not held to
+/// `window / commit_delay` messages per second.
+pub(crate) const DELAY_ENOUGH_BATCHES: usize = 16;
 /// Checkpoint the WAL after this long without work.
 const IDLE_CHECKPOINT: Duration = Duration::from_secs(5);
 
@@ -172,16 +177,21 @@ impl Writer {
 
     /// The commands of one group: `first`, then whatever has arrived, up to `MAX_GROUP`.
     /// With `commit_delay` (opt-in), a group that starts with a batch also waits up to that
-    /// long after it for more batches to share its commit; a shutdown ends the wait.
+    /// long after it for more batches to share its commit, until it holds
+    /// `DELAY_ENOUGH_BATCHES`; a shutdown ends the wait.
     fn gather(&self, first: Command, rx: &Receiver<Command>) -> Vec<Command> {
         let deadline = (!self.opts.commit_delay.is_zero()
             && matches!(first, Command::Batch { .. }))
         .then(|| Instant::now() + self.opts.commit_delay);
         let mut cmds = vec![first];
+        let mut batches = 1;
         while cmds.len() < MAX_GROUP {
             let next = match rx.try_recv() {
                 Ok(c) => c,
                 Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    if batches >= DELAY_ENOUGH_BATCHES {
+                        break;
+                    }
                     let Some(left) = deadline
                         .map(|d| d.saturating_duration_since(Instant::now()))
                         .filter(|left| !left.is_zero())
@@ -196,6 +206,7 @@ impl Writer {
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
             };
             let stop = matches!(next, Command::Shutdown(_));
+            batches += usize::from(matches!(next, Command::Batch { .. }));
             cmds.push(next);
             if stop {
                 break;
