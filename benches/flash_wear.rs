@@ -1,7 +1,7 @@
 //! Flash wear: bytes written to storage per durable message.
 //!
 //! `cargo bench --bench flash_wear [-- --quick] [--rates 1,20,1000,0] [--store 'KEY = VALUE']...
-//! [--settle SECS] [--strace]`
+//! [--settle SECS] [--strace] [--holdfast PATH]`
 //!
 //! For each rate (messages per second; `0` = full load, the publisher keeps
 //! `QOS1_WINDOW` messages unacknowledged), a fresh Holdfast (release binary, temporary data
@@ -13,7 +13,8 @@
 //! before and after; "after" is `--settle` seconds (default 6) after the last PUBACK, so
 //! the idle WAL checkpoint (after 5 s without work) is counted too. The same wait comes
 //! after the set-up, before "before". `--strace` also counts the broker's fsync /
-//! fdatasync calls (`strace -c -f`) during each run.
+//! fdatasync calls (`strace -c -f`) during each run. `--holdfast PATH` measures another
+//! build (e.g. an older commit) instead of this one.
 //!
 //! Prints a Markdown table (also written to `target/flash-wear-results.md`).
 
@@ -45,12 +46,14 @@ struct Args {
     settle: u64,
     quick: bool,
     strace: bool,
+    /// Another Holdfast binary to measure (an older build, for before/after).
+    holdfast: Option<PathBuf>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench flash_wear -- [--quick] [--rates 1,20,1000,0] \
-         [--store 'KEY = VALUE']... [--settle SECS] [--strace]"
+         [--store 'KEY = VALUE']... [--settle SECS] [--strace] [--holdfast PATH]"
     );
     std::process::exit(2)
 }
@@ -62,6 +65,7 @@ fn parse_args() -> Args {
         settle: 6,
         quick: false,
         strace: false,
+        holdfast: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -77,6 +81,7 @@ fn parse_args() -> Args {
                     .collect();
             }
             "--store" => a.store.push(it.next().unwrap_or_else(|| usage())),
+            "--holdfast" => a.holdfast = Some(it.next().unwrap_or_else(|| usage()).into()),
             "--settle" => {
                 a.settle = it
                     .next()
@@ -266,7 +271,10 @@ fn run_one(
 
 fn main() {
     let args = parse_args();
-    let bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
+    let bin = args
+        .holdfast
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_holdfast")));
     let rt = loadgen::runtime();
     let mut out = String::new();
     let _ = writeln!(out, "Command: `{}`\n", loadgen::bench_command("flash_wear"));

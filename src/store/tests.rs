@@ -27,6 +27,7 @@ fn opts(dir: &Path) -> StoreOptions {
         on_corrupt: OnCorrupt::Quarantine,
         integrity_check: true,
         commit_delay: std::time::Duration::ZERO,
+        page_size: crate::store::DEFAULT_PAGE_SIZE,
     }
 }
 

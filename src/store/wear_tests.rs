@@ -21,6 +21,7 @@ fn opts(dir: &Path) -> StoreOptions {
         on_corrupt: OnCorrupt::Quarantine,
         integrity_check: true,
         commit_delay: std::time::Duration::ZERO,
+        page_size: crate::store::DEFAULT_PAGE_SIZE,
     }
 }
 
@@ -54,11 +55,14 @@ fn commit(
 /// One small message per commit (a sensor at a low rate): each commit appends the pages it
 /// changed to the WAL. With 4 KiB pages that was 2 frames of 4,120 bytes (the queue leaf and
 /// the session row with its counters), 8 KiB per 64-byte message before the file system
-/// rounds it to whole 4 KiB blocks; with small pages it is about a quarter of that.
+/// rounds it to whole 4 KiB blocks; with `store.page_size = 1024` it is about a quarter.
 #[test]
-fn a_commit_of_one_small_message_appends_little_to_the_wal() {
+fn a_commit_of_one_small_message_appends_little_to_the_wal_with_small_pages() {
     let dir = tempfile::tempdir().unwrap();
-    let o = opts(dir.path());
+    let o = StoreOptions {
+        page_size: 1024,
+        ..opts(dir.path())
+    };
     let (store, _, mut ev) = Store::open(&o).expect("open");
     commit(
         &store,
@@ -202,7 +206,7 @@ fn without_a_commit_delay_a_lone_batch_is_committed_at_once() {
     rt.block_on(store.close());
 }
 
-/// With a commit delay, a group that has gathered enough batches is committed without
+/// With a commit delay, a group that has gathered enough ops is committed without
 /// waiting out the delay, so a busy publisher is not slowed to `window / delay`.
 #[test]
 fn a_full_delayed_group_is_committed_without_waiting_out_the_delay() {
@@ -214,7 +218,7 @@ fn a_full_delayed_group_is_committed_without_waiting_out_the_delay() {
     let (store, _, mut ev) = Store::open(&o).expect("open");
     let started = std::time::Instant::now();
     // Exactly enough: one group however the writer's reads interleave with the sends.
-    let n = super::writer::DELAY_ENOUGH_BATCHES as u64;
+    let n = super::writer::DELAY_ENOUGH_OPS as u64;
     for token in 1..=n {
         store
             .send(Command::Batch {

@@ -26,11 +26,12 @@ const BUDGET_DROP_ROWS: i64 = 256;
 /// How long a commit is retried while another process holds the database lock (each try
 /// already waits out the 5 s busy timeout) before new messages are refused.
 const LOCK_PATIENCE: Duration = Duration::from_secs(30);
-/// With `commit_delay`, a group this large is committed without waiting out the delay: its
-/// commit's fixed cost (the pages and fsync every commit pays) is already shared by enough
-/// messages, and a publisher with this many messages in flight is not held to
-/// `window / commit_delay` messages per second.
-pub(crate) const DELAY_ENOUGH_BATCHES: usize = 16;
+/// With `commit_delay`, a group with this many ops is committed without waiting out the
+/// delay: its commit's fixed cost (the pages and fsync every commit pays) is already shared
+/// by enough messages, and a publisher with this many messages in flight is not held to
+/// `window / commit_delay` messages per second. Ops, not batches: the router puts what it
+/// handled in one turn (often several publishes) into one batch.
+pub(crate) const DELAY_ENOUGH_OPS: usize = 16;
 /// Checkpoint the WAL after this long without work.
 const IDLE_CHECKPOINT: Duration = Duration::from_secs(5);
 
@@ -178,18 +179,18 @@ impl Writer {
     /// The commands of one group: `first`, then whatever has arrived, up to `MAX_GROUP`.
     /// With `commit_delay` (opt-in), a group that starts with a batch also waits up to that
     /// long after it for more batches to share its commit, until it holds
-    /// `DELAY_ENOUGH_BATCHES`; a shutdown ends the wait.
+    /// `DELAY_ENOUGH_OPS`; a shutdown ends the wait.
     fn gather(&self, first: Command, rx: &Receiver<Command>) -> Vec<Command> {
         let deadline = (!self.opts.commit_delay.is_zero()
             && matches!(first, Command::Batch { .. }))
         .then(|| Instant::now() + self.opts.commit_delay);
+        let mut ops = ops_in(&first);
         let mut cmds = vec![first];
-        let mut batches = 1;
         while cmds.len() < MAX_GROUP {
             let next = match rx.try_recv() {
                 Ok(c) => c,
                 Err(std::sync::mpsc::TryRecvError::Empty) => {
-                    if batches >= DELAY_ENOUGH_BATCHES {
+                    if ops >= DELAY_ENOUGH_OPS {
                         break;
                     }
                     let Some(left) = deadline
@@ -206,7 +207,7 @@ impl Writer {
                 Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
             };
             let stop = matches!(next, Command::Shutdown(_));
-            batches += usize::from(matches!(next, Command::Batch { .. }));
+            ops += ops_in(&next);
             cmds.push(next);
             if stop {
                 break;
@@ -537,6 +538,14 @@ impl Writer {
         )?;
         tx.commit()?;
         Ok(removed)
+    }
+}
+
+/// The ops a command carries (0 for anything but a batch).
+fn ops_in(cmd: &Command) -> usize {
+    match cmd {
+        Command::Batch { ops, .. } => ops.len(),
+        _ => 0,
     }
 }
 
@@ -1038,6 +1047,7 @@ mod tests {
             on_corrupt: OnCorrupt::Refuse,
             integrity_check: true,
             commit_delay: std::time::Duration::ZERO,
+            page_size: crate::store::DEFAULT_PAGE_SIZE,
         };
         let (store, _, rx) = Store::open(&opts).expect("open store");
         (store, rx)
@@ -1258,6 +1268,7 @@ mod tests {
             on_corrupt: OnCorrupt::Refuse,
             integrity_check: true,
             commit_delay: std::time::Duration::ZERO,
+            page_size: crate::store::DEFAULT_PAGE_SIZE,
         };
         let (conn, _) = super::super::load::open_and_load(&opts).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
