@@ -82,7 +82,21 @@ pub struct StoreConfig {
     pub integrity_check: bool,
     /// Seconds between sweeps that delete expired queued messages.
     pub sweep_interval_secs: u64,
+    /// Opt-in flash-wear trade: the store writer waits up to this many milliseconds after
+    /// a batch arrives for more to share its commit (one fsync, fewer bytes written per
+    /// message at low rates). Acknowledgements still wait for their commit, so they are
+    /// delayed by up to this much. 0 (default) = commit at once.
+    pub commit_delay_ms: u64,
+    /// SQLite page size (bytes, a power of two from 512 to 65536) of a database Holdfast
+    /// creates; an existing file keeps its own. 1024 writes about half the bytes per
+    /// message at low rates (flash wear), but rows of messages larger than ~1 KiB spill
+    /// into overflow pages (see `store::DEFAULT_PAGE_SIZE`).
+    pub page_size: u32,
 }
+
+/// Largest `store.commit_delay_ms`: beyond a second, publishers' acknowledgement timers
+/// (and the MQTT keepalive of slow clients) start to matter, and the wear saved is small.
+pub const MAX_COMMIT_DELAY_MS: u64 = 1000;
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -94,6 +108,8 @@ impl Default for StoreConfig {
             on_corrupt: crate::store::OnCorrupt::Quarantine,
             integrity_check: true,
             sweep_interval_secs: 60,
+            commit_delay_ms: 0,
+            page_size: crate::store::DEFAULT_PAGE_SIZE,
         }
     }
 }
@@ -119,6 +135,25 @@ impl StoreConfig {
             return Err(ConfigError::invalid(
                 "store.sweep_interval_secs",
                 "must be at least 1",
+            ));
+        }
+        if !(512..=65536).contains(&self.page_size) || !self.page_size.is_power_of_two() {
+            return Err(ConfigError::invalid(
+                "store.page_size",
+                format!(
+                    "must be a power of two from 512 to 65536 (got {})",
+                    self.page_size
+                ),
+            ));
+        }
+        if self.commit_delay_ms > MAX_COMMIT_DELAY_MS {
+            return Err(ConfigError::invalid(
+                "store.commit_delay_ms",
+                format!(
+                    "must be 0 (commit at once) to {MAX_COMMIT_DELAY_MS} (got {}): every \
+                     acknowledgement waits up to this long",
+                    self.commit_delay_ms
+                ),
             ));
         }
         Ok(())
@@ -1459,6 +1494,27 @@ mod tests {
             cfg.validate().expect_err("too long").key(),
             Some("mqtt.max_topic_length")
         );
+    }
+
+    #[test]
+    fn commit_delay_is_bounded_and_read_from_the_environment() {
+        let err = load_err(None, &[("HOLDFAST_STORE__COMMIT_DELAY_MS", "5000")]);
+        assert_eq!(err.key(), Some("store.commit_delay_ms"), "{err}");
+        let cfg = Config::load_from(None, env(&[("HOLDFAST_STORE__COMMIT_DELAY_MS", "250")]))
+            .expect("a delay within the bound loads");
+        assert_eq!(cfg.store.commit_delay_ms, 250);
+        assert_eq!(Config::default().store.commit_delay_ms, 0, "off by default");
+    }
+
+    #[test]
+    fn page_size_must_be_a_power_of_two_sqlite_accepts() {
+        for bad in ["1000", "256", "131072"] {
+            let err = load_err(None, &[("HOLDFAST_STORE__PAGE_SIZE", bad)]);
+            assert_eq!(err.key(), Some("store.page_size"), "{bad}: {err}");
+        }
+        let cfg = Config::load_from(None, env(&[("HOLDFAST_STORE__PAGE_SIZE", "1024")]))
+            .expect("1024 loads");
+        assert_eq!(cfg.store.page_size, 1024);
     }
 
     #[test]

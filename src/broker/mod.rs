@@ -146,6 +146,8 @@ impl Broker {
             budget_policy: cfg.store.budget_policy,
             on_corrupt: cfg.store.on_corrupt,
             integrity_check: cfg.store.integrity_check,
+            commit_delay: std::time::Duration::from_millis(cfg.store.commit_delay_ms),
+            page_size: cfg.store.page_size,
         };
         // Before the store: refuses to start if another broker answers on the socket. Any
         // other failure (no Unix sockets on this filesystem, a missing runtime directory) is

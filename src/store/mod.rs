@@ -40,6 +40,8 @@ mod writer;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod wear_tests;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -368,6 +370,13 @@ pub struct StoreOptions {
     /// `PRAGMA quick_check` at start-up: a corrupt file is handled by `on_corrupt` before
     /// anything is served from it.
     pub integrity_check: bool,
+    /// Opt-in: how long the writer may wait, after the first batch of a group arrives, for
+    /// more batches to commit with it (zero = commit at once). Fewer, larger commits write
+    /// fewer bytes per message (flash wear); every acknowledgement still waits for the
+    /// fsync of its own commit, so it is delayed by up to this much.
+    pub commit_delay: std::time::Duration,
+    /// SQLite page size of a database this store creates (`DEFAULT_PAGE_SIZE`).
+    pub page_size: u32,
 }
 
 /// Handle to the writer thread.
@@ -460,9 +469,42 @@ pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join("holdfast.db")
 }
 
+/// SQLite's default page size, Holdfast's default (`store.page_size`).
+///
+/// # Flash wear
+/// Every commit appends each page it changed to the WAL as a frame of page size + 24
+/// bytes, and is fsync'd (`synchronous = full`). A durable message at a low rate is one
+/// commit that changes about two pages (the queue's right-most leaf and the session row with
+/// its counters): with 4 KiB pages that is 2 × 4,120 bytes, which the file system writes as
+/// three 4 KiB blocks, ~12 KiB per 64-byte message. With 1 KiB pages the same commit is
+/// 2 × 1,048 bytes, usually within one or two blocks (`benches/flash_wear.rs`, README
+/// "Flash wear"). 1 KiB is not the default: a message larger than about a page is stored
+/// with overflow pages, and marking such a row sent rewrites them, which needs free pages
+/// that a database at its disk budget (`store.max_bytes`) does not have, so its queue
+/// stalls until space is freed (`tests/store_faults.rs` with 1 KiB payloads).
+///
+/// The page size only applies when the file is created: an existing database keeps its own
+/// (`VACUUM` changes it, see docs/operations.md).
+pub const DEFAULT_PAGE_SIZE: u32 = 4096;
+
+/// WAL bytes after which a commit checkpoints them into the database file: SQLite's
+/// default of 1,000 pages at 4 KiB, kept in bytes whatever the page size (a checkpoint
+/// writes every page changed since the last one once more, however often it changed, so
+/// smaller pages must not mean more frequent checkpoints; and `synchronous = normal` loses
+/// up to this much on a power cut).
+pub const WAL_AUTOCHECKPOINT_BYTES: u32 = 4000 * 1024;
+
 /// Opens a connection with the pragmas every Holdfast connection uses.
-pub fn configure(conn: &Connection, synchronous: Synchronous) -> rusqlite::Result<()> {
+/// `page_size` applies only if this connection creates the file.
+pub fn configure(
+    conn: &Connection,
+    synchronous: Synchronous,
+    page_size: u32,
+) -> rusqlite::Result<()> {
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // Before anything creates the file (setting WAL mode does): a no-op on an existing
+    // database.
+    conn.pragma_update(None, "page_size", page_size)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(
         None,
@@ -473,6 +515,12 @@ pub fn configure(conn: &Connection, synchronous: Synchronous) -> rusqlite::Resul
         },
     )?;
     conn.pragma_update(None, "temp_store", "MEMORY")?;
+    let page: u32 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+    conn.pragma_update(
+        None,
+        "wal_autocheckpoint",
+        WAL_AUTOCHECKPOINT_BYTES / page.max(512),
+    )?;
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     conn.pragma_update(None, "cache_size", -8192)?;
     Ok(())

@@ -26,6 +26,8 @@ fn opts(dir: &Path) -> StoreOptions {
         budget_policy: BudgetPolicy::RejectNew,
         on_corrupt: OnCorrupt::Quarantine,
         integrity_check: true,
+        commit_delay: std::time::Duration::ZERO,
+        page_size: crate::store::DEFAULT_PAGE_SIZE,
     }
 }
 
@@ -685,8 +687,9 @@ fn drop_oldest_budget_does_not_drop_a_row_being_marked_sent_in_the_same_group() 
         budget_policy: BudgetPolicy::RejectNew,
         ..o.clone()
     };
+    // (More than 64 KiB of messages, whatever the page size.)
     let mut batches = vec![vec![upsert(1)]];
-    batches.extend((0..40).map(|s| vec![enqueue(1, s, 1000)]));
+    batches.extend((0..80).map(|s| vec![enqueue(1, s, 1000)]));
     let c = committed(&commit_each(&fill, batches));
     assert!(c.iter().any(|(_, ok)| !ok), "the fill reached the budget");
     // The router sends seq 0 (its PUBLISH waits for this token) while a new message needs
@@ -698,7 +701,7 @@ fn drop_oldest_budget_does_not_drop_a_row_being_marked_sent_in_the_same_group() 
     };
     let ev = run_writer(
         &o,
-        vec![batch(2, vec![mark]), batch(3, vec![enqueue(1, 40, 1000)])],
+        vec![batch(2, vec![mark]), batch(3, vec![enqueue(1, 80, 1000)])],
     );
     assert_eq!(committed(&ev), [(2, true), (3, true)]);
     let dropped: Vec<u64> = ev

@@ -28,6 +28,12 @@ const BUDGET_DROP_ROWS: i64 = 256;
 /// How long a commit is retried while another process holds the database lock (each try
 /// already waits out the 5 s busy timeout) before new messages are refused.
 const LOCK_PATIENCE: Duration = Duration::from_secs(30);
+/// With `commit_delay`, a group with this many ops is committed without waiting out the
+/// delay: its commit's fixed cost (the pages and fsync every commit pays) is already shared
+/// by enough messages, and a publisher with this many messages in flight is not held to
+/// `window / commit_delay` messages per second. Ops, not batches: the router puts what it
+/// handled in one turn (often several publishes) into one batch.
+pub(crate) const DELAY_ENOUGH_OPS: usize = 16;
 /// Checkpoint the WAL after this long without work.
 const IDLE_CHECKPOINT: Duration = Duration::from_secs(5);
 
@@ -130,13 +136,7 @@ impl Writer {
                     Err(_) => break,
                 }
             };
-            let mut cmds = vec![first];
-            while cmds.len() < MAX_GROUP {
-                match rx.try_recv() {
-                    Ok(c) => cmds.push(c),
-                    Err(_) => break,
-                }
-            }
+            let cmds = self.gather(first, &rx);
             let mut group: Vec<Item> = Vec::new();
             let mut stop = None;
             // Health-check pings alone are no work (no idle checkpoint after them).
@@ -185,6 +185,46 @@ impl Writer {
             }
         }
         self.checkpoint();
+    }
+
+    /// The commands of one group: `first`, then whatever has arrived, up to `MAX_GROUP`.
+    /// With `commit_delay` (opt-in), a group that starts with a batch also waits up to that
+    /// long after it for more batches to share its commit, until it holds
+    /// `DELAY_ENOUGH_OPS`; a shutdown ends the wait.
+    fn gather(&self, first: Command, rx: &Receiver<Command>) -> Vec<Command> {
+        let deadline = (!self.opts.commit_delay.is_zero()
+            && matches!(first, Command::Batch { .. }))
+        .then(|| Instant::now() + self.opts.commit_delay);
+        let mut ops = ops_in(&first);
+        let mut cmds = vec![first];
+        while cmds.len() < MAX_GROUP {
+            let next = match rx.try_recv() {
+                Ok(c) => c,
+                Err(std::sync::mpsc::TryRecvError::Empty) => {
+                    if ops >= DELAY_ENOUGH_OPS {
+                        break;
+                    }
+                    let Some(left) = deadline
+                        .map(|d| d.saturating_duration_since(Instant::now()))
+                        .filter(|left| !left.is_zero())
+                    else {
+                        break;
+                    };
+                    match rx.recv_timeout(left) {
+                        Ok(c) => c,
+                        Err(_) => break,
+                    }
+                }
+                Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+            };
+            let stop = matches!(next, Command::Shutdown(_));
+            ops += ops_in(&next);
+            cmds.push(next);
+            if stop {
+                break;
+            }
+        }
+        cmds
     }
 
     fn other(&mut self, cmd: Command) {
@@ -523,6 +563,14 @@ impl Writer {
         super::anchor::write(&tx, &self.clock.anchor())?;
         tx.commit()?;
         Ok(removed)
+    }
+}
+
+/// The ops a command carries (0 for anything but a batch).
+fn ops_in(cmd: &Command) -> usize {
+    match cmd {
+        Command::Batch { ops, .. } => ops.len(),
+        _ => 0,
     }
 }
 
@@ -1027,6 +1075,8 @@ mod tests {
             budget_policy: BudgetPolicy::RejectNew,
             on_corrupt: OnCorrupt::Refuse,
             integrity_check: true,
+            commit_delay: std::time::Duration::ZERO,
+            page_size: crate::store::DEFAULT_PAGE_SIZE,
         };
         let (store, _, rx) = Store::open(&opts).expect("open store");
         (store, rx)
@@ -1246,6 +1296,8 @@ mod tests {
             budget_policy: BudgetPolicy::RejectNew,
             on_corrupt: OnCorrupt::Refuse,
             integrity_check: true,
+            commit_delay: std::time::Duration::ZERO,
+            page_size: crate::store::DEFAULT_PAGE_SIZE,
         };
         let (conn, rec) = super::super::load::open_and_load(&opts).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

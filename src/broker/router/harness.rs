@@ -75,6 +75,8 @@ impl Harness {
             budget_policy: BudgetPolicy::RejectNew,
             on_corrupt: OnCorrupt::Refuse,
             integrity_check: true,
+            commit_delay: std::time::Duration::ZERO,
+            page_size: crate::store::DEFAULT_PAGE_SIZE,
         };
         tweak(&mut cfg, &mut opts);
         Harness::open(dir, cfg, opts)
