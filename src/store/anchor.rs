@@ -65,6 +65,8 @@ mod tests {
             budget_policy: BudgetPolicy::RejectNew,
             on_corrupt: OnCorrupt::Quarantine,
             integrity_check: false,
+            commit_delay: std::time::Duration::ZERO,
+            page_size: crate::store::DEFAULT_PAGE_SIZE,
         }
     }
 
