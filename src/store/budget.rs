@@ -93,6 +93,20 @@ impl Budget {
         }
     }
 
+    /// Sets `max_page_count` from the limits again, whatever was set since (after a
+    /// temporary reserve for ops that only release data).
+    pub fn reapply(&mut self, conn: &Connection) {
+        self.pages = None;
+        if self.max_bytes == 0 && self.min_free_percent == 0 {
+            // SQLite's own maximum: no budget.
+            if let Err(e) = conn.pragma_update(None, "max_page_count", 4_294_967_294i64) {
+                warn!(cause = %e, "could not reset max_page_count");
+            }
+            return;
+        }
+        self.apply(conn, true);
+    }
+
     fn try_apply(&mut self, conn: &Connection) -> rusqlite::Result<()> {
         let page_size: u64 = conn.query_row("PRAGMA page_size", [], |r| r.get::<_, i64>(0))? as u64;
         let page_count: u64 =

@@ -34,6 +34,8 @@ const LOCK_PATIENCE: Duration = Duration::from_secs(30);
 /// `window / commit_delay` messages per second. Ops, not batches: the router puts what it
 /// handled in one turn (often several publishes) into one batch.
 pub(crate) const DELAY_ENOUGH_OPS: usize = 16;
+/// Pages ops that only release data may take above the disk budget (see `apply_release`).
+const RELEASE_RESERVE_PAGES: i64 = 256;
 /// Checkpoint the WAL after this long without work.
 const IDLE_CHECKPOINT: Duration = Duration::from_secs(5);
 
@@ -403,10 +405,11 @@ impl Writer {
         // not fit are refused (one oversized message must not fail its neighbours). A
         // refused batch keeps what releases data and refuses what accepts it. Reads are
         // answered in their place, from what is committed.
-        let mut stuck = !self.retry.is_empty()
-            && apply(&mut self.conn, self.retry.iter(), self.clock.now_ms()).is_err();
-        if !stuck {
-            self.retry.clear();
+        let retry = std::mem::take(&mut self.retry);
+        let mut stuck = !retry.is_empty() && self.apply_release(&retry).is_err();
+        if stuck {
+            self.retry = retry;
+        } else {
             for (token, ok) in self.retry_tokens.drain(..) {
                 let _ = self.events.send(StoreEvent::Committed { token, ok });
             }
@@ -420,9 +423,7 @@ impl Writer {
                         let release: Vec<Op> =
                             ops.iter().filter(|o| !o.accepts_data()).cloned().collect();
                         let refused_nothing = release.len() == ops.len();
-                        if !stuck
-                            && apply(&mut self.conn, release.iter(), self.clock.now_ms()).is_ok()
-                        {
+                        if !stuck && self.apply_release(&release).is_ok() {
                             ok = refused_nothing;
                         } else {
                             // Nothing of this token is reported until its releases are
@@ -452,6 +453,30 @@ impl Writer {
         }
         if stuck {
             debug!(ops = self.retry.len(), "release ops kept for retry");
+        }
+    }
+
+    /// Applies ops that only release data (deletes, sent marks, state changes). At the disk
+    /// budget even these can need a page (a row with overflow pages is rewritten when it is
+    /// marked sent), and they are retried until they succeed, holding every later token:
+    /// so they may go over the budget by a bounded reserve, which their deletes give back.
+    fn apply_release(&mut self, ops: &[Op]) -> rusqlite::Result<()> {
+        match apply(&mut self.conn, ops.iter(), self.clock.now_ms()) {
+            Err(e) if StoreState::of(&e) == StoreState::Full => {
+                let pages: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+                self.conn
+                    .pragma_update(None, "max_page_count", pages + RELEASE_RESERVE_PAGES)?;
+                let result = apply(&mut self.conn, ops.iter(), self.clock.now_ms());
+                self.budget.reapply(&self.conn);
+                if result.is_ok() {
+                    debug!(
+                        ops = ops.len(),
+                        "release ops used the page reserve above the budget"
+                    );
+                }
+                result
+            }
+            other => other,
         }
     }
 
@@ -1372,6 +1397,49 @@ mod tests {
             )
             .unwrap();
         assert_eq!(at, None);
+    }
+
+    #[test]
+    fn rows_with_overflow_pages_can_be_marked_sent_at_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, mut rx) = open(dir.path(), 64 * 1024);
+        store
+            .send(Command::Batch {
+                token: 1,
+                ops: vec![session(1), enqueue(1, 0, 6000)],
+            })
+            .unwrap();
+        assert_eq!(expect_one(&mut rx), "commit 1 true");
+        let mut token = 2;
+        loop {
+            store
+                .send(Command::Batch {
+                    token,
+                    ops: vec![enqueue(1, token, 6000)],
+                })
+                .unwrap();
+            let got = expect_one(&mut rx);
+            if got.ends_with("false") {
+                break;
+            }
+            token += 1;
+            assert!(token < 100, "the budget never filled");
+        }
+        token += 1;
+        for seq in 0..3 {
+            store
+                .send(Command::Batch {
+                    token,
+                    ops: vec![Op::MarkSent {
+                        sid: 1,
+                        seq,
+                        packet_id: seq as u16 + 1,
+                    }],
+                })
+                .unwrap();
+            assert_eq!(expect_one(&mut rx), format!("commit {token} true"));
+            token += 1;
+        }
     }
 
     #[test]
