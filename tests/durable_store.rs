@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use holdfast::config::Config;
-use holdfast::protocol::{Packet, ProtocolVersion, PubAckLike, Publish, QoS};
+use holdfast::protocol::{Packet, ProtocolVersion, Publish, QoS};
 
 fn index_of(p: &Publish) -> u32 {
     std::str::from_utf8(&p.payload)
@@ -53,20 +53,7 @@ async fn publish_range(addr: SocketAddr, topic: &str, range: std::ops::Range<u32
 
 /// Receives and acknowledges until `quiet` passes without a message; the payload numbers.
 async fn drain(c: &mut RawClient, quiet: Duration) -> Vec<u32> {
-    let mut got = Vec::new();
-    loop {
-        match c.recv_timeout(quiet).await {
-            Ok(Some(Packet::Publish(p))) => {
-                got.push(index_of(&p));
-                if p.qos != QoS::AtMostOnce {
-                    c.send(Packet::PubAck(PubAckLike::new(p.packet_id))).await;
-                }
-            }
-            Ok(Some(other)) => panic!("unexpected {other:?}"),
-            Ok(None) => panic!("connection closed while draining"),
-            Err(()) => return got,
-        }
-    }
+    drain_acking(c, quiet, index_of).await
 }
 
 // ----- 1. defaults -------------------------------------------------------------------------

@@ -87,20 +87,7 @@ async fn ack_of(c: &mut RawClient, pid: u16, wait: Duration) -> Option<u8> {
 
 /// Receives and acknowledges messages until `quiet` passes without one; their indexes.
 async fn drain(c: &mut RawClient, quiet: Duration) -> Vec<u32> {
-    let mut got = Vec::new();
-    loop {
-        match c.recv_timeout(quiet).await {
-            Ok(Some(Packet::Publish(p))) => {
-                got.push(index_of(&p));
-                if p.qos != QoS::AtMostOnce {
-                    c.send(Packet::PubAck(PubAckLike::new(p.packet_id))).await;
-                }
-            }
-            Ok(Some(other)) => panic!("unexpected {other:?}"),
-            Ok(None) => panic!("connection closed while draining"),
-            Err(()) => return got,
-        }
-    }
+    drain_acking(c, quiet, index_of).await
 }
 
 fn db_file(dir: &Path) -> PathBuf {

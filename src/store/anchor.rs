@@ -52,21 +52,13 @@ pub fn write(conn: &Connection, a: &Anchor) -> rusqlite::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{
-        db_path, load, BudgetPolicy, Command, OnCorrupt, StoreOptions, Synchronous,
-    };
+    use crate::store::{db_path, load, Command, OnCorrupt, StoreOptions};
 
     fn opts(dir: &std::path::Path) -> StoreOptions {
         StoreOptions {
-            path: db_path(dir),
-            synchronous: Synchronous::Normal,
-            max_bytes: 0,
-            min_free_percent: 0,
-            budget_policy: BudgetPolicy::RejectNew,
             on_corrupt: OnCorrupt::Quarantine,
             integrity_check: false,
-            commit_delay: std::time::Duration::ZERO,
-            page_size: crate::store::DEFAULT_PAGE_SIZE,
+            ..StoreOptions::for_test(dir)
         }
     }
 

@@ -379,6 +379,25 @@ pub struct StoreOptions {
     pub page_size: u32,
 }
 
+#[cfg(test)]
+impl StoreOptions {
+    /// Test defaults for a database in `dir`: `synchronous = normal`, no disk budget,
+    /// `reject-new`, `refuse` a corrupt file, integrity check on, no commit delay.
+    pub fn for_test(dir: &Path) -> StoreOptions {
+        StoreOptions {
+            path: db_path(dir),
+            synchronous: Synchronous::Normal,
+            max_bytes: 0,
+            min_free_percent: 0,
+            budget_policy: BudgetPolicy::RejectNew,
+            on_corrupt: OnCorrupt::Refuse,
+            integrity_check: true,
+            commit_delay: std::time::Duration::ZERO,
+            page_size: DEFAULT_PAGE_SIZE,
+        }
+    }
+}
+
 /// Handle to the writer thread.
 pub struct Store {
     tx: std::sync::mpsc::Sender<Command>,

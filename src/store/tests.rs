@@ -19,15 +19,8 @@ use super::*;
 
 fn opts(dir: &Path) -> StoreOptions {
     StoreOptions {
-        path: db_path(dir),
-        synchronous: Synchronous::Normal,
-        max_bytes: 0,
-        min_free_percent: 0,
-        budget_policy: BudgetPolicy::RejectNew,
         on_corrupt: OnCorrupt::Quarantine,
-        integrity_check: true,
-        commit_delay: std::time::Duration::ZERO,
-        page_size: crate::store::DEFAULT_PAGE_SIZE,
+        ..StoreOptions::for_test(dir)
     }
 }
 

@@ -1085,7 +1085,7 @@ mod tests {
 
     use bytes::Bytes;
 
-    use super::super::{BudgetPolicy, Command, OnCorrupt, Op, Store, StoreEvent, StoreOptions};
+    use super::super::{Command, Op, Store, StoreEvent, StoreOptions};
     use super::*;
 
     fn open(
@@ -1093,15 +1093,8 @@ mod tests {
         max_bytes: u64,
     ) -> (Store, tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) {
         let opts = StoreOptions {
-            path: dir.join("holdfast.db"),
-            synchronous: super::super::Synchronous::Normal,
             max_bytes,
-            min_free_percent: 0,
-            budget_policy: BudgetPolicy::RejectNew,
-            on_corrupt: OnCorrupt::Refuse,
-            integrity_check: true,
-            commit_delay: std::time::Duration::ZERO,
-            page_size: crate::store::DEFAULT_PAGE_SIZE,
+            ..StoreOptions::for_test(dir)
         };
         let (store, _, rx) = Store::open(&opts).expect("open store");
         (store, rx)
@@ -1314,15 +1307,8 @@ mod tests {
     fn one_oversized_message_does_not_fail_the_rest_of_its_group() {
         let dir = tempfile::tempdir().unwrap();
         let opts = StoreOptions {
-            path: dir.path().join("holdfast.db"),
-            synchronous: super::super::Synchronous::Normal,
             max_bytes: 64 * 1024,
-            min_free_percent: 0,
-            budget_policy: BudgetPolicy::RejectNew,
-            on_corrupt: OnCorrupt::Refuse,
-            integrity_check: true,
-            commit_delay: std::time::Duration::ZERO,
-            page_size: crate::store::DEFAULT_PAGE_SIZE,
+            ..StoreOptions::for_test(dir.path())
         };
         let (conn, rec) = super::super::load::open_and_load(&opts).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();

@@ -99,6 +99,29 @@ pub async fn disconnect(mut c: RawClient) {
     let _ = c.recv_timeout(Duration::from_secs(2)).await;
 }
 
+/// Receives and acknowledges messages until `quiet` passes without one; `index` of each,
+/// in arrival order. Anything but a PUBLISH, or the connection closing, fails the test.
+pub async fn drain_acking<T>(
+    c: &mut RawClient,
+    quiet: Duration,
+    index: impl Fn(&Publish) -> T,
+) -> Vec<T> {
+    let mut got = Vec::new();
+    loop {
+        match c.recv_timeout(quiet).await {
+            Ok(Some(Packet::Publish(p))) => {
+                got.push(index(&p));
+                if p.qos != QoS::AtMostOnce {
+                    c.send(Packet::PubAck(PubAckLike::new(p.packet_id))).await;
+                }
+            }
+            Ok(Some(other)) => panic!("unexpected {other:?}"),
+            Ok(None) => panic!("connection closed while draining"),
+            Err(()) => return got,
+        }
+    }
+}
+
 /// A bare MQTT client: sends packets, returns what the broker sends, nothing hidden.
 pub struct RawClient {
     pub stream: TcpStream,

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::*;
 use crate::config::MqttConfig;
 use crate::protocol::{ConnAckProperties, ProtocolVersion, SubscribeFilter, SubscriptionOptions};
-use crate::store::{BudgetPolicy, OnCorrupt, StoreOptions, Synchronous};
+use crate::store::StoreOptions;
 
 pub struct Client {
     pub conn: ConnId,
@@ -67,17 +67,7 @@ impl Harness {
     pub fn new(tweak: impl FnOnce(&mut MqttConfig, &mut StoreOptions)) -> Harness {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut cfg = MqttConfig::default();
-        let mut opts = StoreOptions {
-            path: crate::store::db_path(dir.path()),
-            synchronous: Synchronous::Normal,
-            max_bytes: 0,
-            min_free_percent: 0,
-            budget_policy: BudgetPolicy::RejectNew,
-            on_corrupt: OnCorrupt::Refuse,
-            integrity_check: true,
-            commit_delay: std::time::Duration::ZERO,
-            page_size: crate::store::DEFAULT_PAGE_SIZE,
-        };
+        let mut opts = StoreOptions::for_test(dir.path());
         tweak(&mut cfg, &mut opts);
         Harness::open(dir, cfg, opts)
     }
