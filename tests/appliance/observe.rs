@@ -366,10 +366,10 @@ async fn sd_notify_ready_watchdog_stopping() {
     let lock = rusqlite::Connection::open(d.db_path()).expect("open db");
     lock.execute_batch("BEGIN IMMEDIATE")
         .expect("take the write lock");
-    let mut c = daemon::Conn::tcp(d.addr, ProtocolVersion::V311)
+    let mut c = crate::common::RawClient::try_tcp(d.addr, ProtocolVersion::V311)
         .await
         .expect("tcp");
-    c.send(&Packet::Connect(Box::new(connect_packet(
+    c.try_send(&Packet::Connect(Box::new(connect_packet(
         ProtocolVersion::V311,
         "stuck",
         false,
@@ -465,11 +465,11 @@ async fn wait_for_log(d: &daemon::Daemon, from: usize, needle: &str, within: Dur
 }
 
 /// A 3.1.1 client on the daemon, CONNACK received.
-async fn connect_v311(d: &daemon::Daemon, id: &str, clean: bool) -> daemon::Conn {
-    let mut c = daemon::Conn::tcp(d.addr, ProtocolVersion::V311)
+async fn connect_v311(d: &daemon::Daemon, id: &str, clean: bool) -> crate::common::RawClient {
+    let mut c = crate::common::RawClient::try_tcp(d.addr, ProtocolVersion::V311)
         .await
         .expect("tcp");
-    c.send(&Packet::Connect(Box::new(connect_packet(
+    c.try_send(&Packet::Connect(Box::new(connect_packet(
         ProtocolVersion::V311,
         id,
         clean,

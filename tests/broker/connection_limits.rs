@@ -13,11 +13,14 @@ use holdfast::protocol::{self, reason, Connect, Packet, ProtocolVersion, QoS};
 
 /// Connects with `c`: `Some(reason code)` from the CONNACK (with the open connection), or
 /// `None` when the broker closed the socket without one.
-async fn try_connect(addr: SocketAddr, c: Connect) -> (Option<u8>, Option<daemon::Conn>) {
-    let Ok(mut conn) = daemon::Conn::tcp(addr, c.protocol).await else {
+async fn try_connect(
+    addr: SocketAddr,
+    c: Connect,
+) -> (Option<u8>, Option<crate::common::RawClient>) {
+    let Ok(mut conn) = crate::common::RawClient::try_tcp(addr, c.protocol).await else {
         return (None, None);
     };
-    if conn.send(&Packet::Connect(Box::new(c))).await.is_err() {
+    if conn.try_send(&Packet::Connect(Box::new(c))).await.is_err() {
         return (None, None);
     }
     match conn.recv_timeout(TIMEOUT).await {
@@ -156,7 +159,7 @@ async fn connections_per_user_are_capped_without_counting_takeovers() {
     assert_eq!(code, Some(reason::QUOTA_EXCEEDED), "still two client ids");
 
     // A disconnect frees a place.
-    a2.send(&Packet::Disconnect(Default::default()))
+    a2.try_send(&Packet::Disconnect(Default::default()))
         .await
         .expect("DISCONNECT");
     assert!(matches!(a2.recv_timeout(TIMEOUT).await, Ok(None)));

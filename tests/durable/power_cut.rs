@@ -185,7 +185,7 @@ async fn durable_visit(d: &Daemon, id: &str) -> bool {
     let (mut c, ack) = open(d.addr, connect_packet(id, false, 3600))
         .await
         .expect("connect");
-    c.send(&Packet::Disconnect(Default::default()))
+    c.try_send(&Packet::Disconnect(Default::default()))
         .await
         .expect("disconnect");
     d.wait_offline_committed(id).await;

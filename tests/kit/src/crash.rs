@@ -31,7 +31,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use crate::daemon::{Conn, Daemon};
+use crate::daemon::Daemon;
+use crate::RawClient;
 use holdfast::protocol::{
     reason, ConnAck, Connect, ConnectProperties, Packet, ProtocolVersion, PubAckLike, Publish, QoS,
     Subscribe, SubscribeFilter, SubscriptionOptions,
@@ -101,9 +102,9 @@ pub fn connect_packet(id: &str, clean_start: bool, expiry: u32) -> Connect {
 
 /// Opens an MQTT connection; `None` if the broker is not there (refused, reset, closed).
 /// Panics if a live broker refuses the CONNECT or does not answer.
-pub async fn open(addr: SocketAddr, c: Connect) -> Option<(Conn, ConnAck)> {
-    let mut conn = Conn::tcp(addr, ProtocolVersion::V5).await.ok()?;
-    conn.send(&Packet::Connect(Box::new(c))).await.ok()?;
+pub async fn open(addr: SocketAddr, c: Connect) -> Option<(RawClient, ConnAck)> {
+    let mut conn = RawClient::try_tcp(addr, ProtocolVersion::V5).await.ok()?;
+    conn.try_send(&Packet::Connect(Box::new(c))).await.ok()?;
     match conn.recv_timeout(PATIENCE).await {
         Ok(Some(Packet::ConnAck(a))) => {
             assert_eq!(a.reason_code, reason::SUCCESS, "CONNACK {a:?}");
@@ -205,7 +206,7 @@ impl Publisher {
             for seq in resend {
                 log.borrow_mut().push(seq);
                 self.counts.resent += 1;
-                if conn.send(&self.write_publish(seq, true)).await.is_err() {
+                if conn.try_send(&self.write_publish(seq, true)).await.is_err() {
                     continue 'connection;
                 }
             }
@@ -222,7 +223,11 @@ impl Publisher {
                     self.unacked.insert(seq, id);
                     log.borrow_mut().push(seq);
                     self.counts.sent += 1;
-                    if conn.send(&self.write_publish(seq, false)).await.is_err() {
+                    if conn
+                        .try_send(&self.write_publish(seq, false))
+                        .await
+                        .is_err()
+                    {
                         continue 'connection;
                     }
                 }
@@ -335,7 +340,7 @@ impl Subscriber {
                     Ok(Some(Packet::Publish(p))) => {
                         self.check(&p, &log.borrow());
                         if conn
-                            .send(&Packet::PubAck(PubAckLike::new(p.packet_id)))
+                            .try_send(&Packet::PubAck(PubAckLike::new(p.packet_id)))
                             .await
                             .is_err()
                         {
@@ -416,7 +421,7 @@ pub async fn crash_loop(o: LoopOptions) -> Outcome {
         let (mut c, _) = open(addr, connect_packet("sub", true, 3600))
             .await
             .expect("connect");
-        c.send(&Packet::Subscribe(Subscribe {
+        c.try_send(&Packet::Subscribe(Subscribe {
             packet_id: 1,
             subscription_identifier: None,
             user_properties: vec![],
@@ -434,7 +439,7 @@ pub async fn crash_loop(o: LoopOptions) -> Outcome {
             Ok(Some(Packet::SubAck(a))) => assert_eq!(a.reason_codes, vec![1]),
             other => panic!("expected SUBACK, got {other:?}"),
         }
-        c.send(&Packet::Disconnect(Default::default()))
+        c.try_send(&Packet::Disconnect(Default::default()))
             .await
             .unwrap();
         d.wait_offline_committed("sub").await;

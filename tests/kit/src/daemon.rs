@@ -9,9 +9,6 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use bytes::BytesMut;
-use holdfast::protocol::{self, Packet, ProtocolVersion};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
@@ -245,53 +242,5 @@ impl Drop for Daemon {
                 self.log_text()
             );
         }
-    }
-}
-
-/// A minimal MQTT client whose I/O errors are values: the broker may be SIGKILLed at any
-/// moment, and a test must tell "the broker died" from "the broker misbehaved".
-pub struct Conn {
-    stream: TcpStream,
-    buf: BytesMut,
-    pub version: ProtocolVersion,
-}
-
-impl Conn {
-    /// TCP connect (no MQTT yet).
-    pub async fn tcp(addr: SocketAddr, version: ProtocolVersion) -> std::io::Result<Conn> {
-        let stream = TcpStream::connect(addr).await?;
-        stream.set_nodelay(true).ok();
-        Ok(Conn {
-            stream,
-            buf: BytesMut::new(),
-            version,
-        })
-    }
-
-    pub async fn send(&mut self, p: &Packet) -> std::io::Result<()> {
-        let mut out = BytesMut::new();
-        protocol::encode(p, self.version, &mut out);
-        self.stream.write_all(&out).await
-    }
-
-    /// Next packet before `deadline`: `Ok(Some)`, `Ok(None)` when the connection is closed
-    /// or reset, `Err(())` on timeout. Panics on bytes that do not decode.
-    pub async fn recv_until(&mut self, deadline: Instant) -> Result<Option<Packet>, ()> {
-        loop {
-            match protocol::decode(&mut self.buf, self.version, 1 << 28) {
-                Ok(Some(p)) => return Ok(Some(p)),
-                Ok(None) => {}
-                Err(e) => panic!("broker sent an undecodable packet: {e}"),
-            }
-            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
-                Err(_) => return Err(()),
-                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
-                Ok(Ok(_)) => {}
-            }
-        }
-    }
-
-    pub async fn recv_timeout(&mut self, t: Duration) -> Result<Option<Packet>, ()> {
-        self.recv_until(Instant::now() + t).await
     }
 }

@@ -64,7 +64,7 @@ use holdfast::protocol::{
     self, Connect, ConnectProperties, Packet, ProtocolVersion, PubAckLike, Publish, QoS, Subscribe,
     SubscribeFilter, SubscriptionOptions,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -173,31 +173,32 @@ pub async fn drain_acking<T>(
     }
 }
 
-/// A bare MQTT client: sends packets, returns what the broker sends, nothing hidden.
-pub struct RawClient {
-    pub stream: TcpStream,
+/// A bare MQTT client: sends packets, returns what the broker sends, nothing hidden. Over
+/// TCP by default; `RawClient::from_stream` wraps any other byte stream (e.g. TLS).
+pub struct RawClient<S = TcpStream> {
+    pub stream: S,
     pub version: ProtocolVersion,
     buf: BytesMut,
 }
 
 impl RawClient {
     pub async fn tcp(addr: SocketAddr, version: ProtocolVersion) -> RawClient {
-        let stream = TcpStream::connect(addr).await.expect("tcp connect");
-        stream.set_nodelay(true).ok();
-        RawClient {
-            stream,
-            version,
-            buf: BytesMut::new(),
-        }
+        RawClient::try_tcp(addr, version)
+            .await
+            .expect("tcp connect")
     }
 
-    /// Wraps a socket the test opened itself.
-    pub fn from_stream(stream: TcpStream, version: ProtocolVersion) -> RawClient {
-        RawClient {
+    /// TCP connect (no MQTT yet) whose failure is a value: the `try_*` methods are for a
+    /// broker that may be SIGKILLed at any moment, where a test must tell "the broker died"
+    /// from "the broker misbehaved".
+    pub async fn try_tcp(addr: SocketAddr, version: ProtocolVersion) -> std::io::Result<RawClient> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true).ok();
+        Ok(RawClient {
             stream,
             version,
             buf: BytesMut::new(),
-        }
+        })
     }
 
     /// Connects with the given CONNECT and returns the CONNACK packet.
@@ -216,11 +217,27 @@ impl RawClient {
             other => panic!("connect refused: {other:?}"),
         }
     }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
+    /// Wraps a stream the test opened itself.
+    pub fn from_stream(stream: S, version: ProtocolVersion) -> RawClient<S> {
+        RawClient {
+            stream,
+            version,
+            buf: BytesMut::new(),
+        }
+    }
 
     pub async fn send(&mut self, p: Packet) {
+        self.try_send(&p).await.expect("write");
+    }
+
+    pub async fn try_send(&mut self, p: &Packet) -> std::io::Result<()> {
         let mut out = BytesMut::new();
-        protocol::encode(&p, self.version, &mut out);
-        self.stream.write_all(&out).await.expect("write");
+        protocol::encode(p, self.version, &mut out);
+        self.stream.write_all(&out).await?;
+        self.stream.flush().await
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
@@ -236,7 +253,15 @@ impl RawClient {
 
     /// Ok(None) on close, Err(()) on timeout.
     pub async fn recv_timeout(&mut self, t: Duration) -> Result<Option<Packet>, ()> {
-        let deadline = tokio::time::Instant::now() + t;
+        self.recv_until(tokio::time::Instant::now() + t).await
+    }
+
+    /// Next packet before `deadline`: `Ok(Some)`, `Ok(None)` when the connection is closed
+    /// or reset, `Err(())` on timeout. Panics on bytes that do not decode.
+    pub async fn recv_until(
+        &mut self,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<Packet>, ()> {
         loop {
             match protocol::decode(&mut self.buf, self.version, 1 << 28) {
                 Ok(Some(p)) => return Ok(Some(p)),
