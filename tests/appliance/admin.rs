@@ -2,14 +2,14 @@
 //! (through the admin socket of a running broker, and directly in the database of a
 //! stopped one) and `backup` of a broker under load, restored and resumed.
 
-use crate::common;
+use crate::common::{self, daemon::Daemon};
 use std::net::SocketAddr;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Output};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
 use holdfast::protocol::{
@@ -17,84 +17,11 @@ use holdfast::protocol::{
 };
 use serde_json::Value;
 
-struct Daemon {
-    child: Option<Child>,
-    addr: SocketAddr,
-    config: PathBuf,
-    data: PathBuf,
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Writes a config for `data` (listening on a fresh port) into `dir`.
-fn write_config(dir: &Path, data: &Path, port: u16) -> PathBuf {
-    let path = dir.join(format!("holdfast-{port}.toml"));
-    std::fs::write(
-        &path,
-        format!(
-            "data_dir = \"{}\"\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n\
-             [mqtt]\nshutdown_timeout_secs = 2\n",
-            data.display()
-        ),
-    )
-    .expect("write config");
-    path
-}
-
-/// Starts `holdfast run` on `data` and waits until it accepts TCP.
-async fn start(dir: &Path, data: &Path) -> Daemon {
-    let port = crate::common::free_port();
-    let config = write_config(dir, data, port);
-    let mut child = Command::new(crate::common::bin())
-        .args(["run", "--config"])
-        .arg(&config)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn holdfast");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("holdfast exited early: {status}");
-        }
-        assert!(Instant::now() < deadline, "holdfast did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Daemon {
-        child: Some(child),
-        addr,
-        config,
-        data: data.to_path_buf(),
-    }
-}
-
-impl Daemon {
-    /// SIGTERM and wait for a clean exit.
-    async fn stop(mut self) {
-        let child = self.child.take().expect("running");
-        let ok = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok);
-        let status = tokio::task::spawn_blocking(move || {
-            let mut child = child;
-            child.wait()
-        })
-        .await
-        .unwrap()
-        .unwrap();
-        assert!(status.success(), "{status}");
-    }
+/// Starts `holdfast run` on `data` (the kit's daemon) and waits until it accepts TCP.
+async fn start(data: &Path) -> Daemon {
+    let mut d = Daemon::with_data_dir(data, "[mqtt]\nshutdown_timeout_secs = 2\n");
+    d.start().await;
+    d
 }
 
 /// Runs the binary (off the async threads) and returns its output.
@@ -191,7 +118,7 @@ async fn disconnect(mut c: RawClient) {
 async fn list_show_and_drop_on_a_running_and_a_stopped_broker() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let d = start(dir.path(), &data).await;
+    let mut d = start(&data).await;
     let cfg = d.config.clone();
 
     // A v5 session that stays online, with a will and a subscription with every option.
@@ -349,8 +276,8 @@ async fn list_show_and_drop_on_a_running_and_a_stopped_broker() {
     disconnect(again).await;
 
     // A second broker on the same data directory is refused.
-    let port = crate::common::free_port();
-    let cfg2 = write_config(dir.path(), &data, port);
+    let second = Daemon::with_data_dir(&data, "");
+    let cfg2 = second.config.clone();
     let out = holdfast(args(&["run"], &cfg2)).await;
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -363,7 +290,7 @@ async fn list_show_and_drop_on_a_running_and_a_stopped_broker() {
     // --- drop with the broker stopped ---------------------------------------------------
     drop(publisher);
     drop(watcher);
-    d.stop().await;
+    d.sigterm().await;
     assert!(!sock.exists(), "socket removed on shutdown");
     let sessions = list_json(&cfg).await;
     assert_eq!(find(&sessions, "offline-v3").unwrap()["queued"], 3);
@@ -385,7 +312,7 @@ async fn list_show_and_drop_on_a_running_and_a_stopped_broker() {
     assert!(err.contains("holdfast.db"), "{err}");
 
     // Restart (replacing the stale socket): the dropped sessions stay gone, the rest is intact.
-    let d = start(dir.path(), &data).await;
+    let mut d = start(&data).await;
     let (c, present) = connect_durable(d.addr, ProtocolVersion::V311, "offline-v3", None).await;
     assert!(!present);
     drop(c);
@@ -395,14 +322,14 @@ async fn list_show_and_drop_on_a_running_and_a_stopped_broker() {
         "the session created after the drop survives the restart"
     );
     drop(c);
-    d.stop().await;
+    d.sigterm().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backup_of_a_busy_broker_restores_and_resumes() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let d = start(dir.path(), &data).await;
+    let mut d = start(&data).await;
     let cfg = d.config.clone();
 
     // A durable subscriber, offline, accumulating messages.
@@ -486,13 +413,13 @@ async fn backup_of_a_busy_broker_restores_and_resumes() {
         !Path::new(&format!("{file_s}-wal")).exists(),
         "the backup is one file"
     );
-    d.stop().await;
+    d.sigterm().await;
 
     // Restore into a fresh data directory and resume the session there.
     let restored = dir.path().join("restored");
     std::fs::create_dir(&restored).unwrap();
     std::fs::copy(&file, restored.join("holdfast.db")).unwrap();
-    let d = start(dir.path(), &restored).await;
+    let mut d = start(&restored).await;
     let sessions = list_json(&d.config).await;
     let s = find(&sessions, "sub").expect("restored session");
     let queued = s["queued"].as_u64().unwrap();
@@ -504,14 +431,15 @@ async fn backup_of_a_busy_broker_restores_and_resumes() {
     assert_eq!(p.payload.len(), 4096);
     drop(sub);
     assert_eq!(d.data, restored);
-    d.stop().await;
+    d.sigterm().await;
 }
 
 #[tokio::test]
 async fn missing_database_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("never-started");
-    let cfg = write_config(dir.path(), &data, crate::common::free_port());
+    let never = Daemon::with_data_dir(&data, "");
+    let cfg = never.config.clone();
     let db = data.join("holdfast.db").display().to_string();
     for cmd in [
         vec!["sessions", "list"],

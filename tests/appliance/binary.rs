@@ -2,10 +2,10 @@
 //! naming key and file), `run` with a config file and environment overrides, and graceful
 //! shutdown on SIGTERM/SIGINT (v5 clients get DISCONNECT 0x8B, exit status 0, bounded time).
 
-use crate::common;
-use std::net::{SocketAddr, TcpListener};
+use crate::common::{self, daemon::Daemon};
+use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -22,54 +22,6 @@ fn write_config(dir: &Path, port: u16) -> std::path::PathBuf {
     )
     .expect("write config");
     path
-}
-
-/// Starts `holdfast run` and waits until it accepts TCP.
-async fn spawn_daemon(config: &Path, port: u16, env: &[(&str, &str)]) -> Child {
-    let mut child = Command::new(crate::common::bin())
-        .args(["run", "--config"])
-        .arg(config)
-        .envs(env.iter().copied())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn holdfast");
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while tokio::net::TcpStream::connect(addr).await.is_err() {
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("holdfast exited early: {status}");
-        }
-        assert!(
-            Instant::now() < deadline,
-            "holdfast did not start listening"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    child
-}
-
-fn signal(child: &Child, sig: &str) {
-    let ok = Command::new("kill")
-        .args([sig, &child.id().to_string()])
-        .status()
-        .expect("kill")
-        .success();
-    assert!(ok);
-}
-
-async fn wait_exit(mut child: Child, within: Duration) -> std::process::ExitStatus {
-    let deadline = Instant::now() + within;
-    loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            return status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("holdfast did not exit within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[test]
@@ -152,41 +104,37 @@ fn a_busy_port_is_a_clear_error() {
 
 #[tokio::test]
 async fn sigterm_shuts_down_gracefully_with_0x8b() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = crate::common::free_port();
-    let cfg = write_config(dir.path(), port);
-    let child = spawn_daemon(&cfg, port, &[]).await;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut d = Daemon::started("").await;
+    let addr = d.addr;
     let mut v5 = RawClient::connect(addr, ProtocolVersion::V5, "v5").await;
     let mut v3 = RawClient::connect(addr, ProtocolVersion::V311, "v3").await;
     let t0 = Instant::now();
-    signal(&child, "-TERM");
+    d.signal("TERM");
     let seen = v5.expect_closed().await;
     assert!(
         matches!(seen.last(), Some(Packet::Disconnect(d)) if d.reason_code == reason::SERVER_SHUTTING_DOWN),
         "{seen:?}"
     );
     assert!(v3.expect_closed().await.is_empty());
-    let status = wait_exit(child, Duration::from_secs(10)).await;
+    let status = d.wait_exit(Duration::from_secs(10)).await;
     assert!(status.success(), "{status}");
     assert!(t0.elapsed() < Duration::from_secs(6), "{:?}", t0.elapsed());
 }
 
 #[tokio::test]
 async fn sigint_also_exits_cleanly_and_environment_overrides_the_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let port = crate::common::free_port();
-    let cfg = write_config(dir.path(), port);
-    let child = spawn_daemon(&cfg, port, &[("HOLDFAST_MQTT__MAX_QOS", "1")]).await;
-    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    let mut d = Daemon::new("");
+    d.env.push(("HOLDFAST_MQTT__MAX_QOS".into(), "1".into()));
+    d.start().await;
+    let addr = d.addr;
     let (_c, ack) =
         RawClient::connect_with(addr, connect_packet(ProtocolVersion::V5, "env", true)).await;
     match ack {
         Packet::ConnAck(a) => assert_eq!(a.properties.maximum_qos, Some(1)),
         other => panic!("{other:?}"),
     }
-    signal(&child, "-INT");
-    assert!(wait_exit(child, Duration::from_secs(10)).await.success());
+    d.signal("INT");
+    assert!(d.wait_exit(Duration::from_secs(10)).await.success());
 }
 
 #[tokio::test]

@@ -1,11 +1,11 @@
 //! The real `holdfast` binary as a child process for restart and crash tests: a temp data
 //! dir and config file, start / SIGTERM / SIGKILL / restart on the same port and data dir,
-//! stderr kept in a log file (printed when a test panics), and `Conn`, a small MQTT client
-//! that reports a dead broker as an error instead of panicking.
+//! stderr kept in a log file (printed when a test panics). The one way the tests run the
+//! daemon (`holdfast run`); one-shot commands run `crate::bin()` directly.
 
 use std::fs::OpenOptions;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -16,6 +16,8 @@ use tokio::time::Instant;
 /// and killed many times; the data dir stays.
 pub struct Daemon {
     pub dir: tempfile::TempDir,
+    /// The data dir (`<dir>/data` unless given).
+    pub data: PathBuf,
     pub addr: SocketAddr,
     pub config: PathBuf,
     pub log: PathBuf,
@@ -32,19 +34,32 @@ impl Daemon {
     /// Does not start the process.
     pub fn new(extra: &str) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        Daemon::with_dirs(dir, data, extra)
+    }
+
+    /// Like `new`, with the data dir at `data` (e.g. a restored backup, or a second run on
+    /// the data of an earlier `Daemon`).
+    pub fn with_data_dir(data: &Path, extra: &str) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Daemon::with_dirs(dir, data.to_path_buf(), extra)
+    }
+
+    fn with_dirs(dir: tempfile::TempDir, data: PathBuf, extra: &str) -> Daemon {
         let port = crate::free_port();
         let config = dir.path().join("holdfast.toml");
         std::fs::write(
             &config,
             format!(
                 "data_dir = \"{}\"\n[[listener]]\nbind = \"127.0.0.1:{port}\"\n[log]\nlevel = \"warn\"\n{extra}",
-                dir.path().join("data").display()
+                data.display()
             ),
         )
         .expect("write config");
         let log = dir.path().join("holdfast.log");
         Daemon {
             dir,
+            data,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             config,
             log,
@@ -62,7 +77,7 @@ impl Daemon {
     }
 
     pub fn db_path(&self) -> PathBuf {
-        self.dir.path().join("data").join("holdfast.db")
+        self.data.join("holdfast.db")
     }
 
     /// Starts the process and returns at once (it may still be recovering).
@@ -168,6 +183,26 @@ impl Daemon {
                 let _ = c.wait();
                 panic!(
                     "holdfast did not exit within 15 s of SIGTERM\n{}",
+                    self.log_text()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Waits (up to `within`) for the process to exit by itself, e.g. after `signal("TERM")`.
+    pub async fn wait_exit(&mut self, within: Duration) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("holdfast is not running");
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = c.try_wait().expect("try_wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = c.kill();
+                let _ = c.wait();
+                panic!(
+                    "holdfast did not exit within {within:?}\n{}",
                     self.log_text()
                 );
             }
