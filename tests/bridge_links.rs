@@ -48,7 +48,7 @@ fn rule(pattern: &str, direction: Direction, qos: u8, priority: u8) -> TopicRule
 fn bridge_to(addr: SocketAddr, protocol: BridgeProtocol) -> BridgeConfig {
     BridgeConfig {
         name: "up".into(),
-        address: addr.to_string(),
+        address: addr.to_string().into(),
         protocol,
         client_id: Some("gw-links".into()),
         username: None,

@@ -38,7 +38,7 @@ fn rule(pattern: &str, direction: Direction, qos: u8) -> TopicRule {
 fn bridge_to(addr: SocketAddr, rules: Vec<TopicRule>) -> BridgeConfig {
     BridgeConfig {
         name: "up".into(),
-        address: addr.to_string(),
+        address: addr.to_string().into(),
         protocol: BridgeProtocol::V5,
         client_id: Some(BRIDGE_ID.into()),
         username: None,

@@ -21,7 +21,10 @@ use crate::broker::router::{RouterEvent, SessionStats};
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct BridgeStatus {
     pub name: String,
+    /// The upstream address in use (connected) or being tried.
     pub address: String,
+    /// Every configured address, primary first.
+    pub addresses: Vec<String>,
     pub client_id: String,
     pub connected: bool,
     /// The outboxes hold messages and none was acknowledged for `stall_secs`.
