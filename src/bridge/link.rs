@@ -96,8 +96,20 @@ pub(super) async fn connect(
                 ))
             }
         };
+    connect_resolved(cfg, address, &ips, tls, max_packet_size).await
+}
+
+/// [`connect`] to the addresses `address` resolved to, in turn, until one answers.
+async fn connect_resolved(
+    cfg: &BridgeConfig,
+    address: &str,
+    ips: &[std::net::SocketAddr],
+    tls: Option<Arc<rustls::ClientConfig>>,
+    max_packet_size: usize,
+) -> Result<(Link, Granted), String> {
+    let limit = Duration::from_secs(cfg.connect_timeout_secs.max(1));
     let mut errors = Vec::new();
-    for ip in &ips {
+    for ip in ips {
         match tokio::time::timeout(limit, open(cfg, address, *ip, tls.clone(), max_packet_size))
             .await
         {
@@ -570,5 +582,38 @@ impl Upstream for Link {
         }
         encode(&Packet::Disconnect(d), self.version, &mut self.wbuf);
         let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name that resolves to several addresses is tried on each: the first refuses the
+    /// connection, the second is a real broker.
+    #[tokio::test]
+    async fn every_resolved_address_is_tried_in_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::config::Config {
+            data_dir: dir.path().to_path_buf(),
+            listener: vec![crate::config::ListenerConfig::new("127.0.0.1:0")],
+            ..Default::default()
+        };
+        let broker = crate::broker::Broker::start(&cfg).await.unwrap();
+        let live = broker.local_addrs()[0];
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let bridge = BridgeConfig {
+            connect_timeout_secs: 2,
+            ..BridgeConfig::example()
+        };
+        let r = connect_resolved(&bridge, "upstream.test:1883", &[dead, live], None, 1 << 20).await;
+        assert!(r.is_ok(), "{:?}", r.err());
+        let r = connect_resolved(&bridge, "upstream.test:1883", &[dead], None, 1 << 20).await;
+        let e = r.err().expect("refused");
+        assert!(e.contains(&dead.to_string()), "{e}");
+        broker.shutdown().await;
     }
 }
