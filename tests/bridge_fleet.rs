@@ -413,3 +413,241 @@ async fn notifications_false_publishes_no_state() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(watcher.states().is_empty(), "{:?}", watcher.states());
 }
+
+// ---------------------------------------------------------------------------------------
+// Metrics
+
+async fn scrape(gw: &TestBroker) -> std::collections::BTreeMap<String, f64> {
+    let addr = gw
+        .broker
+        .as_ref()
+        .unwrap()
+        .metrics_addr()
+        .expect("metrics bound");
+    let (code, _, body) = metrics::http(addr, "GET", "/metrics").await;
+    assert_eq!(code, 200);
+    metrics::parse_prometheus(&body)
+}
+
+fn m(all: &std::collections::BTreeMap<String, f64>, key: &str) -> f64 {
+    *all.get(key)
+        .unwrap_or_else(|| panic!("{key} missing: {all:#?}"))
+}
+
+/// `holdfast_bridge_*{bridge="up"}` follow the link: connected, backlog (messages, bytes,
+/// age of the oldest) during an outage, reconnects and messages by result after it.
+#[tokio::test]
+async fn bridge_metrics_follow_the_link_and_the_backlog() {
+    if !have_mosquitto() {
+        return;
+    }
+    let a = Mosquitto::start().await;
+    let pa = Proxy::start(a.addr()).await;
+    let ca = Collector::start(a.addr(), "cloud-a").await;
+    let gw = gateway(bridge_to(&[pa.addr], BridgeProtocol::V311)).await;
+    let dir = gw.dir.path().to_path_buf();
+    wait_status(
+        &dir,
+        "connected",
+        Duration::from_secs(10),
+        connected_to(pa.addr),
+    )
+    .await;
+    let mut sensor = publisher(gw.addr, "sensor").await;
+    publish_seqs(&mut sensor, UP_LOCAL, 0..5, 5).await;
+    wait_total(&[&ca], 5, Duration::from_secs(10)).await;
+    wait_status(&dir, "acked", Duration::from_secs(5), |st| st["acked"] == 5).await;
+    let s = scrape(&gw).await;
+    assert_eq!(m(&s, "holdfast_bridge_connected{bridge=\"up\"}"), 1.0);
+    let info = format!(
+        "holdfast_bridge_address_info{{bridge=\"up\",address=\"{}\"}}",
+        pa.addr
+    );
+    assert_eq!(m(&s, &info), 1.0);
+    assert_eq!(
+        m(&s, "holdfast_bridge_backlog_messages{bridge=\"up\"}"),
+        0.0
+    );
+    assert_eq!(
+        m(
+            &s,
+            "holdfast_bridge_oldest_message_age_seconds{bridge=\"up\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        m(&s, "holdfast_bridge_reconnects_total{bridge=\"up\"}"),
+        0.0
+    );
+    assert_eq!(
+        m(
+            &s,
+            "holdfast_bridge_messages_total{bridge=\"up\",result=\"sent\"}"
+        ),
+        5.0
+    );
+    assert_eq!(
+        m(
+            &s,
+            "holdfast_bridge_messages_total{bridge=\"up\",result=\"acked\"}"
+        ),
+        5.0
+    );
+    assert_eq!(
+        m(
+            &s,
+            "holdfast_bridge_messages_total{bridge=\"up\",result=\"rejected\"}"
+        ),
+        0.0
+    );
+    assert_eq!(
+        m(
+            &s,
+            "holdfast_bridge_messages_total{bridge=\"up\",result=\"dropped\"}"
+        ),
+        0.0
+    );
+
+    pa.outage();
+    wait_status(&dir, "down", Duration::from_secs(10), |st| {
+        st["connected"] == false
+    })
+    .await;
+    publish_seqs(&mut sensor, UP_LOCAL, 5..8, 3).await;
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let s = scrape(&gw).await;
+    assert_eq!(m(&s, "holdfast_bridge_connected{bridge=\"up\"}"), 0.0);
+    assert_eq!(
+        m(&s, "holdfast_bridge_backlog_messages{bridge=\"up\"}"),
+        3.0
+    );
+    assert_eq!(m(&s, "holdfast_bridge_backlog_bytes{bridge=\"up\"}"), 12.0);
+    let age = m(
+        &s,
+        "holdfast_bridge_oldest_message_age_seconds{bridge=\"up\"}",
+    );
+    assert!((1.0..30.0).contains(&age), "oldest age {age}");
+
+    pa.restore();
+    wait_total(&[&ca], 8, Duration::from_secs(10)).await;
+    wait_status(&dir, "acked", Duration::from_secs(5), |st| st["acked"] == 8).await;
+    let s = scrape(&gw).await;
+    assert_eq!(
+        m(&s, "holdfast_bridge_reconnects_total{bridge=\"up\"}"),
+        1.0
+    );
+    assert_eq!(
+        m(&s, "holdfast_bridge_backlog_messages{bridge=\"up\"}"),
+        0.0
+    );
+    assert_eq!(
+        m(
+            &s,
+            "holdfast_bridge_messages_total{bridge=\"up\",result=\"acked\"}"
+        ),
+        8.0
+    );
+    gw.shutdown().await;
+}
+
+// ---------------------------------------------------------------------------------------
+// Bytes on metered links
+
+/// `linger_ms` holds an outgoing publish for others to join it, but the local publisher's
+/// PUBACK follows the commit, not the upstream.
+#[tokio::test]
+async fn linger_holds_the_uplink_but_never_the_local_puback() {
+    if !have_mosquitto() {
+        return;
+    }
+    let a = Mosquitto::start().await;
+    let ca = Collector::start(a.addr(), "cloud-a").await;
+    let cfg = BridgeConfig {
+        linger_ms: 1500,
+        ack_timeout_secs: 5,
+        ..bridge_to(&[a.addr()], BridgeProtocol::V5)
+    };
+    let gw = gateway(cfg).await;
+    wait_status(gw.dir.path(), "connected", Duration::from_secs(10), |st| {
+        st["connected"] == true
+    })
+    .await;
+    // The state notification lingers like anything else: let it go first.
+    tokio::time::sleep(Duration::from_millis(1700)).await;
+    let mut sensor = publisher(gw.addr, "sensor").await;
+    let t0 = Instant::now();
+    publish_seqs(&mut sensor, UP_LOCAL, 0..3, 3).await;
+    let acked = t0.elapsed();
+    assert!(
+        acked < Duration::from_millis(1000),
+        "local PUBACKs took {acked:?}"
+    );
+    assert!(ca.seqs().is_empty(), "still lingering: {:?}", ca.seqs());
+    wait_total(&[&ca], 3, Duration::from_secs(5)).await;
+    let arrived = t0.elapsed();
+    assert!(
+        arrived >= Duration::from_millis(1200),
+        "arrived after {arrived:?}"
+    );
+    check_in_order(&[ca.seqs()], 3);
+    gw.shutdown().await;
+}
+
+/// MQTT 5 topic aliases upstream: after the first message on a topic, the topic is not
+/// sent again (bytes per message on the link, counted by the proxy), and every message
+/// still arrives on its own topic. The upstream is a Holdfast (Topic Alias Maximum 64).
+#[tokio::test]
+async fn topic_aliases_upstream_save_the_topic_and_keep_it_right() {
+    let up = start_broker(|_| {}).await;
+    let proxy = Proxy::start(up.addr).await;
+    let long = "x".repeat(100);
+    let topics: Vec<String> = (0..3).map(|i| format!("sensors/{long}/{i}")).collect();
+    let mut sub = RawClient::connect(up.addr, ProtocolVersion::V311, "cloud").await;
+    assert_eq!(sub.subscribe("site/#", QoS::AtLeastOnce).await, vec![1]);
+    let gw = gateway(BridgeConfig {
+        notifications: false,
+        ..bridge_to(&[proxy.addr], BridgeProtocol::V5)
+    })
+    .await;
+    wait_status(gw.dir.path(), "connected", Duration::from_secs(10), |st| {
+        st["connected"] == true
+    })
+    .await;
+    let mut sensor = publisher(gw.addr, "sensor").await;
+    let mut got = Vec::new();
+    // First one message per topic (aliases announced), then 60 more.
+    for (i, t) in topics.iter().enumerate() {
+        publish_acked(&mut sensor, t, &(i as u32).to_be_bytes(), 1).await;
+    }
+    while got.len() < 3 {
+        let p = sub.recv_publish().await;
+        sub.puback(p.packet_id).await;
+        got.push((p.topic.to_string(), p.payload.to_vec()));
+    }
+    let before = proxy.bytes_up();
+    const N: usize = 60;
+    for i in 3..3 + N {
+        publish_acked(&mut sensor, &topics[i % 3], &(i as u32).to_be_bytes(), 1).await;
+    }
+    while got.len() < 3 + N {
+        let p = sub.recv_publish().await;
+        sub.puback(p.packet_id).await;
+        got.push((p.topic.to_string(), p.payload.to_vec()));
+    }
+    let after = proxy.bytes_up();
+    for (topic, payload) in &got {
+        let i = u32::from_be_bytes(payload[..4].try_into().unwrap()) as usize;
+        assert_eq!(topic, &format!("site/{}", topics[i % 3]), "message #{i}");
+    }
+    let per_message = (after - before) as f64 / N as f64;
+    eprintln!(
+        "[aliases] {per_message:.1} bytes received upstream per message (topic {} bytes)",
+        topics[0].len() + 5
+    );
+    assert!(
+        per_message < 40.0,
+        "{per_message} bytes per message: the topic went again"
+    );
+    gw.shutdown().await;
+    up.shutdown().await;
+}
