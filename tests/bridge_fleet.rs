@@ -100,11 +100,14 @@ fn connected_to(addr: SocketAddr) -> impl Fn(&serde_json::Value) -> bool {
     move |st| st["connected"] == true && st["address"] == addr.to_string()
 }
 
+/// Messages seen on the state topic: (payload, retain flag).
+type States = Arc<Mutex<Vec<(Vec<u8>, bool)>>>;
+
 /// A subscriber on an upstream broker that records, in arrival order, the sequence numbers
 /// of the uplink data and every message on the state topic (payload, retain flag).
 struct Collector {
     seqs: Arc<Mutex<Vec<u32>>>,
-    states: Arc<Mutex<Vec<(Vec<u8>, bool)>>>,
+    states: States,
     task: tokio::task::JoinHandle<()>,
 }
 
