@@ -609,6 +609,45 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 mod tests {
     use super::*;
 
+    fn load(extra: &str) -> Result<crate::config::Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.toml");
+        std::fs::write(
+            &path,
+            format!("[[bridge]]\nname = \"c\"\n{extra}\n[[bridge.topic]]\npattern = \"a/#\"\n"),
+        )
+        .unwrap();
+        crate::config::Config::load_from(Some(&path), Default::default())
+    }
+
+    #[test]
+    fn address_is_one_host_port_or_a_list_and_fleet_keys_validate() {
+        let one = load("address = \"h:1883\"").expect("one address");
+        assert_eq!(one.bridge[0].address.0, ["h:1883"]);
+        assert_eq!(one.bridge[0].failback_secs, 60);
+        assert!(one.bridge[0].notifications);
+        assert_eq!(one.bridge[0].linger_ms, 0);
+        let two = load("address = [\"a:1\", \"b:2\"]\nlinger_ms = 1000").expect("a list");
+        assert_eq!(two.bridge[0].address.0, ["a:1", "b:2"]);
+        assert_eq!(two.bridge[0].address.to_string(), "a:1, b:2");
+        for (extra, key) in [
+            ("address = []", "bridge[0].address"),
+            ("address = [\"a:1\", \"b\"]", "bridge[0].address"),
+            ("address = \"a:1\"\nlinger_ms = 5000", "bridge[0].linger_ms"),
+            (
+                "address = \"a:1\"\nnotification_topic = \"s/#\"",
+                "bridge[0].notification_topic",
+            ),
+        ] {
+            let e = load(extra).expect_err(extra).to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let mut b = BridgeConfig::example();
+        assert_eq!(b.state_topic(), "holdfast/gateway-17/state");
+        b.notification_topic = Some("fleet/17".into());
+        assert_eq!(b.state_topic(), "fleet/17");
+    }
+
     #[test]
     fn default_client_id_from_device_id_machine_id_or_hostname() {
         let dir = tempfile::tempdir().unwrap();
