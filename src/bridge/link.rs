@@ -66,6 +66,9 @@ pub(super) struct Link {
     notify: Option<String>,
     /// The upstream's Maximum QoS (for the state message).
     maximum_qos: QoS,
+    /// With `linger_ms`: the TCP socket, whose quick-ACK mode is switched off after each
+    /// read (see [`Link::delay_acks`]).
+    delayed_ack_fd: Option<std::os::fd::RawFd>,
 }
 
 /// Packet id of the state notification (`notifications`): never an outbox's (config
@@ -144,6 +147,7 @@ async fn open(
         .await
         .map_err(|e| format!("connecting to {address} ({ip}): {e}"))?;
     let _ = tcp.set_nodelay(true);
+    let delayed_ack_fd = (cfg.linger_ms > 0).then(|| std::os::fd::AsRawFd::as_raw_fd(&tcp));
     let io: Box<dyn Io> = match tls {
         None => Box::new(tcp),
         Some(tls) => {
@@ -178,6 +182,7 @@ async fn open(
         scratch: vec![0; 8 * 1024].into_boxed_slice(),
         notify: None,
         maximum_qos: QoS::AtLeastOnce,
+        delayed_ack_fd,
     };
     let will = cfg.notifications.then(|| {
         let (topic, payload) = state_message(cfg, false);
@@ -288,8 +293,32 @@ impl Link {
             }
             match self.io.read_buf(&mut self.rbuf).await {
                 Ok(0) => return Err(self.peer_closed("upstream closed the connection".into())),
-                Ok(_) => {}
+                Ok(_) => self.delay_acks(),
                 Err(e) => return Err(self.peer_closed(format!("reading from upstream: {e}"))),
+            }
+        }
+    }
+
+    /// `linger_ms` (metered links): leaves Linux's quick-ACK mode after a read, so the
+    /// kernel delays its ACK (up to its delayed-ACK timeout, 40 ms or more) instead of
+    /// answering each of the upstream's PUBACK segments with a bare 52-byte ACK; the
+    /// upstream's Nagle then coalesces the rest of a burst of PUBACKs into one segment.
+    /// The flag is not sticky (the kernel re-enters quick-ACK mode by itself), hence after
+    /// every read. Plain TCP; nothing changes on the wire but the number of segments.
+    fn delay_acks(&self) {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Some(fd) = self.delayed_ack_fd {
+            let off: libc::c_int = 0;
+            // SAFETY: `fd` is the TCP socket owned by `self.io`, open while `self` lives;
+            // the option value is a valid c_int of the size given.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_QUICKACK,
+                    std::ptr::addr_of!(off).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
             }
         }
     }
@@ -435,6 +464,7 @@ impl Link {
             )),
             Poll::Ready(Ok(())) => {
                 self.rbuf.extend_from_slice(rb.filled());
+                self.delay_acks();
                 Poll::Ready(Ok(Progress::Read))
             }
             Poll::Ready(Err(e)) => {
