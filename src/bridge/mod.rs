@@ -32,8 +32,13 @@
 //! Parts: `link` is the upstream connection (MQTT 3.1.1 or 5 with our own codec,
 //! stateless: see `upstream`); `pump` moves messages during one connected period
 //! (in-flight bounds, the acknowledgement timeout that notices a dead link under traffic,
-//! priorities, packet-id mapping); `status` reports (status, `$SYS`, stalled); this
-//! file connects, backs off and keeps what outlives a connection.
+//! priorities, packet-id mapping, `linger_ms`, topic aliases); `status` reports (status,
+//! `$SYS`, stalled, metrics); `failover` picks the address (an address list, failback to
+//! the primary); this file connects, backs off and keeps what outlives a connection.
+//!
+//! Link state upstream (`notifications`): the CONNECT carries a will (retained `0` on the
+//! state topic) and a retained `1` follows the CONNACK (`link`); a clean shutdown sets
+//! `0`, a failback does not.
 //!
 //! Reconnecting: exponential backoff with full jitter, started over only after progress
 //! (an acknowledgement or a downlink message, or a link that stayed up a keep-alive), so

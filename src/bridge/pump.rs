@@ -18,6 +18,12 @@
 //! seconds; the keep-alive still covers idle links). Acknowledgements are read while a
 //! batch is being written ([`super::link`]), so a slow but moving link never trips it.
 //!
+//! Bytes (metered links): with `linger_ms`, what is queued for the link waits up to that
+//! long after its oldest byte for more to join it, unless 16 KiB wait or the in-flight
+//! window is full; the dead-link timer allows for it. Over MQTT 5, remote topics get
+//! topic aliases up to the upstream's Topic Alias Maximum (per connection, first come
+//! first served).
+//!
 //! Packet ids: outbox `k`'s id `i` goes upstream as `k × stride + i` with `stride =
 //! 65535 / outboxes`, independent of `inflight`: a restart with a lower `inflight` (the
 //! router resends what was in flight with its old ids) cannot make one outbox's
