@@ -330,6 +330,8 @@ async fn qos2_downlink_release_reaches_the_outbox_that_took_the_message() {
             rule("alarms/#", Direction::Both, 2, 1),
             rule("telemetry/#", Direction::Out, 1, 0),
         ],
+        // The script expects SUBSCRIBE right after the CONNACK (no state message).
+        notifications: false,
         ..bridge_to(proxy.addr, V5)
     };
     let gw = gateway(b).await;

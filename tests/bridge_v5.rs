@@ -260,7 +260,8 @@ async fn upstream_refusals_are_counted_and_do_not_block_the_outbox() {
     let acl = acl_dir.path().join("acl");
     std::fs::write(
         &acl,
-        "topic readwrite site/#\ntopic deny site/sensors/secret/#\n",
+        // holdfast/#: the bridge's link state (`notifications`, on by default).
+        "topic readwrite site/#\ntopic readwrite holdfast/#\ntopic deny site/sensors/secret/#\n",
     )
     .unwrap();
     let up = start_broker(|c| {

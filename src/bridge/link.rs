@@ -244,6 +244,11 @@ impl Link {
                     " (it refuses the retained QoS 1 will of `notifications`: set notifications = false)",
                 );
             }
+            if with_will && ack.reason_code == reason::NOT_AUTHORIZED {
+                e.push_str(
+                    " (if its ACL refuses the will on the state topic: allow notification_topic for this client, change it, or set notifications = false)",
+                );
+            }
             if let Some(why) = &p.reason_string {
                 e.push_str(&format!(" ({why})"));
             }
