@@ -216,10 +216,18 @@ async fn open(
         Packet::ConnAck(ack) => ack,
         other => return Err(format!("expected CONNACK, got {}", other.name())),
     };
-    let (mut link, granted) = link.accept(ack, cfg.notifications)?;
+    let (mut link, mut granted) = link.accept(ack, cfg.notifications)?;
     if cfg.notifications {
         link.notify = Some(cfg.state_topic());
-        link.maximum_qos = granted.maximum_qos;
+        // The state message takes one of the upstream's Receive Maximum slots until its
+        // PUBACK: the outboxes get one fewer. With a single slot it goes at QoS 0 instead
+        // (the will, QoS 1, still covers a gateway that dies).
+        link.maximum_qos = if granted.receive_maximum > 1 {
+            granted.receive_maximum -= 1;
+            granted.maximum_qos
+        } else {
+            QoS::AtMostOnce
+        };
         link.queue_state(true);
     }
     Ok((link, granted))
