@@ -54,6 +54,69 @@ pub struct TopicRule {
     pub queue_qos0: bool,
 }
 
+/// One `host:port` or a list of them (TOML: a string or an array of strings), tried in
+/// order: the first is the primary. A host name is resolved at each attempt and tried on
+/// every address it resolves to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "OneOrMany", into = "OneOrMany")]
+pub struct Addresses(pub Vec<String>);
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl From<OneOrMany> for Addresses {
+    fn from(v: OneOrMany) -> Self {
+        match v {
+            OneOrMany::One(a) => Addresses(vec![a]),
+            OneOrMany::Many(v) => Addresses(v),
+        }
+    }
+}
+
+impl From<Addresses> for OneOrMany {
+    fn from(a: Addresses) -> Self {
+        match <[String; 1]>::try_from(a.0) {
+            Ok([one]) => OneOrMany::One(one),
+            Err(v) => OneOrMany::Many(v),
+        }
+    }
+}
+
+impl From<String> for Addresses {
+    fn from(a: String) -> Self {
+        Addresses(vec![a])
+    }
+}
+
+impl From<&str> for Addresses {
+    fn from(a: &str) -> Self {
+        Addresses(vec![a.to_string()])
+    }
+}
+
+impl From<Vec<String>> for Addresses {
+    fn from(v: Vec<String>) -> Self {
+        Addresses(v)
+    }
+}
+
+impl Addresses {
+    /// The primary (first) address.
+    pub fn primary(&self) -> &str {
+        self.0.first().map(String::as_str).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for Addresses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
+    }
+}
+
 fn default_direction() -> Direction {
     Direction::Out
 }
@@ -74,8 +137,27 @@ pub enum BridgeProtocol {
 pub struct BridgeConfig {
     /// Short name: used in logs, in the internal session id (`$bridge/<name>`) and status.
     pub name: String,
-    /// Upstream broker `host:port`.
-    pub address: String,
+    /// Upstream broker(s): one `host:port` or a list tried in order, primary first (see
+    /// [`Addresses`]).
+    pub address: Addresses,
+    /// While connected to any address but the first, how often the primary is probed
+    /// (a TCP connect), seconds; once it answers the bridge goes back to it. 0 = stay on
+    /// whichever address works until that link fails.
+    #[serde(default = "default_failback")]
+    pub failback_secs: u64,
+    /// Publish the link state upstream: a retained `1` (QoS 1) on `notification_topic`
+    /// after each connect, and the same topic with a retained `0` as the will (and on a
+    /// clean shutdown), as Mosquitto's `notifications` does.
+    #[serde(default = "default_true")]
+    pub notifications: bool,
+    /// The upstream topic of the link state; default `holdfast/<client_id>/state`.
+    #[serde(default)]
+    pub notification_topic: Option<String>,
+    /// Longest time an outgoing publish may wait for others to share its TCP segment
+    /// (and TLS record), milliseconds; 0 = written at once. The local PUBACK never waits
+    /// for it (it follows the commit).
+    #[serde(default)]
+    pub linger_ms: u64,
     /// MQTT version spoken upstream.
     #[serde(default = "default_protocol")]
     pub protocol: BridgeProtocol,
@@ -171,6 +253,12 @@ pub struct BridgeConfig {
     pub topic: Vec<TopicRule>,
 }
 
+fn default_failback() -> u64 {
+    60
+}
+fn default_true() -> bool {
+    true
+}
 fn default_policy() -> crate::config::QueuePolicy {
     crate::config::QueuePolicy::RejectNew
 }
@@ -215,6 +303,10 @@ impl BridgeConfig {
         BridgeConfig {
             name: "cloud".into(),
             address: "broker.example.com:1883".into(),
+            failback_secs: default_failback(),
+            notifications: true,
+            notification_topic: None,
+            linger_ms: 0,
             protocol: BridgeProtocol::V311,
             client_id: Some("gateway-17".into()),
             username: Some("gateway-17".into()),
@@ -264,6 +356,14 @@ impl BridgeConfig {
         self
     }
 
+    /// The upstream topic of the link state (`notification_topic` or its default).
+    pub fn state_topic(&self) -> String {
+        match &self.notification_topic {
+            Some(t) => t.clone(),
+            None => format!("holdfast/{}/state", self.effective_client_id()),
+        }
+    }
+
     /// The client id used upstream (after [`BridgeConfig::resolve_client_id`]).
     pub fn effective_client_id(&self) -> String {
         match &self.client_id {
@@ -308,13 +408,38 @@ impl BridgeConfig {
                 "must be non-empty without '/', '+' or '#'",
             ));
         }
-        match self.address.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
-            _ => {
+        if self.address.0.is_empty() {
+            return Err(ConfigError::invalid(
+                key("address"),
+                "needs at least one HOST:PORT",
+            ));
+        }
+        for a in &self.address.0 {
+            match a.rsplit_once(':') {
+                Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {}
+                _ => {
+                    return Err(ConfigError::invalid(
+                        key("address"),
+                        format!("`{a}` is not HOST:PORT"),
+                    ))
+                }
+            }
+        }
+        if self.linger_ms > 10_000 || self.linger_ms >= self.ack_timeout_secs.saturating_mul(1000) {
+            return Err(ConfigError::invalid(
+                key("linger_ms"),
+                format!(
+                    "must be at most 10000 and below ack_timeout_secs × 1000 (got {})",
+                    self.linger_ms
+                ),
+            ));
+        }
+        if let Some(t) = &self.notification_topic {
+            if !crate::protocol::topic::valid_topic_name(t) {
                 return Err(ConfigError::invalid(
-                    key("address"),
-                    format!("`{}` is not HOST:PORT", self.address),
-                ))
+                    key("notification_topic"),
+                    format!("`{t}` is not a valid topic name"),
+                ));
             }
         }
         if self.inflight == 0 {
@@ -330,11 +455,12 @@ impl BridgeConfig {
             }
         }
         let classes = super::priorities(self).len();
-        if usize::from(self.inflight) * classes > usize::from(u16::MAX) {
+        // Packet id 65535 is kept for the state notification (`notifications`).
+        if usize::from(self.inflight) * classes >= usize::from(u16::MAX) {
             return Err(ConfigError::invalid(
                 key("inflight"),
                 format!(
-                    "{} × {classes} priorities exceeds the 65535 packet ids",
+                    "{} × {classes} priorities exceeds the 65534 packet ids",
                     self.inflight
                 ),
             ));
@@ -482,6 +608,45 @@ fn fnv1a64(bytes: &[u8]) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn load(extra: &str) -> Result<crate::config::Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("h.toml");
+        std::fs::write(
+            &path,
+            format!("[[bridge]]\nname = \"c\"\n{extra}\n[[bridge.topic]]\npattern = \"a/#\"\n"),
+        )
+        .unwrap();
+        crate::config::Config::load_from(Some(&path), Default::default())
+    }
+
+    #[test]
+    fn address_is_one_host_port_or_a_list_and_fleet_keys_validate() {
+        let one = load("address = \"h:1883\"").expect("one address");
+        assert_eq!(one.bridge[0].address.0, ["h:1883"]);
+        assert_eq!(one.bridge[0].failback_secs, 60);
+        assert!(one.bridge[0].notifications);
+        assert_eq!(one.bridge[0].linger_ms, 0);
+        let two = load("address = [\"a:1\", \"b:2\"]\nlinger_ms = 1000").expect("a list");
+        assert_eq!(two.bridge[0].address.0, ["a:1", "b:2"]);
+        assert_eq!(two.bridge[0].address.to_string(), "a:1, b:2");
+        for (extra, key) in [
+            ("address = []", "bridge[0].address"),
+            ("address = [\"a:1\", \"b\"]", "bridge[0].address"),
+            ("address = \"a:1\"\nlinger_ms = 5000", "bridge[0].linger_ms"),
+            (
+                "address = \"a:1\"\nnotification_topic = \"s/#\"",
+                "bridge[0].notification_topic",
+            ),
+        ] {
+            let e = load(extra).expect_err(extra).to_string();
+            assert!(e.contains(key), "{extra}: {e}");
+        }
+        let mut b = BridgeConfig::example();
+        assert_eq!(b.state_topic(), "holdfast/gateway-17/state");
+        b.notification_topic = Some("fleet/17".into());
+        assert_eq!(b.state_topic(), "fleet/17");
+    }
 
     #[test]
     fn default_client_id_from_device_id_machine_id_or_hostname() {

@@ -33,7 +33,7 @@ use super::upstream::{AckKind, Granted, UpEvent, Upstream};
 use super::{BridgeConfig, BridgeProtocol};
 use crate::protocol::{
     decode, encode, encoded_len, reason, ConnAck, Connect, ConnectProperties, Disconnect, Packet,
-    ProtocolVersion, QoS, Subscribe, SubscribeFilter,
+    ProtocolVersion, Publish, QoS, Subscribe, SubscribeFilter, Will,
 };
 
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -62,39 +62,96 @@ pub(super) struct Link {
     closed_by_peer: bool,
     /// Reads while a write is blocked land here first (allocated once, not per flush).
     scratch: Box<[u8]>,
+    /// The state topic when `notifications` is on.
+    notify: Option<String>,
+    /// The upstream's Maximum QoS (for the state message).
+    maximum_qos: QoS,
+    /// With `linger_ms`: the TCP socket, whose quick-ACK mode is switched off after each
+    /// read (see [`Link::delay_acks`]).
+    delayed_ack_fd: Option<std::os::fd::RawFd>,
 }
 
-/// Connects (TCP, TLS, CONNECT with Clean Start / Clean Session = false and, over MQTT 5,
-/// the configured Session Expiry) and waits for a successful CONNACK, all within
-/// `connect_timeout_secs`.
+/// Packet id of the state notification (`notifications`): never an outbox's (config
+/// validation keeps `inflight` × priorities below it), and its PUBACK is consumed here.
+pub(super) const NOTIFY_ID: u16 = u16::MAX;
+
+/// Connects to `address` (TCP, TLS, CONNECT with Clean Start / Clean Session = false and,
+/// over MQTT 5, the configured Session Expiry) and waits for a successful CONNACK. A host
+/// name is resolved and every address it resolves to is tried in turn, each within
+/// `connect_timeout_secs`. With `notifications`, the CONNECT carries the will (retained
+/// `0` on the state topic) and the retained `1` is queued right after the CONNACK (sent by
+/// the first flush; its PUBACK is consumed by the link).
 pub(super) async fn connect(
     cfg: &BridgeConfig,
+    address: &str,
     tls: Option<Arc<rustls::ClientConfig>>,
     max_packet_size: usize,
 ) -> Result<(Link, Granted), String> {
     let limit = Duration::from_secs(cfg.connect_timeout_secs.max(1));
-    match tokio::time::timeout(limit, open(cfg, tls, max_packet_size)).await {
-        Ok(r) => r,
-        Err(_) => Err(format!(
-            "no CONNACK within connect_timeout_secs ({} s)",
-            limit.as_secs()
-        )),
+    let ips: Vec<std::net::SocketAddr> =
+        match tokio::time::timeout(limit, tokio::net::lookup_host(address)).await {
+            Ok(Ok(ips)) => ips.collect(),
+            Ok(Err(e)) => return Err(format!("resolving {address}: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "resolving {address}: no answer within {} s",
+                    limit.as_secs()
+                ))
+            }
+        };
+    connect_resolved(cfg, address, &ips, tls, max_packet_size).await
+}
+
+/// [`connect`] to the addresses `address` resolved to, in turn, until one answers.
+async fn connect_resolved(
+    cfg: &BridgeConfig,
+    address: &str,
+    ips: &[std::net::SocketAddr],
+    tls: Option<Arc<rustls::ClientConfig>>,
+    max_packet_size: usize,
+) -> Result<(Link, Granted), String> {
+    let limit = Duration::from_secs(cfg.connect_timeout_secs.max(1));
+    let mut errors = Vec::new();
+    for ip in ips {
+        match tokio::time::timeout(limit, open(cfg, address, *ip, tls.clone(), max_packet_size))
+            .await
+        {
+            Ok(Ok(c)) => return Ok(c),
+            Ok(Err(e)) => errors.push(e),
+            Err(_) => errors.push(format!(
+                "{ip}: no CONNACK within connect_timeout_secs ({} s)",
+                limit.as_secs()
+            )),
+        }
     }
+    if errors.is_empty() {
+        return Err(format!("{address} resolves to no address"));
+    }
+    Err(errors.join("; "))
+}
+
+/// The will / state message: retained, QoS 1 (at most the upstream's maximum).
+fn state_message(cfg: &BridgeConfig, online: bool) -> (String, bytes::Bytes) {
+    let payload: &'static [u8] = if online { b"1" } else { b"0" };
+    (cfg.state_topic(), bytes::Bytes::from_static(payload))
 }
 
 async fn open(
     cfg: &BridgeConfig,
+    address: &str,
+    ip: std::net::SocketAddr,
     tls: Option<Arc<rustls::ClientConfig>>,
     max_in: usize,
 ) -> Result<(Link, Granted), String> {
-    let tcp = TcpStream::connect(&cfg.address)
+    let tcp = TcpStream::connect(ip)
         .await
-        .map_err(|e| format!("connecting to {}: {e}", cfg.address))?;
+        .map_err(|e| format!("connecting to {address} ({ip}): {e}"))?;
     let _ = tcp.set_nodelay(true);
+    let delayed_ack_fd = (cfg.linger_ms > 0).then(|| std::os::fd::AsRawFd::as_raw_fd(&tcp));
     let io: Box<dyn Io> = match tls {
         None => Box::new(tcp),
         Some(tls) => {
-            let (host, _) = super::host_port(&cfg.address);
+            let (host, _) = super::host_port(address);
             let name = cfg.server_name.clone().unwrap_or(host);
             let name = rustls::pki_types::ServerName::try_from(name)
                 .map_err(|e| format!("TLS server name: {e}"))?;
@@ -123,7 +180,20 @@ async fn open(
         idle_timeout: Duration::from_secs(cfg.ack_timeout_secs.max(1)),
         closed_by_peer: false,
         scratch: vec![0; 8 * 1024].into_boxed_slice(),
+        notify: None,
+        maximum_qos: QoS::AtLeastOnce,
+        delayed_ack_fd,
     };
+    let will = cfg.notifications.then(|| {
+        let (topic, payload) = state_message(cfg, false);
+        Will {
+            topic: topic.into(),
+            payload,
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: Default::default(),
+        }
+    });
     let connect = Connect {
         protocol: version,
         clean_start: false,
@@ -136,7 +206,7 @@ async fn open(
             ..Default::default()
         },
         client_id: cfg.effective_client_id(),
-        will: None,
+        will,
         username: cfg.username.clone(),
         password: cfg.password.clone().map(Into::into),
     };
@@ -146,7 +216,21 @@ async fn open(
         Packet::ConnAck(ack) => ack,
         other => return Err(format!("expected CONNACK, got {}", other.name())),
     };
-    link.accept(ack)
+    let (mut link, mut granted) = link.accept(ack, cfg.notifications)?;
+    if cfg.notifications {
+        link.notify = Some(cfg.state_topic());
+        // The state message takes one of the upstream's Receive Maximum slots until its
+        // PUBACK: the outboxes get one fewer. With a single slot it goes at QoS 0 instead
+        // (the will, QoS 1, still covers a gateway that dies).
+        link.maximum_qos = if granted.receive_maximum > 1 {
+            granted.receive_maximum -= 1;
+            granted.maximum_qos
+        } else {
+            QoS::AtMostOnce
+        };
+        link.queue_state(true);
+    }
+    Ok((link, granted))
 }
 
 impl Link {
@@ -156,13 +240,23 @@ impl Link {
 
     /// Applies a CONNACK: refusal → `Err`; otherwise the upstream's limits (MQTT 5; a
     /// 3.1.1 upstream announces none and takes QoS 0 and 1 from the bridge).
-    fn accept(mut self, ack: ConnAck) -> Result<(Link, Granted), String> {
+    fn accept(mut self, ack: ConnAck, with_will: bool) -> Result<(Link, Granted), String> {
         let p = &ack.properties;
         if ack.reason_code >= 0x80 {
             let mut e = format!(
                 "upstream refused the connection: reason code {:#04x}",
                 ack.reason_code
             );
+            if with_will && matches!(ack.reason_code, 0x9a | 0x9b) {
+                e.push_str(
+                    " (it refuses the retained QoS 1 will of `notifications`: set notifications = false)",
+                );
+            }
+            if with_will && ack.reason_code == reason::NOT_AUTHORIZED {
+                e.push_str(
+                    " (if its ACL refuses the will on the state topic: allow notification_topic for this client, change it, or set notifications = false)",
+                );
+            }
             if let Some(why) = &p.reason_string {
                 e.push_str(&format!(" ({why})"));
             }
@@ -192,6 +286,11 @@ impl Link {
                 _ => QoS::ExactlyOnce,
             },
             retain_available: p.retain_available != Some(0),
+            topic_alias_maximum: if self.v5() {
+                p.topic_alias_maximum.unwrap_or(0)
+            } else {
+                0
+            },
         };
         Ok((self, granted))
     }
@@ -207,8 +306,32 @@ impl Link {
             }
             match self.io.read_buf(&mut self.rbuf).await {
                 Ok(0) => return Err(self.peer_closed("upstream closed the connection".into())),
-                Ok(_) => {}
+                Ok(_) => self.delay_acks(),
                 Err(e) => return Err(self.peer_closed(format!("reading from upstream: {e}"))),
+            }
+        }
+    }
+
+    /// `linger_ms` (metered links): leaves Linux's quick-ACK mode after a read, so the
+    /// kernel delays its ACK (up to its delayed-ACK timeout, 40 ms or more) instead of
+    /// answering each of the upstream's PUBACK segments with a bare 52-byte ACK; the
+    /// upstream's Nagle then coalesces the rest of a burst of PUBACKs into one segment.
+    /// The flag is not sticky (the kernel re-enters quick-ACK mode by itself), hence after
+    /// every read. Plain TCP; nothing changes on the wire but the number of segments.
+    fn delay_acks(&self) {
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        if let Some(fd) = self.delayed_ack_fd {
+            let off: libc::c_int = 0;
+            // SAFETY: `fd` is the TCP socket owned by `self.io`, open while `self` lives;
+            // the option value is a valid c_int of the size given.
+            unsafe {
+                libc::setsockopt(
+                    fd,
+                    libc::IPPROTO_TCP,
+                    libc::TCP_QUICKACK,
+                    std::ptr::addr_of!(off).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                );
             }
         }
     }
@@ -252,6 +375,10 @@ impl Link {
             reason: a.reason_code,
         };
         Ok(match packet {
+            // The state notification's (its id is never an outbox's).
+            Packet::PubAck(a) if a.packet_id == NOTIFY_ID && self.notify.is_some() => {
+                UpEvent::Nothing
+            }
             Packet::PubAck(a) => ack(AckKind::Ack, a),
             Packet::PubRec(a) => ack(AckKind::Rec, a),
             Packet::PubComp(a) => ack(AckKind::Comp, a),
@@ -285,6 +412,25 @@ impl Link {
                 return Err(format!("unexpected {} from upstream", other.name()));
             }
         })
+    }
+
+    /// Queues the state message (`1` online, `0` offline): retained, QoS 1 with
+    /// [`NOTIFY_ID`] (or the upstream's Maximum QoS if lower).
+    fn queue_state(&mut self, online: bool) {
+        let Some(topic) = self.notify.clone() else {
+            return;
+        };
+        let qos = self.maximum_qos.min(QoS::AtLeastOnce);
+        let p = Publish {
+            dup: false,
+            qos,
+            retain: true,
+            topic: topic.into(),
+            packet_id: if qos == QoS::AtMostOnce { 0 } else { NOTIFY_ID },
+            properties: Default::default(),
+            payload: bytes::Bytes::from_static(if online { b"1" } else { b"0" }),
+        };
+        encode(&Packet::Publish(p), self.version, &mut self.wbuf);
     }
 
     /// Queues a DISCONNECT 0x82 Protocol Error over MQTT 5 (sent by the caller's last
@@ -331,6 +477,7 @@ impl Link {
             )),
             Poll::Ready(Ok(())) => {
                 self.rbuf.extend_from_slice(rb.filled());
+                self.delay_acks();
                 Poll::Ready(Ok(Progress::Read))
             }
             Poll::Ready(Err(e)) => {
@@ -411,6 +558,10 @@ impl Upstream for Link {
         Ok(())
     }
 
+    fn pending(&self) -> usize {
+        self.wbuf.len()
+    }
+
     async fn flush(&mut self) -> Result<(), String> {
         if self.wbuf.is_empty() {
             return Ok(());
@@ -459,14 +610,53 @@ impl Upstream for Link {
         }
     }
 
-    async fn close(&mut self) {
+    async fn close(&mut self, offline: bool) {
         // Normal disconnection: the upstream keeps the session (for its expiry interval
-        // over MQTT 5) and discards no will (we set none).
-        encode(
-            &Packet::Disconnect(Disconnect::default()),
-            self.version,
-            &mut self.wbuf,
-        );
+        // over MQTT 5). `offline` with notifications: the state goes to `0` first (MQTT 5:
+        // DISCONNECT 0x04 has the upstream publish the will; 3.1.1 discards the will on
+        // DISCONNECT, so the `0` is published before it).
+        let mut d = Disconnect::default();
+        if offline && self.notify.is_some() {
+            if self.v5() {
+                d.reason_code = 0x04;
+            } else {
+                self.queue_state(false);
+            }
+        }
+        encode(&Packet::Disconnect(d), self.version, &mut self.wbuf);
         let _ = tokio::time::timeout(Duration::from_secs(1), self.flush()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A name that resolves to several addresses is tried on each: the first refuses the
+    /// connection, the second is a real broker.
+    #[tokio::test]
+    async fn every_resolved_address_is_tried_in_turn() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = crate::config::Config {
+            data_dir: dir.path().to_path_buf(),
+            listener: vec![crate::config::ListenerConfig::new("127.0.0.1:0")],
+            ..Default::default()
+        };
+        let broker = crate::broker::Broker::start(&cfg).await.unwrap();
+        let live = broker.local_addrs()[0];
+        let dead = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap()
+        };
+        let bridge = BridgeConfig {
+            connect_timeout_secs: 2,
+            ..BridgeConfig::example()
+        };
+        let r = connect_resolved(&bridge, "upstream.test:1883", &[dead, live], None, 1 << 20).await;
+        assert!(r.is_ok(), "{:?}", r.err());
+        let r = connect_resolved(&bridge, "upstream.test:1883", &[dead], None, 1 << 20).await;
+        let e = r.err().expect("refused");
+        assert!(e.contains(&dead.to_string()), "{e}");
+        broker.shutdown().await;
     }
 }

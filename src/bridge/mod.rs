@@ -32,8 +32,13 @@
 //! Parts: `link` is the upstream connection (MQTT 3.1.1 or 5 with our own codec,
 //! stateless: see `upstream`); `pump` moves messages during one connected period
 //! (in-flight bounds, the acknowledgement timeout that notices a dead link under traffic,
-//! priorities, packet-id mapping); `status` reports (status, `$SYS`, stalled); this
-//! file connects, backs off and keeps what outlives a connection.
+//! priorities, packet-id mapping, `linger_ms`, topic aliases); `status` reports (status,
+//! `$SYS`, stalled, metrics); `failover` picks the address (an address list, failback to
+//! the primary); this file connects, backs off and keeps what outlives a connection.
+//!
+//! Link state upstream (`notifications`): the CONNECT carries a will (retained `0` on the
+//! state topic) and a retained `1` follows the CONNACK (`link`); a clean shutdown sets
+//! `0`, a failback does not.
 //!
 //! Reconnecting: exponential backoff with full jitter, started over only after progress
 //! (an acknowledgement or a downlink message, or a link that stayed up a keep-alive), so
@@ -43,6 +48,7 @@
 //! connection `reject_after_closes` times in a row is set aside (counted as rejected).
 
 pub mod config;
+mod failover;
 mod link;
 mod pacer;
 mod pump;
@@ -51,7 +57,7 @@ mod strikes;
 mod tls;
 mod upstream;
 
-pub use status::{all_status_json, stalled, status_json, BridgeStatus};
+pub use status::{all_status_json, metrics, stalled, status_json, BridgeMetrics, BridgeStatus};
 pub use tls::client_config as tls_client_config;
 
 use std::collections::{HashMap, VecDeque};
@@ -64,7 +70,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-pub use config::{BridgeConfig, BridgeProtocol, Direction, TopicRule};
+pub use config::{Addresses, BridgeConfig, BridgeProtocol, Direction, TopicRule};
 use upstream::{Granted, UpEvent, Upstream};
 
 use crate::broker::connection::{ConnLink, Shared};
@@ -206,6 +212,8 @@ struct Bridge {
     strikes: strikes::Strikes,
     /// The link's rate as measured by the last connection, bytes/s (`f64` bits).
     rate: AtomicU64,
+    /// Which address is in use; the failback probe (see `failover`).
+    failover: failover::Failover,
 }
 
 /// Indices into `Bridge::counts`.
@@ -217,6 +225,8 @@ const RECEIVED: usize = 2;
 enum End {
     Shutdown,
     Lost(String),
+    /// The primary address answers again (see `failover`).
+    Failback,
 }
 
 /// How one connection attempt went.
@@ -265,7 +275,13 @@ impl Bridge {
             })
             .collect();
         let strikes = strikes::Strikes::new(cfg.reject_after_closes);
+        let failover = failover::Failover::new(
+            cfg.address.0.clone(),
+            cfg.failback_secs,
+            Duration::from_secs(cfg.connect_timeout_secs.max(1)),
+        );
         Bridge {
+            failover,
             classes,
             cfg,
             shared,
@@ -345,7 +361,8 @@ impl Bridge {
     async fn run(self) {
         self.status(|st| {
             st.name = self.cfg.name.clone();
-            st.address = self.cfg.address.clone();
+            st.address = self.failover.current();
+            st.addresses = self.cfg.address.0.clone();
             st.client_id = self.cfg.effective_client_id();
             st.since_ms = crate::store::unix_ms();
             st.outboxes = self.classes.iter().map(|(id, _)| id.to_string()).collect();
@@ -368,22 +385,29 @@ impl Bridge {
         let mut last_error = String::new();
         let max_packet = self.shared.cfg.max_packet_size as usize + 1024;
         while !self.shutdown.is_cancelled() {
-            let connect = link::connect(&self.cfg, self.tls.clone(), max_packet);
-            match self.attempt(connect, &mut backoff).await {
+            let address = self.failover.current();
+            self.status(|st| st.address = address.clone());
+            let connect = link::connect(&self.cfg, &address, self.tls.clone(), max_packet);
+            let (attempt, progress) = self.attempt(connect, &mut backoff).await;
+            match attempt {
                 Attempt::Failed(e) => {
                     if e != last_error {
-                        warn!(bridge = %self.cfg.name, address = %self.cfg.address, cause = %e, "bridge cannot connect upstream (retrying with backoff; logged once per distinct error)");
+                        warn!(bridge = %self.cfg.name, address = %address, cause = %e, "bridge cannot connect upstream (retrying with backoff; logged once per distinct error)");
                         self.status(|st| st.last_error = Some(e.clone()));
                         last_error = e;
                     }
                 }
                 Attempt::Ended(End::Shutdown) => break,
+                Attempt::Ended(End::Failback) => {
+                    self.failover.to_primary();
+                    continue;
+                }
                 Attempt::Ended(End::Lost(e)) => {
-                    warn!(bridge = %self.cfg.name, cause = %e, "bridge link lost; messages stay queued on disk");
+                    warn!(bridge = %self.cfg.name, address = %address, cause = %e, "bridge link lost; messages stay queued on disk");
                     last_error = e;
                 }
             }
-            if self.pause(backoff.next_wait()).await {
+            if self.failover.next(progress) && self.pause(backoff.next_wait()).await {
                 break;
             }
         }
@@ -398,36 +422,41 @@ impl Bridge {
         &self,
         connect: impl std::future::Future<Output = Result<(U, Granted), String>>,
         backoff: &mut Backoff,
-    ) -> Attempt {
+    ) -> (Attempt, bool) {
         // Never cancelled except by shutdown: a slow LTE TLS handshake that kept being
         // cancelled would never finish. `connect` is bounded by connect_timeout_secs.
         let (mut up, granted) = tokio::select! {
             r = connect => match r {
                 Ok(c) => c,
-                Err(e) => return Attempt::Failed(e),
+                Err(e) => return (Attempt::Failed(e), false),
             },
-            _ = self.shutdown.cancelled() => return Attempt::Ended(End::Shutdown),
+            _ = self.shutdown.cancelled() => return (Attempt::Ended(End::Shutdown), false),
         };
         let since = Instant::now();
-        info!(bridge = %self.cfg.name, address = %self.cfg.address, protocol = ?self.cfg.protocol, session_present = granted.session_present, "bridge connected upstream");
+        let address = self.failover.current();
+        info!(bridge = %self.cfg.name, address = %address, protocol = ?self.cfg.protocol, session_present = granted.session_present, "bridge connected upstream");
+        self.failover.connected(&self.shutdown, &self.cfg.name);
         self.set_connected(true, None).await;
         let (end, progress) = match self.subscribe_upstream(&mut up).await {
             Err(e) => (End::Lost(e), false),
             Ok(early) => self.connected(&mut up, granted, early).await,
         };
+        self.failover.disconnected();
         let stayed = since.elapsed() >= Duration::from_secs(u64::from(self.cfg.keepalive_secs));
         if progress || stayed {
             backoff.reset();
         }
-        if matches!(end, End::Shutdown) {
-            up.close().await;
+        match end {
+            End::Shutdown => up.close(true).await,
+            End::Failback => up.close(false).await,
+            End::Lost(_) => {}
         }
         let error = match &end {
-            End::Shutdown => None,
+            End::Shutdown | End::Failback => None,
             End::Lost(e) => Some(e.clone()),
         };
         self.set_connected(false, error).await;
-        Attempt::Ended(end)
+        (Attempt::Ended(end), progress || stayed)
     }
 
     /// Sleeps for a backoff step; true if shutdown came first.

@@ -18,6 +18,12 @@
 //! seconds; the keep-alive still covers idle links). Acknowledgements are read while a
 //! batch is being written ([`super::link`]), so a slow but moving link never trips it.
 //!
+//! Bytes (metered links): with `linger_ms`, what is queued for the link waits up to that
+//! long after its oldest byte for more to join it, unless 16 KiB wait or the in-flight
+//! window is full; the dead-link timer allows for it. Over MQTT 5, remote topics get
+//! topic aliases up to the upstream's Topic Alias Maximum (per connection, first come
+//! first served).
+//!
 //! Packet ids: outbox `k`'s id `i` goes upstream as `k × stride + i` with `stride =
 //! 65535 / outboxes`, independent of `inflight`: a restart with a lower `inflight` (the
 //! router resends what was in flight with its old ids) cannot make one outbox's
@@ -83,6 +89,10 @@ pub(super) struct Link {
     /// by the bridge), and the measurement window: (since, bytes acknowledged).
     pub rate: f64,
     rate_window: Option<(Instant, u64)>,
+    /// MQTT 5 topic aliases announced on this connection: remote topic → alias (at most
+    /// the upstream's Topic Alias Maximum, first come first served; the rest go with their
+    /// topic).
+    aliases: HashMap<std::sync::Arc<str>, u16>,
 }
 
 /// Rate assumed before any measurement, bytes/s: a slow uplink (a message of 1 MB at the
@@ -92,6 +102,9 @@ pub(super) const INITIAL_RATE: f64 = 50_000.0;
 const FLOOR_RATE: f64 = 10_000.0;
 /// Shortest measurement window for the rate (bursts of acknowledgements would inflate it).
 const RATE_WINDOW: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// `linger_ms` never holds more than this many bytes: a full batch is written at once.
+const LINGER_MAX_BYTES: usize = 16 * 1024;
 
 /// One outbox during a connected period.
 pub(super) struct Class {
@@ -128,7 +141,26 @@ impl Link {
             order: VecDeque::new(),
             rate: INITIAL_RATE,
             rate_window: None,
+            aliases: HashMap::new(),
         }
+    }
+
+    /// The topic alias for `topic` on this connection: `(alias, already announced)`, or
+    /// `None` when the upstream allows no (more) aliases.
+    fn alias(&self, topic: &str) -> Option<(u16, bool)> {
+        if let Some(a) = self.aliases.get(topic) {
+            return Some((*a, true));
+        }
+        let next = u16::try_from(self.aliases.len() + 1).ok()?;
+        (next <= self.granted.topic_alias_maximum).then_some((next, false))
+    }
+
+    /// Whether nothing more can join what is queued for writing soon: the in-flight
+    /// window (`window` messages) or the byte bound is full, or messages are held back.
+    fn blocked(&self, window: usize) -> bool {
+        self.in_flight >= window
+            || self.in_flight_bytes >= self.max_bytes
+            || self.classes.iter().any(|c| !c.held.is_empty())
     }
 
     /// QoS 1/2 messages sent upstream and not yet completed.
@@ -242,6 +274,11 @@ impl Bridge {
         let mut rates = self.rates.clone();
         let (rate, bytes_rate) = *rates.borrow_and_update();
         let mut pacer = Pacer::new(rate, bytes_rate);
+        let failback = self.failover.failback();
+        let linger = std::time::Duration::from_millis(self.cfg.linger_ms);
+        let window = self.window(link);
+        // When the oldest bytes not yet written were queued (`linger_ms`).
+        let mut pending_since: Option<Instant> = None;
         loop {
             // Highest priority first.
             for (k, rx) in rxs.iter_mut().enumerate() {
@@ -258,8 +295,23 @@ impl Bridge {
             if let Err(end) = self.release_held(up, link, &mut pacer).await {
                 return end;
             }
-            if let Err(e) = up.flush().await {
-                return End::Lost(e);
+            // `linger_ms`: what is queued waits (up to that long after the oldest of it)
+            // for more to share its segments, unless nothing more can join it soon.
+            let linger_until = if linger.is_zero() || up.pending() == 0 {
+                pending_since = None;
+                None
+            } else {
+                let since = *pending_since.get_or_insert_with(Instant::now);
+                let due = since + linger;
+                let now = Instant::now();
+                (due > now && up.pending() < LINGER_MAX_BYTES && !link.blocked(window))
+                    .then_some(due)
+            };
+            if linger_until.is_none() {
+                pending_since = None;
+                if let Err(e) = up.flush().await {
+                    return End::Lost(e);
+                }
             }
             self.publish_counts();
             // What was read while writing (acknowledgements), before any timer is judged.
@@ -274,10 +326,13 @@ impl Bridge {
                 Ok(None) => {}
             }
             let recheck = link.recheck_at().filter(|t| *t > Instant::now());
-            let dead_at = link.ack_deadline();
-            // Everything is written: `next` may be cancelled here.
+            // Messages may wait up to `linger` before they are written.
+            let dead_at = link.ack_deadline().map(|t| t + linger);
+            // Everything is written (or lingers, untouched): `next` may be cancelled here.
             let ev = tokio::select! {
                 _ = self.shutdown.cancelled() => return End::Shutdown,
+                _ = failback.cancelled() => return End::Failback,
+                _ = tokio::time::sleep_until(linger_until.unwrap_or_else(Instant::now)), if linger_until.is_some() => continue,
                 _ = tokio::time::sleep_until(dead_at.unwrap_or_else(Instant::now)), if dead_at.is_some() => {
                     return End::Lost(format!(
                         "no acknowledgement from upstream for {} s with {} messages in flight: the link is dead",
@@ -320,6 +375,17 @@ impl Bridge {
                 ev = up.try_next();
             }
         }
+    }
+
+    /// The router's in-flight window per outbox on this connection, times the outboxes
+    /// (as `connected` computes it).
+    fn window(&self, link: &Link) -> usize {
+        let n = link.classes.len().max(1);
+        let per = usize::from(self.cfg.inflight)
+            .min(usize::from(link.granted.receive_maximum) / n)
+            .min(usize::from(self.shared.cfg.max_inflight))
+            .max(1);
+        per * n
     }
 
     /// Sends held messages of the outboxes that nothing holds back any more.
@@ -603,11 +669,17 @@ impl Bridge {
             let refused = reason::IMPLEMENTATION_SPECIFIC_ERROR;
             return self.complete_now(conn, local_qos, packet_id, refused).await;
         }
-        p.topic = remote.into();
+        let remote: std::sync::Arc<str> = remote.into();
+        let alias = link.alias(&remote);
+        p.topic = match alias {
+            // Announced on this connection: the topic goes as an empty string.
+            Some((_, true)) => "".into(),
+            _ => remote.clone(),
+        };
         p.qos = p.qos.min(link.granted.maximum_qos);
         p.retain &= link.granted.retain_available;
         p.properties.subscription_identifiers.clear();
-        p.properties.topic_alias = None;
+        p.properties.topic_alias = alias.map(|(a, _)| a);
         if p.qos == QoS::AtMostOnce {
             p.packet_id = 0;
             p.dup = false;
@@ -622,6 +694,9 @@ impl Bridge {
             self.status(|st| st.rejected += 1);
             let refused = reason::PACKET_TOO_LARGE;
             return self.complete_now(conn, local_qos, packet_id, refused).await;
+        }
+        if let Some((a, false)) = alias {
+            link.aliases.insert(remote, a);
         }
         self.count(SENT);
         if sent_qos != QoS::AtMostOnce {

@@ -21,7 +21,10 @@ use crate::broker::router::{RouterEvent, SessionStats};
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct BridgeStatus {
     pub name: String,
+    /// The upstream address in use (connected) or being tried.
     pub address: String,
+    /// Every configured address, primary first.
+    pub addresses: Vec<String>,
     pub client_id: String,
     pub connected: bool,
     /// The outboxes hold messages and none was acknowledged for `stall_secs`.
@@ -211,6 +214,73 @@ pub async fn all_status_json(shared: &Shared) -> Vec<String> {
         if let Some(j) = status_json(shared, &name).await {
             out.push(j);
         }
+    }
+    out
+}
+
+/// One bridge's figures for `/metrics` (`holdfast_bridge_*{bridge="<name>"}`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct BridgeMetrics {
+    pub name: String,
+    /// The address in use (or being tried).
+    pub address: String,
+    pub connected: bool,
+    /// Messages in the outboxes: waiting and in flight upstream.
+    pub backlog_messages: u64,
+    /// Payload bytes of the messages waiting (not those in flight).
+    pub backlog_bytes: u64,
+    /// Age of the oldest message in the outboxes (0 when empty), seconds.
+    pub oldest_age_secs: f64,
+    /// Successful connections after the first.
+    pub reconnects: u64,
+    pub sent: u64,
+    pub acked: u64,
+    pub rejected: u64,
+    /// Dropped by the outbox budget, `max_age_secs` or offline QoS 0, and QoS 0 held back
+    /// when the link dropped.
+    pub dropped: u64,
+}
+
+/// Every bridge's figures: the status, the router's outbox figures, and the age of the
+/// oldest outbox row from the database `db` (one indexed read per outbox).
+pub async fn metrics(shared: &Shared, db: &std::path::Path) -> Vec<BridgeMetrics> {
+    let all: Vec<BridgeStatus> = match shared.bridges.lock() {
+        Ok(all) => all.values().cloned().collect(),
+        Err(_) => Vec::new(),
+    };
+    let mut out = Vec::with_capacity(all.len());
+    for st in all {
+        let outbox = outbox_stats(shared, &st.name).await.unwrap_or_default();
+        let backlog = outbox.queued + outbox.inflight;
+        let oldest_age_secs = if backlog == 0 {
+            0.0
+        } else {
+            let (db, ids) = (db.to_path_buf(), st.outboxes.clone());
+            let oldest = tokio::task::spawn_blocking(move || {
+                ids.iter()
+                    .filter_map(|id| crate::admin::oldest_enqueued(&db, id))
+                    .min()
+            })
+            .await
+            .ok()
+            .flatten();
+            oldest.map_or(0.0, |t| {
+                (crate::store::unix_ms() - t).max(0) as f64 / 1000.0
+            })
+        };
+        out.push(BridgeMetrics {
+            address: st.address.clone(),
+            connected: st.connected,
+            backlog_messages: backlog,
+            backlog_bytes: outbox.queued_bytes,
+            oldest_age_secs,
+            reconnects: st.connects.saturating_sub(1),
+            sent: st.sent,
+            acked: st.acked,
+            rejected: st.rejected,
+            dropped: outbox.dropped + st.dropped_qos0,
+            name: st.name,
+        });
     }
     out
 }

@@ -45,6 +45,8 @@ pub(super) struct Granted {
     pub maximum_qos: QoS,
     /// Whether it accepts retained messages (v5 Retain Available).
     pub retain_available: bool,
+    /// Most topic aliases it accepts from us (v5 Topic Alias Maximum; 0 = none).
+    pub topic_alias_maximum: u16,
 }
 
 /// One connected upstream session.
@@ -59,6 +61,8 @@ pub(super) trait Upstream {
     /// be written by the next `flush`. `Err` if the upstream cannot take it at all (too
     /// large for its Maximum Packet Size): the caller decides what happens to the message.
     fn queue(&mut self, packet: Packet) -> Result<(), String>;
+    /// Bytes queued and not yet written.
+    fn pending(&self) -> usize;
     /// Writes everything queued, reading what arrives meanwhile (for `try_next`); fails
     /// when nothing moved either way for `ack_timeout_secs` (a black-holed link cannot
     /// stall it for ever, a slow one that keeps moving is fine).
@@ -74,6 +78,7 @@ pub(super) trait Upstream {
         filters: Vec<SubscribeFilter>,
         timeout: Duration,
     ) -> Result<(Vec<u8>, Vec<UpEvent>), String>;
-    /// Ends the session politely (DISCONNECT, session kept upstream), best effort.
-    async fn close(&mut self);
+    /// Ends the session politely (DISCONNECT, session kept upstream), best effort;
+    /// `offline`: the state notification goes to `0` too (see `link`).
+    async fn close(&mut self, offline: bool);
 }

@@ -113,6 +113,8 @@ pub struct Shared {
     pub connected: AtomicUsize,
     /// Live status of each bridge, by name (for `holdfast bridge status`).
     pub bridges: std::sync::Mutex<std::collections::BTreeMap<String, crate::bridge::BridgeStatus>>,
+    /// Latest counters of each serial port, by name (for `/metrics`).
+    pub serial: std::sync::Mutex<std::collections::BTreeMap<String, crate::serial::SerialStats>>,
     /// Per-source-address connection rate limit, asked right after accept.
     pub rate_limit: super::ratelimit::RateLimiter,
     /// `auth.max_connections_per_user`.

@@ -223,6 +223,7 @@ impl Broker {
             next_conn_id: AtomicU64::new(1),
             connected: AtomicUsize::new(0),
             bridges: Default::default(),
+            serial: Default::default(),
             rate_limit: ratelimit::RateLimiter::new(
                 cfg.mqtt.max_connection_rate,
                 cfg.mqtt.max_connection_burst,

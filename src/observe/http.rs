@@ -382,22 +382,6 @@ pub fn render(s: &Snapshot, health: Health) -> String {
             })
             .collect::<Vec<_>>(),
     );
-    family(
-        &mut o,
-        "holdfast_store_commit_latency_interval_seconds",
-        "gauge",
-        "Commit latency percentiles over the last sys interval (as in $SYS).",
-        &[
-            (
-                "{quantile=\"0.5\"}".to_string(),
-                f64::from(s.latency.p50_us) / 1e6,
-            ),
-            (
-                "{quantile=\"0.99\"}".to_string(),
-                f64::from(s.latency.p99_us) / 1e6,
-            ),
-        ],
-    );
     let mut hist: Vec<(String, f64)> = COMMIT_BUCKETS_US
         .iter()
         .zip(&s.commits.cumulative)
@@ -413,5 +397,202 @@ pub fn render(s: &Snapshot, health: Health) -> String {
         "Time to apply and commit one group of batches (fsync included).",
         &hist,
     );
+    bridges(&mut o, &s.bridges);
+    serial(&mut o, &s.serial);
     o
+}
+
+/// `holdfast_bridge_*{bridge="<name>"}`.
+fn bridges(o: &mut String, all: &[crate::bridge::BridgeMetrics]) {
+    if all.is_empty() {
+        return;
+    }
+    let per = |f: &dyn Fn(&crate::bridge::BridgeMetrics) -> f64| -> Vec<(String, f64)> {
+        all.iter()
+            .map(|b| (format!("{{bridge=\"{}\"}}", label(&b.name)), f(b)))
+            .collect()
+    };
+    family(
+        o,
+        "holdfast_bridge_connected",
+        "gauge",
+        "1 while the bridge's upstream link is up.",
+        &per(&|b| f64::from(u8::from(b.connected))),
+    );
+    family(
+        o,
+        "holdfast_bridge_address_info",
+        "gauge",
+        "Always 1; the upstream address in use (or being tried) as a label.",
+        &all.iter()
+            .map(|b| {
+                (
+                    format!(
+                        "{{bridge=\"{}\",address=\"{}\"}}",
+                        label(&b.name),
+                        label(&b.address)
+                    ),
+                    1.0,
+                )
+            })
+            .collect::<Vec<_>>(),
+    );
+    family(
+        o,
+        "holdfast_bridge_backlog_messages",
+        "gauge",
+        "Messages in the bridge's outboxes: waiting and in flight upstream.",
+        &per(&|b| b.backlog_messages as f64),
+    );
+    family(
+        o,
+        "holdfast_bridge_backlog_bytes",
+        "gauge",
+        "Payload bytes of the messages waiting in the bridge's outboxes (in flight not counted).",
+        &per(&|b| b.backlog_bytes as f64),
+    );
+    family(
+        o,
+        "holdfast_bridge_oldest_message_age_seconds",
+        "gauge",
+        "Age of the oldest message in the bridge's outboxes (0 when empty).",
+        &per(&|b| b.oldest_age_secs),
+    );
+    family(
+        o,
+        "holdfast_bridge_reconnects_total",
+        "counter",
+        "Successful upstream connections after the first.",
+        &per(&|b| b.reconnects as f64),
+    );
+    let mut results = Vec::new();
+    for b in all {
+        for (result, n) in [
+            ("sent", b.sent),
+            ("acked", b.acked),
+            ("rejected", b.rejected),
+            ("dropped", b.dropped),
+        ] {
+            results.push((
+                format!("{{bridge=\"{}\",result=\"{result}\"}}", label(&b.name)),
+                n as f64,
+            ));
+        }
+    }
+    family(
+        o,
+        "holdfast_bridge_messages_total",
+        "counter",
+        "Bridge messages: sent upstream (resends included), acked by the upstream, rejected (refused by it), dropped (outbox budget, max_age_secs, QoS 0 while offline).",
+        &results,
+    );
+}
+
+/// `holdfast_serial_*{port="<name>"}` and `holdfast_modbus_*{port,device}`.
+fn serial(o: &mut String, all: &std::collections::BTreeMap<String, crate::serial::SerialStats>) {
+    if all.is_empty() {
+        return;
+    }
+    let per = |f: &dyn Fn(&crate::serial::SerialStats) -> u64| -> Vec<(String, f64)> {
+        all.iter()
+            .map(|(n, s)| (format!("{{port=\"{}\"}}", label(n)), f(s) as f64))
+            .collect()
+    };
+    family(
+        o,
+        "holdfast_serial_open",
+        "gauge",
+        "1 while the serial port is open.",
+        &per(&|s| u64::from(s.state == "open")),
+    );
+    family(
+        o,
+        "holdfast_serial_opens_total",
+        "counter",
+        "Successful opens of the serial port (the first included).",
+        &per(&|s| s.opens),
+    );
+    family(
+        o,
+        "holdfast_serial_bytes_total",
+        "counter",
+        "Bytes read from the serial port.",
+        &per(&|s| s.bytes),
+    );
+    family(
+        o,
+        "holdfast_serial_frames_total",
+        "counter",
+        "Complete frames read from the serial port.",
+        &per(&|s| s.frames),
+    );
+    let mut readings = Vec::new();
+    let mut dropped = Vec::new();
+    for (n, s) in all {
+        let port = label(n);
+        for (result, v) in [
+            ("published", s.published),
+            ("delivered", s.delivered),
+            ("refused", s.refused),
+        ] {
+            readings.push((format!("{{port=\"{port}\",result=\"{result}\"}}"), v as f64));
+        }
+        for (reason, v) in [
+            ("too_long", s.dropped_too_long),
+            ("utf8", s.dropped_utf8),
+            ("malformed", s.dropped_malformed),
+            ("checksum", s.dropped_checksum),
+            ("topic", s.dropped_topic),
+        ] {
+            dropped.push((format!("{{port=\"{port}\",reason=\"{reason}\"}}"), v as f64));
+        }
+    }
+    family(
+        o,
+        "holdfast_serial_readings_total",
+        "counter",
+        "Readings handed to the broker (published), committed (delivered), refused (retried).",
+        &readings,
+    );
+    family(
+        o,
+        "holdfast_serial_readings_in_flight",
+        "gauge",
+        "Readings handed to the broker and not yet acknowledged.",
+        &per(&|s| s.inflight),
+    );
+    family(
+        o,
+        "holdfast_serial_dropped_total",
+        "counter",
+        "Input the serial port discarded, by reason.",
+        &dropped,
+    );
+    let mut polls = Vec::new();
+    for (n, s) in all {
+        for (d, st) in &s.devices {
+            for (result, v) in [
+                ("ok", st.ok),
+                ("timeout", st.timeouts),
+                ("exception", st.exceptions),
+                ("error", st.errors),
+            ] {
+                polls.push((
+                    format!(
+                        "{{port=\"{}\",device=\"{}\",result=\"{result}\"}}",
+                        label(n),
+                        label(d)
+                    ),
+                    v as f64,
+                ));
+            }
+        }
+    }
+    family(
+        o,
+        "holdfast_modbus_polls_total",
+        "counter",
+        "Modbus register polls by device and result (ok, timeout, exception, error = garbled or mismatched answer).",
+        &polls,
+    );
 }

@@ -38,6 +38,10 @@ pub struct Snapshot {
     pub connections_rate_limited: u64,
     /// CONNECTs refused by `auth.max_connections_per_user`.
     pub connections_user_limited: u64,
+    /// Per bridge (by name).
+    pub bridges: Vec<crate::bridge::BridgeMetrics>,
+    /// Per serial port (by name), Modbus devices inside.
+    pub serial: std::collections::BTreeMap<String, crate::serial::SerialStats>,
 }
 
 impl Snapshot {
@@ -177,6 +181,16 @@ impl Observer {
     pub async fn snapshot(&self) -> Snapshot {
         let router = self.router_snapshot(SNAPSHOT_DEADLINE).await;
         let db = crate::store::db_path(&self.data_dir);
+        let bridges =
+            tokio::time::timeout(SNAPSHOT_DEADLINE, crate::bridge::metrics(&self.shared, &db))
+                .await
+                .unwrap_or_default();
+        let serial = self
+            .shared
+            .serial
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
         let size = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let mut wal = db.clone().into_os_string();
         wal.push("-wal");
@@ -203,6 +217,8 @@ impl Observer {
                 .collect(),
             connections_rate_limited: self.shared.rate_limit.refused(),
             connections_user_limited: self.shared.user_limit.refused(),
+            bridges,
+            serial,
         }
     }
 }

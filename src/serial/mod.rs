@@ -730,6 +730,9 @@ impl Port {
         if !force && self.published_stats.as_ref() == Some(&self.stats) {
             return;
         }
+        if let Ok(mut all) = self.shared.serial.lock() {
+            all.insert(self.cfg.name.clone(), self.stats.clone());
+        }
         if let Ok(json) = serde_json::to_vec(&self.stats) {
             self.sys("stats", json).await;
             self.published_stats = Some(self.stats.clone());

@@ -12,7 +12,7 @@ use holdfast::protocol::{Packet, ProtocolVersion, QoS};
 fn bridge_to(addr: std::net::SocketAddr) -> BridgeConfig {
     BridgeConfig {
         name: "up".into(),
-        address: addr.to_string(),
+        address: addr.to_string().into(),
         client_id: Some("gw-test".into()),
         username: None,
         password: None,

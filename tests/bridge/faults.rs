@@ -29,7 +29,7 @@ const V5: BridgeProtocol = BridgeProtocol::V5;
 fn bridge_to(addr: SocketAddr, client_id: &str, protocol: BridgeProtocol) -> BridgeConfig {
     BridgeConfig {
         name: "up".into(),
-        address: addr.to_string(),
+        address: addr.to_string().into(),
         protocol,
         client_id: Some(client_id.into()),
         username: None,

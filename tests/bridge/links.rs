@@ -41,7 +41,7 @@ fn rule(pattern: &str, direction: Direction, qos: u8, priority: u8) -> TopicRule
 fn bridge_to(addr: SocketAddr, protocol: BridgeProtocol) -> BridgeConfig {
     BridgeConfig {
         name: "up".into(),
-        address: addr.to_string(),
+        address: addr.to_string().into(),
         protocol,
         client_id: Some("gw-links".into()),
         username: None,
@@ -323,6 +323,8 @@ async fn qos2_downlink_release_reaches_the_outbox_that_took_the_message() {
             rule("alarms/#", Direction::Both, 2, 1),
             rule("telemetry/#", Direction::Out, 1, 0),
         ],
+        // The script expects SUBSCRIBE right after the CONNACK (no state message).
+        notifications: false,
         ..bridge_to(proxy.addr, V5)
     };
     let gw = gateway(b).await;

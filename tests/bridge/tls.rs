@@ -106,7 +106,7 @@ fn start_mosquitto_tls(pki: &Pki, port: u16) -> Mosquitto {
 fn tls_bridge(pki: &Pki, port: u16, ca: &str) -> BridgeConfig {
     BridgeConfig {
         name: "tls".into(),
-        address: format!("localhost:{port}"),
+        address: format!("localhost:{port}").into(),
         client_id: Some("gw-tls".into()),
         username: None,
         password: None,
@@ -168,7 +168,7 @@ async fn bridge_connects_over_tls_with_a_client_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v5_bridge_over_tls_by_ip_address_with_server_name() {
     tls_roundtrip(|pki, port| BridgeConfig {
-        address: format!("127.0.0.1:{port}"),
+        address: format!("127.0.0.1:{port}").into(),
         protocol: BridgeProtocol::V5,
         server_name: Some("localhost".into()),
         ..tls_bridge(pki, port, "ca.pem")
@@ -180,7 +180,7 @@ async fn v5_bridge_over_tls_by_ip_address_with_server_name() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn v311_bridge_over_tls_by_ip_address_with_server_name() {
     tls_roundtrip(|pki, port| BridgeConfig {
-        address: format!("127.0.0.1:{port}"),
+        address: format!("127.0.0.1:{port}").into(),
         server_name: Some("localhost".into()),
         ..tls_bridge(pki, port, "ca.pem")
     })
@@ -197,7 +197,7 @@ async fn an_ip_address_without_server_name_does_not_verify() {
     let _m = start_mosquitto_tls(&pki, port);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let cfg = BridgeConfig {
-        address: format!("127.0.0.1:{port}"),
+        address: format!("127.0.0.1:{port}").into(),
         protocol: BridgeProtocol::V5,
         ..tls_bridge(&pki, port, "ca.pem")
     };

@@ -33,7 +33,7 @@ fn rule(pattern: &str, direction: Direction, qos: u8) -> TopicRule {
 fn bridge_to(addr: SocketAddr, rules: Vec<TopicRule>) -> BridgeConfig {
     BridgeConfig {
         name: "up".into(),
-        address: addr.to_string(),
+        address: addr.to_string().into(),
         protocol: BridgeProtocol::V5,
         client_id: Some(BRIDGE_ID.into()),
         username: None,
@@ -255,7 +255,8 @@ async fn upstream_refusals_are_counted_and_do_not_block_the_outbox() {
     let acl = acl_dir.path().join("acl");
     std::fs::write(
         &acl,
-        "topic readwrite site/#\ntopic deny site/sensors/secret/#\n",
+        // holdfast/#: the bridge's link state (`notifications`, on by default).
+        "topic readwrite site/#\ntopic readwrite holdfast/#\ntopic deny site/sensors/secret/#\n",
     )
     .unwrap();
     let up = start_broker(|c| {

@@ -114,6 +114,15 @@ pub fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
         }
         let family = current.clone().expect("sample before any TYPE");
         let kind = &types[&family];
+        // `quantile` is the summary's label; `le` the histogram bucket's.
+        assert!(
+            !label_map.contains_key("quantile") || kind == "summary",
+            "`quantile` label outside a summary in {line:?}"
+        );
+        assert!(
+            !label_map.contains_key("le") || kind == "histogram",
+            "`le` label outside a histogram in {line:?}"
+        );
         let ok_name = if kind == "histogram" {
             [
                 format!("{family}_bucket"),

@@ -41,6 +41,8 @@ struct Inner {
     buffer: usize,
     accepted: AtomicUsize,
     refused: AtomicUsize,
+    /// Bytes delivered client → target (`[0]`) and target → client (`[1]`).
+    bytes: [AtomicU64; 2],
     open: AtomicUsize,
     shutdown: CancellationToken,
 }
@@ -86,6 +88,7 @@ impl Proxy {
             buffer,
             accepted: AtomicUsize::new(0),
             refused: AtomicUsize::new(0),
+            bytes: Default::default(),
             open: AtomicUsize::new(0),
             shutdown: CancellationToken::new(),
         });
@@ -171,6 +174,16 @@ impl Proxy {
         self.inner.refused.load(Ordering::SeqCst)
     }
 
+    /// Bytes delivered from the connecting side to the target (over all connections).
+    pub fn bytes_up(&self) -> u64 {
+        self.inner.bytes[0].load(Ordering::SeqCst)
+    }
+
+    /// Bytes delivered from the target back to the connecting side.
+    pub fn bytes_down(&self) -> u64 {
+        self.inner.bytes[1].load(Ordering::SeqCst)
+    }
+
     /// Connections currently being forwarded.
     pub fn open(&self) -> usize {
         self.inner.open.load(Ordering::SeqCst)
@@ -219,8 +232,8 @@ async fn connection(inner: Arc<Inner>, client: TcpStream, token: CancellationTok
     tokio::select! {
         _ = token.cancelled() => {}
         _ = inner.shutdown.cancelled() => {}
-        _ = pipe(inner.clone(), cr, sw) => {}
-        _ = pipe(inner.clone(), sr, cw) => {}
+        _ = pipe(inner.clone(), cr, sw, 0) => {}
+        _ = pipe(inner.clone(), sr, cw, 1) => {}
     }
 }
 
@@ -236,6 +249,7 @@ async fn pipe(
     inner: Arc<Inner>,
     mut r: tokio::net::tcp::OwnedReadHalf,
     mut w: tokio::net::tcp::OwnedWriteHalf,
+    direction: usize,
 ) {
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(64);
     // Small reads with a small buffer, so the sender feels the link's pace at once.
@@ -275,6 +289,7 @@ async fn pipe(
             if w.write_all(&chunk).await.is_err() {
                 return;
             }
+            inner.bytes[direction].fetch_add(chunk.len() as u64, Ordering::SeqCst);
         }
     };
     // The reader ends on EOF; the writer then flushes what is queued and ends.
