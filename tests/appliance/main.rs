@@ -12,3 +12,4 @@ mod observe;
 mod packaging;
 mod probe;
 mod serial;
+mod serial_metrics;

@@ -8,6 +8,7 @@ use holdfast_testkit as common;
 
 mod basics;
 mod faults;
+mod fleet;
 mod links;
 mod tls;
 mod v5;

@@ -3,18 +3,7 @@
 //! Prometheus metrics, `linger_ms` and MQTT 5 topic aliases. The upstreams are two real
 //! Mosquitto brokers, each behind the fault-injecting proxy (`common/proxy.rs`).
 
-mod common;
-#[path = "common/daemon.rs"]
-mod daemon;
-#[path = "common/metrics.rs"]
-mod metrics;
-#[path = "common/mosquitto.rs"]
-mod mosquitto;
-#[path = "common/proxy.rs"]
-mod proxy;
-#[path = "common/seq.rs"]
-mod seq;
-
+use crate::common::{self, daemon, metrics, mosquitto, proxy, seq};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::{Arc, Mutex};

@@ -2,10 +2,7 @@
 //! pseudo-terminal, a JSON-lines device writing good and bad lines, and the Prometheus
 //! exposition read over HTTP with the strict parser.
 
-mod common;
-#[path = "common/metrics.rs"]
-mod metrics;
-
+use crate::common::{self, metrics};
 use std::time::Duration;
 
 use common::*;
