@@ -22,6 +22,10 @@
 //!   back and retried without the ops that accept new data; tokens that carried such ops are
 //!   reported as failed, so their publishers get 0x97 instead of an acknowledgement. Ops
 //!   that release data (deletes, state changes) are retried until they succeed.
+//! - Per-session queue counters (`session.queued` / `queued_bytes`) are not written per
+//!   commit: the writer keeps them exact in memory and writes them at a clean stop; after a
+//!   crash they are counted again from the queue rows at start-up (`counts`). A durable
+//!   message thus changes one page, the queue's (flash wear, commit cost).
 //! - Queued messages stay on disk; the router keeps at most a bounded window of each
 //!   session's queue in memory and reads the rest back with `Command::ReadQueue`, which the
 //!   writer answers after committing everything submitted before it.
@@ -32,6 +36,7 @@
 
 mod anchor;
 pub mod budget;
+mod counts;
 mod load;
 pub mod metrics;
 pub mod powercut;
@@ -438,7 +443,8 @@ impl Store {
         let (conn, recovered) = load::open_and_load(opts)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-        let w = writer::Writer::new(conn, opts.clone(), ev_tx, recovered.clock);
+        let counts = counts::Counts::of(&recovered);
+        let w = writer::Writer::new(conn, opts.clone(), ev_tx, recovered.clock, counts);
         let metrics = w.metrics();
         let thread = std::thread::Builder::new()
             .name("holdfast-store".into())

@@ -247,3 +247,51 @@ fn a_full_delayed_group_is_committed_without_waiting_out_the_delay() {
         .unwrap();
     rt.block_on(store.close());
 }
+
+/// A message for a session that exists changes one page, the queue's right-most leaf: no
+/// per-message bookkeeping row (the session's queue counters are kept by the writer in
+/// memory and written at shutdown, see `writer::Counts`). At the default page size each
+/// commit appends one WAL frame, and a few more when a leaf splits.
+#[test]
+fn a_commit_of_one_small_message_changes_one_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path());
+    let (store, _, mut ev) = Store::open(&o).expect("open");
+    let upsert = |sid: Sid| Op::UpsertSession {
+        sid,
+        client_id: Arc::from(format!("sensor-{sid}")),
+        protocol: 4,
+        expiry: u32::MAX,
+        will: None,
+    };
+    commit(&store, &mut ev, 1, vec![upsert(1), upsert(2)]);
+    let page = u64::from(o.page_size);
+    let commits = 40u64;
+    let before = wal_len(&o);
+    for seq in 0..commits {
+        // Two sessions in turn: each commit appends to a different queue range.
+        commit(
+            &store,
+            &mut ev,
+            seq + 2,
+            vec![Op::Enqueue {
+                sid: 1 + seq % 2,
+                seq: seq / 2,
+                packet_id: None,
+                expires_at: None,
+                size: 64,
+                packet: Bytes::from(vec![b'x'; 90]),
+            }],
+        );
+    }
+    let frames = (wal_len(&o) - before) / (page + 24);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(store.close());
+    // A leaf that fills up splits (a few more pages once in a while).
+    assert!(
+        frames <= commits + commits / 8,
+        "{frames} WAL frames appended by {commits} one-message commits"
+    );
+}

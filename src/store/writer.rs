@@ -13,6 +13,7 @@ use rusqlite::{params, Connection};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, error, info, warn};
 
+use super::counts::{Counts, Delta};
 use super::metrics::StoreState;
 use crate::clock::Clock;
 
@@ -57,6 +58,9 @@ pub struct Writer {
     budget: super::budget::Budget,
     /// The store's time line: `created_at` / `enqueued_at` stamps and the clock anchor.
     clock: Clock,
+    /// Per-session queue counters, exact after every commit; written to the `session`
+    /// rows only at a clean stop (`super::counts`).
+    counts: Counts,
 }
 
 /// One entry of a group, in submission order.
@@ -72,20 +76,13 @@ enum Item {
     },
 }
 
-/// Per-session changes to the queue counters accumulated over one transaction.
-#[derive(Default)]
-struct Delta {
-    queued: i64,
-    bytes: i64,
-    dropped: i64,
-}
-
 impl Writer {
     pub fn new(
         conn: Connection,
         opts: StoreOptions,
         events: UnboundedSender<StoreEvent>,
         clock: Clock,
+        counts: Counts,
     ) -> Self {
         let mut budget =
             super::budget::Budget::new(&opts.path, opts.max_bytes, opts.min_free_percent);
@@ -100,6 +97,7 @@ impl Writer {
             failing: None,
             metrics: Default::default(),
             clock,
+            counts,
         }
     }
 
@@ -176,6 +174,9 @@ impl Writer {
             }
             if let Some(done) = stop {
                 self.write_anchor();
+                if let Err(e) = self.counts.write(&mut self.conn) {
+                    warn!(cause = %e, "could not record the queue counters: they are counted again at the next start");
+                }
                 self.checkpoint();
                 let _ = done.send(());
                 info!("store closed");
@@ -332,7 +333,8 @@ impl Writer {
         let started = Instant::now();
         loop {
             match apply_group(&mut self.conn, &self.retry, group, self.clock.now_ms()) {
-                Ok(reads) => {
+                Ok((reads, per)) => {
+                    self.counts.absorb(per);
                     self.metrics.record(started.elapsed(), true);
                     self.retry.clear();
                     for (token, ok) in self.retry_tokens.drain(..) {
@@ -417,8 +419,7 @@ impl Writer {
         for item in group.drain(..) {
             match item {
                 Item::Batch(token, ops) => {
-                    let mut ok =
-                        !stuck && apply(&mut self.conn, ops.iter(), self.clock.now_ms()).is_ok();
+                    let mut ok = !stuck && self.apply(&ops).is_ok();
                     if !ok {
                         let release: Vec<Op> =
                             ops.iter().filter(|o| !o.accepts_data()).cloned().collect();
@@ -461,12 +462,12 @@ impl Writer {
     /// marked sent), and they are retried until they succeed, holding every later token:
     /// so they may go over the budget by a bounded reserve, which their deletes give back.
     fn apply_release(&mut self, ops: &[Op]) -> rusqlite::Result<()> {
-        match apply(&mut self.conn, ops.iter(), self.clock.now_ms()) {
+        match self.apply(ops) {
             Err(e) if StoreState::of(&e) == StoreState::Full => {
                 let pages: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
                 self.conn
                     .pragma_update(None, "max_page_count", pages + RELEASE_RESERVE_PAGES)?;
-                let result = apply(&mut self.conn, ops.iter(), self.clock.now_ms());
+                let result = self.apply(ops);
                 self.budget.reapply(&self.conn);
                 if result.is_ok() {
                     debug!(
@@ -480,20 +481,24 @@ impl Writer {
         }
     }
 
+    /// [`apply`] with the writer's clock, counting what it committed.
+    fn apply(&mut self, ops: &[Op]) -> rusqlite::Result<()> {
+        let per = apply(&mut self.conn, ops.iter(), self.clock.now_ms())?;
+        self.counts.absorb(per);
+        Ok(())
+    }
+
     /// Disk budget reached under drop-oldest: deletes the oldest unsent messages of the
     /// session with the longest queue that has any (rows in flight, or being sent by the
     /// group that failed, are not dropped). Returns false if there was nothing to drop.
     fn make_room(&mut self, sending: &HashSet<(Sid, u64)>) -> bool {
+        let sids = self.counts.longest_first();
         let result = (|| -> rusqlite::Result<Vec<(Sid, u64, u32)>> {
             let tx = self.conn.transaction()?;
-            let sids: Vec<i64> = tx
-                .prepare_cached("SELECT sid FROM session WHERE queued > 0 ORDER BY queued DESC")?
-                .query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
             let mut removed = Vec::new();
             let mut sid = 0;
             for s in sids {
-                sid = s as Sid;
+                sid = s;
                 let skip = sending.iter().filter(|(x, _)| *x == sid).count() as i64;
                 let candidates: Vec<(i64, i64)> = tx
                     .prepare_cached(
@@ -525,12 +530,10 @@ impl Writer {
             if removed.is_empty() {
                 return Ok(removed);
             }
-            let bytes: i64 = removed.iter().map(|r| i64::from(r.2)).sum();
             let n = removed.len() as i64;
             tx.execute(
-                "UPDATE session SET queued = queued - ?2, queued_bytes = queued_bytes - ?3,
-                 dropped = dropped + ?2 WHERE sid = ?1",
-                params![sid as i64, n, bytes],
+                "UPDATE session SET dropped = dropped + ?2 WHERE sid = ?1",
+                params![sid as i64, n],
             )?;
             bump(&tx, "dropped_disk_budget", n)?;
             tx.commit()?;
@@ -538,6 +541,7 @@ impl Writer {
         })();
         match result {
             Ok(rows) if !rows.is_empty() => {
+                self.counts.absorb(removed_deltas(&rows));
                 warn!(
                     rows = rows.len(),
                     sid = rows[0].0,
@@ -571,13 +575,6 @@ impl Writer {
                 removed.push((sid, seq, r.get::<_, i64>(1)? as u32));
             }
         }
-        let mut per: HashMap<Sid, Delta> = HashMap::new();
-        for (sid, _, size) in &removed {
-            let d = per.entry(*sid).or_default();
-            d.queued -= 1;
-            d.bytes -= i64::from(*size);
-        }
-        apply_deltas(&tx, &per)?;
         bump(&tx, "expired", removed.len() as i64)?;
         tx.execute(
             "DELETE FROM retained WHERE expires_at IS NOT NULL AND expires_at <= ?1",
@@ -587,8 +584,20 @@ impl Writer {
         // sweep interval of it, and only when the wall clock stepped in that interval).
         super::anchor::write(&tx, &self.clock.anchor())?;
         tx.commit()?;
+        self.counts.absorb(removed_deltas(&removed));
         Ok(removed)
     }
+}
+
+/// The counter changes of rows removed by the store itself (expiry sweep, disk budget).
+fn removed_deltas(rows: &[(Sid, u64, u32)]) -> HashMap<Sid, Delta> {
+    let mut per: HashMap<Sid, Delta> = HashMap::new();
+    for (sid, _, size) in rows {
+        let d = per.entry(*sid).or_default();
+        d.queued -= 1;
+        d.bytes -= i64::from(*size);
+    }
+    per
 }
 
 /// The ops a command carries (0 for anything but a batch).
@@ -610,14 +619,14 @@ fn bump(tx: &rusqlite::Transaction, name: &str, add: i64) -> rusqlite::Result<()
     Ok(())
 }
 
+/// Writes the policy drops of a transaction to `session.dropped`. The queue counters are
+/// not written here: the writer keeps them (`super::counts`), so a message changes only the
+/// queue's page.
 fn apply_deltas(tx: &rusqlite::Transaction, per: &HashMap<Sid, Delta>) -> rusqlite::Result<()> {
-    let mut st = tx.prepare_cached(
-        "UPDATE session SET queued = queued + ?2, queued_bytes = queued_bytes + ?3,
-         dropped = dropped + ?4 WHERE sid = ?1",
-    )?;
+    let mut st = tx.prepare_cached("UPDATE session SET dropped = dropped + ?2 WHERE sid = ?1")?;
     for (sid, d) in per {
-        if d.queued != 0 || d.bytes != 0 || d.dropped != 0 {
-            st.execute(params![*sid as i64, d.queued, d.bytes, d.dropped])?;
+        if d.dropped != 0 {
+            st.execute(params![*sid as i64, d.dropped])?;
         }
     }
     Ok(())
@@ -712,13 +721,15 @@ fn transient_rows(group: &[Item]) -> HashSet<(Sid, u64)> {
 
 /// Applies `retry`, then the group's batches in one transaction, answering its reads from
 /// inside it (each sees exactly the writes submitted before it), and skipping the
-/// [`transient_rows`]. Any error rolls everything back. Returns the reads' rows, in order.
+/// [`transient_rows`]. Any error rolls everything back. Returns the reads' rows, in order,
+/// and the counter changes.
+#[allow(clippy::type_complexity)]
 fn apply_group(
     conn: &mut Connection,
     retry: &[Op],
     group: &[Item],
     now: i64,
-) -> rusqlite::Result<Vec<rusqlite::Result<Vec<QueueRow>>>> {
+) -> rusqlite::Result<(Vec<rusqlite::Result<Vec<QueueRow>>>, HashMap<Sid, Delta>)> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut per: HashMap<Sid, Delta> = HashMap::new();
     let mut reads = Vec::new();
@@ -753,7 +764,7 @@ fn apply_group(
     deletes.flush_all(&tx, &mut per)?;
     apply_deltas(&tx, &per)?;
     tx.commit()?;
-    Ok(reads)
+    Ok((reads, per))
 }
 
 /// Deletes the queue rows of `sid` with `lo <= seq <= hi` (those that exist), counting
@@ -869,19 +880,20 @@ impl Deletes {
 }
 
 /// Applies ops in one transaction, `now` on the store time line. Any error rolls
-/// everything back.
+/// everything back. Returns the counter changes.
 fn apply<'a>(
     conn: &mut Connection,
     ops: impl Iterator<Item = &'a Op>,
     now: i64,
-) -> rusqlite::Result<()> {
+) -> rusqlite::Result<HashMap<Sid, Delta>> {
     let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     let mut per: HashMap<Sid, Delta> = HashMap::new();
     for op in ops {
         apply_op(&tx, op, &mut per, now)?;
     }
     apply_deltas(&tx, &per)?;
-    tx.commit()
+    tx.commit()?;
+    Ok(per)
 }
 
 /// One op inside a transaction; queue counter changes go to `per`.
@@ -954,7 +966,13 @@ fn apply_op(
                     .execute([s])?;
                 tx.prepare_cached("DELETE FROM queue WHERE id BETWEEN ?1 AND ?2")?
                     .execute(params![queue_range(*sid).0, queue_range(*sid).1])?;
-                per.remove(sid);
+                per.insert(
+                    *sid,
+                    Delta {
+                        deleted: true,
+                        ..Delta::default()
+                    },
+                );
             }
             Op::Subscribe {
                 sid,
@@ -1219,6 +1237,7 @@ mod tests {
             .collect::<Result<_, _>>()
             .unwrap();
         assert_eq!(rows, vec![queue_id(1, 1)]);
+        close(store);
         let (queued, bytes): (i64, i64) = db
             .query_row(
                 "SELECT queued, queued_bytes FROM session WHERE sid = 1",
@@ -1268,6 +1287,7 @@ mod tests {
             }
             _ => panic!("expected queue rows"),
         }
+        close(store);
         let db = Connection::open(dir.path().join("holdfast.db")).unwrap();
         let counters: (i64, i64, i64) = db
             .query_row(
@@ -1312,7 +1332,8 @@ mod tests {
         };
         let (conn, rec) = super::super::load::open_and_load(&opts).unwrap();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut w = Writer::new(conn, opts, tx, rec.clock);
+        let counts = super::super::counts::Counts::of(&rec);
+        let mut w = Writer::new(conn, opts, tx, rec.clock, counts);
         let mut group = vec![
             Item::Batch(1, vec![session(1), enqueue(1, 0, 10)]),
             Item::Batch(2, vec![enqueue(1, 1, 200 * 1024)]),
@@ -1458,6 +1479,14 @@ mod tests {
         // The refused row 1 is never returned; the delete (a release op) was kept.
         assert_eq!(got[1], "rows []");
         assert!(got[2].starts_with("commit 3"), "{got:?}");
+    }
+
+    /// Stops the writer cleanly (it writes the queue counters to the `session` rows).
+    fn close(store: Store) {
+        tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap()
+            .block_on(store.close());
     }
 
     fn expect_one(rx: &mut tokio::sync::mpsc::UnboundedReceiver<StoreEvent>) -> String {
