@@ -35,8 +35,9 @@ const LOCK_PATIENCE: Duration = Duration::from_secs(30);
 /// `window / commit_delay` messages per second. Ops, not batches: the router puts what it
 /// handled in one turn (often several publishes) into one batch.
 pub(crate) const DELAY_ENOUGH_OPS: usize = 16;
-/// Pages ops that only release data may take above the disk budget (see `apply_release`).
-const RELEASE_RESERVE_PAGES: i64 = 256;
+/// Bytes ops that only release data may take above the disk budget (see `apply_release`):
+/// 256 pages of 4 KiB, the same reserve whatever the page size.
+const RELEASE_RESERVE_BYTES: i64 = 1024 * 1024;
 /// Checkpoint the WAL after this long without work.
 const IDLE_CHECKPOINT: Duration = Duration::from_secs(5);
 
@@ -465,8 +466,10 @@ impl Writer {
         match self.apply(ops) {
             Err(e) if StoreState::of(&e) == StoreState::Full => {
                 let pages: i64 = self.conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+                let page: i64 = self.conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+                let reserve = RELEASE_RESERVE_BYTES / page.max(512);
                 self.conn
-                    .pragma_update(None, "max_page_count", pages + RELEASE_RESERVE_PAGES)?;
+                    .pragma_update(None, "max_page_count", pages + reserve)?;
                 let result = self.apply(ops);
                 self.budget.reapply(&self.conn);
                 if result.is_ok() {
