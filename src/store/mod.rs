@@ -35,6 +35,7 @@
 //!   the line across restarts is kept in `counter` (`anchor`).
 
 mod anchor;
+mod apply;
 pub mod budget;
 mod counts;
 mod load;
