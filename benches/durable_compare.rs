@@ -13,6 +13,11 @@
 //! 4. the scenario-1 publish rate with an empty store vs with `--big` messages queued;
 //! 5. bytes written per message during scenario 1 (`/proc/PID/io`).
 //!
+//! `--fanout 100x10000,10000x100` runs only the fan-in scenario instead
+//! (`loadgen::fanout`): QoS 1 publishers into that many offline durable sessions, msg/s
+//! per slice as the stored backlog grows, Holdfast `full` and Mosquitto back to back;
+//! `--holdfast PATH` measures another build (before/after).
+//!
 //! Prints Markdown tables (also written to `target/durable-results.md`).
 
 mod loadgen;
@@ -48,13 +53,24 @@ struct Args {
     pairs: usize,
     /// Seconds to wait after filling the big queue before measuring the loaded rate.
     settle: u64,
+    /// Only the fan-in scenario (`loadgen::fanout`), for these shapes.
+    fanout: Vec<loadgen::fanout::Shape>,
+    /// Holdfast binary to measure instead of this build's (before/after).
+    holdfast: Option<PathBuf>,
+    /// Fan-in publishers.
+    publishers: usize,
+    /// Fan-in without Mosquitto.
+    no_mosquitto: bool,
+    /// Fan-in: more `[store]` lines for Holdfast (`--store 'page_size = 1024'`).
+    store: Vec<String>,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench durable_compare -- [--quick] [--messages N] [--reps N] \
          [--sessions N] [--per-session N] [--big N] [--mosquitto-big N] [--mosquitto PATH] \
-         [--attach HOST:PORT [--pairs N]] [--settle SECS]"
+         [--attach HOST:PORT [--pairs N]] [--settle SECS] \
+         [--fanout SESSIONSxMESSAGES[,...] [--publishers N] [--no-mosquitto] [--store 'KEY = VALUE']...] [--holdfast PATH]"
     );
     std::process::exit(2)
 }
@@ -71,6 +87,11 @@ fn parse_args() -> Args {
         attach: None,
         pairs: 1,
         settle: 0,
+        fanout: Vec::new(),
+        holdfast: None,
+        publishers: FILL_PUBLISHERS,
+        no_mosquitto: false,
+        store: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -95,6 +116,16 @@ fn parse_args() -> Args {
             "--mosquitto" => a.mosquitto = val("--mosquitto").into(),
             "--attach" => a.attach = Some(val("--attach").parse().unwrap_or_else(|_| usage())),
             "--pairs" => a.pairs = num("--pairs").max(1) as usize,
+            "--fanout" => {
+                a.fanout = val("--fanout")
+                    .split(',')
+                    .map(|s| s.parse().unwrap_or_else(|e| panic!("--fanout: {e}")))
+                    .collect()
+            }
+            "--publishers" => a.publishers = num("--publishers").max(1) as usize,
+            "--no-mosquitto" => a.no_mosquitto = true,
+            "--store" => a.store.push(val("--store")),
+            "--holdfast" => a.holdfast = Some(val("--holdfast").into()),
             "-h" | "--help" => usage(),
             other => {
                 eprintln!("unknown argument {other:?}");
@@ -321,9 +352,30 @@ fn attach(rt: &tokio::runtime::Runtime, addr: std::net::SocketAddr, args: &Args)
 
 fn main() {
     let args = parse_args();
-    let holdfast_bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
+    let holdfast_bin = args
+        .holdfast
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_holdfast")));
     let command = loadgen::bench_command("durable_compare");
     let rt = loadgen::runtime();
+    if !args.fanout.is_empty() {
+        let runs = loadgen::fanout::compare(
+            &rt,
+            &holdfast_bin,
+            &args.mosquitto,
+            &loadgen::fanout::Plan {
+                shapes: &args.fanout,
+                publishers: args.publishers,
+                max_queued: MAX_QUEUED,
+                with_mosquitto: !args.no_mosquitto,
+                store: &args.store,
+            },
+        );
+        let md = loadgen::fanout::report(&runs, args.publishers, &command);
+        println!("{md}");
+        let _ = std::fs::write("target/fanout-results.md", &md);
+        return;
+    }
     if let Some(addr) = args.attach {
         attach(&rt, addr, &args);
         return;

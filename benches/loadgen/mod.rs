@@ -6,6 +6,7 @@ pub mod bridge;
 pub mod broker;
 pub mod client;
 pub mod durable;
+pub mod fanout;
 pub mod scenario;
 
 /// The command line that reproduces this run (printed with every result table).

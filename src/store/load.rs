@@ -1,6 +1,7 @@
 //! Start-up: open the database (quarantining a corrupt file if configured), migrate, and
 //! read what the router keeps in memory: sessions, their subscriptions, their in-flight
-//! messages (bounded by the in-flight window) and queue counters, incoming QoS 2 state and
+//! messages (bounded by the in-flight window) and queue counters (counted from the queue
+//! rows when the last run did not stop cleanly, see `counts`), incoming QoS 2 state and
 //! retained messages. Queued messages themselves stay on disk.
 
 use std::collections::HashMap;
@@ -13,8 +14,8 @@ use tracing::{error, info, warn};
 use crate::clock::{self, Clock, Resumed};
 
 use super::{
-    anchor, configure, queue_range, schema, split_queue_id, unix_ms, OnCorrupt, QueueRow, Sid,
-    StoreError, StoreOptions, StoredWill, MAX_SEQ, MAX_SID, SEQ_BITS,
+    anchor, configure, counts, queue_range, schema, split_queue_id, unix_ms, OnCorrupt, QueueRow,
+    Sid, StoreError, StoreOptions, StoredWill, MAX_SEQ, MAX_SID, SEQ_BITS,
 };
 
 #[derive(Debug, Clone)]
@@ -155,6 +156,7 @@ fn try_open(opts: &StoreOptions) -> Result<(Connection, Recovered), StoreError> 
         resend_sent_rows_in_order(&mut conn)?;
     }
     let mut recovered = load(&conn)?;
+    count_queues_unless_exact(&conn, &mut recovered)?;
     recovered.clock = continue_time_line(&conn)?;
     Ok((conn, recovered))
 }
@@ -184,6 +186,26 @@ fn continue_time_line(conn: &Connection) -> Result<Clock, StoreError> {
     }
     anchor::write(conn, &clock.anchor())?;
     Ok(clock)
+}
+
+/// Makes the loaded queue counters exact: as stored after a clean stop, counted from the
+/// queue rows otherwise (a crash or power cut: the writer keeps them in memory, see
+/// `super::counts`). Then records that the stored ones are stale from here on, before
+/// anything changes the queue.
+fn count_queues_unless_exact(conn: &Connection, rec: &mut Recovered) -> Result<(), StoreError> {
+    if !counts::exact(conn)? {
+        let started = std::time::Instant::now();
+        for s in &mut rec.sessions {
+            (s.queued, s.queued_bytes) = counts::count_queue(conn, s.sid)?;
+        }
+        info!(
+            sessions = rec.sessions.len(),
+            took_ms = started.elapsed().as_millis() as u64,
+            "queue counters counted from the queue rows (the last run did not stop cleanly)"
+        );
+    }
+    counts::set_exact(conn, false)?;
+    Ok(())
 }
 
 /// `PRAGMA quick_check` (every page read once, O(file size)): a file that opens but is

@@ -22,6 +22,10 @@
 //!   back and retried without the ops that accept new data; tokens that carried such ops are
 //!   reported as failed, so their publishers get 0x97 instead of an acknowledgement. Ops
 //!   that release data (deletes, state changes) are retried until they succeed.
+//! - Per-session queue counters (`session.queued` / `queued_bytes`) are not written per
+//!   commit: the writer keeps them exact in memory and writes them at a clean stop; after a
+//!   crash they are counted again from the queue rows at start-up (`counts`). A durable
+//!   message thus changes one page, the queue's (flash wear, commit cost).
 //! - Queued messages stay on disk; the router keeps at most a bounded window of each
 //!   session's queue in memory and reads the rest back with `Command::ReadQueue`, which the
 //!   writer answers after committing everything submitted before it.
@@ -31,7 +35,9 @@
 //!   the line across restarts is kept in `counter` (`anchor`).
 
 mod anchor;
+mod apply;
 pub mod budget;
+mod counts;
 mod load;
 pub mod metrics;
 pub mod powercut;
@@ -438,7 +444,8 @@ impl Store {
         let (conn, recovered) = load::open_and_load(opts)?;
         let (tx, rx) = std::sync::mpsc::channel();
         let (ev_tx, ev_rx) = mpsc::unbounded_channel();
-        let w = writer::Writer::new(conn, opts.clone(), ev_tx, recovered.clock);
+        let counts = counts::Counts::of(&recovered);
+        let w = writer::Writer::new(conn, opts.clone(), ev_tx, recovered.clock, counts);
         let metrics = w.metrics();
         let thread = std::thread::Builder::new()
             .name("holdfast-store".into())
@@ -488,23 +495,27 @@ pub fn db_path(data_dir: &Path) -> PathBuf {
     data_dir.join("holdfast.db")
 }
 
-/// SQLite's default page size, Holdfast's default (`store.page_size`).
+/// Holdfast's default page size (`store.page_size`): 1 KiB, a quarter of SQLite's.
 ///
-/// # Flash wear
+/// # Flash wear and commit cost
 /// Every commit appends each page it changed to the WAL as a frame of page size + 24
 /// bytes, and is fsync'd (`synchronous = full`). A durable message at a low rate is one
-/// commit that changes about two pages (the queue's right-most leaf and the session row with
-/// its counters): with 4 KiB pages that is 2 × 4,120 bytes, which the file system writes as
-/// three 4 KiB blocks, ~12 KiB per 64-byte message. With 1 KiB pages the same commit is
-/// 2 × 1,048 bytes, usually within one or two blocks (`benches/flash_wear.rs`, README
-/// "Flash wear"). 1 KiB is not the default: a message larger than about a page is stored
-/// with overflow pages, and marking such a row sent rewrites them, which needs free pages
-/// that a database at its disk budget (`store.max_bytes`) does not have, so its queue
-/// stalls until space is freed (`tests/durable/store_faults.rs` with 1 KiB payloads).
+/// commit that changes one page, the queue's leaf where the session's rows end (the
+/// session counters are not written per commit, see `counts`): 1,048 bytes with 1 KiB
+/// pages, which the file system writes as one 4 KiB block or two (4,120 bytes, always two
+/// blocks, with 4 KiB pages). At full load with many sessions a commit changes one leaf
+/// per session it appends to, each holding only that session's few new rows: smaller
+/// pages mean fewer bytes written, checksummed and checkpointed per message, and more of
+/// those leaves fit the page cache (`benches/flash_wear.rs`, `durable_compare --fanout`,
+/// README "Flash wear" and "Fan-in").
+///
+/// The cost: a message larger than about 1 KiB is stored with overflow pages, which are
+/// rewritten when it is marked sent (more bytes for such messages, and at the disk budget
+/// the rewrite needs the writer's release reserve, `writer::RELEASE_RESERVE_BYTES`).
 ///
 /// The page size only applies when the file is created: an existing database keeps its own
 /// (`VACUUM` changes it, see docs/operations.md).
-pub const DEFAULT_PAGE_SIZE: u32 = 4096;
+pub const DEFAULT_PAGE_SIZE: u32 = 1024;
 
 /// WAL bytes after which a commit checkpoints them into the database file: SQLite's
 /// default of 1,000 pages at 4 KiB, kept in bytes whatever the page size (a checkpoint

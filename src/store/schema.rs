@@ -23,6 +23,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0004_session_owner",
         include_str!("../../migrations/0004_session_owner.sql"),
     ),
+    (
+        "0005_lazy_session_counts",
+        include_str!("../../migrations/0005_lazy_session_counts.sql"),
+    ),
 ];
 
 /// The schema version this binary writes.

@@ -35,7 +35,8 @@ fn run_writer(o: &StoreOptions, cmds: Vec<Command>) -> Vec<StoreEvent> {
     }
     let (done, _done_rx) = oneshot::channel();
     tx.send(Command::Shutdown(done)).unwrap();
-    Writer::new(conn, o.clone(), ev_tx, rec.clock).run(rx);
+    let counts = super::counts::Counts::of(&rec);
+    Writer::new(conn, o.clone(), ev_tx, rec.clock, counts).run(rx);
     let mut events = Vec::new();
     while let Ok(e) = ev_rx.try_recv() {
         events.push(e);

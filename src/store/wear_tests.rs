@@ -247,3 +247,59 @@ fn a_full_delayed_group_is_committed_without_waiting_out_the_delay() {
         .unwrap();
     rt.block_on(store.close());
 }
+
+/// A message for a session that exists changes one page, the queue's leaf where the
+/// session's rows end: no per-message bookkeeping row (the session's queue counters are
+/// kept by the writer in memory and written at shutdown, see `store::counts`), and at the
+/// default page size that page is small.
+#[test]
+fn a_commit_of_one_small_message_changes_one_page() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path());
+    let (store, _, mut ev) = Store::open(&o).expect("open");
+    let upsert = |sid: Sid| Op::UpsertSession {
+        sid,
+        client_id: Arc::from(format!("sensor-{sid}")),
+        protocol: 4,
+        expiry: u32::MAX,
+        will: None,
+    };
+    commit(&store, &mut ev, 1, vec![upsert(1)]);
+    let page = u64::from(o.page_size);
+    let commits = 40u64;
+    let before = wal_len(&o);
+    for seq in 0..commits {
+        commit(
+            &store,
+            &mut ev,
+            seq + 2,
+            vec![Op::Enqueue {
+                sid: 1,
+                seq,
+                packet_id: None,
+                expires_at: None,
+                size: 64,
+                packet: Bytes::from(vec![b'x'; 90]),
+            }],
+        );
+    }
+    let appended = wal_len(&o) - before;
+    let frames = appended / (page + 24);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(store.close());
+    // One frame per commit, and two more when the leaf is full and splits (every few
+    // messages with small pages).
+    assert!(
+        frames <= commits * 3 / 2,
+        "{frames} WAL frames appended by {commits} one-message commits"
+    );
+    // The default page is small: a 64-byte message costs about 1 KiB of WAL, which the
+    // file system writes as one 4 KiB block, or two when the frame straddles a boundary.
+    assert!(
+        appended / commits <= 1600,
+        "{} WAL bytes per one-message commit at the default page size",
+        appended / commits
+    );
+}
