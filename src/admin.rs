@@ -57,12 +57,15 @@ use bytes::{Bytes, BytesMut};
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::broker::router::RouterEvent;
+use std::sync::Arc;
+
+use crate::bridge::BridgeShared;
+use crate::broker::client::BrokerHandle;
+use crate::observe::Observer;
 use crate::protocol::{self, Packet, ProtocolVersion, Publish};
 use crate::store::{db_path, queue_range, schema, split_queue_id};
 
@@ -212,24 +215,23 @@ impl AdminSocket {
     /// cancelled requests are refused, but the socket stays until [`AdminHandle::close`].
     pub fn serve(
         self,
-        router: mpsc::Sender<RouterEvent>,
+        broker: BrokerHandle,
+        bridges: Arc<BridgeShared>,
+        observer: Arc<Observer>,
         shutdown: CancellationToken,
-        shared: std::sync::Arc<crate::broker::connection::Shared>,
-        observer: std::sync::Arc<crate::observe::Observer>,
     ) -> AdminHandle {
         let stop = CancellationToken::new();
         let task = match tokio::net::UnixListener::from_std(self.listener) {
             Ok(listener) => {
                 info!(path = %self.path.display(), "admin socket listening");
-                tokio::spawn(accept_loop(
-                    listener,
-                    router,
-                    shutdown,
-                    stop.clone(),
-                    self.db,
-                    shared,
+                let ctx = Arc::new(Ctx {
+                    broker,
+                    bridges,
                     observer,
-                ))
+                    shutdown,
+                    db: self.db,
+                });
+                tokio::spawn(accept_loop(listener, ctx, stop.clone()))
             }
             Err(e) => {
                 warn!(path = %self.path.display(), error = %e, "admin socket unusable");
@@ -276,29 +278,27 @@ impl Drop for AdminHandle {
     }
 }
 
-async fn accept_loop(
-    listener: tokio::net::UnixListener,
-    router: mpsc::Sender<RouterEvent>,
+/// What answering a request needs.
+struct Ctx {
+    broker: BrokerHandle,
+    bridges: Arc<BridgeShared>,
+    observer: Arc<Observer>,
+    /// The gateway's shutdown token: once cancelled, requests are refused.
     shutdown: CancellationToken,
-    stop: CancellationToken,
+    /// The store's database file.
     db: PathBuf,
-    shared: std::sync::Arc<crate::broker::connection::Shared>,
-    observer: std::sync::Arc<crate::observe::Observer>,
-) {
+}
+
+async fn accept_loop(listener: tokio::net::UnixListener, ctx: Arc<Ctx>, stop: CancellationToken) {
     let tasks = tokio_util::task::TaskTracker::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => break,
             r = listener.accept() => match r {
                 Ok((stream, _)) => {
-                    let (router, shutdown, db) = (router.clone(), shutdown.clone(), db.clone());
-                    let (shared, observer) = (shared.clone(), observer.clone());
+                    let ctx = ctx.clone();
                     tasks.spawn(async move {
-                        let _ = tokio::time::timeout(
-                            REQUEST_TIMEOUT,
-                            serve_one(stream, router, shutdown, db, shared, observer),
-                        )
-                        .await;
+                        let _ = tokio::time::timeout(REQUEST_TIMEOUT, serve_one(stream, &ctx)).await;
                     });
                 }
                 Err(e) => {
@@ -312,14 +312,7 @@ async fn accept_loop(
     let _ = tokio::time::timeout(Duration::from_secs(1), tasks.wait()).await;
 }
 
-async fn serve_one(
-    stream: tokio::net::UnixStream,
-    router: mpsc::Sender<RouterEvent>,
-    shutdown: CancellationToken,
-    db: PathBuf,
-    shared: std::sync::Arc<crate::broker::connection::Shared>,
-    observer: std::sync::Arc<crate::observe::Observer>,
-) {
+async fn serve_one(stream: tokio::net::UnixStream, ctx: &Ctx) {
     let (r, mut w) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(r.take(MAX_REQUEST));
     let mut line = Vec::new();
@@ -327,7 +320,7 @@ async fn serve_one(
         Ok(_) if line.last() == Some(&b'\n') => {
             line.pop();
             match std::str::from_utf8(&line) {
-                Ok(req) => handle_request(req, &router, &shutdown, &db, &shared, &observer).await,
+                Ok(req) => handle_request(req, ctx).await,
                 Err(_) => "err request is not UTF-8".to_string(),
             }
         }
@@ -338,29 +331,23 @@ async fn serve_one(
     let _ = w.shutdown().await;
 }
 
-async fn handle_request(
-    req: &str,
-    router: &mpsc::Sender<RouterEvent>,
-    shutdown: &CancellationToken,
-    db: &Path,
-    shared: &crate::broker::connection::Shared,
-    observer: &crate::observe::Observer,
-) -> String {
+async fn handle_request(req: &str, ctx: &Ctx) -> String {
+    let (shutdown, db, bridges, observer) = (&ctx.shutdown, &ctx.db, &ctx.bridges, &ctx.observer);
     let (cmd, arg) = req.split_once(' ').unwrap_or((req, ""));
     match cmd {
         "ping" => format!("ok holdfast {}", env!("CARGO_PKG_VERSION")),
         "bridges" => format!(
             "ok {}",
-            serde_json::Value::Array(bridges_json(shared, db).await)
+            serde_json::Value::Array(bridges_json(bridges, db).await)
         ),
         "status" => {
             let mut v = crate::observe::status::json(observer).await;
-            v["bridges"] = serde_json::Value::Array(bridges_json(shared, db).await);
+            v["bridges"] = serde_json::Value::Array(bridges_json(bridges, db).await);
             format!("ok {v}")
         }
         "drop" => match decode_client_id(arg) {
             Ok(id) if is_internal(&id) => format!("err {}", internal_refusal(&id)),
-            Ok(id) => drop_on_broker(id, router, shutdown, db).await,
+            Ok(id) => drop_on_broker(id, &ctx.broker, shutdown, db).await,
             Err(e) => format!("err bad client id: {e}"),
         },
         _ => "err unknown command (expected `drop <client id>`, `status`, `bridges` or `ping`)"
@@ -369,12 +356,9 @@ async fn handle_request(
 }
 
 /// Every bridge's live status, with the age of its oldest queued message.
-async fn bridges_json(
-    shared: &crate::broker::connection::Shared,
-    db: &Path,
-) -> Vec<serde_json::Value> {
+async fn bridges_json(bridges: &BridgeShared, db: &Path) -> Vec<serde_json::Value> {
     let mut items = Vec::new();
-    for j in crate::bridge::all_status_json(shared).await {
+    for j in crate::bridge::all_status_json(bridges).await {
         let mut v: serde_json::Value = match serde_json::from_str(&j) {
             Ok(v) => v,
             Err(_) => continue,
@@ -403,7 +387,7 @@ async fn bridges_json(
 
 async fn drop_on_broker(
     client_id: String,
-    router: &mpsc::Sender<RouterEvent>,
+    broker: &BrokerHandle,
     shutdown: &CancellationToken,
     db: &Path,
 ) -> String {
@@ -428,16 +412,8 @@ async fn drop_on_broker(
         })
         .flatten()
     };
-    let (reply, rx) = oneshot::channel();
-    let ev = RouterEvent::DropSession {
-        client_id: client_id.clone(),
-        reply,
-    };
-    if router.send(ev).await.is_err() {
-        return "err broker is shutting down".to_string();
-    }
-    match rx.await {
-        Ok(true) => {
+    match broker.drop_session(&client_id).await {
+        true => {
             info!(client_id, "session dropped via the admin socket");
             if let Some(sid) = sid {
                 let db = db.to_path_buf();
@@ -453,8 +429,8 @@ async fn drop_on_broker(
             }
             "ok dropped".to_string()
         }
-        Ok(false) => "ok not-found".to_string(),
-        Err(_) => "err broker is shutting down".to_string(),
+        // Also when the router stopped meanwhile: its sessions are not dropped.
+        false => "ok not-found".to_string(),
     }
 }
 
@@ -1162,8 +1138,7 @@ fn ask_broker(socket: &Path, request: &str) -> anyhow::Result<Ask> {
 /// A session the gateway itself owns (a bridge outbox, a serial port): admin commands
 /// leave it alone (dropping an outbox would silently stop the uplink until a restart).
 fn is_internal(client_id: &str) -> bool {
-    client_id.starts_with(crate::bridge::INTERNAL_PREFIX)
-        || client_id.starts_with(crate::serial::INTERNAL_PREFIX)
+    crate::broker::client::is_reserved(client_id)
 }
 
 fn internal_refusal(client_id: &str) -> String {

@@ -14,8 +14,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::broker::connection::Shared;
-use crate::broker::router::{RouterEvent, SessionStats};
+use super::BridgeShared;
+use crate::broker::client::SessionStats;
 
 /// Live status of one bridge (`holdfast bridge status`, `$SYS/holdfast/bridge/<name>/...`).
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -96,15 +96,15 @@ pub(super) fn state_word(connected: bool, stalled: bool) -> &'static str {
 }
 
 /// Publishes a retained `$SYS/holdfast/bridge/<name>/<leaf>` message locally.
-pub(super) async fn sys(shared: &Shared, name: &str, leaf: &str, payload: Vec<u8>) {
+pub(super) async fn sys(shared: &BridgeShared, name: &str, leaf: &str, payload: Vec<u8>) {
     let topic = format!("$SYS/holdfast/bridge/{name}/{leaf}");
-    let _ = shared.router.send(RouterEvent::sys(topic, payload)).await;
+    shared.broker.sys(topic, payload).await;
 }
 
 /// Checks for a stall every second and publishes the statistics every `STATS_EVERY`,
 /// until `shutdown`.
 pub(super) async fn watch(
-    shared: Arc<Shared>,
+    shared: Arc<BridgeShared>,
     name: String,
     stall_after: Duration,
     progress: Arc<Progress>,
@@ -162,19 +162,11 @@ pub(super) async fn watch(
 }
 
 /// A bridge's outbox figures from the router, summed over its priorities.
-async fn outbox_stats(shared: &Shared, name: &str) -> Option<SessionStats> {
+async fn outbox_stats(shared: &BridgeShared, name: &str) -> Option<SessionStats> {
     let ids = shared.bridges.lock().ok()?.get(name)?.outboxes.clone();
     let mut outbox: Option<SessionStats> = None;
     for id in ids {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let ask = RouterEvent::SessionStats {
-            client_id: id,
-            reply,
-        };
-        if shared.router.send(ask).await.is_err() {
-            break;
-        }
-        if let Some(st) = rx.await.ok().flatten() {
+        if let Some(st) = shared.broker.session_stats(&id).await {
             let sum = outbox.get_or_insert_with(Default::default);
             sum.online |= st.online;
             sum.queued += st.queued;
@@ -188,7 +180,7 @@ async fn outbox_stats(shared: &Shared, name: &str) -> Option<SessionStats> {
 
 /// One bridge's status merged with its outbox figures from the router (summed over its
 /// priorities), as JSON.
-pub async fn status_json(shared: &Shared, name: &str) -> Option<String> {
+pub async fn status_json(shared: &BridgeShared, name: &str) -> Option<String> {
     let status = shared.bridges.lock().ok()?.get(name).cloned()?;
     let outbox = outbox_stats(shared, name).await;
     #[derive(serde::Serialize)]
@@ -201,7 +193,7 @@ pub async fn status_json(shared: &Shared, name: &str) -> Option<String> {
 }
 
 /// Every bridge's status as JSON objects (admin socket).
-pub async fn all_status_json(shared: &Shared) -> Vec<String> {
+pub async fn all_status_json(shared: &BridgeShared) -> Vec<String> {
     let names: Vec<String> = match shared.bridges.lock() {
         Ok(all) => all.keys().cloned().collect(),
         Err(_) => Vec::new(),
@@ -216,7 +208,7 @@ pub async fn all_status_json(shared: &Shared) -> Vec<String> {
 }
 
 /// Names of the bridges that are stalled (`/healthz`).
-pub fn stalled(shared: &Shared) -> Vec<String> {
+pub fn stalled(shared: &BridgeShared) -> Vec<String> {
     match shared.bridges.lock() {
         Ok(all) => all
             .values()

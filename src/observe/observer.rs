@@ -103,16 +103,19 @@ pub struct Observer {
     router: mpsc::Sender<RouterEvent>,
     store: StoreProbe,
     shared: Arc<Shared>,
+    /// The bridges' live status (stalled bridges fail `/healthz`).
+    bridges: Arc<crate::bridge::BridgeShared>,
     data_dir: PathBuf,
     /// (summary, interval length, when it was rolled).
     last_interval: Mutex<(LatencySummary, Duration, Instant)>,
 }
 
 impl Observer {
-    pub fn new(
+    pub(crate) fn new(
         router: mpsc::Sender<RouterEvent>,
         store: StoreProbe,
         shared: Arc<Shared>,
+        bridges: Arc<crate::bridge::BridgeShared>,
         data_dir: PathBuf,
     ) -> Observer {
         let now = Instant::now();
@@ -121,6 +124,7 @@ impl Observer {
             router,
             store,
             shared,
+            bridges,
             data_dir,
             last_interval: Mutex::new((LatencySummary::default(), Duration::ZERO, now)),
         }
@@ -130,8 +134,12 @@ impl Observer {
         self.started.elapsed()
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
         &self.shared
+    }
+
+    pub fn bridges(&self) -> &Arc<crate::bridge::BridgeShared> {
+        &self.bridges
     }
 
     pub fn data_dir(&self) -> &std::path::Path {

@@ -34,13 +34,10 @@ pub mod format;
 pub mod modbus;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
 use tokio_util::sync::CancellationToken;
@@ -51,15 +48,12 @@ use tracing::{debug, info, warn};
 pub use config::{Format, SerialConfig};
 use format::{Frame, Framer, LineFormat, Reject, Template};
 
-use crate::broker::connection::{ConnLink, Outgoing, Shared};
-use crate::broker::router::{ConnectRequest, RouterEvent, WillAction};
-use crate::broker::session::ClientParams;
-use crate::protocol::{
-    reason, topic, ConnAck, Packet, ProtocolVersion, Publish, PublishProperties, QoS, UserProperty,
+use crate::broker::client::{
+    BrokerHandle, ClientOptions, ClientRx, ClientTx, DeliveryPolicy, Outgoing, Reserved,
 };
-
-/// Prefix of the ports' internal client ids; clients may not use it.
-pub const INTERNAL_PREFIX: &str = "$serial/";
+use crate::protocol::{
+    reason, topic, Packet, ProtocolVersion, Publish, PublishProperties, QoS, UserProperty,
+};
 
 /// At most one warning of each kind per port in this time.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -111,9 +105,9 @@ pub struct SerialStats {
 }
 
 /// The port task: runs until the broker shuts down.
-pub async fn run(cfg: SerialConfig, shared: Arc<Shared>) {
-    let mut port = Port::new(cfg, shared.clone());
-    let Some(mut link) = Link::attach(&shared, &port.cfg).await else {
+pub async fn run(cfg: SerialConfig, broker: BrokerHandle) {
+    let mut port = Port::new(cfg, broker.clone());
+    let Some(mut link) = Link::attach(&broker, &port.cfg).await else {
         return;
     };
     port.run(&mut link).await;
@@ -151,9 +145,8 @@ enum End {
 
 /// The port's internal session in the router, with its packet-id window.
 struct Link {
-    router: mpsc::Sender<RouterEvent>,
-    conn: u64,
-    rx: mpsc::UnboundedReceiver<Outgoing>,
+    tx: ClientTx,
+    rx: ClientRx,
     window: usize,
     free: Vec<u16>,
     inflight: HashMap<u16, Publish>,
@@ -163,28 +156,22 @@ struct Link {
 }
 
 impl Link {
-    async fn attach(shared: &Shared, cfg: &SerialConfig) -> Option<Link> {
-        let conn = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let (link, rx) = ConnLink::new(conn);
-        let connect = RouterEvent::Connect(Box::new(ConnectRequest {
-            link,
-            client_id: format!("{INTERNAL_PREFIX}{}", cfg.name).into(),
+    async fn attach(broker: &BrokerHandle, cfg: &SerialConfig) -> Option<Link> {
+        let connect = ClientOptions {
+            client_id: Reserved::Serial.client_id(&cfg.name),
             clean_start: true,
             expiry_interval: 0,
-            will: None,
-            params: ClientParams {
-                protocol: ProtocolVersion::V5,
-                window: 1,
-                max_packet_size: u32::MAX,
+            protocol: ProtocolVersion::V5,
+            window: 1,
+            policy: DeliveryPolicy {
                 compact_packet_ids: true,
+                ..DeliveryPolicy::default()
             },
-            connack: ConnAck::default(),
-        }));
-        shared.router.send(connect).await.ok()?;
+        };
+        let (tx, rx) = broker.connect(connect).await.ok()?;
         let window = usize::from(cfg.inflight.max(1));
         Some(Link {
-            router: shared.router.clone(),
-            conn,
+            tx,
             rx,
             window,
             free: (1..=cfg.inflight.max(1)).rev().collect(),
@@ -224,12 +211,7 @@ impl Link {
     }
 
     async fn send(&self, publish: Publish) -> Result<(), End> {
-        let ev = RouterEvent::Publish {
-            conn: self.conn,
-            publish,
-            received: Instant::now(),
-        };
-        self.router.send(ev).await.map_err(|_| End::Shutdown)
+        self.tx.publish(publish).await.map_err(|_| End::Shutdown)
     }
 
     /// One packet from the router.
@@ -269,14 +251,7 @@ impl Link {
     }
 
     async fn detach(self) {
-        let _ = self
-            .router
-            .send(RouterEvent::Disconnected {
-                conn: self.conn,
-                will: WillAction::Discard,
-                session_expiry: None,
-            })
-            .await;
+        self.tx.disconnect().await;
     }
 }
 
@@ -309,7 +284,7 @@ impl Warner {
 
 struct Port {
     cfg: SerialConfig,
-    shared: Arc<Shared>,
+    broker: BrokerHandle,
     shutdown: CancellationToken,
     stats: SerialStats,
     /// The stats last published, to publish only changes.
@@ -321,7 +296,7 @@ struct Port {
 }
 
 impl Port {
-    fn new(cfg: SerialConfig, shared: Arc<Shared>) -> Port {
+    fn new(cfg: SerialConfig, broker: BrokerHandle) -> Port {
         // The configuration was validated: the template parses.
         let template = Template::parse(&cfg.topic)
             .unwrap_or_else(|_| Template::parse("serial").expect("literal"));
@@ -338,9 +313,9 @@ impl Port {
             stats.devices.insert(d.name.clone(), DeviceStats::default());
         }
         Port {
-            shutdown: shared.shutdown.clone(),
+            shutdown: broker.shutdown_token(),
             cfg,
-            shared,
+            broker,
             stats,
             published_stats: None,
             last_stats_at: Instant::now(),
@@ -586,8 +561,8 @@ impl Port {
     fn valid_topic(&self, t: &str) -> bool {
         topic::valid_topic_name(t)
             && !t.starts_with('$')
-            && t.len() <= self.shared.cfg.max_topic_length
-            && topic::level_count(t) <= self.shared.cfg.max_topic_levels
+            && t.len() <= self.broker.mqtt().max_topic_length
+            && topic::level_count(t) <= self.broker.mqtt().max_topic_levels
     }
 
     fn warn_drop(&mut self, kind: &'static str, what: &str, sample: Option<&str>) {
@@ -717,11 +692,7 @@ impl Port {
     /// Publishes a retained `$SYS/holdfast/serial/<name>/<leaf>` message.
     async fn sys(&self, leaf: &str, payload: Vec<u8>) {
         let topic = format!("$SYS/holdfast/serial/{}/{leaf}", self.cfg.name);
-        let _ = self
-            .shared
-            .router
-            .send(RouterEvent::sys(topic, payload))
-            .await;
+        self.broker.sys(topic, payload).await;
     }
 
     /// Publishes the stats if they changed (or `force`).
