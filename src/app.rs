@@ -195,9 +195,8 @@ impl Gateway {
         }
         // 6. Observers.
         let observer = Arc::new(Observer::new(
-            broker.router_sender(),
+            handle.clone(),
             store_probe,
-            broker.shared(),
             bridges.clone(),
             cfg.data_dir.clone(),
         ));

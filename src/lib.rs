@@ -7,7 +7,8 @@
 //! - `bridge`: upstream connections with a durable outbox (an internal session).
 //! - `serial`: serial sensor ingest (lines formats and Modbus RTU) as internal publishers.
 //! - `app`: the one place that starts and stops everything above, in a fixed order.
-//! - `admin`: operator commands (`sessions`, `backup`) and the broker's admin socket.
+//! - `admin`: the admin socket (typed requests and replies, both ends) and the operator
+//!   commands that use it; `cli`: all the text those commands print.
 //! - `clock`: the time line deadlines that outlive a run are kept on (wall clock steps).
 //! - `reload`: what SIGHUP changes in a running gateway (configuration re-read).
 //! - `probe`: `holdfast pub` / `holdfast sub`, an MQTT client (rumqttc) for operators.
@@ -18,6 +19,7 @@ pub mod auth;
 pub mod backoff;
 pub mod bridge;
 pub mod broker;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod observe;

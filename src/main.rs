@@ -301,11 +301,11 @@ fn bridge(command: BridgeCommand) -> anyhow::Result<()> {
     match holdfast::admin::bridge_status_at(&cfg.admin_socket_path())? {
         Some(items) => {
             if json {
-                println!("{}", serde_json::Value::Array(items));
+                println!("{}", serde_json::to_string(&items)?);
             } else {
                 print!(
                     "{}",
-                    holdfast::admin::format_bridges(&items, holdfast::store::unix_ms())
+                    holdfast::cli::format_bridges(&items, holdfast::store::unix_ms())
                 );
             }
         }
@@ -340,11 +340,11 @@ fn status(config: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
         );
     };
     if json {
-        println!("{v}");
+        println!("{}", serde_json::to_string(&v)?);
     } else {
         print!(
             "{}",
-            holdfast::observe::status::format(&v, holdfast::store::unix_ms())
+            holdfast::cli::format_status(&v, holdfast::store::unix_ms())
         );
     }
     Ok(())
@@ -364,7 +364,7 @@ fn sessions(command: SessionsCommand) -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string(s)?);
                 }
             } else {
-                print!("{}", admin::format_list(&sessions, now));
+                print!("{}", holdfast::cli::format_list(&sessions, now));
             }
         }
         SessionsCommand::Show {
@@ -383,13 +383,13 @@ fn sessions(command: SessionsCommand) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&detail)?);
             } else {
-                print!("{}", admin::format_detail(&detail, now));
+                print!("{}", holdfast::cli::format_detail(&detail, now));
             }
         }
         SessionsCommand::Drop { client_id, config } => {
             let cfg = Config::load(config.as_deref())?;
             let dir = cfg.data_dir.clone();
-            let shown = admin::display_id(&client_id);
+            let shown = holdfast::cli::display_id(&client_id);
             match admin::drop_session_at(&dir, &cfg.admin_socket_path(), &client_id)? {
                 admin::DropOutcome::DroppedByBroker => println!(
                     "dropped session {shown} on the running broker \

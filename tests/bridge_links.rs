@@ -87,7 +87,8 @@ async fn status(data_dir: &Path) -> serde_json::Value {
         .unwrap()
         .expect("admin socket answers")
         .expect("a broker runs");
-    all.into_iter().next().expect("one bridge")
+    let first = all.into_iter().next().expect("one bridge");
+    serde_json::to_value(first).expect("serializable")
 }
 
 async fn wait_status(dir: &Path, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {

@@ -51,7 +51,7 @@ mod strikes;
 mod tls;
 mod upstream;
 
-pub use status::{all_status_json, stalled, status_json, BridgeStatus};
+pub use status::{all_status, stalled, status_json, BridgeStatus};
 pub use tls::client_config as tls_client_config;
 
 use std::collections::{HashMap, VecDeque};

@@ -18,7 +18,7 @@ use super::BridgeShared;
 use crate::broker::client::SessionStats;
 
 /// Live status of one bridge (`holdfast bridge status`, `$SYS/holdfast/bridge/<name>/...`).
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct BridgeStatus {
     pub name: String,
     pub address: String,
@@ -98,7 +98,7 @@ pub(super) fn state_word(connected: bool, stalled: bool) -> &'static str {
 /// Publishes a retained `$SYS/holdfast/bridge/<name>/<leaf>` message locally.
 pub(super) async fn sys(shared: &BridgeShared, name: &str, leaf: &str, payload: Vec<u8>) {
     let topic = format!("$SYS/holdfast/bridge/{name}/{leaf}");
-    shared.broker.sys(topic, payload).await;
+    let _ = shared.broker.sys(topic, payload).await;
 }
 
 /// Checks for a stall every second and publishes the statistics every `STATS_EVERY`,
@@ -192,17 +192,17 @@ pub async fn status_json(shared: &BridgeShared, name: &str) -> Option<String> {
     serde_json::to_string(&Full { status, outbox }).ok()
 }
 
-/// Every bridge's status as JSON objects (admin socket).
-pub async fn all_status_json(shared: &BridgeShared) -> Vec<String> {
-    let names: Vec<String> = match shared.bridges.lock() {
-        Ok(all) => all.keys().cloned().collect(),
+/// Every bridge's status with its outbox figures from the router (summed over its
+/// priorities), by name (admin socket).
+pub async fn all_status(shared: &BridgeShared) -> Vec<(BridgeStatus, Option<SessionStats>)> {
+    let all: Vec<BridgeStatus> = match shared.bridges.lock() {
+        Ok(all) => all.values().cloned().collect(),
         Err(_) => Vec::new(),
     };
     let mut out = Vec::new();
-    for name in names {
-        if let Some(j) = status_json(shared, &name).await {
-            out.push(j);
-        }
+    for status in all {
+        let outbox = outbox_stats(shared, &status.name).await;
+        out.push((status, outbox));
     }
     out
 }

@@ -131,6 +131,19 @@ pub struct ClientOptions {
     pub policy: DeliveryPolicy,
 }
 
+/// The listeners' connection figures (`BrokerHandle::connections`).
+#[derive(Debug, Clone, Default)]
+pub struct ConnectionFigures {
+    /// Connections past CONNECT, counted against `max_connections`.
+    pub connected: u64,
+    /// Sockets refused by the per-address connection rate limit.
+    pub rate_limited: u64,
+    /// CONNECTs refused by `auth.max_connections_per_user`.
+    pub user_limited: u64,
+    /// Per listener: `(bind, bytes received, bytes sent)`.
+    pub traffic: Vec<(String, u64, u64)>,
+}
+
 /// The router has stopped (the gateway is shutting down).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the broker is shutting down")]
@@ -186,12 +199,27 @@ impl BrokerHandle {
 
     /// Publishes a retained QoS 0 status message (`$SYS/...`), kept in memory only so an
     /// idle gateway does not write to its disk for status. Empty payloads are ignored.
-    pub async fn sys(&self, topic: String, payload: impl Into<bytes::Bytes>) {
-        let _ = self
-            .shared
+    pub async fn sys(&self, topic: String, payload: impl Into<bytes::Bytes>) -> Result<(), Closed> {
+        self.shared
             .router
             .send(RouterEvent::sys(topic, payload))
-            .await;
+            .await
+            .map_err(|_| Closed)
+    }
+
+    /// The listeners' connection figures at this moment.
+    pub fn connections(&self) -> ConnectionFigures {
+        let s = &self.shared;
+        ConnectionFigures {
+            connected: s.connected.load(Ordering::Relaxed) as u64,
+            rate_limited: s.rate_limit.refused(),
+            user_limited: s.user_limit.refused(),
+            traffic: s
+                .traffic
+                .iter()
+                .map(|t| (t.name.clone(), t.received(), t.sent()))
+                .collect(),
+        }
     }
 
     /// Queue figures of a session, by client id (None: no such session, or no router).

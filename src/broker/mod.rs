@@ -222,16 +222,6 @@ impl Broker {
         client::BrokerHandle::new(self.shared.clone())
     }
 
-    /// A sender for router events (for `observe`: the router's figures).
-    pub(crate) fn router_sender(&self) -> mpsc::Sender<RouterEvent> {
-        self.router_tx.clone()
-    }
-
-    /// What every connection shares (for `observe`: connection counts, traffic).
-    pub(crate) fn shared(&self) -> Arc<Shared> {
-        self.shared.clone()
-    }
-
     /// SIGHUP: re-reads the password and ACL files and the TLS certificates. Established
     /// connections are kept; they and every stored session follow the new ACL from now on
     /// (subscriptions it no longer grants are removed). Whatever fails to load is logged and

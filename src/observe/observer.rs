@@ -1,14 +1,10 @@
 //! [`Observer`]: where every figure of the running gateway is gathered.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
-
-use crate::broker::connection::Shared;
-use crate::broker::router::{RouterEvent, RouterSnapshot};
+use crate::broker::client::{BrokerHandle, RouterSnapshot};
 use crate::store::metrics::{CommitCounts, LatencySummary};
 use crate::store::StoreProbe;
 
@@ -82,7 +78,7 @@ impl Snapshot {
 }
 
 /// Whether the router and the store writer answered within the deadline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Health {
     pub router: bool,
     /// The writer answers.
@@ -100,9 +96,8 @@ impl Health {
 /// Gathers figures from the router, the store writer and the connection count.
 pub struct Observer {
     started: Instant,
-    router: mpsc::Sender<RouterEvent>,
+    broker: BrokerHandle,
     store: StoreProbe,
-    shared: Arc<Shared>,
     /// The bridges' live status (stalled bridges fail `/healthz`).
     bridges: Arc<crate::bridge::BridgeShared>,
     data_dir: PathBuf,
@@ -111,19 +106,17 @@ pub struct Observer {
 }
 
 impl Observer {
-    pub(crate) fn new(
-        router: mpsc::Sender<RouterEvent>,
+    pub fn new(
+        broker: BrokerHandle,
         store: StoreProbe,
-        shared: Arc<Shared>,
         bridges: Arc<crate::bridge::BridgeShared>,
         data_dir: PathBuf,
     ) -> Observer {
         let now = Instant::now();
         Observer {
             started: now,
-            router,
+            broker,
             store,
-            shared,
             bridges,
             data_dir,
             last_interval: Mutex::new((LatencySummary::default(), Duration::ZERO, now)),
@@ -134,8 +127,9 @@ impl Observer {
         self.started.elapsed()
     }
 
-    pub(crate) fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    /// The broker core's client API.
+    pub fn broker(&self) -> &BrokerHandle {
+        &self.broker
     }
 
     pub fn bridges(&self) -> &Arc<crate::bridge::BridgeShared> {
@@ -149,11 +143,7 @@ impl Observer {
     /// Asks the router for its figures; None if it does not answer within `deadline`
     /// (busy beyond reason, wedged, or stopped).
     pub async fn router_snapshot(&self, deadline: Duration) -> Option<RouterSnapshot> {
-        let ask = async {
-            let (reply, rx) = oneshot::channel();
-            self.router.send(RouterEvent::Stats { reply }).await.ok()?;
-            rx.await.ok()
-        };
+        let ask = self.broker.snapshot();
         tokio::time::timeout(deadline, ask).await.ok().flatten()
     }
 
@@ -193,9 +183,10 @@ impl Observer {
             .lock()
             .map(|l| (l.0, l.1))
             .unwrap_or_default();
+        let connections = self.broker.connections();
         Snapshot {
             uptime: self.uptime(),
-            clients_connected: self.shared.connected.load(Ordering::Relaxed) as u64,
+            clients_connected: connections.connected,
             router,
             store_db_bytes: size(db),
             store_wal_bytes: size(PathBuf::from(wal)),
@@ -203,14 +194,9 @@ impl Observer {
             store_errors: self.store.metrics().error_counts(),
             latency,
             latency_interval,
-            traffic: self
-                .shared
-                .traffic
-                .iter()
-                .map(|t| (t.name.clone(), t.received(), t.sent()))
-                .collect(),
-            connections_rate_limited: self.shared.rate_limit.refused(),
-            connections_user_limited: self.shared.user_limit.refused(),
+            traffic: connections.traffic,
+            connections_rate_limited: connections.rate_limited,
+            connections_user_limited: connections.user_limited,
         }
     }
 }

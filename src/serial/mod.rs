@@ -692,7 +692,7 @@ impl Port {
     /// Publishes a retained `$SYS/holdfast/serial/<name>/<leaf>` message.
     async fn sys(&self, leaf: &str, payload: Vec<u8>) {
         let topic = format!("$SYS/holdfast/serial/{}/{leaf}", self.cfg.name);
-        self.broker.sys(topic, payload).await;
+        let _ = self.broker.sys(topic, payload).await;
     }
 
     /// Publishes the stats if they changed (or `force`).

@@ -32,6 +32,7 @@
 
 mod anchor;
 pub mod budget;
+pub mod inspect;
 mod load;
 pub mod metrics;
 pub mod powercut;

@@ -212,7 +212,7 @@ impl RouterEvent {
 }
 
 /// Queue figures of one session.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct SessionStats {
     pub online: bool,
     /// Messages waiting (in memory or on disk), not counting in-flight ones.
