@@ -52,7 +52,7 @@ pub enum StartError {
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
     #[error("bridge: {0}")]
-    Bridge(String),
+    BridgeTls(#[from] crate::bridge::TlsSetupError),
     #[error(transparent)]
     Admin(#[from] AdminSocketError),
     #[error("cannot serve metrics on {bind} (from [metrics] bind): {source}")]
@@ -95,7 +95,7 @@ impl Gateway {
                 b.tls
                     .then(|| crate::bridge::tls_client_config(b))
                     .transpose()
-                    .map_err(StartError::Bridge)
+                    .map_err(StartError::from)
             })
             .collect::<Result<Vec<_>, _>>()?;
         let metrics_listener =

@@ -52,7 +52,7 @@ mod tls;
 mod upstream;
 
 pub use status::{all_status, stalled, status_json, BridgeStatus};
-pub use tls::client_config as tls_client_config;
+pub use tls::{client_config as tls_client_config, TlsSetupError};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -107,7 +107,7 @@ pub struct SerialStats {
 /// The port task: runs until the broker shuts down.
 pub async fn run(cfg: SerialConfig, broker: BrokerHandle) {
     let mut port = Port::new(cfg, broker.clone());
-    let Some(mut link) = Link::attach(&broker, &port.cfg).await else {
+    let Some(mut link) = PortSession::attach(&broker, &port.cfg).await else {
         return;
     };
     port.run(&mut link).await;
@@ -144,7 +144,7 @@ enum End {
 }
 
 /// The port's internal session in the router, with its packet-id window.
-struct Link {
+struct PortSession {
     tx: ClientTx,
     rx: ClientRx,
     window: usize,
@@ -155,8 +155,8 @@ struct Link {
     retry_delay: Duration,
 }
 
-impl Link {
-    async fn attach(broker: &BrokerHandle, cfg: &SerialConfig) -> Option<Link> {
+impl PortSession {
+    async fn attach(broker: &BrokerHandle, cfg: &SerialConfig) -> Option<PortSession> {
         let connect = ClientOptions {
             client_id: Reserved::Serial.client_id(&cfg.name),
             clean_start: true,
@@ -170,7 +170,7 @@ impl Link {
         };
         let (tx, rx) = broker.connect(connect).await.ok()?;
         let window = usize::from(cfg.inflight.max(1));
-        Some(Link {
+        Some(PortSession {
             tx,
             rx,
             window,
@@ -325,7 +325,7 @@ impl Port {
         }
     }
 
-    async fn run(&mut self, link: &mut Link) {
+    async fn run(&mut self, link: &mut PortSession) {
         self.sys("state", b"closed".to_vec()).await;
         self.publish_stats(true).await;
         let mut backoff = Backoff::new(self.cfg.reopen_min_ms, self.cfg.reopen_max_ms);
@@ -416,7 +416,7 @@ impl Port {
     }
 
     /// Waits `d` while still taking acknowledgements, retries and stats. Err on shutdown.
-    async fn idle(&mut self, link: &mut Link, d: Duration) -> Result<(), End> {
+    async fn idle(&mut self, link: &mut PortSession, d: Duration) -> Result<(), End> {
         let until = Instant::now() + d;
         loop {
             let retry_at = link.retry_at();
@@ -434,7 +434,7 @@ impl Port {
     }
 
     /// Waits until the window has room (backpressure). Err on shutdown.
-    async fn wait_room(&mut self, link: &mut Link) -> Result<(), End> {
+    async fn wait_room(&mut self, link: &mut PortSession) -> Result<(), End> {
         while link.full() {
             let retry_at = link.retry_at();
             tokio::select! {
@@ -453,7 +453,7 @@ impl Port {
     async fn read_lines(
         &mut self,
         mut port: SerialStream,
-        link: &mut Link,
+        link: &mut PortSession,
         framer: &mut Framer,
         lines: &LineFormat,
     ) -> End {
@@ -502,7 +502,7 @@ impl Port {
     async fn frame(
         &mut self,
         frame: Frame,
-        link: &mut Link,
+        link: &mut PortSession,
         lines: &LineFormat,
     ) -> Result<(), End> {
         let line = match frame {
@@ -573,7 +573,7 @@ impl Port {
 
     async fn publish(
         &mut self,
-        link: &mut Link,
+        link: &mut PortSession,
         topic: String,
         payload: Bytes,
         properties: PublishProperties,
@@ -591,7 +591,7 @@ impl Port {
         link.publish(p, &mut self.stats).await
     }
 
-    async fn poll_modbus(&mut self, port: SerialStream, link: &mut Link) -> End {
+    async fn poll_modbus(&mut self, port: SerialStream, link: &mut PortSession) -> End {
         let mut ctx = tokio_modbus::client::rtu::attach(port);
         let timeout = Duration::from_millis(self.cfg.response_timeout_ms);
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.poll_interval_ms));
