@@ -16,7 +16,7 @@
 //! bridge's drain limits `max_rate` / `max_bytes_rate` (matched by `name`; applied at once,
 //! also in the middle of a drain). Everything else needs a restart.
 //!
-//! To make another setting reloadable, apply it in [`Reloader::apply`] (the broker is at
+//! To make another setting reloadable, apply it in [`Reloader::apply`] (the gateway is at
 //! hand) and copy it into `applied`: the configuration in force, against which the
 //! pending-restart keys are computed.
 

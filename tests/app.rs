@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use holdfast::bridge::BridgeConfig;
-use holdfast::broker::client::{ClientOptions, DeliveryPolicy, Outgoing, Reserved};
+use holdfast::broker::client::{ClientOptions, Outgoing, Reserved};
 use holdfast::protocol::{reason, ConnectProperties, Packet, ProtocolVersion, QoS};
 
 /// Connects a v5 client with a Session Expiry Interval of an hour.
@@ -53,10 +53,7 @@ async fn an_internal_client_publishes_through_the_client_api_and_is_acked_after_
             expiry_interval: 0,
             protocol: ProtocolVersion::V5,
             window: 1,
-            policy: DeliveryPolicy {
-                compact_packet_ids: true,
-                ..DeliveryPolicy::default()
-            },
+            compact_packet_ids: true,
         })
         .await
         .expect("router running");

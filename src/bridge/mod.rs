@@ -537,10 +537,7 @@ impl Bridge {
                     BridgeProtocol::V5 => ProtocolVersion::V5,
                 },
                 window,
-                policy: DeliveryPolicy {
-                    compact_packet_ids: true,
-                    ..DeliveryPolicy::default()
-                },
+                compact_packet_ids: true,
             };
             let Ok((tx, rx)) = broker.connect(attach).await else {
                 return (End::Shutdown, false);

@@ -126,9 +126,9 @@ pub struct ClientOptions {
     pub protocol: ProtocolVersion,
     /// The router's outgoing window for this session (messages in flight).
     pub window: u16,
-    /// Only `compact_packet_ids` applies at attach; the rest belongs to a
-    /// [`StandingSession`] (the router keeps it from start-up).
-    pub policy: DeliveryPolicy,
+    /// See [`DeliveryPolicy::compact_packet_ids`]. The rest of a session's delivery
+    /// policy belongs to its [`StandingSession`] (the router keeps it from start-up).
+    pub compact_packet_ids: bool,
 }
 
 /// The listeners' connection figures (`BrokerHandle::connections`).
@@ -185,7 +185,7 @@ impl BrokerHandle {
                 protocol: opts.protocol,
                 window: opts.window,
                 max_packet_size: u32::MAX,
-                compact_packet_ids: opts.policy.compact_packet_ids,
+                compact_packet_ids: opts.compact_packet_ids,
             },
             connack: ConnAck::default(),
         };

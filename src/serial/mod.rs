@@ -48,9 +48,7 @@ use tracing::{debug, info, warn};
 pub use config::{Format, SerialConfig};
 use format::{Frame, Framer, LineFormat, Reject, Template};
 
-use crate::broker::client::{
-    BrokerHandle, ClientOptions, ClientRx, ClientTx, DeliveryPolicy, Outgoing, Reserved,
-};
+use crate::broker::client::{BrokerHandle, ClientOptions, ClientRx, ClientTx, Outgoing, Reserved};
 use crate::protocol::{
     reason, topic, Packet, ProtocolVersion, Publish, PublishProperties, QoS, UserProperty,
 };
@@ -163,10 +161,7 @@ impl PortSession {
             expiry_interval: 0,
             protocol: ProtocolVersion::V5,
             window: 1,
-            policy: DeliveryPolicy {
-                compact_packet_ids: true,
-                ..DeliveryPolicy::default()
-            },
+            compact_packet_ids: true,
         };
         let (tx, rx) = broker.connect(connect).await.ok()?;
         let window = usize::from(cfg.inflight.max(1));
