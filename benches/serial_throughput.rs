@@ -9,15 +9,11 @@
 //! `SERIAL_BENCH_SECS` (paced run length, default 5), `SERIAL_BENCH_LINES` (full-speed
 //! lines, default 50000).
 
-#[path = "../tests/common/mod.rs"]
-#[allow(unused_imports)]
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::*;
 use holdfast::protocol::{Packet, ProtocolVersion, QoS};
 use holdfast::serial::config::{Format, SerialConfig};
+use holdfast_testkit::*;
 use tokio::io::AsyncWriteExt;
 use tokio_serial::{SerialPort, SerialStream};
 

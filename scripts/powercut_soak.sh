@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Power-cut soak: runs tests/power_cut.rs with many more rounds than CI does, for
+# Power-cut soak: runs tests/durable/power_cut.rs with many more rounds than CI does, for
 # store.synchronous = "full" and "normal", and prints one summary line per setting.
 #
 # The broker runs with the TEST ONLY power-cut VFS (HOLDFAST_TEST_POWERCUT_VFS=1, see
@@ -36,7 +36,7 @@ out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
 status=0
 # --test-threads=1: one setting at a time, so the kill timing is not distorted by the other.
-cargo test --release --test power_cut -- --nocapture --test-threads=1 2>&1 | tee "$out" || status=$?
+cargo test --release --test durable power_cut:: -- --nocapture --test-threads=1 2>&1 | tee "$out" || status=$?
 echo
 echo "===== power-cut soak summary ====="
 grep '^POWERCUT SUMMARY' "$out" || echo "(no summary: the run failed before the end; see above)"

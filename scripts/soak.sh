@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Crash soak: runs tests/crash_loop.rs with many more rounds than CI does.
+# Crash soak: runs tests/durable/crash_loop.rs with many more rounds than CI does.
 #
 # Each round starts the real `holdfast` binary on the same data dir, streams QoS 1
 # messages into it from a publisher that resends its unacknowledged messages after every
@@ -29,4 +29,4 @@ if [[ -n "${SEED:-}" ]]; then
 fi
 
 # --test-threads=1: one variant at a time, so the kill timing is not distorted by the other.
-exec cargo test --release --test crash_loop -- --nocapture --test-threads=1 "$@"
+exec cargo test --release --test durable crash_loop:: -- --nocapture --test-threads=1 "$@"

@@ -5,7 +5,7 @@
 //!   (default) a commit survives power loss; with `NORMAL` it survives a process crash, but
 //!   a power cut loses everything committed since the last WAL checkpoint (the WAL is
 //!   synced only then). Both are tested with simulated power cuts (`powercut`,
-//!   `tests/power_cut.rs`).
+//!   `tests/durable/power_cut.rs`).
 //! - One writer thread owns the only write connection. The router submits `Batch`es of
 //!   `Op`s, each with a token; the writer takes whatever batches have arrived, applies them
 //!   in one transaction, commits, and only then reports every token as `Committed`
@@ -501,7 +501,7 @@ pub fn db_path(data_dir: &Path) -> PathBuf {
 /// "Flash wear"). 1 KiB is not the default: a message larger than about a page is stored
 /// with overflow pages, and marking such a row sent rewrites them, which needs free pages
 /// that a database at its disk budget (`store.max_bytes`) does not have, so its queue
-/// stalls until space is freed (`tests/store_faults.rs` with 1 KiB payloads).
+/// stalls until space is freed (`tests/durable/store_faults.rs` with 1 KiB payloads).
 ///
 /// The page size only applies when the file is created: an existing database keeps its own
 /// (`VACUUM` changes it, see docs/operations.md).

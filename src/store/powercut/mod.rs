@@ -3,7 +3,7 @@
 //! A SIGKILL cannot tell `synchronous = "full"` from `"normal"`: the kernel keeps every
 //! write the process made, synced or not. A power cut keeps only what was synced. This
 //! module makes a SIGKILL behave like a power cut, so the crash tests can prove what the
-//! durability settings promise (`tests/power_cut.rs`, `scripts/powercut_soak.sh`).
+//! durability settings promise (`tests/durable/power_cut.rs`, `scripts/powercut_soak.sh`).
 //!
 //! # The model
 //! With [`ENV_VAR`]` = 1`, the process's SQLite default VFS becomes `holdfast-powercut`
