@@ -6,16 +6,20 @@
 //!   messages, fan-out).
 //! - `bridge`: upstream connections with a durable outbox (an internal session).
 //! - `serial`: serial sensor ingest (lines formats and Modbus RTU) as internal publishers.
-//! - `admin`: operator commands (`sessions`, `backup`) and the broker's admin socket.
+//! - `app`: the one place that starts and stops everything above, in a fixed order.
+//! - `admin`: the admin socket (typed requests and replies, both ends) and the operator
+//!   commands that use it; `cli`: all the text those commands print.
 //! - `clock`: the time line deadlines that outlive a run are kept on (wall clock steps).
 //! - `reload`: what SIGHUP changes in a running gateway (configuration re-read).
 //! - `probe`: `holdfast pub` / `holdfast sub`, an MQTT client (rumqttc) for operators.
 
 pub mod admin;
+pub mod app;
 pub mod auth;
 pub mod backoff;
 pub mod bridge;
 pub mod broker;
+pub mod cli;
 pub mod clock;
 pub mod config;
 pub mod observe;

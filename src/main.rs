@@ -8,7 +8,8 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use holdfast::admin;
-use holdfast::broker::Broker;
+use holdfast::app::Gateway;
+use holdfast::broker::client::Reserved;
 use holdfast::config::Config;
 use holdfast::observe::notify;
 use holdfast::reload::Reloader;
@@ -300,11 +301,11 @@ fn bridge(command: BridgeCommand) -> anyhow::Result<()> {
     match holdfast::admin::bridge_status_at(&cfg.admin_socket_path())? {
         Some(items) => {
             if json {
-                println!("{}", serde_json::Value::Array(items));
+                println!("{}", serde_json::to_string(&items)?);
             } else {
                 print!(
                     "{}",
-                    holdfast::admin::format_bridges(&items, holdfast::store::unix_ms())
+                    holdfast::cli::format_bridges(&items, holdfast::store::unix_ms())
                 );
             }
         }
@@ -314,17 +315,13 @@ fn bridge(command: BridgeCommand) -> anyhow::Result<()> {
                 dir.display()
             );
             let sessions = holdfast::admin::list_sessions(&dir)?;
-            for s in sessions
+            for (name, s) in sessions
                 .iter()
-                .filter(|s| s.client_id.starts_with(holdfast::bridge::INTERNAL_PREFIX))
+                .filter_map(|s| Some((Reserved::Bridge.strip(&s.client_id)?, s)))
             {
                 println!(
                     "{}  queued {}  bytes {}  in flight {}  dropped {}",
-                    &s.client_id[holdfast::bridge::INTERNAL_PREFIX.len()..],
-                    s.queued,
-                    s.queued_bytes,
-                    s.inflight,
-                    s.dropped
+                    name, s.queued, s.queued_bytes, s.inflight, s.dropped
                 );
             }
         }
@@ -343,11 +340,11 @@ fn status(config: Option<PathBuf>, json: bool) -> anyhow::Result<()> {
         );
     };
     if json {
-        println!("{v}");
+        println!("{}", serde_json::to_string(&v)?);
     } else {
         print!(
             "{}",
-            holdfast::observe::status::format(&v, holdfast::store::unix_ms())
+            holdfast::cli::format_status(&v, holdfast::store::unix_ms())
         );
     }
     Ok(())
@@ -367,7 +364,7 @@ fn sessions(command: SessionsCommand) -> anyhow::Result<()> {
                     println!("{}", serde_json::to_string(s)?);
                 }
             } else {
-                print!("{}", admin::format_list(&sessions, now));
+                print!("{}", holdfast::cli::format_list(&sessions, now));
             }
         }
         SessionsCommand::Show {
@@ -386,13 +383,13 @@ fn sessions(command: SessionsCommand) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string(&detail)?);
             } else {
-                print!("{}", admin::format_detail(&detail, now));
+                print!("{}", holdfast::cli::format_detail(&detail, now));
             }
         }
         SessionsCommand::Drop { client_id, config } => {
             let cfg = Config::load(config.as_deref())?;
             let dir = cfg.data_dir.clone();
-            let shown = admin::display_id(&client_id);
+            let shown = holdfast::cli::display_id(&client_id);
             match admin::drop_session_at(&dir, &cfg.admin_socket_path(), &client_id)? {
                 admin::DropOutcome::DroppedByBroker => println!(
                     "dropped session {shown} on the running broker \
@@ -452,7 +449,7 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
         .context("starting the async runtime")?;
     rt.block_on(async move {
         info!(version = env!("CARGO_PKG_VERSION"), config = ?config, "holdfast starting");
-        let broker = Broker::start(&cfg).await?;
+        let broker = Gateway::start(&cfg).await?;
         let listening: Vec<String> = broker.local_addrs().iter().map(|a| a.to_string()).collect();
         notify::ready(&format!("listening on {}", listening.join(", ")));
         let watchdog = CancellationToken::new();
@@ -476,7 +473,7 @@ fn run(config: Option<PathBuf>) -> anyhow::Result<()> {
 
 /// Waits for SIGTERM or SIGINT; SIGHUP reloads the password, ACL and certificate files and
 /// the reloadable settings of the configuration file (`holdfast::reload`).
-async fn wait_for_signal(broker: &Broker, reloader: &mut Reloader) -> anyhow::Result<()> {
+async fn wait_for_signal(broker: &Gateway, reloader: &mut Reloader) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;

@@ -16,7 +16,7 @@
 //! bridge's drain limits `max_rate` / `max_bytes_rate` (matched by `name`; applied at once,
 //! also in the middle of a drain). Everything else needs a restart.
 //!
-//! To make another setting reloadable, apply it in [`Reloader::apply`] (the broker is at
+//! To make another setting reloadable, apply it in [`Reloader::apply`] (the gateway is at
 //! hand) and copy it into `applied`: the configuration in force, against which the
 //! pending-restart keys are computed.
 
@@ -25,7 +25,7 @@ use std::path::PathBuf;
 
 use tracing::{error, info, warn};
 
-use crate::broker::Broker;
+use crate::app::Gateway;
 use crate::config::Config;
 use crate::observe::{LevelChange, LogControl};
 
@@ -65,7 +65,7 @@ impl Reloader {
 
     /// The whole SIGHUP (see the module doc). Returns the keys that changed in the file
     /// but need a restart, or None when the file did not load.
-    pub fn reload(&mut self, broker: &Broker) -> Option<Vec<String>> {
+    pub fn reload(&mut self, broker: &Gateway) -> Option<Vec<String>> {
         broker.reload();
         match Config::load(self.file.as_deref()) {
             Ok(new) => Some(self.apply(&new, broker)),
@@ -78,7 +78,7 @@ impl Reloader {
 
     /// Applies the reloadable settings of `new` and warns about the others. Returns the
     /// keys whose new values need a restart.
-    pub fn apply(&mut self, new: &Config, broker: &Broker) -> Vec<String> {
+    pub fn apply(&mut self, new: &Config, broker: &Gateway) -> Vec<String> {
         self.apply_log_level(new);
         self.apply_connection_limits(new, broker);
         self.apply_bridge_rates(new, broker);
@@ -94,7 +94,7 @@ impl Reloader {
         pending
     }
 
-    fn apply_connection_limits(&mut self, new: &Config, broker: &Broker) {
+    fn apply_connection_limits(&mut self, new: &Config, broker: &Gateway) {
         let mut a = self.applied.clone();
         a.mqtt.max_connection_rate = new.mqtt.max_connection_rate;
         a.mqtt.max_connection_burst = new.mqtt.max_connection_burst;
@@ -119,7 +119,7 @@ impl Reloader {
     }
 
     /// Drain limits of the bridges that exist (by name) both in force and in `new`.
-    fn apply_bridge_rates(&mut self, new: &Config, broker: &Broker) {
+    fn apply_bridge_rates(&mut self, new: &Config, broker: &Gateway) {
         let mut a = self.applied.clone();
         for b in &mut a.bridge {
             if let Some(n) = new.bridge.iter().find(|n| n.name == b.name) {

@@ -642,7 +642,7 @@ mod tests {
             listener: vec![crate::config::ListenerConfig::new("127.0.0.1:0")],
             ..Default::default()
         };
-        let broker = crate::broker::Broker::start(&cfg).await.unwrap();
+        let broker = crate::app::Gateway::start(&cfg).await.unwrap();
         let live = broker.local_addrs()[0];
         let dead = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

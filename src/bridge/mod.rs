@@ -57,8 +57,8 @@ mod strikes;
 mod tls;
 mod upstream;
 
-pub use status::{all_status_json, metrics, stalled, status_json, BridgeMetrics, BridgeStatus};
-pub use tls::client_config as tls_client_config;
+pub use status::{all_status, metrics, stalled, status_json, BridgeMetrics, BridgeStatus};
+pub use tls::{client_config as tls_client_config, TlsSetupError};
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,15 +73,35 @@ use crate::backoff::Backoff;
 pub use config::{Addresses, BridgeConfig, BridgeProtocol, Direction, TopicRule};
 use upstream::{Granted, UpEvent, Upstream};
 
-use crate::broker::connection::{ConnLink, Shared};
-use crate::broker::router::{ConnectRequest, InternalSession, RouterEvent, WillAction};
-use crate::broker::session::{ClientParams, QueueLimits};
-use crate::protocol::{
-    topic, ConnAck, ProtocolVersion, QoS, SubscribeFilter as Sf, SubscriptionOptions,
+use crate::broker::client::{
+    BrokerHandle, ClientOptions, DeliveryPolicy, QueueLimits, Reserved, StandingSession,
 };
+use crate::protocol::{topic, ProtocolVersion, QoS, SubscribeFilter as Sf, SubscriptionOptions};
 
-/// Prefix of the internal session ids; clients may not use it.
-pub const INTERNAL_PREFIX: &str = "$bridge/";
+/// What the bridge tasks share with the rest of the gateway: the broker's client API and
+/// every bridge's live status (`holdfast bridge status`, `/healthz`, `$SYS`).
+pub struct BridgeShared {
+    pub broker: BrokerHandle,
+    /// Live status of each bridge, by name.
+    pub bridges: Mutex<std::collections::BTreeMap<String, BridgeStatus>>,
+}
+
+impl BridgeShared {
+    pub fn new(broker: BrokerHandle) -> Arc<BridgeShared> {
+        Arc::new(BridgeShared {
+            broker,
+            bridges: Mutex::default(),
+        })
+    }
+
+    /// Every bridge's live status (without outbox figures), by name.
+    pub fn statuses(&self) -> Vec<BridgeStatus> {
+        self.bridges
+            .lock()
+            .map(|b| b.values().cloned().collect())
+            .unwrap_or_default()
+    }
+}
 
 fn qos_of(q: u8) -> QoS {
     match q {
@@ -120,18 +140,20 @@ pub fn priorities(cfg: &BridgeConfig) -> Vec<u8> {
 /// one unless priorities are configured), `$bridge/<name>/p<N>` otherwise.
 pub fn outbox_id(name: &str, priority: u8) -> String {
     if priority == 0 {
-        format!("{INTERNAL_PREFIX}{name}")
+        Reserved::Bridge.client_id(name).to_string()
     } else {
-        format!("{INTERNAL_PREFIX}{name}/p{priority}")
+        Reserved::Bridge
+            .client_id(&format!("{name}/p{priority}"))
+            .to_string()
     }
 }
 
-/// The internal sessions of a bridge, one per priority (highest first): client id and the
+/// The outboxes of a bridge, one per priority (highest first): client id, the
 /// subscriptions that make it an outbox (the local side of the `out` rules of that
-/// priority, No Local so downlink never goes back up). The router creates them at
-/// start-up, so messages are kept from the first moment, whether or not the upstream is
-/// reachable.
-pub fn internal_sessions(cfg: &BridgeConfig) -> Vec<InternalSession> {
+/// priority, No Local so downlink never goes back up) and the relay delivery policy. The
+/// router creates them at start-up, so messages are kept from the first moment, whether
+/// or not the upstream is reachable.
+pub fn internal_sessions(cfg: &BridgeConfig) -> Vec<StandingSession> {
     priorities(cfg)
         .into_iter()
         .map(|priority| {
@@ -155,19 +177,30 @@ pub fn internal_sessions(cfg: &BridgeConfig) -> Vec<InternalSession> {
                 .filter(|t| t.direction.is_out() && t.priority == priority && t.queue_qos0)
                 .map(|t| format!("{}{}", t.local_prefix, t.pattern))
                 .collect();
-            InternalSession {
+            StandingSession {
                 client_id: outbox_id(&cfg.name, priority).into(),
                 filters,
-                queue_qos0,
-                limits: QueueLimits {
-                    max_messages: cfg.max_queued_messages,
-                    max_bytes: cfg.max_queued_bytes,
-                    policy: cfg.queue_policy,
-                    max_age_secs: cfg.max_age_secs,
-                },
+                policy: outbox_policy(cfg, queue_qos0),
             }
         })
         .collect()
+}
+
+/// How the router delivers to an outbox: a relay (see `DeliveryPolicy`), with compact
+/// packet ids (each outbox keeps to its own range of upstream ids) and the bridge's queue
+/// limits.
+fn outbox_policy(cfg: &BridgeConfig, queue_qos0: Vec<String>) -> DeliveryPolicy {
+    DeliveryPolicy {
+        relay: true,
+        compact_packet_ids: true,
+        queue_qos0,
+        limits: Some(QueueLimits {
+            max_messages: cfg.max_queued_messages,
+            max_bytes: cfg.max_queued_bytes,
+            policy: cfg.queue_policy,
+            max_age_secs: cfg.max_age_secs,
+        }),
+    }
 }
 
 /// Drain limits of a bridge that SIGHUP may change: (`max_rate`, `max_bytes_rate`).
@@ -177,7 +210,7 @@ pub type Rates = (u32, u64);
 pub async fn run(
     cfg: BridgeConfig,
     tls: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
-    shared: Arc<Shared>,
+    shared: Arc<BridgeShared>,
     shutdown: CancellationToken,
     rates: tokio::sync::watch::Receiver<Rates>,
 ) {
@@ -188,7 +221,7 @@ pub async fn run(
 
 struct Bridge {
     cfg: BridgeConfig,
-    shared: Arc<Shared>,
+    shared: Arc<BridgeShared>,
     shutdown: CancellationToken,
     /// The outboxes, highest priority first: (internal session id, local filters).
     classes: Vec<(Arc<str>, Vec<String>)>,
@@ -238,7 +271,7 @@ enum Attempt {
 impl Bridge {
     fn new(
         cfg: BridgeConfig,
-        shared: Arc<Shared>,
+        shared: Arc<BridgeShared>,
         shutdown: CancellationToken,
         rates: tokio::sync::watch::Receiver<Rates>,
     ) -> Self {
@@ -383,7 +416,7 @@ impl Bridge {
         ));
         let mut backoff = Backoff::new(self.cfg.reconnect_min_ms, self.cfg.reconnect_max_ms);
         let mut last_error = String::new();
-        let max_packet = self.shared.cfg.max_packet_size as usize + 1024;
+        let max_packet = self.shared.broker.mqtt().max_packet_size as usize + 1024;
         while !self.shutdown.is_cancelled() {
             let address = self.failover.current();
             self.status(|st| st.address = address.clone());
@@ -518,36 +551,28 @@ impl Bridge {
             .cfg
             .inflight
             .min(granted.receive_maximum / n)
-            .min(self.shared.cfg.max_inflight)
+            .min(self.shared.broker.mqtt().max_inflight)
             .max(1);
-        let router = &self.shared.router;
+        let broker = &self.shared.broker;
         let mut classes = Vec::new();
         let mut receivers = Vec::new();
         for (id, filters) in &self.classes {
-            let conn = self.shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-            let (link, rx) = ConnLink::new(conn);
-            let attach = RouterEvent::Connect(Box::new(ConnectRequest {
-                link,
+            let attach = ClientOptions {
                 client_id: id.clone(),
                 clean_start: false,
                 expiry_interval: u32::MAX,
-                will: None,
-                params: ClientParams {
-                    protocol: match self.cfg.protocol {
-                        BridgeProtocol::V311 => ProtocolVersion::V311,
-                        BridgeProtocol::V5 => ProtocolVersion::V5,
-                    },
-                    window,
-                    max_packet_size: u32::MAX,
-                    compact_packet_ids: true,
+                protocol: match self.cfg.protocol {
+                    BridgeProtocol::V311 => ProtocolVersion::V311,
+                    BridgeProtocol::V5 => ProtocolVersion::V5,
                 },
-                connack: ConnAck::default(),
-            }));
-            if router.send(attach).await.is_err() {
+                window,
+                compact_packet_ids: true,
+            };
+            let Ok((tx, rx)) = broker.connect(attach).await else {
                 return (End::Shutdown, false);
-            }
+            };
             classes.push(pump::Class {
-                conn,
+                tx,
                 filters: filters.clone(),
                 in_flight: 0,
                 last_message: None,
@@ -586,13 +611,7 @@ impl Bridge {
                 .lost(link.suspect, up.closed_by_peer(), isolated, in_flight);
         }
         for c in &link.classes {
-            let _ = router
-                .send(RouterEvent::Disconnected {
-                    conn: c.conn,
-                    will: WillAction::Discard,
-                    session_expiry: None,
-                })
-                .await;
+            c.tx.disconnect().await;
         }
         (end, link.progress && !link.quota)
     }

@@ -31,15 +31,13 @@
 
 use std::collections::{HashMap, VecDeque};
 
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use super::pacer::Pacer;
 use super::upstream::{AckKind, Granted, UpEvent, Upstream};
 use super::{Bridge, End, ACKED, RECEIVED, SENT};
-use crate::broker::connection::Outgoing;
-use crate::broker::router::RouterEvent;
+use crate::broker::client::{ClientRx, ClientTx, Closed, Outgoing};
 use crate::protocol::{reason, topic, Packet, PubAckLike, Publish, QoS};
 
 /// How long a priority counts as busy after its last message: the router hands over the
@@ -108,7 +106,8 @@ const LINGER_MAX_BYTES: usize = 16 * 1024;
 
 /// One outbox during a connected period.
 pub(super) struct Class {
-    pub conn: u64,
+    /// The outbox's session in the router.
+    pub tx: ClientTx,
     /// Its local filters (which outbox a downlink message is published through).
     pub filters: Vec<String>,
     /// QoS 1/2 messages sent upstream and not yet completed.
@@ -263,7 +262,7 @@ impl Bridge {
         &self,
         up: &mut U,
         link: &mut Link,
-        rxs: &mut [mpsc::UnboundedReceiver<Outgoing>],
+        rxs: &mut [ClientRx],
         early: Vec<UpEvent>,
     ) -> End {
         for ev in early {
@@ -383,7 +382,7 @@ impl Bridge {
         let n = link.classes.len().max(1);
         let per = usize::from(self.cfg.inflight)
             .min(usize::from(link.granted.receive_maximum) / n)
-            .min(usize::from(self.shared.cfg.max_inflight))
+            .min(usize::from(self.shared.broker.mqtt().max_inflight))
             .max(1);
         per * n
     }
@@ -407,14 +406,10 @@ impl Bridge {
         Ok(())
     }
 
-    /// Sends an event to the router; `Some(End::Shutdown)` if the router is gone.
-    pub(super) async fn to_router(&self, ev: RouterEvent) -> Option<End> {
-        self.shared
-            .router
-            .send(ev)
-            .await
-            .err()
-            .map(|_| End::Shutdown)
+    /// What sending to the router means for the connected period: `Some(End::Shutdown)`
+    /// if the router is gone.
+    pub(super) fn to_router(sent: Result<(), Closed>) -> Option<End> {
+        sent.err().map(|_| End::Shutdown)
     }
 
     /// Handles one event from upstream. `Some` ends the connected period.
@@ -452,7 +447,6 @@ impl Bridge {
                 if link.isolate_left > 0 {
                     link.isolate_left = self.strikes.acked();
                 }
-                let conn = link.classes[k].conn;
                 let done = kind != AckKind::Rec || reason >= 0x80;
                 if reason >= 0x80 {
                     warn!(bridge = %self.cfg.name, packet_id, reason = format!("{reason:#04x}"), "the upstream refused a message (v5 reason code); it is removed from the outbox and counted as rejected");
@@ -474,18 +468,14 @@ impl Bridge {
                 if kind != AckKind::Rec || reason >= 0x80 {
                     link.emulated.remove(&upstream_id);
                 }
-                self.to_router(match kind {
+                let tx = &link.classes[k].tx;
+                Self::to_router(match kind {
                     // Accepted by the upstream (the next hop holds it now).
-                    AckKind::Ack if reason < 0x80 => RouterEvent::UpstreamAck { conn, packet_id },
-                    AckKind::Ack => RouterEvent::PubAck { conn, packet_id },
-                    AckKind::Rec => RouterEvent::PubRec {
-                        conn,
-                        packet_id,
-                        reason,
-                    },
-                    AckKind::Comp => RouterEvent::PubComp { conn, packet_id },
+                    AckKind::Ack if reason < 0x80 => tx.upstream_ack(packet_id).await,
+                    AckKind::Ack => tx.puback(packet_id).await,
+                    AckKind::Rec => tx.pubrec(packet_id, reason).await,
+                    AckKind::Comp => tx.pubcomp(packet_id).await,
                 })
-                .await
             }
         }
     }
@@ -500,19 +490,16 @@ impl Bridge {
             .ok()
             .and_then(|mut m| m.remove(&packet_id))
             .filter(|k| *k < link.classes.len());
-        let targets: Vec<u64> = match known {
-            Some(k) => vec![link.classes[k].conn],
-            None if link.classes.len() == 1 => vec![link.classes[0].conn],
+        let targets: Vec<usize> = match known {
+            Some(k) => vec![k],
+            None if link.classes.len() == 1 => vec![0],
             None => {
                 link.fanout.insert(packet_id, (link.classes.len(), false));
-                link.classes.iter().map(|c| c.conn).collect()
+                (0..link.classes.len()).collect()
             }
         };
-        for conn in targets {
-            if let Some(end) = self
-                .to_router(RouterEvent::PubRel { conn, packet_id })
-                .await
-            {
+        for k in targets {
+            if let Some(end) = Self::to_router(link.classes[k].tx.pubrel(packet_id).await) {
                 return Some(end);
             }
         }
@@ -533,7 +520,11 @@ impl Bridge {
             return up.queue(packet).err().map(End::Lost);
         };
         let k = self.downlink_class(link, &local);
-        let conn = link.classes.get(k).map(|c| c.conn).unwrap_or_default();
+        let Some(class) = link.classes.get(k) else {
+            return Some(End::Lost(
+                "no outbox to publish a downlink message through".into(),
+            ));
+        };
         if p.qos == QoS::ExactlyOnce {
             if let Ok(mut m) = self.qos2_down.lock() {
                 m.insert(p.packet_id, k);
@@ -547,12 +538,7 @@ impl Bridge {
         if p.qos == QoS::AtMostOnce {
             p.packet_id = 0;
         }
-        self.to_router(RouterEvent::Publish {
-            conn,
-            publish: p,
-            received: Instant::now(),
-        })
-        .await
+        Self::to_router(class.tx.publish(p).await)
     }
 
     /// The outbox a downlink message is published through: the one whose `out` filters
@@ -574,7 +560,6 @@ impl Bridge {
         k: usize,
         out: Outgoing,
     ) -> Result<usize, End> {
-        let conn = link.classes[k].conn;
         let packet = match out {
             Outgoing::Disconnect(_) => {
                 return Err(if self.shutdown.is_cancelled() {
@@ -600,11 +585,8 @@ impl Bridge {
             Packet::PubRel(mut a) => {
                 let upstream_id = link.upstream_id(k, a.packet_id);
                 if link.emulated.remove(&upstream_id).is_some() {
-                    let ev = RouterEvent::PubComp {
-                        conn,
-                        packet_id: a.packet_id,
-                    };
-                    if let Some(end) = self.to_router(ev).await {
+                    let sent = link.classes[k].tx.pubcomp(a.packet_id).await;
+                    if let Some(end) = Self::to_router(sent) {
                         return Err(end);
                     }
                 } else {
@@ -653,7 +635,7 @@ impl Bridge {
         k: usize,
         mut p: Publish,
     ) -> Result<usize, End> {
-        let conn = link.classes[k].conn;
+        let tx = link.classes[k].tx.clone();
         let packet_id = p.packet_id;
         let upstream_id = link.upstream_id(k, packet_id);
         let local_qos = p.qos;
@@ -661,13 +643,13 @@ impl Bridge {
             // Cannot happen (the session only subscribes `out` rules); don't let it block
             // the queue.
             let refused = reason::IMPLEMENTATION_SPECIFIC_ERROR;
-            return self.complete_now(conn, local_qos, packet_id, refused).await;
+            return self.complete_now(&tx, local_qos, packet_id, refused).await;
         };
         if local_qos != QoS::AtMostOnce && self.strikes.set_aside(k, packet_id) {
             warn!(bridge = %self.cfg.name, topic = %p.topic, "the upstream closed the connection when this message was in flight alone (after reject_after_closes closes with it first in flight): removed from the outbox and counted as rejected");
             self.status(|st| st.rejected += 1);
             let refused = reason::IMPLEMENTATION_SPECIFIC_ERROR;
-            return self.complete_now(conn, local_qos, packet_id, refused).await;
+            return self.complete_now(&tx, local_qos, packet_id, refused).await;
         }
         let remote: std::sync::Arc<str> = remote.into();
         let alias = link.alias(&remote);
@@ -693,7 +675,7 @@ impl Bridge {
             warn!(bridge = %self.cfg.name, cause = %e, "message cannot be sent upstream; removed from the outbox and counted as rejected");
             self.status(|st| st.rejected += 1);
             let refused = reason::PACKET_TOO_LARGE;
-            return self.complete_now(conn, local_qos, packet_id, refused).await;
+            return self.complete_now(&tx, local_qos, packet_id, refused).await;
         }
         if let Some((a, false)) = alias {
             link.aliases.insert(remote, a);
@@ -710,7 +692,7 @@ impl Bridge {
             // completes the message.
             link.emulated.insert(upstream_id, local_qos);
             if sent_qos == QoS::AtMostOnce {
-                if let Some(end) = self.complete(conn, local_qos, packet_id, 0).await {
+                if let Some(end) = self.complete(&tx, local_qos, packet_id, 0).await {
                     return Err(end);
                 }
             }
@@ -720,12 +702,12 @@ impl Bridge {
 
     async fn complete_now(
         &self,
-        conn: u64,
+        tx: &ClientTx,
         qos: QoS,
         packet_id: u16,
         reason: u8,
     ) -> Result<usize, End> {
-        match self.complete(conn, qos, packet_id, reason).await {
+        match self.complete(tx, qos, packet_id, reason).await {
             Some(end) => Err(end),
             None => Ok(0),
         }
@@ -735,27 +717,17 @@ impl Bridge {
     /// PUBACK (QoS 1) or PUBREC (QoS 2): with a failure `reason` the router deletes it at
     /// once; with 0 its PUBREL follows, answered in `outgoing` (the message is in
     /// `emulated`).
-    async fn complete(&self, conn: u64, qos: QoS, packet_id: u16, reason: u8) -> Option<End> {
+    async fn complete(&self, tx: &ClientTx, qos: QoS, packet_id: u16, reason: u8) -> Option<End> {
         match qos {
             QoS::AtMostOnce => None,
-            QoS::AtLeastOnce => {
-                self.to_router(RouterEvent::PubAck { conn, packet_id })
-                    .await
-            }
-            QoS::ExactlyOnce => {
-                self.to_router(RouterEvent::PubRec {
-                    conn,
-                    packet_id,
-                    reason,
-                })
-                .await
-            }
+            QoS::AtLeastOnce => Self::to_router(tx.puback(packet_id).await),
+            QoS::ExactlyOnce => Self::to_router(tx.pubrec(packet_id, reason).await),
         }
     }
 }
 
 /// The next packet from any outbox, highest priority first; `None` once one is closed.
-async fn recv_any(rxs: &mut [mpsc::UnboundedReceiver<Outgoing>]) -> Option<(usize, Outgoing)> {
+async fn recv_any(rxs: &mut [ClientRx]) -> Option<(usize, Outgoing)> {
     std::future::poll_fn(|cx| {
         for (k, rx) in rxs.iter_mut().enumerate() {
             match rx.poll_recv(cx) {

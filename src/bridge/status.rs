@@ -14,11 +14,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::broker::connection::Shared;
-use crate::broker::router::{RouterEvent, SessionStats};
+use super::BridgeShared;
+use crate::broker::client::SessionStats;
 
 /// Live status of one bridge (`holdfast bridge status`, `$SYS/holdfast/bridge/<name>/...`).
-#[derive(Debug, Clone, Default, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct BridgeStatus {
     pub name: String,
     /// The upstream address in use (connected) or being tried.
@@ -99,15 +99,15 @@ pub(super) fn state_word(connected: bool, stalled: bool) -> &'static str {
 }
 
 /// Publishes a retained `$SYS/holdfast/bridge/<name>/<leaf>` message locally.
-pub(super) async fn sys(shared: &Shared, name: &str, leaf: &str, payload: Vec<u8>) {
+pub(super) async fn sys(shared: &BridgeShared, name: &str, leaf: &str, payload: Vec<u8>) {
     let topic = format!("$SYS/holdfast/bridge/{name}/{leaf}");
-    let _ = shared.router.send(RouterEvent::sys(topic, payload)).await;
+    let _ = shared.broker.sys(topic, payload).await;
 }
 
 /// Checks for a stall every second and publishes the statistics every `STATS_EVERY`,
 /// until `shutdown`.
 pub(super) async fn watch(
-    shared: Arc<Shared>,
+    shared: Arc<BridgeShared>,
     name: String,
     stall_after: Duration,
     progress: Arc<Progress>,
@@ -165,19 +165,11 @@ pub(super) async fn watch(
 }
 
 /// A bridge's outbox figures from the router, summed over its priorities.
-async fn outbox_stats(shared: &Shared, name: &str) -> Option<SessionStats> {
+async fn outbox_stats(shared: &BridgeShared, name: &str) -> Option<SessionStats> {
     let ids = shared.bridges.lock().ok()?.get(name)?.outboxes.clone();
     let mut outbox: Option<SessionStats> = None;
     for id in ids {
-        let (reply, rx) = tokio::sync::oneshot::channel();
-        let ask = RouterEvent::SessionStats {
-            client_id: id,
-            reply,
-        };
-        if shared.router.send(ask).await.is_err() {
-            break;
-        }
-        if let Some(st) = rx.await.ok().flatten() {
+        if let Some(st) = shared.broker.session_stats(&id).await {
             let sum = outbox.get_or_insert_with(Default::default);
             sum.online |= st.online;
             sum.queued += st.queued;
@@ -191,7 +183,7 @@ async fn outbox_stats(shared: &Shared, name: &str) -> Option<SessionStats> {
 
 /// One bridge's status merged with its outbox figures from the router (summed over its
 /// priorities), as JSON.
-pub async fn status_json(shared: &Shared, name: &str) -> Option<String> {
+pub async fn status_json(shared: &BridgeShared, name: &str) -> Option<String> {
     let status = shared.bridges.lock().ok()?.get(name).cloned()?;
     let outbox = outbox_stats(shared, name).await;
     #[derive(serde::Serialize)]
@@ -203,17 +195,17 @@ pub async fn status_json(shared: &Shared, name: &str) -> Option<String> {
     serde_json::to_string(&Full { status, outbox }).ok()
 }
 
-/// Every bridge's status as JSON objects (admin socket).
-pub async fn all_status_json(shared: &Shared) -> Vec<String> {
-    let names: Vec<String> = match shared.bridges.lock() {
-        Ok(all) => all.keys().cloned().collect(),
+/// Every bridge's status with its outbox figures from the router (summed over its
+/// priorities), by name (admin socket).
+pub async fn all_status(shared: &BridgeShared) -> Vec<(BridgeStatus, Option<SessionStats>)> {
+    let all: Vec<BridgeStatus> = match shared.bridges.lock() {
+        Ok(all) => all.values().cloned().collect(),
         Err(_) => Vec::new(),
     };
     let mut out = Vec::new();
-    for name in names {
-        if let Some(j) = status_json(shared, &name).await {
-            out.push(j);
-        }
+    for status in all {
+        let outbox = outbox_stats(shared, &status.name).await;
+        out.push((status, outbox));
     }
     out
 }
@@ -243,7 +235,7 @@ pub struct BridgeMetrics {
 
 /// Every bridge's figures: the status, the router's outbox figures, and the age of the
 /// oldest outbox row from the database `db` (one indexed read per outbox).
-pub async fn metrics(shared: &Shared, db: &std::path::Path) -> Vec<BridgeMetrics> {
+pub async fn metrics(shared: &BridgeShared, db: &std::path::Path) -> Vec<BridgeMetrics> {
     let all: Vec<BridgeStatus> = match shared.bridges.lock() {
         Ok(all) => all.values().cloned().collect(),
         Err(_) => Vec::new(),
@@ -258,7 +250,7 @@ pub async fn metrics(shared: &Shared, db: &std::path::Path) -> Vec<BridgeMetrics
             let (db, ids) = (db.to_path_buf(), st.outboxes.clone());
             let oldest = tokio::task::spawn_blocking(move || {
                 ids.iter()
-                    .filter_map(|id| crate::admin::oldest_enqueued(&db, id))
+                    .filter_map(|id| crate::store::inspect::oldest_enqueued(&db, id))
                     .min()
             })
             .await
@@ -286,7 +278,7 @@ pub async fn metrics(shared: &Shared, db: &std::path::Path) -> Vec<BridgeMetrics
 }
 
 /// Names of the bridges that are stalled (`/healthz`).
-pub fn stalled(shared: &Shared) -> Vec<String> {
+pub fn stalled(shared: &BridgeShared) -> Vec<String> {
     match shared.bridges.lock() {
         Ok(all) => all
             .values()

@@ -81,7 +81,8 @@ pub struct ConnLink {
 }
 
 impl ConnLink {
-    /// A link for an internal session (the bridge), with its receiving end.
+    /// A link for an internal client (`client::BrokerHandle::connect`), with its
+    /// receiving end.
     pub fn new(id: ConnId) -> (ConnLink, mpsc::UnboundedReceiver<Outgoing>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let link = ConnLink {
@@ -111,10 +112,6 @@ pub struct Shared {
     pub next_conn_id: AtomicU64,
     /// Connections that completed CONNECT and are counted against `max_connections`.
     pub connected: AtomicUsize,
-    /// Live status of each bridge, by name (for `holdfast bridge status`).
-    pub bridges: std::sync::Mutex<std::collections::BTreeMap<String, crate::bridge::BridgeStatus>>,
-    /// Latest counters of each serial port, by name (for `/metrics`).
-    pub serial: std::sync::Mutex<std::collections::BTreeMap<String, crate::serial::SerialStats>>,
     /// Per-source-address connection rate limit, asked right after accept.
     pub rate_limit: super::ratelimit::RateLimiter,
     /// `auth.max_connections_per_user`.
@@ -159,11 +156,6 @@ impl Handshakes {
             }
         }
     }
-
-    /// Sockets in the handshake now.
-    pub fn current(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
-    }
 }
 
 /// One socket's place under `mqtt.max_handshaking`, given back on [`HandshakeSlot::release`]
@@ -172,11 +164,6 @@ impl Handshakes {
 pub struct HandshakeSlot(Option<Arc<AtomicUsize>>);
 
 impl HandshakeSlot {
-    /// A slot that counts nothing (internal use and tests).
-    pub fn none() -> HandshakeSlot {
-        HandshakeSlot(None)
-    }
-
     pub fn release(&mut self) {
         if let Some(c) = self.0.take() {
             c.fetch_sub(1, Ordering::AcqRel);
@@ -203,19 +190,6 @@ pub struct ListenerContext {
     pub websocket: Option<String>,
     /// This listener's byte counters.
     pub traffic: Arc<super::traffic::ListenerTraffic>,
-}
-
-impl ListenerContext {
-    /// A listener that follows `mqtt.allow_anonymous` and checks nothing else.
-    pub fn open(cfg: &MqttConfig) -> ListenerContext {
-        ListenerContext {
-            name: String::new(),
-            allow_anonymous: cfg.allow_anonymous,
-            auth: Arc::new(crate::auth::Auth::open()),
-            websocket: None,
-            traffic: Default::default(),
-        }
-    }
 }
 
 /// Why the loop ended.
@@ -602,10 +576,8 @@ where
             let id = assign_client_id();
             assigned = Some(id.clone());
             id.into()
-        } else if c.client_id.starts_with(crate::bridge::INTERNAL_PREFIX)
-            || c.client_id.starts_with(crate::serial::INTERNAL_PREFIX)
-        {
-            // Reserved for the bridges' and serial ports' internal sessions.
+        } else if super::client::is_reserved(&c.client_id) {
+            // Reserved for internal clients (`client::Reserved`).
             return Err(reason::CLIENT_IDENTIFIER_NOT_VALID);
         } else {
             c.client_id.as_str().into()

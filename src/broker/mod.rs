@@ -1,5 +1,8 @@
-//! The local MQTT broker.
+//! The local MQTT broker core: listeners, connections and the router.
 //!
+//! - `client`: the typed handle through which the gateway's internal clients (bridge
+//!   outboxes, serial ports) use the core, and the client-id prefixes reserved for them;
+//!   the only way in from outside `broker` besides the listeners;
 //! - `listener`: binds the configured addresses and accepts sockets; `ratelimit` decides
 //!   right after accept whether a source address may connect (and caps connections per
 //!   user at CONNECT);
@@ -8,20 +11,25 @@
 //! - `router`: one task that owns every `session`, the subscription `topic_tree` and the
 //!   `retained` messages; connections talk to it only through `RouterEvent`s.
 //!
-//! Shutdown order: stop accepting → the router publishes wills and sends every client
-//! DISCONNECT (0x8B for v5) → connections flush and close → tasks are awaited up to the
-//! configured shutdown timeout.
+//! [`Broker`] holds only the listeners and the router. The store, bridges, serial ports,
+//! admin socket and observers are started and stopped around it by `crate::app`.
+//!
+//! Shutdown order (driven by `app`): stop accepting → the router publishes wills, sends
+//! every client DISCONNECT (0x8B for v5), commits and closes the store
+//! ([`Broker::end_sessions`]) → connections flush and close (awaited by the gateway's task
+//! tracker) → the router task is joined ([`Broker::join`]).
 
-pub mod connection;
-pub mod listener;
+pub mod client;
+pub(crate) mod connection;
+pub(crate) mod listener;
 pub mod ratelimit;
-pub mod retained;
-pub mod router;
-pub mod session;
+pub(crate) mod retained;
+pub(crate) mod router;
+pub(crate) mod session;
 pub mod tls;
-pub mod topic_tree;
-pub mod traffic;
-pub mod ws;
+pub(crate) mod topic_tree;
+pub(crate) mod traffic;
+pub(crate) mod ws;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize};
@@ -49,53 +57,43 @@ pub enum BrokerError {
         bind: String,
         source: std::io::Error,
     },
-    #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
-    #[error("bridge: {0}")]
-    Bridge(String),
-    #[error(transparent)]
-    Admin(#[from] crate::admin::AdminSocketError),
     #[error("[auth]: {0}")]
     Auth(#[from] crate::auth::AuthError),
     #[error("TLS listener {bind}: {source}")]
     Tls { bind: String, source: tls::TlsError },
-    #[error("cannot serve metrics on {bind} (from [metrics] bind): {source}")]
-    MetricsBind {
-        bind: String,
-        source: std::io::Error,
-    },
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
 }
 
-/// A running broker.
+/// What the broker reads from files before anything is opened or bound: the password and
+/// ACL files and the listeners' certificates (a bad file stops start-up naming it).
+pub struct Prepared {
+    auth: Arc<crate::auth::Auth>,
+    tls: Vec<tls::TlsListener>,
+    contexts: Vec<(Arc<connection::ListenerContext>, Option<tls::TlsListener>)>,
+    traffic: Vec<Arc<traffic::ListenerTraffic>>,
+}
+
+/// The store as the router takes it over (`crate::store::Store::open`).
+pub struct OpenStore {
+    pub store: crate::store::Store,
+    pub recovered: crate::store::Recovered,
+    pub events: mpsc::UnboundedReceiver<crate::store::StoreEvent>,
+}
+
+/// A running broker core: the listeners and the router.
 pub struct Broker {
     shared: Arc<Shared>,
     local_addrs: Vec<SocketAddr>,
-    shutdown: CancellationToken,
-    tracker: TaskTracker,
     router_tx: mpsc::Sender<RouterEvent>,
     router: JoinHandle<()>,
-    shutdown_timeout: Duration,
-    /// None when the admin socket could not be created (warned at start-up).
-    admin: Option<crate::admin::AdminHandle>,
     auth: Arc<crate::auth::Auth>,
     tls: Vec<tls::TlsListener>,
-    observer: Arc<crate::observe::Observer>,
-    metrics_addr: Option<SocketAddr>,
-    /// Drain limits of each bridge, by name (SIGHUP changes them).
-    bridge_rates:
-        std::collections::HashMap<String, tokio::sync::watch::Sender<crate::bridge::Rates>>,
 }
 
 impl Broker {
-    /// Binds every listener and starts the router. Returns once the broker accepts
-    /// connections.
-    pub async fn start(cfg: &Config) -> Result<Broker, BrokerError> {
-        let mqtt = Arc::new(cfg.mqtt.clone());
-        let (router_tx, router_rx) = mpsc::channel(ROUTER_CHANNEL);
-        let shutdown = CancellationToken::new();
-        let tracker = TaskTracker::new();
+    /// Reads the password, ACL and certificate files of `cfg`.
+    pub fn prepare(cfg: &Config) -> Result<Prepared, BrokerError> {
         let auth = Arc::new(crate::auth::Auth::load(&cfg.auth)?);
         let mut tls_listeners = Vec::new();
         let mut contexts = Vec::new();
@@ -117,70 +115,35 @@ impl Broker {
             });
             contexts.push((ctx, tls));
         }
-        // Bridge TLS files are read first: a bad file stops start-up with its name.
-        let bridge_tls = cfg
-            .bridge
-            .iter()
-            .map(|b| {
-                b.tls
-                    .then(|| crate::bridge::tls_client_config(b))
-                    .transpose()
-                    .map_err(BrokerError::Bridge)
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let metrics_listener =
-            match cfg.metrics.socket_addr()? {
-                Some(addr) => Some(TcpListener::bind(addr).await.map_err(|source| {
-                    BrokerError::MetricsBind {
-                        bind: cfg.metrics.bind.clone().unwrap_or_default(),
-                        source,
-                    }
-                })?),
-                None => None,
-            };
-        let opts = crate::store::StoreOptions {
-            path: crate::store::db_path(&cfg.data_dir),
-            synchronous: cfg.store.synchronous,
-            max_bytes: cfg.store.max_bytes,
-            min_free_percent: cfg.store.min_free_percent,
-            budget_policy: cfg.store.budget_policy,
-            on_corrupt: cfg.store.on_corrupt,
-            integrity_check: cfg.store.integrity_check,
-            commit_delay: std::time::Duration::from_millis(cfg.store.commit_delay_ms),
-            page_size: cfg.store.page_size,
-        };
-        // Before the store: refuses to start if another broker answers on the socket. Any
-        // other failure (no Unix sockets on this filesystem, a missing runtime directory) is
-        // loud but not fatal: the gateway's job is MQTT, not the admin socket.
-        let admin = match crate::admin::AdminSocket::bind(&cfg.admin_socket_path(), &cfg.data_dir) {
-            Ok(a) => Some(a),
-            Err(e @ crate::admin::AdminSocketError::AlreadyRunning { .. }) => return Err(e.into()),
-            Err(e) => {
-                warn!(
-                    cause = %e,
-                    "RUNNING WITHOUT THE ADMIN SOCKET: `holdfast status`, `bridge status` and \
-                     `sessions drop` cannot reach this gateway (do not use `sessions drop` while it \
-                     runs); set `admin_socket` to a path on a filesystem with Unix sockets, such \
-                     as /run/holdfast/holdfast.sock"
-                );
-                None
-            }
-        };
-        let t0 = std::time::Instant::now();
-        // Start-up: blocking is fine. Recovery and migrations of a big database on an SD card
-        // can take long, so systemd's start timeout is extended meanwhile.
-        let (store, recovered, store_rx) = {
-            let _extend = crate::observe::notify::extend_startup("opening the store");
-            crate::store::Store::open(&opts)?
-        };
-        info!(
-            path = %opts.path.display(),
-            sessions = recovered.sessions.len(),
-            ms = t0.elapsed().as_millis() as u64,
-            "store opened"
-        );
-        // Listeners are bound only once the store is open: a client that can connect is
-        // served, and a broker that cannot open its store never looks alive.
+        Ok(Prepared {
+            auth,
+            tls: tls_listeners,
+            contexts,
+            traffic,
+        })
+    }
+
+    /// Binds every listener, starts the router on `store` with the `standing` sessions
+    /// (bridge outboxes) and starts accepting. Connection tasks are spawned on `tracker`;
+    /// `shutdown` stops the accept loops. Listeners are bound only once the store is open:
+    /// a client that can connect is served, and a broker that cannot open its store never
+    /// looks alive.
+    pub async fn start(
+        cfg: &Config,
+        prepared: Prepared,
+        store: OpenStore,
+        standing: Vec<client::StandingSession>,
+        shutdown: CancellationToken,
+        tracker: TaskTracker,
+    ) -> Result<Broker, BrokerError> {
+        let Prepared {
+            auth,
+            tls,
+            contexts,
+            traffic,
+        } = prepared;
+        let mqtt = Arc::new(cfg.mqtt.clone());
+        let (router_tx, router_rx) = mpsc::channel(ROUTER_CHANNEL);
         let mut listeners = Vec::new();
         for l in &cfg.listener {
             let bind = l.bind.replacen("localhost:", "127.0.0.1:", 1);
@@ -196,7 +159,6 @@ impl Broker {
             .iter()
             .filter_map(|l| l.local_addr().ok())
             .collect::<Vec<_>>();
-        let store_probe = store.probe();
         if auth.checks_acl() {
             // The first event the router handles: recovered sessions get their owners' rules.
             let _ = router_tx.try_send(RouterEvent::Reauthorize { auth: auth.clone() });
@@ -205,25 +167,20 @@ impl Broker {
             Router::new(
                 mqtt.clone(),
                 router_rx,
-                store,
-                store_rx,
-                recovered,
+                store.store,
+                store.events,
+                store.recovered,
                 Duration::from_secs(cfg.store.sweep_interval_secs),
-                cfg.bridge
-                    .iter()
-                    .flat_map(crate::bridge::internal_sessions)
-                    .collect(),
+                standing,
             )
             .run(),
         );
         let shared = Arc::new(Shared {
-            cfg: mqtt.clone(),
+            cfg: mqtt,
             router: router_tx.clone(),
-            shutdown: shutdown.clone(),
+            shutdown,
             next_conn_id: AtomicU64::new(1),
             connected: AtomicUsize::new(0),
-            bridges: Default::default(),
-            serial: Default::default(),
             rate_limit: ratelimit::RateLimiter::new(
                 cfg.mqtt.max_connection_rate,
                 cfg.mqtt.max_connection_burst,
@@ -242,25 +199,6 @@ impl Broker {
                 tls,
             ));
         }
-        let mut bridge_rates = std::collections::HashMap::new();
-        for (b, tls) in cfg.bridge.iter().zip(bridge_tls) {
-            let mut b = b.clone();
-            b.resolve_client_id(cfg.device_id.as_deref(), &cfg.machine_id_file);
-            info!(bridge = %b.name, address = %b.address, tls = b.tls, client_id = %b.effective_client_id(), "starting bridge");
-            let (rates_tx, rates) = tokio::sync::watch::channel((b.max_rate, b.max_bytes_rate));
-            bridge_rates.insert(b.name.clone(), rates_tx);
-            tracker.spawn(crate::bridge::run(
-                b,
-                tls,
-                shared.clone(),
-                shutdown.clone(),
-                rates,
-            ));
-        }
-        for s in &cfg.serial {
-            info!(port = %s.name, path = %s.path, format = ?s.format, "starting serial port");
-            tracker.spawn(crate::serial::run(s.clone(), shared.clone()));
-        }
         for (a, l) in local_addrs.iter().zip(&cfg.listener) {
             match l.websocket {
                 false => info!(addr = %a, "listening for MQTT"),
@@ -269,51 +207,19 @@ impl Broker {
                 }
             }
         }
-        let observer = Arc::new(crate::observe::Observer::new(
-            router_tx.clone(),
-            store_probe,
-            shared.clone(),
-            cfg.data_dir.clone(),
-        ));
-        tokio::spawn(crate::observe::sys::run(
-            observer.clone(),
-            Duration::from_secs(cfg.sys.interval_secs),
-            shutdown.clone(),
-        ));
-        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
-        if let Some(l) = metrics_listener {
-            if let Ok(a) = l.local_addr() {
-                info!(addr = %a, "serving /metrics and /healthz");
-            }
-            tokio::spawn(crate::observe::http::serve(
-                l,
-                observer.clone(),
-                shutdown.clone(),
-            ));
-        }
-        let admin = admin.map(|a| {
-            a.serve(
-                router_tx.clone(),
-                shutdown.clone(),
-                shared.clone(),
-                observer.clone(),
-            )
-        });
         Ok(Broker {
-            shared: shared.clone(),
+            shared,
             local_addrs,
-            shutdown,
-            tracker,
             router_tx,
             router,
-            shutdown_timeout: Duration::from_secs(cfg.mqtt.shutdown_timeout_secs),
-            admin,
             auth,
-            tls: tls_listeners,
-            observer,
-            metrics_addr,
-            bridge_rates,
+            tls,
         })
+    }
+
+    /// The client API for internal clients and the gateway's wiring.
+    pub fn handle(&self) -> client::BrokerHandle {
+        client::BrokerHandle::new(self.shared.clone())
     }
 
     /// SIGHUP: re-reads the password and ACL files and the TLS certificates. Established
@@ -347,28 +253,6 @@ impl Broker {
         failed
     }
 
-    /// SIGHUP: applies new drain limits (`max_rate`, `max_bytes_rate`) to the running
-    /// bridges of the same name, at once (also in the middle of a drain). Returns the
-    /// names of the bridges whose limits changed. Bridges added or removed, and their other
-    /// settings, need a restart.
-    pub fn set_bridge_rates(&self, bridges: &[crate::bridge::BridgeConfig]) -> Vec<String> {
-        let mut changed = Vec::new();
-        for b in bridges {
-            match self.bridge_rates.get(&b.name) {
-                Some(tx) => {
-                    let new = (b.max_rate, b.max_bytes_rate);
-                    if tx.send_if_modified(|r| std::mem::replace(r, new) != new) {
-                        changed.push(b.name.clone());
-                    }
-                }
-                None => {
-                    warn!(bridge = %b.name, "new bridge in the configuration: it starts at the next restart")
-                }
-            }
-        }
-        changed
-    }
-
     /// SIGHUP: applies new connection limits (`mqtt.max_connection_rate`,
     /// `max_connection_burst`, `connection_rate_exempt`, `auth.max_connections_per_user`)
     /// to connections accepted from now on; established ones stay.
@@ -388,60 +272,16 @@ impl Broker {
         Ok(())
     }
 
-    /// Drops a session (see `RouterEvent::DropSession`); true if it existed.
-    pub async fn drop_session(&self, client_id: &str) -> bool {
-        let (reply, rx) = oneshot::channel();
-        let ev = RouterEvent::DropSession {
-            client_id: client_id.to_string(),
-            reply,
-        };
-        if self.router_tx.send(ev).await.is_err() {
-            return false;
-        }
-        rx.await.unwrap_or(false)
-    }
-
-    /// The bridges' live status (without outbox figures).
-    pub fn bridge_status(&self) -> Vec<crate::bridge::BridgeStatus> {
-        self.shared
-            .bridges
-            .lock()
-            .map(|b| b.values().cloned().collect())
-            .unwrap_or_default()
-    }
-
-    /// A sender for router events (for in-process admin endpoints).
-    pub fn router_sender(&self) -> mpsc::Sender<RouterEvent> {
-        self.router_tx.clone()
-    }
-
     /// The addresses actually bound (useful with port 0).
     pub fn local_addrs(&self) -> &[SocketAddr] {
         &self.local_addrs
     }
 
-    /// Where `/metrics` and `/healthz` are served, if `metrics.bind` is set.
-    pub fn metrics_addr(&self) -> Option<SocketAddr> {
-        self.metrics_addr
-    }
-
-    /// The gateway's figures and health checks (`observe`).
-    pub fn observer(&self) -> Arc<crate::observe::Observer> {
-        self.observer.clone()
-    }
-
-    /// Cancelled when a graceful shutdown starts.
-    pub fn shutdown_token(&self) -> CancellationToken {
-        self.shutdown.clone()
-    }
-
-    /// Graceful shutdown: stop accepting, publish wills, DISCONNECT every client (v5 reason
-    /// 0x8B), wait for connections to close, bounded by `mqtt.shutdown_timeout_secs`.
-    pub async fn shutdown(self) {
-        info!("shutting down");
-        self.shutdown.cancel();
+    /// Graceful shutdown, first half (the accept loops stopped with the shutdown token):
+    /// the router publishes wills, sends every client (internal ones included)
+    /// DISCONNECT (v5 reason 0x8B), commits and closes the store. Bounded by `deadline`.
+    pub async fn end_sessions(&self, deadline: tokio::time::Instant) {
         let (done_tx, done_rx) = oneshot::channel();
-        let deadline = tokio::time::Instant::now() + self.shutdown_timeout;
         if self
             .router_tx
             .send(RouterEvent::Shutdown { done: done_tx })
@@ -450,23 +290,11 @@ impl Broker {
         {
             let _ = tokio::time::timeout_at(deadline, done_rx).await;
         }
-        self.tracker.close();
-        if tokio::time::timeout_at(deadline, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            warn!(
-                remaining = self.tracker.len(),
-                "shutdown timeout: dropping remaining connections"
-            );
-        }
+    }
+
+    /// Graceful shutdown, last half: waits (up to `deadline`) for the router task to end.
+    pub async fn join(self, deadline: tokio::time::Instant) {
         drop(self.router_tx);
         let _ = tokio::time::timeout_at(deadline, self.router).await;
-        // Last: while the socket exists a `sessions drop` asks (and is refused) instead of
-        // editing the database under the stopping broker.
-        if let Some(admin) = self.admin {
-            admin.close().await;
-        }
-        info!("stopped");
     }
 }

@@ -147,6 +147,7 @@ impl<T> RetainedStore<T> {
         Some(prev)
     }
 
+    #[cfg(test)]
     pub fn get(&self, topic: &str) -> Option<&T> {
         let mut node = &self.root;
         for level in topic.split('/') {
@@ -179,6 +180,7 @@ impl<T> RetainedStore<T> {
         self.len
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -204,7 +204,8 @@ pub struct Session {
     pub incoming_qos2: HashMap<u16, u64>,
     /// Own queue limits instead of the `[mqtt]` ones (internal sessions).
     pub limits: Option<QueueLimits>,
-    /// An internal session (a bridge's outbox): its QoS 1 messages go out without waiting
+    /// A relay session (a bridge's outbox; set from `client::DeliveryPolicy::relay`, which
+    /// lists every exception it gets): its QoS 1 messages go out without waiting
     /// for the commit that records them as sent. After a crash such a message is resent
     /// without DUP, which the upstream treats as the QoS 1 duplicate it may be anyway; a
     /// client's session keeps the stricter rule (a redelivery always carries DUP).

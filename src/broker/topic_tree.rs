@@ -444,11 +444,13 @@ impl SubscriptionTree {
         merge_direct(out, start);
     }
 
+    #[cfg(test)]
     /// Number of subscriptions (direct + shared members).
     pub fn len(&self) -> usize {
         self.len
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

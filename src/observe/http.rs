@@ -98,7 +98,7 @@ async fn handle(mut stream: TcpStream, observer: &Observer) -> std::io::Result<(
             let h = observer.health(HEALTH_DEADLINE).await;
             // A stalled bridge is reported but keeps 200: restarting the gateway would not
             // help (the upstream or the link is the problem) and loses nothing either way.
-            let stalled = crate::bridge::stalled(observer.shared());
+            let stalled = crate::bridge::stalled(observer.bridges());
             let mut body = format!(
                 "{}\nrouter: {}\nstore: {}\n",
                 match (h.ok(), stalled.is_empty()) {

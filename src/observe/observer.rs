@@ -1,14 +1,10 @@
 //! [`Observer`]: where every figure of the running gateway is gathered.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot};
-
-use crate::broker::connection::Shared;
-use crate::broker::router::{RouterEvent, RouterSnapshot};
+use crate::broker::client::{BrokerHandle, RouterSnapshot};
 use crate::store::metrics::{CommitCounts, LatencySummary};
 use crate::store::StoreProbe;
 
@@ -86,7 +82,7 @@ impl Snapshot {
 }
 
 /// Whether the router and the store writer answered within the deadline.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Health {
     pub router: bool,
     /// The writer answers.
@@ -104,9 +100,12 @@ impl Health {
 /// Gathers figures from the router, the store writer and the connection count.
 pub struct Observer {
     started: Instant,
-    router: mpsc::Sender<RouterEvent>,
+    broker: BrokerHandle,
     store: StoreProbe,
-    shared: Arc<Shared>,
+    /// The bridges' live status (stalled bridges fail `/healthz`).
+    bridges: Arc<crate::bridge::BridgeShared>,
+    /// The serial ports' latest counters.
+    serial: crate::serial::SerialRegistry,
     data_dir: PathBuf,
     /// (summary, interval length, when it was rolled).
     last_interval: Mutex<(LatencySummary, Duration, Instant)>,
@@ -114,17 +113,19 @@ pub struct Observer {
 
 impl Observer {
     pub fn new(
-        router: mpsc::Sender<RouterEvent>,
+        broker: BrokerHandle,
         store: StoreProbe,
-        shared: Arc<Shared>,
+        bridges: Arc<crate::bridge::BridgeShared>,
+        serial: crate::serial::SerialRegistry,
         data_dir: PathBuf,
     ) -> Observer {
         let now = Instant::now();
         Observer {
             started: now,
-            router,
+            broker,
             store,
-            shared,
+            bridges,
+            serial,
             data_dir,
             last_interval: Mutex::new((LatencySummary::default(), Duration::ZERO, now)),
         }
@@ -134,8 +135,13 @@ impl Observer {
         self.started.elapsed()
     }
 
-    pub fn shared(&self) -> &Arc<Shared> {
-        &self.shared
+    /// The broker core's client API.
+    pub fn broker(&self) -> &BrokerHandle {
+        &self.broker
+    }
+
+    pub fn bridges(&self) -> &Arc<crate::bridge::BridgeShared> {
+        &self.bridges
     }
 
     pub fn data_dir(&self) -> &std::path::Path {
@@ -145,11 +151,7 @@ impl Observer {
     /// Asks the router for its figures; None if it does not answer within `deadline`
     /// (busy beyond reason, wedged, or stopped).
     pub async fn router_snapshot(&self, deadline: Duration) -> Option<RouterSnapshot> {
-        let ask = async {
-            let (reply, rx) = oneshot::channel();
-            self.router.send(RouterEvent::Stats { reply }).await.ok()?;
-            rx.await.ok()
-        };
+        let ask = self.broker.snapshot();
         tokio::time::timeout(deadline, ask).await.ok().flatten()
     }
 
@@ -181,16 +183,13 @@ impl Observer {
     pub async fn snapshot(&self) -> Snapshot {
         let router = self.router_snapshot(SNAPSHOT_DEADLINE).await;
         let db = crate::store::db_path(&self.data_dir);
-        let bridges =
-            tokio::time::timeout(SNAPSHOT_DEADLINE, crate::bridge::metrics(&self.shared, &db))
-                .await
-                .unwrap_or_default();
-        let serial = self
-            .shared
-            .serial
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or_default();
+        let bridges = tokio::time::timeout(
+            SNAPSHOT_DEADLINE,
+            crate::bridge::metrics(&self.bridges, &db),
+        )
+        .await
+        .unwrap_or_default();
+        let serial = self.serial.lock().map(|s| s.clone()).unwrap_or_default();
         let size = |p: PathBuf| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         let mut wal = db.clone().into_os_string();
         wal.push("-wal");
@@ -199,9 +198,10 @@ impl Observer {
             .lock()
             .map(|l| (l.0, l.1))
             .unwrap_or_default();
+        let connections = self.broker.connections();
         Snapshot {
             uptime: self.uptime(),
-            clients_connected: self.shared.connected.load(Ordering::Relaxed) as u64,
+            clients_connected: connections.connected,
             router,
             store_db_bytes: size(db),
             store_wal_bytes: size(PathBuf::from(wal)),
@@ -209,14 +209,9 @@ impl Observer {
             store_errors: self.store.metrics().error_counts(),
             latency,
             latency_interval,
-            traffic: self
-                .shared
-                .traffic
-                .iter()
-                .map(|t| (t.name.clone(), t.received(), t.sent()))
-                .collect(),
-            connections_rate_limited: self.shared.rate_limit.refused(),
-            connections_user_limited: self.shared.user_limit.refused(),
+            traffic: connections.traffic,
+            connections_rate_limited: connections.rate_limited,
+            connections_user_limited: connections.user_limited,
             bridges,
             serial,
         }

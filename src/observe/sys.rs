@@ -29,7 +29,6 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use super::{Observer, Snapshot};
-use crate::broker::router::RouterEvent;
 
 /// The interval for rolling commit-latency figures when `$SYS` is off.
 const ROLL_WITHOUT_SYS: Duration = Duration::from_secs(10);
@@ -53,10 +52,10 @@ pub async fn run(observer: Arc<Observer>, interval: Duration, shutdown: Cancella
             continue;
         }
         let snap = observer.snapshot().await;
-        let router = observer.shared().router.clone();
+        let broker = observer.broker();
         for (topic, payload) in messages(&snap) {
             tokio::select! {
-                r = router.send(RouterEvent::sys(format!("{PREFIX}{topic}"), payload.into_bytes())) => {
+                r = broker.sys(format!("{PREFIX}{topic}"), payload.into_bytes()) => {
                     if r.is_err() {
                         return;
                     }

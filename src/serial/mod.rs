@@ -34,13 +34,10 @@ pub mod format;
 pub mod modbus;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
 use tokio_util::sync::CancellationToken;
@@ -51,15 +48,10 @@ use tracing::{debug, info, warn};
 pub use config::{Format, SerialConfig};
 use format::{Frame, Framer, LineFormat, Reject, Template};
 
-use crate::broker::connection::{ConnLink, Outgoing, Shared};
-use crate::broker::router::{ConnectRequest, RouterEvent, WillAction};
-use crate::broker::session::ClientParams;
+use crate::broker::client::{BrokerHandle, ClientOptions, ClientRx, ClientTx, Outgoing, Reserved};
 use crate::protocol::{
-    reason, topic, ConnAck, Packet, ProtocolVersion, Publish, PublishProperties, QoS, UserProperty,
+    reason, topic, Packet, ProtocolVersion, Publish, PublishProperties, QoS, UserProperty,
 };
-
-/// Prefix of the ports' internal client ids; clients may not use it.
-pub const INTERNAL_PREFIX: &str = "$serial/";
 
 /// At most one warning of each kind per port in this time.
 const WARN_EVERY: Duration = Duration::from_secs(10);
@@ -110,10 +102,14 @@ pub struct SerialStats {
     pub devices: BTreeMap<String, DeviceStats>,
 }
 
+/// Every serial port's latest counters, by port name: written by the port tasks, read by
+/// the observers (`/metrics`). One per gateway (`app.rs`).
+pub type SerialRegistry = std::sync::Arc<std::sync::Mutex<BTreeMap<String, SerialStats>>>;
+
 /// The port task: runs until the broker shuts down.
-pub async fn run(cfg: SerialConfig, shared: Arc<Shared>) {
-    let mut port = Port::new(cfg, shared.clone());
-    let Some(mut link) = Link::attach(&shared, &port.cfg).await else {
+pub async fn run(cfg: SerialConfig, broker: BrokerHandle, registry: SerialRegistry) {
+    let mut port = Port::new(cfg, broker.clone(), registry);
+    let Some(mut link) = PortSession::attach(&broker, &port.cfg).await else {
         return;
     };
     port.run(&mut link).await;
@@ -150,10 +146,9 @@ enum End {
 }
 
 /// The port's internal session in the router, with its packet-id window.
-struct Link {
-    router: mpsc::Sender<RouterEvent>,
-    conn: u64,
-    rx: mpsc::UnboundedReceiver<Outgoing>,
+struct PortSession {
+    tx: ClientTx,
+    rx: ClientRx,
     window: usize,
     free: Vec<u16>,
     inflight: HashMap<u16, Publish>,
@@ -162,29 +157,20 @@ struct Link {
     retry_delay: Duration,
 }
 
-impl Link {
-    async fn attach(shared: &Shared, cfg: &SerialConfig) -> Option<Link> {
-        let conn = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let (link, rx) = ConnLink::new(conn);
-        let connect = RouterEvent::Connect(Box::new(ConnectRequest {
-            link,
-            client_id: format!("{INTERNAL_PREFIX}{}", cfg.name).into(),
+impl PortSession {
+    async fn attach(broker: &BrokerHandle, cfg: &SerialConfig) -> Option<PortSession> {
+        let connect = ClientOptions {
+            client_id: Reserved::Serial.client_id(&cfg.name),
             clean_start: true,
             expiry_interval: 0,
-            will: None,
-            params: ClientParams {
-                protocol: ProtocolVersion::V5,
-                window: 1,
-                max_packet_size: u32::MAX,
-                compact_packet_ids: true,
-            },
-            connack: ConnAck::default(),
-        }));
-        shared.router.send(connect).await.ok()?;
+            protocol: ProtocolVersion::V5,
+            window: 1,
+            compact_packet_ids: true,
+        };
+        let (tx, rx) = broker.connect(connect).await.ok()?;
         let window = usize::from(cfg.inflight.max(1));
-        Some(Link {
-            router: shared.router.clone(),
-            conn,
+        Some(PortSession {
+            tx,
             rx,
             window,
             free: (1..=cfg.inflight.max(1)).rev().collect(),
@@ -224,12 +210,7 @@ impl Link {
     }
 
     async fn send(&self, publish: Publish) -> Result<(), End> {
-        let ev = RouterEvent::Publish {
-            conn: self.conn,
-            publish,
-            received: Instant::now(),
-        };
-        self.router.send(ev).await.map_err(|_| End::Shutdown)
+        self.tx.publish(publish).await.map_err(|_| End::Shutdown)
     }
 
     /// One packet from the router.
@@ -269,14 +250,7 @@ impl Link {
     }
 
     async fn detach(self) {
-        let _ = self
-            .router
-            .send(RouterEvent::Disconnected {
-                conn: self.conn,
-                will: WillAction::Discard,
-                session_expiry: None,
-            })
-            .await;
+        self.tx.disconnect().await;
     }
 }
 
@@ -309,7 +283,8 @@ impl Warner {
 
 struct Port {
     cfg: SerialConfig,
-    shared: Arc<Shared>,
+    broker: BrokerHandle,
+    registry: SerialRegistry,
     shutdown: CancellationToken,
     stats: SerialStats,
     /// The stats last published, to publish only changes.
@@ -321,7 +296,7 @@ struct Port {
 }
 
 impl Port {
-    fn new(cfg: SerialConfig, shared: Arc<Shared>) -> Port {
+    fn new(cfg: SerialConfig, broker: BrokerHandle, registry: SerialRegistry) -> Port {
         // The configuration was validated: the template parses.
         let template = Template::parse(&cfg.topic)
             .unwrap_or_else(|_| Template::parse("serial").expect("literal"));
@@ -338,9 +313,10 @@ impl Port {
             stats.devices.insert(d.name.clone(), DeviceStats::default());
         }
         Port {
-            shutdown: shared.shutdown.clone(),
+            registry,
+            shutdown: broker.shutdown_token(),
             cfg,
-            shared,
+            broker,
             stats,
             published_stats: None,
             last_stats_at: Instant::now(),
@@ -350,7 +326,7 @@ impl Port {
         }
     }
 
-    async fn run(&mut self, link: &mut Link) {
+    async fn run(&mut self, link: &mut PortSession) {
         self.sys("state", b"closed".to_vec()).await;
         self.publish_stats(true).await;
         let mut backoff = Backoff::new(self.cfg.reopen_min_ms, self.cfg.reopen_max_ms);
@@ -441,7 +417,7 @@ impl Port {
     }
 
     /// Waits `d` while still taking acknowledgements, retries and stats. Err on shutdown.
-    async fn idle(&mut self, link: &mut Link, d: Duration) -> Result<(), End> {
+    async fn idle(&mut self, link: &mut PortSession, d: Duration) -> Result<(), End> {
         let until = Instant::now() + d;
         loop {
             let retry_at = link.retry_at();
@@ -459,7 +435,7 @@ impl Port {
     }
 
     /// Waits until the window has room (backpressure). Err on shutdown.
-    async fn wait_room(&mut self, link: &mut Link) -> Result<(), End> {
+    async fn wait_room(&mut self, link: &mut PortSession) -> Result<(), End> {
         while link.full() {
             let retry_at = link.retry_at();
             tokio::select! {
@@ -478,7 +454,7 @@ impl Port {
     async fn read_lines(
         &mut self,
         mut port: SerialStream,
-        link: &mut Link,
+        link: &mut PortSession,
         framer: &mut Framer,
         lines: &LineFormat,
     ) -> End {
@@ -527,7 +503,7 @@ impl Port {
     async fn frame(
         &mut self,
         frame: Frame,
-        link: &mut Link,
+        link: &mut PortSession,
         lines: &LineFormat,
     ) -> Result<(), End> {
         let line = match frame {
@@ -586,8 +562,8 @@ impl Port {
     fn valid_topic(&self, t: &str) -> bool {
         topic::valid_topic_name(t)
             && !t.starts_with('$')
-            && t.len() <= self.shared.cfg.max_topic_length
-            && topic::level_count(t) <= self.shared.cfg.max_topic_levels
+            && t.len() <= self.broker.mqtt().max_topic_length
+            && topic::level_count(t) <= self.broker.mqtt().max_topic_levels
     }
 
     fn warn_drop(&mut self, kind: &'static str, what: &str, sample: Option<&str>) {
@@ -598,7 +574,7 @@ impl Port {
 
     async fn publish(
         &mut self,
-        link: &mut Link,
+        link: &mut PortSession,
         topic: String,
         payload: Bytes,
         properties: PublishProperties,
@@ -616,7 +592,7 @@ impl Port {
         link.publish(p, &mut self.stats).await
     }
 
-    async fn poll_modbus(&mut self, port: SerialStream, link: &mut Link) -> End {
+    async fn poll_modbus(&mut self, port: SerialStream, link: &mut PortSession) -> End {
         let mut ctx = tokio_modbus::client::rtu::attach(port);
         let timeout = Duration::from_millis(self.cfg.response_timeout_ms);
         let mut tick = tokio::time::interval(Duration::from_millis(self.cfg.poll_interval_ms));
@@ -717,11 +693,7 @@ impl Port {
     /// Publishes a retained `$SYS/holdfast/serial/<name>/<leaf>` message.
     async fn sys(&self, leaf: &str, payload: Vec<u8>) {
         let topic = format!("$SYS/holdfast/serial/{}/{leaf}", self.cfg.name);
-        let _ = self
-            .shared
-            .router
-            .send(RouterEvent::sys(topic, payload))
-            .await;
+        let _ = self.broker.sys(topic, payload).await;
     }
 
     /// Publishes the stats if they changed (or `force`).
@@ -730,7 +702,7 @@ impl Port {
         if !force && self.published_stats.as_ref() == Some(&self.stats) {
             return;
         }
-        if let Ok(mut all) = self.shared.serial.lock() {
+        if let Ok(mut all) = self.registry.lock() {
             all.insert(self.cfg.name.clone(), self.stats.clone());
         }
         if let Ok(json) = serde_json::to_vec(&self.stats) {

@@ -31,7 +31,7 @@ const MAX_SAMPLES: usize = 8192;
 ///   refused, everything accepted is kept and retried. Unhealthy.
 /// - `Corrupt`: SQLite found the file corrupt. As `IoError`; a restart runs the integrity
 ///   check and applies `store.on_corrupt`. Unhealthy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StoreState {
     Ok = 0,

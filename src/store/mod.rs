@@ -38,6 +38,7 @@ mod anchor;
 mod apply;
 pub mod budget;
 mod counts;
+pub mod inspect;
 mod load;
 pub mod metrics;
 pub mod powercut;

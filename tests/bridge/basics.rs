@@ -268,7 +268,7 @@ async fn the_drain_is_paced_by_the_byte_rate_limit() {
     up.shutdown().await;
 }
 
-/// New drain limits (SIGHUP → `Broker::set_bridge_rates`) apply to a running drain at once:
+/// New drain limits (SIGHUP → `Gateway::set_bridge_rates`) apply to a running drain at once:
 /// a bridge crawling at 4 msg/s is released mid-drain and the rest follows immediately.
 #[tokio::test]
 async fn drain_limits_change_while_draining() {

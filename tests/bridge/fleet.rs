@@ -59,13 +59,7 @@ async fn gateway(b: BridgeConfig) -> TestBroker {
 }
 
 async fn status(data_dir: &Path) -> serde_json::Value {
-    let dir = data_dir.to_path_buf();
-    let all = tokio::task::spawn_blocking(move || holdfast::admin::bridge_status(&dir))
-        .await
-        .unwrap()
-        .expect("admin socket answers")
-        .expect("a broker runs");
-    all.into_iter().next().expect("one bridge")
+    crate::common::seq::bridge_status(data_dir).await
 }
 
 async fn wait_status(

@@ -62,13 +62,7 @@ async fn gateway(up: SocketAddr, rules: Vec<TopicRule>) -> TestBroker {
 
 /// The bridge's status, as `holdfast bridge status --json` reports it (admin socket).
 async fn status(data_dir: &Path) -> serde_json::Value {
-    let dir = data_dir.to_path_buf();
-    let all = tokio::task::spawn_blocking(move || holdfast::admin::bridge_status(&dir))
-        .await
-        .unwrap()
-        .expect("admin socket answers")
-        .expect("a broker runs");
-    all.into_iter().next().expect("one bridge")
+    crate::common::seq::bridge_status(data_dir).await
 }
 
 async fn wait_status(gw: &TestBroker, what: &str, ok: impl Fn(&serde_json::Value) -> bool) {

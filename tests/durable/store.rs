@@ -264,7 +264,7 @@ async fn a_database_damaged_inside_is_found_by_the_startup_check() {
     };
     cfg.store.on_corrupt = holdfast::store::OnCorrupt::Refuse;
     cfg.sys.interval_secs = 0;
-    match holdfast::broker::Broker::start(&cfg).await {
+    match holdfast::app::Gateway::start(&cfg).await {
         Ok(_) => panic!("a damaged database was served"),
         Err(e) => {
             let text = format!("{e:#}");

@@ -560,7 +560,7 @@ async fn a_corrupt_database_with_on_corrupt_refuse_stops_naming_the_file() {
         ..Config::default()
     };
     cfg.store.on_corrupt = OnCorrupt::Refuse;
-    match holdfast::broker::Broker::start(&cfg).await {
+    match holdfast::app::Gateway::start(&cfg).await {
         Err(e) => assert!(e.to_string().contains("holdfast.db"), "{e}"),
         Ok(b) => {
             b.shutdown().await;

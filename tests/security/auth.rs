@@ -155,7 +155,7 @@ async fn bad_password_file_stops_start_up_naming_file_and_line() {
         ..Default::default()
     };
     cfg.auth.password_file = Some(path.clone());
-    let err = match holdfast::broker::Broker::start(&cfg).await {
+    let err = match holdfast::app::Gateway::start(&cfg).await {
         Ok(_) => panic!("started with a bad password file"),
         Err(e) => e.to_string(),
     };
@@ -528,7 +528,7 @@ async fn bad_acl_file_stops_start_up_naming_file_and_line() {
         ..Default::default()
     };
     cfg.auth.acl_file = Some(acl.clone());
-    let err = match holdfast::broker::Broker::start(&cfg).await {
+    let err = match holdfast::app::Gateway::start(&cfg).await {
         Ok(_) => panic!("started with a bad ACL file"),
         Err(e) => e.to_string(),
     };

@@ -238,9 +238,7 @@ async fn another_user_can_neither_resume_nor_end_a_durable_session_even_after_a_
             };
             cfg.sys.interval_secs = 0;
             secured(&mut cfg, &pw, &acl);
-            let broker = holdfast::broker::Broker::start(&cfg)
-                .await
-                .expect("restart");
+            let broker = holdfast::app::Gateway::start(&cfg).await.expect("restart");
             b.addr = broker.local_addrs()[0];
             b.broker = Some(broker);
         }

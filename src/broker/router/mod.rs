@@ -49,6 +49,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+use super::client::StandingSession;
 use super::connection::{ConnId, ConnLink, Outgoing};
 use super::retained::RetainedStore;
 use super::session::{
@@ -82,17 +83,6 @@ const FAILED_BIT: u64 = 1 << 62;
 const GATE_HIGH: u64 = 256;
 /// ...until it is down to this length.
 const GATE_LOW: u64 = 64;
-
-/// An internal durable session the router keeps from start-up (a bridge's outbox).
-pub struct InternalSession {
-    pub client_id: Arc<str>,
-    /// Exactly these subscriptions (others left from an earlier configuration are removed).
-    pub filters: Vec<crate::protocol::SubscribeFilter>,
-    pub limits: QueueLimits,
-    /// Filters whose QoS 0 messages the session keeps like QoS 1 (a bridge rule's
-    /// `queue_qos0`).
-    pub queue_qos0: Vec<String>,
-}
 
 /// What the connection asks of the router when its CONNECT has been accepted.
 pub struct ConnectRequest {
@@ -222,7 +212,7 @@ impl RouterEvent {
 }
 
 /// Queue figures of one session.
-#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct SessionStats {
     pub online: bool,
     /// Messages waiting (in memory or on disk), not counting in-flight ones.
@@ -371,7 +361,7 @@ impl Router {
         store_rx: mpsc::UnboundedReceiver<StoreEvent>,
         recovered: Recovered,
         sweep_every: Duration,
-        internal: Vec<InternalSession>,
+        standing: Vec<StandingSession>,
     ) -> Self {
         let mut r = Router {
             cfg,
@@ -403,28 +393,27 @@ impl Router {
             stats: RouterStats::default(),
         };
         r.recover(recovered);
-        for i in internal {
-            r.ensure_internal(i);
+        for s in standing {
+            r.ensure_standing(s);
         }
         r.submit();
         r
     }
 
-    /// Creates (or updates) an internal durable session, such as a bridge's outbox, with
-    /// exactly the given subscriptions. It exists from start-up, so messages are kept
-    /// whether or not its owner is attached.
-    fn ensure_internal(&mut self, internal: InternalSession) {
-        let InternalSession {
+    /// Creates (or updates) a standing durable session, such as a bridge's outbox, with
+    /// exactly the given subscriptions and delivery policy. It exists from start-up, so
+    /// messages are kept whether or not its owner is attached.
+    fn ensure_standing(&mut self, standing: StandingSession) {
+        let StandingSession {
             client_id,
             filters,
-            limits,
-            queue_qos0,
-        } = internal;
+            policy,
+        } = standing;
         let params = ClientParams {
             protocol: crate::protocol::ProtocolVersion::V311,
             window: self.cfg.max_inflight,
             max_packet_size: u32::MAX,
-            compact_packet_ids: true,
+            compact_packet_ids: policy.compact_packet_ids,
         };
         let sid = match self.by_client.get(&client_id) {
             Some(&sid) => sid,
@@ -458,9 +447,9 @@ impl Router {
             return;
         };
         s.params = params;
-        s.limits = Some(limits);
-        s.internal = true;
-        s.queue_qos0 = queue_qos0;
+        s.limits = policy.limits;
+        s.internal = policy.relay;
+        s.queue_qos0 = policy.queue_qos0;
         let wanted: HashMap<String, SubscriptionData> = filters
             .into_iter()
             .map(|f| {

@@ -58,7 +58,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use holdfast::broker::Broker;
+use holdfast::app::Gateway;
 use holdfast::config::{Config, ListenerConfig};
 use holdfast::protocol::{
     self, Connect, ConnectProperties, Packet, ProtocolVersion, PubAckLike, Publish, QoS, Subscribe,
@@ -70,7 +70,7 @@ use tokio::net::TcpStream;
 pub const TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct TestBroker {
-    pub broker: Option<Broker>,
+    pub broker: Option<Gateway>,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
 }
@@ -100,7 +100,7 @@ pub async fn start_broker(tweak: impl FnOnce(&mut Config)) -> TestBroker {
     // No `$SYS/holdfast/...` traffic unless a test asks for it (tests/appliance/observe.rs).
     cfg.sys.interval_secs = 0;
     tweak(&mut cfg);
-    let broker = Broker::start(&cfg).await.expect("broker starts");
+    let broker = Gateway::start(&cfg).await.expect("broker starts");
     let addr = broker.local_addrs()[0];
     TestBroker {
         broker: Some(broker),

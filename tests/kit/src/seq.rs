@@ -299,3 +299,16 @@ pub async fn wait_link(gw: SocketAddr, cloud: &mut SeqSub, within: Duration) {
         }
     }
 }
+
+/// The first bridge's status as JSON (through the running broker's admin socket in
+/// `data_dir`), as `holdfast bridge status --json` prints it.
+pub async fn bridge_status(data_dir: &std::path::Path) -> serde_json::Value {
+    let dir = data_dir.to_path_buf();
+    let all = tokio::task::spawn_blocking(move || holdfast::admin::bridge_status(&dir))
+        .await
+        .expect("join")
+        .expect("admin socket answers")
+        .expect("a broker runs");
+    let first = all.into_iter().next().expect("one bridge");
+    serde_json::to_value(first).expect("serializable")
+}
