@@ -47,7 +47,30 @@ pub fn bin() -> &'static std::path::Path {
 
 /// A port that was free a moment ago (for configs that must name their port). The one
 /// port picker of the test suite.
+///
+/// Ports come from below the kernel's ephemeral range (`ip_local_port_range`, 32768 by
+/// default): `bind(0)` and outgoing connections never take those, so the port stays free
+/// until the test's broker binds it, and a process-wide counter never hands the same port
+/// to two tests of one binary (two daemons on one port would silently share clients).
 pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const LOW: u32 = 10_000;
+    if ephemeral_low > LOW + 1_000 {
+        let span = ephemeral_low - LOW;
+        let start = std::process::id() * 97 % span;
+        for _ in 0..span {
+            let n = NEXT.fetch_add(1, Ordering::Relaxed);
+            let port = (LOW + (start + n) % span) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
