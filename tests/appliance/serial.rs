@@ -422,6 +422,7 @@ async fn modbus_rtu_devices_polled_on_a_pty() {
             reg("m3", "y", RegisterKind::Holding, 0, RegisterType::U16),
         ];
         c.serial = vec![p];
+        c.metrics.bind = Some("127.0.0.1:0".into());
     })
     .await;
     let mut sys = sys_client(b.addr, "sys").await;
@@ -450,6 +451,22 @@ async fn modbus_rtu_devices_polled_on_a_pty() {
     assert_eq!(st["devices"]["m2"]["ok"], 0, "{st}");
     assert_eq!(st["devices"]["m3"]["ok"], 0, "{st}");
     assert!(st["devices"]["m1"]["ok"].as_u64() >= Some(2), "{st}");
+    // The same counters per device and result in /metrics (issue 15), strictly parsed.
+    let metrics_addr = b.broker.as_ref().unwrap().metrics_addr().unwrap();
+    let (_, _, body) = crate::common::metrics::http(metrics_addr, "GET", "/metrics").await;
+    let m = crate::common::metrics::parse_prometheus(&body);
+    let polls = |device: &str, result: &str| {
+        m.get(&format!(
+            "holdfast_modbus_polls_total{{port=\"bus\",device=\"{device}\",result=\"{result}\"}}"
+        ))
+        .copied()
+        .unwrap_or(-1.0)
+    };
+    assert!(polls("m1", "ok") >= 2.0, "{body}");
+    assert!(polls("m2", "exception") >= 2.0, "{body}");
+    assert!(polls("m3", "timeout") >= 2.0, "{body}");
+    assert_eq!(polls("m2", "ok"), 0.0, "{body}");
+    assert_eq!(polls("m3", "ok"), 0.0, "{body}");
     server.abort();
     b.shutdown().await;
 }
