@@ -15,6 +15,7 @@
 pub mod connection;
 pub mod listener;
 pub mod ratelimit;
+pub mod readback;
 pub mod retained;
 pub mod router;
 pub mod session;

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::connection::ConnLink;
+use super::readback::{Charge, ReadPool};
 use super::topic_tree::{SessionId, SubscriptionData};
 use crate::protocol::{Packet, ProtocolVersion, Publish, Will};
 
@@ -65,6 +66,9 @@ pub struct Message {
     pub publish: Publish,
     /// When the message expires (v5 Message Expiry Interval), measured from its arrival.
     pub expires_at: Option<Instant>,
+    /// Its share of the gateway's read-back budget while a durable session holds it in
+    /// memory (`super::readback`); None for everything else.
+    pub charge: Option<Charge>,
 }
 
 impl Message {
@@ -232,6 +236,11 @@ pub struct Session {
     /// Some subscription overlaps a deny rule of `acl`: deliveries are checked one by one.
     /// False for every other session (no check per delivery).
     pub acl_filtered: bool,
+    /// The gateway's read-back budget: charged for the message bodies this session holds
+    /// in memory while it is durable (not internal). None: never charged.
+    pub pool: Option<Arc<ReadPool>>,
+    /// In the router's queue of sessions waiting for budget to read back.
+    pub read_waiting: bool,
 }
 
 impl Session {
@@ -269,6 +278,8 @@ impl Session {
             owner: crate::auth::SessionOwner::Unknown,
             acl: None,
             acl_filtered: false,
+            pool: None,
+            read_waiting: false,
             generation: 0,
         }
     }
@@ -386,8 +397,11 @@ impl Session {
                 && self.is_online()
                 && self.queue.len() < self.mem_queue()
                 && (self.queue.is_empty()
-                    || self.queue_mem_bytes + size <= self.mem_queue_bytes()));
+                    || self.queue_mem_bytes + size <= self.mem_queue_bytes())
+                && self.mem_fits(&q.message));
         if in_memory {
+            let mut q = q;
+            self.charge(&mut q.message);
             self.queue_mem_bytes += size;
             self.queue.push_back(q);
         } else if self.spilled_from.is_none() {
@@ -423,9 +437,45 @@ impl Session {
     }
 
     /// Appends a message read back from disk to the in-memory queue.
-    pub fn push_read_back(&mut self, q: Queued) {
+    pub fn push_read_back(&mut self, mut q: Queued) {
+        self.charge(&mut q.message);
         self.queue_mem_bytes += q.message.publish.payload.len() as u64;
         self.queue.push_back(q);
+    }
+
+    /// The read-back budget this session's message bodies are charged to: durable,
+    /// non-internal sessions only.
+    pub fn budget(&self) -> Option<&Arc<ReadPool>> {
+        self.pool
+            .as_ref()
+            .filter(|_| self.durable && !self.internal)
+    }
+
+    /// Whether the budget leaves room to keep `m`'s body in memory.
+    pub fn mem_fits(&self, m: &Message) -> bool {
+        self.budget()
+            .is_none_or(|p| p.fits(super::readback::cost(&m.publish)))
+    }
+
+    /// Charges `m`'s body to the budget (once) while this session holds it.
+    pub fn charge(&self, m: &mut Message) {
+        if let (Some(pool), None) = (self.budget(), &m.charge) {
+            m.charge = Some(pool.charge(super::readback::cost(&m.publish)));
+        }
+    }
+
+    /// Gives back unused capacity of an emptied queue or window: after a burst a session
+    /// would otherwise keep slots for hundreds of messages for the rest of its life.
+    pub fn shrink_idle(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > 8 {
+            self.queue = VecDeque::new();
+        }
+        if self.inflight.is_empty() && self.inflight.capacity() > 8 {
+            self.inflight = VecDeque::new();
+        }
+        if self.held.is_empty() && self.held.capacity() > 8 {
+            self.held = VecDeque::new();
+        }
     }
 
     /// Accounts for a queued message that left the queue.
@@ -475,6 +525,7 @@ mod tests {
             message: Message {
                 publish: Publish::default(),
                 expires_at: None,
+                charge: None,
             },
         }
     }
@@ -529,6 +580,7 @@ mod tests {
                 message: Message {
                     publish,
                     expires_at: None,
+                    charge: None,
                 },
             });
         }

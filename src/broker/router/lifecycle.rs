@@ -67,6 +67,7 @@ impl Router {
                 };
                 let durable = expiry_interval > 0;
                 let mut s = Session::new(sid, client_id.clone(), params, durable);
+                s.pool = Some(self.pool.clone());
                 s.generation = self.ids.generation();
                 self.sessions.insert(sid, s);
                 self.by_client.insert(client_id.clone(), sid);

@@ -34,6 +34,7 @@ mod lifecycle;
 mod output;
 mod persist;
 mod publish;
+mod reads;
 mod security;
 mod store_io;
 mod subscribe;
@@ -360,6 +361,12 @@ pub struct Router {
     read_retry_at: Option<Instant>,
     /// The keys of `early` in token order, for pruning.
     early_order: std::collections::VecDeque<(u64, (SessionId, u64))>,
+    /// The gateway-wide read-back budget (`mqtt.read_back_budget_bytes`, `reads`).
+    pool: Arc<crate::broker::readback::ReadPool>,
+    /// Sessions waiting for budget to read their queue back, first come first served.
+    read_wait: std::collections::VecDeque<SessionId>,
+    /// Budget reserved for the read-backs on their way, per session in the order asked.
+    read_reserved: HashMap<SessionId, std::collections::VecDeque<u64>>,
     pub stats: RouterStats,
 }
 
@@ -373,6 +380,7 @@ impl Router {
         sweep_every: Duration,
         internal: Vec<InternalSession>,
     ) -> Self {
+        let pool = crate::broker::readback::ReadPool::new(cfg.read_back_budget_bytes);
         let mut r = Router {
             cfg,
             rx,
@@ -399,6 +407,9 @@ impl Router {
             lazy_until: None,
             read_retry: Vec::new(),
             read_retry_at: None,
+            pool,
+            read_wait: Default::default(),
+            read_reserved: HashMap::new(),
             early_order: std::collections::VecDeque::new(),
             stats: RouterStats::default(),
         };
@@ -533,6 +544,7 @@ impl Router {
             };
             let client_id: Arc<str> = rs.client_id.as_str().into();
             let mut s = Session::new(sid, client_id.clone(), params, true);
+            s.pool = Some(self.pool.clone());
             s.expiry_interval = rs.expiry;
             s.offline_since_ms = rs.disconnected_at.unwrap_or(now_ms);
             s.next_seq = rs.next_seq;
@@ -653,6 +665,8 @@ impl Router {
                         self.event_ops_start = self.ops.len();
                         self.handle(ev);
                     }
+                    // Budget given back by this batch (acks, disconnects) serves who waits.
+                    self.serve_reads();
                     self.submit_unless_lazy();
                 }
                 ev = self.store_rx.recv() => {
@@ -666,6 +680,7 @@ impl Router {
                         self.event_ops_start = self.ops.len();
                         self.on_store_event(ev);
                     }
+                    self.serve_reads();
                     self.submit_unless_lazy();
                 }
                 _ = sleep_until_opt(next_timer) => {
@@ -809,6 +824,7 @@ fn row_message(clock: &Clock, row: &QueueRow) -> Option<Message> {
     Some(Message {
         publish,
         expires_at: store_to_instant(clock, row.expires_at),
+        charge: None,
     })
 }
 
