@@ -2,7 +2,10 @@
 //! `persistence false`), side by side in one run on 127.0.0.1.
 //!
 //! `cargo bench --bench scale_memory [-- --sessions N] [--per-session 1,100,1000]
-//! [--mosquitto PATH] [--holdfast-only]`
+//! [--mosquitto PATH] [--holdfast PATH] [--holdfast-only]`
+//!
+//! `--holdfast PATH` measures another build (e.g. the one before a change) instead of this
+//! one.
 //!
 //! For each `--per-session` value P, against freshly started brokers, one after the other:
 //! 1. `--sessions` durable sessions (3.1.1 clean session 0) subscribe to a topic of their
@@ -35,13 +38,14 @@ struct Args {
     sessions: usize,
     per_session: Vec<u64>,
     mosquitto: PathBuf,
+    holdfast: PathBuf,
     holdfast_only: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench scale_memory -- [--sessions N] [--per-session 1,100,1000] \
-         [--mosquitto PATH] [--holdfast-only]"
+         [--mosquitto PATH] [--holdfast PATH] [--holdfast-only]"
     );
     std::process::exit(2)
 }
@@ -51,6 +55,7 @@ fn parse_args() -> Args {
         sessions: 10_000,
         per_session: vec![1, 100],
         mosquitto: PathBuf::from("/usr/sbin/mosquitto"),
+        holdfast: PathBuf::from(env!("CARGO_BIN_EXE_holdfast")),
         holdfast_only: false,
     };
     let mut it = std::env::args().skip(1);
@@ -66,6 +71,7 @@ fn parse_args() -> Args {
                     .collect()
             }
             "--mosquitto" => a.mosquitto = val("--mosquitto").into(),
+            "--holdfast" => a.holdfast = val("--holdfast").into(),
             "--holdfast-only" => a.holdfast_only = true,
             "-h" | "--help" => usage(),
             other => {
@@ -151,7 +157,7 @@ fn mib(kib: u64) -> String {
 fn main() {
     let args = parse_args();
     let rt = loadgen::runtime();
-    let holdfast_bin = PathBuf::from(env!("CARGO_BIN_EXE_holdfast"));
+    let holdfast_bin = args.holdfast.clone();
     let mut rows = Vec::new();
     for &p in &args.per_session {
         eprintln!("{} sessions × {p} queued", args.sessions);

@@ -55,7 +55,9 @@ pub struct Inflight {
     pub packet_id: u16,
     pub seq: u64,
     pub state: InflightState,
-    pub message: Message,
+    /// None: the body is on disk only (a durable session that went offline, or was just
+    /// recovered): read back (`Session::inflight_on_disk`) before it is resent.
+    pub message: Option<Message>,
 }
 
 /// A message routed to a session, before a packet id is assigned.
@@ -241,6 +243,9 @@ pub struct Session {
     pub pool: Option<Arc<ReadPool>>,
     /// In the router's queue of sessions waiting for budget to read back.
     pub read_waiting: bool,
+    /// Some in-flight messages awaiting PUBACK / PUBREC have their bodies on disk only:
+    /// they are read back (and resent with DUP) before anything new is sent.
+    pub inflight_on_disk: bool,
 }
 
 impl Session {
@@ -280,6 +285,7 @@ impl Session {
             acl_filtered: false,
             pool: None,
             read_waiting: false,
+            inflight_on_disk: false,
             generation: 0,
         }
     }
@@ -290,7 +296,24 @@ impl Session {
 
     /// Whether another QoS 1/2 message may be sent now.
     pub fn window_open(&self) -> bool {
-        self.conn.is_some() && self.inflight.len() < usize::from(self.params.window)
+        self.conn.is_some()
+            && !self.inflight_on_disk
+            && self.inflight.len() < usize::from(self.params.window)
+    }
+
+    /// A durable session going offline keeps its in-flight window on disk only: the
+    /// bodies (and their read-back budget) are let go; the packet ids and states stay.
+    pub fn inflight_to_disk(&mut self) {
+        if !self.durable {
+            return;
+        }
+        for m in &mut self.inflight {
+            m.message = None;
+        }
+        self.inflight_on_disk = self
+            .inflight
+            .iter()
+            .any(|m| m.state == InflightState::AwaitingAck);
     }
 
     /// Whether nothing is queued ahead of a new message (so it may go straight out).
@@ -522,11 +545,11 @@ mod tests {
             packet_id,
             seq: u64::from(packet_id),
             state: InflightState::AwaitingAck,
-            message: Message {
+            message: Some(Message {
                 publish: Publish::default(),
                 expires_at: None,
                 charge: None,
-            },
+            }),
         }
     }
 

@@ -69,6 +69,8 @@ enum Item {
         from_seq: u64,
         limit: u32,
         next_seq_at_request: u64,
+        /// Rows sent and awaiting their PUBACK / PUBREC (state 1) instead of unsent ones.
+        sent: bool,
     },
 }
 
@@ -153,11 +155,13 @@ impl Writer {
                         from_seq,
                         limit,
                         next_seq_at_request,
+                        sent,
                     } => group.push(Item::Read {
                         sid,
                         from_seq,
                         limit,
                         next_seq_at_request,
+                        sent,
                     }),
                     Command::Shutdown(done) => {
                         stop = Some(done);
@@ -236,9 +240,10 @@ impl Writer {
                 from_seq,
                 limit,
                 next_seq_at_request,
+                sent,
             } => {
-                let rows = read_rows(&self.conn, sid, from_seq, limit);
-                self.send_rows(sid, rows, from_seq, limit, next_seq_at_request);
+                let rows = read_rows(&self.conn, sid, from_seq, limit, sent);
+                self.send_rows(sid, rows, (from_seq, limit, next_seq_at_request, sent));
             }
             Command::SweepExpired { now_ms } => match self.sweep(now_ms) {
                 Ok(rows) if !rows.is_empty() => {
@@ -283,9 +288,7 @@ impl Writer {
         &self,
         sid: Sid,
         rows: rusqlite::Result<Vec<QueueRow>>,
-        from_seq: u64,
-        limit: u32,
-        next_seq_at_request: u64,
+        (from_seq, limit, next_seq_at_request, sent): (u64, u32, u64, bool),
     ) {
         let (rows, failed) = match rows {
             Ok(rows) => (rows, false),
@@ -305,6 +308,7 @@ impl Writer {
             limit,
             next_seq_at_request,
             failed,
+            sent,
         });
     }
 
@@ -353,9 +357,11 @@ impl Writer {
                                 from_seq,
                                 limit,
                                 next_seq_at_request,
+                                sent,
                             } => {
                                 let rows = reads.next().unwrap_or_else(|| Ok(Vec::new()));
-                                self.send_rows(sid, rows, from_seq, limit, next_seq_at_request);
+                                let asked = (from_seq, limit, next_seq_at_request, sent);
+                                self.send_rows(sid, rows, asked);
                             }
                         }
                     }
@@ -445,9 +451,10 @@ impl Writer {
                     from_seq,
                     limit,
                     next_seq_at_request,
+                    sent,
                 } => {
-                    let rows = read_rows(&self.conn, sid, from_seq, limit);
-                    self.send_rows(sid, rows, from_seq, limit, next_seq_at_request);
+                    let rows = read_rows(&self.conn, sid, from_seq, limit, sent);
+                    self.send_rows(sid, rows, (from_seq, limit, next_seq_at_request, sent));
                 }
             }
         }
@@ -623,21 +630,27 @@ fn apply_deltas(tx: &rusqlite::Transaction, per: &HashMap<Sid, Delta>) -> rusqli
     Ok(())
 }
 
-/// Up to `limit` not-yet-sent rows of a session's queue with seq >= `from_seq` (on error:
-/// logged, none).
+/// Up to `limit` not-yet-sent rows (`sent`: rows sent and awaiting their PUBACK / PUBREC)
+/// of a session's queue with seq >= `from_seq` (on error: logged, none).
 fn read_rows(
     conn: &Connection,
     sid: Sid,
     from_seq: u64,
     limit: u32,
+    sent: bool,
 ) -> rusqlite::Result<Vec<QueueRow>> {
     (|| -> rusqlite::Result<Vec<QueueRow>> {
         let mut st = conn.prepare_cached(
             "SELECT id, state, packet_id, expires_at, packet FROM queue
-             WHERE id BETWEEN ?1 AND ?2 AND state = 0 ORDER BY id LIMIT ?3",
+             WHERE id BETWEEN ?1 AND ?2 AND state = ?4 ORDER BY id LIMIT ?3",
         )?;
         let rows = st.query_map(
-            params![queue_id(sid, from_seq), queue_range(sid).1, limit],
+            params![
+                queue_id(sid, from_seq),
+                queue_range(sid).1,
+                limit,
+                i64::from(sent)
+            ],
             |r| {
                 Ok(QueueRow {
                     seq: split_queue_id(r.get(0)?).1,
@@ -743,10 +756,11 @@ fn apply_group(
                 sid,
                 from_seq,
                 limit,
+                sent,
                 ..
             } => {
                 deletes.flush(&tx, *sid, &mut per)?;
-                reads.push(read_rows(&tx, *sid, *from_seq, *limit));
+                reads.push(read_rows(&tx, *sid, *from_seq, *limit, *sent));
             }
         }
     }
@@ -1127,6 +1141,7 @@ mod tests {
             from_seq: 0,
             limit: 100,
             next_seq_at_request: 0,
+            sent: false,
         }
     }
 
@@ -1159,6 +1174,7 @@ mod tests {
             from_seq: 0,
             limit: 1,
             next_seq_at_request: 0,
+            sent: false,
         };
         let group = vec![
             batch(vec![enqueue(1, 0, 5), enqueue(1, 1, 5), enqueue(2, 0, 5)]),
@@ -1321,6 +1337,7 @@ mod tests {
                 from_seq: 0,
                 limit: 10,
                 next_seq_at_request: 3,
+                sent: false,
             },
             Item::Batch(3, vec![enqueue(1, 2, 10)]),
         ];

@@ -122,9 +122,14 @@ impl Router {
             let mut i = 0;
             while i < s.inflight.len() {
                 let m = &s.inflight[i];
-                let item = match m.state {
-                    InflightState::AwaitingAck => {
-                        if m.message.is_expired(now) {
+                let item = match (m.state, &m.message) {
+                    // On disk: read back, then resent (`Router::on_inflight_rows`).
+                    (InflightState::AwaitingAck, None) => {
+                        i += 1;
+                        continue;
+                    }
+                    (InflightState::AwaitingAck, Some(message)) => {
+                        if message.is_expired(now) {
                             self.stats.expired += 1;
                             if s.durable {
                                 self.ops.push(Op::Delete { sid, seq: m.seq });
@@ -138,7 +143,7 @@ impl Router {
                             fresh: false,
                         }
                     }
-                    InflightState::AwaitingComp => {
+                    (InflightState::AwaitingComp, _) => {
                         Held::Packet(Packet::PubRel(PubAckLike::new(m.packet_id)))
                     }
                 };
@@ -210,6 +215,7 @@ impl Router {
         }
         if s.durable {
             s.spill_all();
+            s.inflight_to_disk();
             s.offline_since_ms = self.clock.now_ms();
             self.ops.push(Op::SessionOffline {
                 sid,

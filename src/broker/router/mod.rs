@@ -563,9 +563,9 @@ impl Router {
             s.incoming_qos2 = rs.incoming_qos2.into_iter().map(|p| (p, 0)).collect();
             let mut last_inflight_seq = None;
             for row in rs.inflight {
-                let Some(message) = row_message(&self.clock, &row) else {
+                if row_message(&self.clock, &row).is_none() {
                     continue;
-                };
+                }
                 last_inflight_seq = Some(row.seq);
                 s.inflight.push_back(Inflight {
                     packet_id: row.packet_id.unwrap_or(0),
@@ -575,9 +575,14 @@ impl Router {
                     } else {
                         InflightState::AwaitingAck
                     },
-                    message,
+                    // Every session is offline now: bodies stay on disk until it is back.
+                    message: None,
                 });
             }
+            s.inflight_on_disk = s
+                .inflight
+                .iter()
+                .any(|m| m.state == InflightState::AwaitingAck);
             let waiting = rs.queued.saturating_sub(s.inflight.len() as u64);
             s.queue_len = waiting;
             s.queued_bytes = rs.queued_bytes;

@@ -97,9 +97,10 @@ pub(super) fn release(s: &mut Session, item: Held, ok: bool, stats: &mut RouterS
                 s.inflight.remove(i);
                 return;
             }
-            let p = s.inflight[i]
-                .message
-                .to_send(packet_id, dup, Instant::now());
+            let Some(message) = &s.inflight[i].message else {
+                return; // on disk: sent once read back
+            };
+            let p = message.to_send(packet_id, dup, Instant::now());
             stats.publishes_out += 1;
             c.send(Outgoing::Packet(Box::new(Packet::Publish(p))));
         }

@@ -403,7 +403,7 @@ impl Router {
                 packet_id,
                 seq,
                 state: InflightState::AwaitingAck,
-                message: msg,
+                message: Some(msg),
             });
             let item = Held::Deliver {
                 packet_id,
@@ -545,7 +545,7 @@ impl Router {
                     packet_id,
                     seq: q.seq,
                     state: InflightState::AwaitingAck,
-                    message: q.message,
+                    message: Some(q.message),
                 });
                 let item = Held::Deliver {
                     packet_id,

@@ -17,13 +17,23 @@ impl Router {
         u32::from(s.params.window).clamp(1, READ_BATCH)
     }
 
-    /// Whether `s` wants (more of) its on-disk queue read back now.
+    /// Whether `s` wants its in-flight bodies, or (more of) its on-disk queue, read back now.
     pub(super) fn wants_read(s: &Session) -> bool {
         s.durable
-            && s.spilled_from.is_some()
             && !s.reading
             && s.is_online()
-            && s.queue.len() < Router::read_limit(s) as usize
+            && (s.inflight_on_disk
+                || (s.spilled_from.is_some() && s.queue.len() < Router::read_limit(s) as usize))
+    }
+
+    /// The first in-flight message whose body is on disk, and how many there are.
+    fn inflight_read(s: &Session) -> (u64, u32) {
+        let mut on_disk = s
+            .inflight
+            .iter()
+            .filter(|m| m.state == InflightState::AwaitingAck && m.message.is_none());
+        let first = on_disk.next().map_or(0, |m| m.seq);
+        (first, 1 + on_disk.count() as u32)
     }
 
     /// Puts `sid` in line for a read-back (once).
@@ -48,7 +58,13 @@ impl Router {
                 self.read_wait.pop_front();
                 continue;
             }
-            let limit = Router::read_limit(s);
+            // The window first (resent before anything new), then the queue.
+            let sent = s.inflight_on_disk;
+            let (from_seq, limit) = if sent {
+                Router::inflight_read(s)
+            } else {
+                (s.spilled_from.unwrap_or(0), Router::read_limit(s))
+            };
             // Internal sessions are not charged (`broker::readback`): nothing to reserve.
             let estimate = if s.budget().is_some() {
                 let average = s.queued_bytes / s.queue_len.max(1);
@@ -62,18 +78,19 @@ impl Router {
             self.read_wait.pop_front();
             s.read_waiting = false;
             s.reading = true;
-            let (from_seq, next_seq_at_request) = (s.spilled_from.unwrap_or(0), s.next_seq);
+            let next_seq_at_request = s.next_seq;
             self.pool.reserve(estimate);
             self.read_reserved
                 .entry(sid)
                 .or_default()
                 .push_back(estimate);
-            debug!(sid, from_seq, limit, "reading queue back from disk");
+            debug!(sid, from_seq, limit, sent, "reading queue back from disk");
             self.store_command(Command::ReadQueue {
                 sid,
                 from_seq,
                 limit,
                 next_seq_at_request,
+                sent,
             });
         }
     }
@@ -90,5 +107,81 @@ impl Router {
         if list.is_empty() {
             self.read_reserved.remove(&sid);
         }
+    }
+}
+
+impl Router {
+    /// The in-flight bodies of a session that came back, read from disk: each is resent
+    /// with DUP under its packet id, in order (MQTT-4.4.0-1); then new messages may follow.
+    /// A row no longer on disk was removed by a counted policy (expiry, disk budget): its
+    /// packet id is free again.
+    pub(super) fn on_inflight_rows(&mut self, sid: SessionId, rows: Vec<QueueRow>) {
+        let Router {
+            sessions,
+            clock,
+            ops,
+            cur,
+            stats,
+            ..
+        } = self;
+        let Some(s) = sessions.get_mut(&sid) else {
+            return;
+        };
+        s.reading = false;
+        s.read_stale = false;
+        if s.drops_pending > 0 {
+            // The queue limit dropped the oldest queued messages while this read was out,
+            // counting on its answer to hold them; it held in-flight rows instead. As for a
+            // stale answer: a release op from here on (the tokens that made the drops are
+            // past).
+            ops.push(Op::DeleteOldest {
+                sid,
+                from_seq: s.spilled_from.unwrap_or(0),
+                count: std::mem::take(&mut s.drops_pending),
+                refusable: false,
+            });
+            s.drops_pending_bytes = 0;
+        }
+        if !s.is_online() {
+            return; // still on disk; read again when it is back
+        }
+        let now = Instant::now();
+        let mut rows = rows.into_iter().peekable();
+        let mut i = 0;
+        while i < s.inflight.len() {
+            let (seq, packet_id) = (s.inflight[i].seq, s.inflight[i].packet_id);
+            if s.inflight[i].state != InflightState::AwaitingAck || s.inflight[i].message.is_some()
+            {
+                i += 1;
+                continue;
+            }
+            while rows.next_if(|r| r.seq < seq).is_some() {}
+            let message = rows
+                .next_if(|r| r.seq == seq)
+                .and_then(|r| row_message(clock, &r));
+            match message {
+                Some(mut m) if !m.is_expired(now) => {
+                    s.charge(&mut m);
+                    s.inflight[i].message = Some(m);
+                    let item = Held::Deliver {
+                        packet_id,
+                        dup: true,
+                        fresh: false,
+                    };
+                    hold(s, 0, item, cur, stats);
+                    i += 1;
+                }
+                Some(_) => {
+                    stats.expired += 1;
+                    ops.push(Op::Delete { sid, seq });
+                    s.inflight.remove(i);
+                }
+                None => {
+                    s.inflight.remove(i);
+                }
+            }
+        }
+        s.inflight_on_disk = false;
+        self.pump(sid);
     }
 }

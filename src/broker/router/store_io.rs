@@ -78,9 +78,13 @@ impl Router {
                 limit,
                 next_seq_at_request,
                 failed,
+                sent,
             } => {
                 if failed {
                     self.on_read_failed(sid);
+                } else if sent {
+                    self.read_answered(sid);
+                    self.on_inflight_rows(sid, rows);
                 } else {
                     self.on_queue_rows(sid, rows, from_seq, limit, next_seq_at_request)
                 }

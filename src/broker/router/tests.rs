@@ -131,6 +131,74 @@ fn messages_beyond_the_read_back_budget_wait_on_disk_and_still_arrive_in_order()
     assert_eq!(h.counts("s0"), (0, 0));
 }
 
+/// Issue 17 item 1: an offline durable session's in-flight window is on disk only (its
+/// bodies let go, budget given back); when the client is back the window is read back and
+/// resent first (same packet ids, DUP), in order, then the rest of the queue. Also after a
+/// restart, whose recovery keeps no bodies in memory either.
+#[test]
+fn an_offline_sessions_in_flight_window_waits_on_disk_and_is_resent_first_in_order() {
+    let mut h = Harness::new(|_, _| {});
+    let mut subs = many_offline_subscribers(&mut h, 1, 0, 4);
+    let p = h.connect("p", true, 0, 10);
+    h.settle();
+    for i in 0..10u32 {
+        h.publish(&p, "t/0", &i.to_string(), (i + 1) as u16, None);
+    }
+    h.settle();
+    let first: Vec<(u16, String)> = subs[0]
+        .publishes()
+        .into_iter()
+        .map(|p| {
+            (
+                p.packet_id,
+                String::from_utf8_lossy(&p.payload).into_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(first.len(), 4, "a window's worth sent, none acknowledged");
+    let c = subs.pop().expect("one subscriber");
+    h.disconnect(c);
+    h.settle();
+    let sid = h.r.by_client["s0"];
+    let s = &h.r.sessions[&sid];
+    assert_eq!(s.inflight.len(), 4);
+    assert!(
+        s.inflight.iter().all(|m| m.message.is_none()),
+        "no bodies in memory while offline"
+    );
+    assert_eq!(h.r.pool.used(), 0, "nothing charged while offline");
+
+    let mut h = h.restart();
+    let sid = h.r.by_client["s0"];
+    assert!(h.r.sessions[&sid]
+        .inflight
+        .iter()
+        .all(|m| m.message.is_none()));
+    assert_eq!(h.r.pool.used(), 0);
+    let mut c = h.connect("s0", false, HOUR, 4);
+    h.settle();
+    let resent = c.publishes();
+    assert_eq!(
+        resent
+            .iter()
+            .map(|p| (
+                p.packet_id,
+                String::from_utf8_lossy(&p.payload).into_owned()
+            ))
+            .collect::<Vec<_>>(),
+        first,
+        "the window again, same packet ids, in order"
+    );
+    assert!(resent.iter().all(|p| p.dup), "resent with DUP");
+    for p in &resent {
+        h.puback(&c, p.packet_id);
+    }
+    let rest = h.drain(&mut c);
+    assert_eq!(rest, numbers(4..10), "then the rest, in order");
+    assert_eq!(h.r.pool.used(), 0);
+    assert_eq!(h.counts("s0"), (0, 0));
+}
+
 /// Item 3: `drop-oldest` while a read-back is outstanding. The store answers the read with
 /// the oldest rows, then deletes those same rows for the queue limit: they must not be
 /// delivered (they were dropped, and counted), and the newest must not be stranded.
