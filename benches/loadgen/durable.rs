@@ -16,6 +16,8 @@ use super::scenario::publisher_qos1;
 const STALL: Duration = Duration::from_secs(30);
 /// Concurrent connection set-ups when preparing sessions.
 const CONNECT_CONCURRENCY: usize = 50;
+/// Concurrent CONNECT handshakes while every session reconnects in `drain_and_hold`.
+const HANDSHAKES: usize = 128;
 
 /// Creates durable sessions (3.1.1 clean session 0): `ids[i]` subscribes to `filters[i]` at
 /// QoS 1, then disconnects, leaving an offline session that queues what matches.
@@ -185,10 +187,16 @@ pub async fn drain_and_hold(
 ) -> io::Result<(Held, Vec<(client::Reader, client::Writer)>)> {
     let t0 = Instant::now();
     let mut set = JoinSet::new();
+    // Connects at most this many at a time (Holdfast closes sockets beyond
+    // `mqtt.max_handshaking`, 256 by default); draining overlaps freely.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
     for id in ids {
         let id = id.clone();
+        let handshakes = handshakes.clone();
         set.spawn(async move {
+            let permit = handshakes.acquire_owned().await.map_err(io::Error::other)?;
             let (mut r, mut w, _present) = client::connect_with(addr, &id, 0, false).await?;
+            drop(permit);
             let connected = t0.elapsed();
             let (mut got, mut disorder, mut prev) = (0u64, 0u64, None::<u64>);
             let mut last = t0;

@@ -265,7 +265,9 @@ pub async fn serve<R, W>(
         ctx,
         cert_user,
     };
-    let connect = match conn.read_connect().await {
+    // The handshake and closing phases are boxed: a task is as large as its largest
+    // state, and only the main loop's should stay for the connection's life.
+    let connect = match Box::pin(conn.read_connect()).await {
         Ok(Some(c)) => c,
         Ok(None) => return,
         Err(e) => {
@@ -382,7 +384,7 @@ where
         self.version = connect.protocol;
         let password = connect.password.take();
         let accepted = match self.accept(connect) {
-            Ok((request, mut state)) => match self.authenticate(&state, password).await {
+            Ok((request, mut state)) => match Box::pin(self.authenticate(&state, password)).await {
                 Ok(()) => {
                     state.acl_generation = self.ctx.auth.generation();
                     state.acl = self
@@ -409,7 +411,7 @@ where
                     properties: ConnAckProperties::default(),
                 });
                 protocol::encode(&ack, self.version, &mut self.wbuf);
-                self.flush_and_drain().await;
+                Box::pin(self.flush_and_drain()).await;
                 debug!(peer = %self.peer, cause = %HandshakeError::Refused(code), "connection refused");
                 return;
             }
@@ -498,9 +500,9 @@ where
             Close::Socket => {}
             // Shutdown: every client is told at once; no time for draining.
             Close::Server(reason::SERVER_SHUTTING_DOWN) | Close::ClientDisconnect { .. } => {
-                self.flush_and_close().await
+                Box::pin(self.flush_and_close()).await
             }
-            _ => self.flush_and_drain().await,
+            _ => Box::pin(self.flush_and_drain()).await,
         }
     }
 
@@ -1063,7 +1065,8 @@ where
     async fn flush_and_drain(&mut self) {
         self.flush_and_close().await;
         let _ = tokio::time::timeout(CLOSE_DRAIN, async {
-            let mut sink = [0u8; 4096];
+            // On the heap: an array here would be part of every connection task's state.
+            let mut sink = vec![0u8; 4096];
             loop {
                 match self.reader.get_mut().read(&mut sink).await {
                     Ok(0) | Err(_) => return,

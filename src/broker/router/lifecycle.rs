@@ -227,6 +227,29 @@ impl Router {
         if let Some(w) = publish_now {
             self.publish_will(w);
         }
+        self.bound_timers();
+    }
+
+    /// Arms a will-delay or session-expiry timer. Timers of earlier connections are not
+    /// removed when a session comes and goes (they are skipped when they fire), so a
+    /// client reconnecting every minute with a day of expiry would leave 1,440 behind a
+    /// day: once the heap holds more than twice the sessions (plus `TIMER_SLACK`), the
+    /// stale ones are swept out. Amortised O(1) per timer; memory bounded by the sessions.
+    pub(super) fn push_timer(&mut self, t: Timer) {
+        self.timers.push(Reverse(t));
+        self.bound_timers();
+    }
+
+    /// Sweeps stale timers out once there are too many (see `push_timer`).
+    pub(super) fn bound_timers(&mut self) {
+        if self.timers.len() > 2 * self.sessions.len() + TIMER_SLACK {
+            let sessions = &self.sessions;
+            self.timers.retain(|Reverse(t)| {
+                sessions
+                    .get(&t.session)
+                    .is_some_and(|s| s.generation == t.generation && !s.is_online())
+            });
+        }
     }
 
     pub(super) fn fire_timers(&mut self) {

@@ -69,6 +69,8 @@ use output::*;
 use persist::*;
 pub use security::will_allowed;
 
+/// Stale timers tolerated beyond two per session before they are swept (`push_timer`).
+const TIMER_SLACK: usize = 1024;
 /// How many events the router takes from its channel per wake-up.
 const BATCH: usize = 256;
 /// Rows read back from disk at a time when a durable session's queue is spilled.
@@ -609,23 +611,23 @@ impl Router {
                 } else {
                     now + delay
                 };
-                self.timers.push(Reverse(Timer {
+                self.push_timer(Timer {
                     at,
                     session: sid,
                     generation: 0,
                     kind: TimerKind::WillDelay,
-                }));
+                });
             }
             if s.expiry_interval != u32::MAX {
                 let at = (now + Duration::from_secs(u64::from(s.expiry_interval)))
                     .checked_sub(offline_for)
                     .unwrap_or(now);
-                self.timers.push(Reverse(Timer {
+                self.push_timer(Timer {
                     at,
                     session: sid,
                     generation: 0,
                     kind: TimerKind::SessionExpiry,
-                }));
+                });
             }
             if rs.disconnected_at.is_none() {
                 self.ops.push(Op::SessionOffline {

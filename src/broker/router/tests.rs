@@ -199,6 +199,33 @@ fn an_offline_sessions_in_flight_window_waits_on_disk_and_is_resent_first_in_ord
     assert_eq!(h.counts("s0"), (0, 0));
 }
 
+/// Issue 17 item 1: timers of earlier connections are skipped when they fire, but a
+/// client that comes and goes must not leave one behind per visit: the heap stays bounded
+/// by the sessions, and the live timer is kept.
+#[test]
+fn a_session_that_comes_and_goes_does_not_pile_up_expiry_timers() {
+    let mut h = Harness::new(|_, _| {});
+    for _ in 0..2500 {
+        let c = h.connect("s", false, HOUR, 10);
+        h.disconnect(c);
+    }
+    h.settle();
+    let bound = 2 * h.r.sessions.len() + super::TIMER_SLACK;
+    assert!(
+        h.r.timers.len() <= bound,
+        "{} timers for {} session(s)",
+        h.r.timers.len(),
+        h.r.sessions.len()
+    );
+    let s = &h.r.sessions[&h.r.by_client["s"]];
+    assert!(
+        h.r.timers
+            .iter()
+            .any(|t| t.0.session == s.id && t.0.generation == s.generation),
+        "the live expiry timer is still armed"
+    );
+}
+
 /// Item 3: `drop-oldest` while a read-back is outstanding. The store answers the read with
 /// the oldest rows, then deletes those same rows for the queue limit: they must not be
 /// delivered (they were dropped, and counted), and the newest must not be stranded.
