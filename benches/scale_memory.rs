@@ -2,10 +2,10 @@
 //! `persistence false`), side by side in one run on 127.0.0.1.
 //!
 //! `cargo bench --bench scale_memory [-- --sessions N] [--per-session 1,100,1000]
-//! [--mosquitto PATH] [--holdfast PATH] [--holdfast-only]`
+//! [--mosquitto PATH] [--holdfast PATH] [--before PATH] [--holdfast-only]`
 //!
-//! `--holdfast PATH` measures another build (e.g. the one before a change) instead of this
-//! one.
+//! `--holdfast PATH` measures another build instead of this one; `--before PATH` adds a row
+//! for a second build (e.g. the one before a change), run in the same session.
 //!
 //! For each `--per-session` value P, against freshly started brokers, one after the other:
 //! 1. `--sessions` durable sessions (3.1.1 clean session 0) subscribe to a topic of their
@@ -39,13 +39,14 @@ struct Args {
     per_session: Vec<u64>,
     mosquitto: PathBuf,
     holdfast: PathBuf,
+    before: Option<PathBuf>,
     holdfast_only: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench scale_memory -- [--sessions N] [--per-session 1,100,1000] \
-         [--mosquitto PATH] [--holdfast PATH] [--holdfast-only]"
+         [--mosquitto PATH] [--holdfast PATH] [--before PATH] [--holdfast-only]"
     );
     std::process::exit(2)
 }
@@ -56,6 +57,7 @@ fn parse_args() -> Args {
         per_session: vec![1, 100],
         mosquitto: PathBuf::from("/usr/sbin/mosquitto"),
         holdfast: PathBuf::from(env!("CARGO_BIN_EXE_holdfast")),
+        before: None,
         holdfast_only: false,
     };
     let mut it = std::env::args().skip(1);
@@ -72,6 +74,7 @@ fn parse_args() -> Args {
             }
             "--mosquitto" => a.mosquitto = val("--mosquitto").into(),
             "--holdfast" => a.holdfast = val("--holdfast").into(),
+            "--before" => a.before = Some(val("--before").into()),
             "--holdfast-only" => a.holdfast_only = true,
             "-h" | "--help" => usage(),
             other => {
@@ -161,6 +164,11 @@ fn main() {
     let mut rows = Vec::new();
     for &p in &args.per_session {
         eprintln!("{} sessions × {p} queued", args.sessions);
+        if let Some(before) = &args.before {
+            let mut hf = BrokerProc::holdfast(before).expect("start holdfast (before)");
+            hf.name = "holdfast (before)";
+            rows.push(run_one(&rt, hf, args.sessions, p));
+        }
         let hf = BrokerProc::holdfast(&holdfast_bin).expect("start holdfast");
         rows.push(run_one(&rt, hf, args.sessions, p));
         if !args.holdfast_only {

@@ -46,6 +46,7 @@ pub(super) fn flush_held(s: &mut Session, completed: u64, stats: &mut RouterStat
         };
         release(s, item, t & FAILED_BIT == 0, stats);
     }
+    s.shrink_idle();
 }
 
 pub(super) fn release(s: &mut Session, item: Held, ok: bool, stats: &mut RouterStats) {
