@@ -56,8 +56,9 @@ pub type ConnId = u64;
 
 /// Stop taking outgoing packets from the router while this many bytes wait for the socket.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
-/// An emptied write buffer larger than this is given back (idle connections stay cheap).
-const WRITE_KEEP: usize = 1024;
+/// An emptied write buffer larger than this is given back: 0 = always (an idle connection
+/// holds no write buffer; a busy one pays one allocation per socket write).
+const WRITE_KEEP: usize = 0;
 /// How long a closing connection may spend flushing its last bytes.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 /// After a server-initiated close: how long the half-closed socket keeps reading (and
@@ -380,7 +381,23 @@ where
         }
     }
 
-    async fn run(mut self, mut connect: Box<Connect>, mut handshake: HandshakeSlot) {
+    /// The connection after its CONNECT: attached to its session (a boxed phase: its state
+    /// is freed before the main loop starts), then served until it closes. A task is as
+    /// large as its largest state, and only the main loop's lives for the connection's life.
+    async fn run(mut self, connect: Box<Connect>, handshake: HandshakeSlot) {
+        let Some(live) = Box::pin(self.attach(connect, handshake)).await else {
+            return;
+        };
+        self.serve_attached(live).await;
+    }
+
+    /// Checks and authenticates the CONNECT and hands the session request to the router.
+    /// `None`: refused (answered here) or the router is gone.
+    async fn attach(
+        &mut self,
+        mut connect: Box<Connect>,
+        mut handshake: HandshakeSlot,
+    ) -> Option<Attached> {
         self.version = connect.protocol;
         let password = connect.password.take();
         let accepted = match self.accept(connect) {
@@ -401,7 +418,7 @@ where
         };
         handshake.release();
         // Held until the connection ends: its place under `max_connections_per_user`.
-        let (request, mut state, _user_slot) = match accepted {
+        let (request, state, _user_slot) = match accepted {
             Ok(x) => x,
             Err(code) => {
                 // Refused: CONNACK with the reason, then close (MQTT-3.2.2-5).
@@ -413,13 +430,13 @@ where
                 protocol::encode(&ack, self.version, &mut self.wbuf);
                 Box::pin(self.flush_and_drain()).await;
                 debug!(peer = %self.peer, cause = %HandshakeError::Refused(code), "connection refused");
-                return;
+                return None;
             }
         };
         let shared = self.shared.clone();
         shared.connected.fetch_add(1, Ordering::Relaxed);
         let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         let backlog = Arc::new(AtomicUsize::new(0));
         let link = ConnLink {
             id: conn_id,
@@ -451,9 +468,28 @@ where
             .is_err()
         {
             shared.connected.fetch_sub(1, Ordering::Relaxed);
-            return;
+            return None;
         }
+        Some(Attached {
+            conn_id,
+            state,
+            rx,
+            backlog,
+            _user_slot,
+        })
+    }
 
+    /// The main loop, then the goodbye: the router is told, the socket closed.
+    async fn serve_attached(mut self, live: Attached) {
+        let Attached {
+            conn_id,
+            mut state,
+            mut rx,
+            backlog,
+            _user_slot,
+        } = live;
+        let shared = self.shared.clone();
+        let client_id = state.client_id.clone();
         let close = self.main_loop(conn_id, &mut state, &mut rx, &backlog).await;
         debug!(client_id = %client_id, ?close, "connection closing");
         let (will, expiry) = match &close {
@@ -487,14 +523,12 @@ where
             });
             protocol::encode(&d, self.version, &mut self.wbuf);
         }
-        let _ = shared
-            .router
-            .send(RouterEvent::Disconnected {
-                conn: conn_id,
-                will,
-                session_expiry: expiry,
-            })
-            .await;
+        let _ = Box::pin(shared.router.send(RouterEvent::Disconnected {
+            conn: conn_id,
+            will,
+            session_expiry: expiry,
+        }))
+        .await;
         shared.connected.fetch_sub(1, Ordering::Relaxed);
         match close {
             Close::Socket => {}
@@ -909,7 +943,16 @@ where
                 ))
             }
         };
-        if self.shared.router.send(ev).await.is_err() {
+        // Usually the router's channel has room; waiting for it (backpressure) is boxed so
+        // that the send's state is not part of every connection task.
+        let sent = match self.shared.router.try_send(ev) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(ev)) => {
+                Box::pin(self.shared.router.send(ev)).await.is_ok()
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        };
+        if !sent {
             return Err(Close::Server(reason::SERVER_SHUTTING_DOWN));
         }
         Ok(())
@@ -1134,6 +1177,16 @@ fn assign_client_id() -> String {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     format!("holdfast-{:016x}", h.finish())
+}
+
+/// A connection attached to its session: what its main loop needs.
+struct Attached {
+    conn_id: ConnId,
+    state: State,
+    rx: mpsc::UnboundedReceiver<Outgoing>,
+    backlog: Arc<AtomicUsize>,
+    /// Held until the connection ends: its place under `max_connections_per_user`.
+    _user_slot: Option<super::ratelimit::UserSlot>,
 }
 
 /// A CONNECT that passed the checks: the router request minus the connection link.
