@@ -6,7 +6,9 @@
 //! - `connection`: one task per client: handshake, checks, keep-alive, aliases, I/O
 //!   (bytes counted per listener by `traffic`);
 //! - `router`: one task that owns every `session`, the subscription `topic_tree` and the
-//!   `retained` messages; connections talk to it only through `RouterEvent`s.
+//!   `retained` messages; connections talk to it only through `RouterEvent`s;
+//! - `readback`: the gateway-wide budget for durable message bodies in memory
+//!   (`mqtt.read_back_budget_bytes`), charged per message and given back on drop.
 //!
 //! Shutdown order: stop accepting → the router publishes wills and sends every client
 //! DISCONNECT (0x8B for v5) → connections flush and close → tasks are awaited up to the
