@@ -116,7 +116,11 @@ impl Router {
         );
         debug!(client_id = %s.client_id, resumed, durable = s.durable, "session attached");
 
-        if resumed {
+        if resumed && s.inflight_on_disk {
+            // The window's bodies are on disk: it is resent, PUBRELs included and in the
+            // original order, once read back (`Router::on_inflight_rows`).
+            self.pump(sid);
+        } else if resumed {
             // Resend what was in flight, in order, DUP set (MQTT-4.4.0-1).
             let now = Instant::now();
             let mut i = 0;

@@ -60,20 +60,30 @@ impl Router {
             }
             // The window first (resent before anything new), then the queue.
             let sent = s.inflight_on_disk;
-            let (from_seq, limit) = if sent {
+            let (from_seq, mut limit) = if sent {
                 Router::inflight_read(s)
             } else {
                 (s.spilled_from.unwrap_or(0), Router::read_limit(s))
             };
             // Internal sessions are not charged (`broker::readback`): nothing to reserve.
-            let estimate = if s.budget().is_some() {
+            let per_row = s.budget().map(|_| {
                 let average = s.queued_bytes / s.queue_len.max(1);
-                u64::from(limit) * (average + crate::broker::readback::MESSAGE_OVERHEAD + 64)
-            } else {
-                0
-            };
+                average + crate::broker::readback::MESSAGE_OVERHEAD + 64
+            });
+            if let (Some(per_row), false) = (per_row, sent) {
+                // A queue read asks only for the rows the budget has room for (at least one
+                // when nothing is charged), so large messages cannot overshoot it by a
+                // window. An in-flight read must take the whole window (a row it does not
+                // bring back is taken as gone), so it waits for room instead.
+                let room = self.pool.limit().saturating_sub(self.pool.used()) / per_row;
+                limit = u64::from(limit).min(room.max(u64::from(self.pool.used() == 0))) as u32;
+                if limit == 0 {
+                    break; // first come, first served: the rest wait behind it
+                }
+            }
+            let estimate = per_row.map_or(0, |r| u64::from(limit) * r);
             if estimate > 0 && !self.pool.fits(estimate) {
-                break; // first come, first served: the rest wait behind it
+                break;
             }
             self.read_wait.pop_front();
             s.read_waiting = false;
@@ -111,8 +121,9 @@ impl Router {
 }
 
 impl Router {
-    /// The in-flight bodies of a session that came back, read from disk: each is resent
-    /// with DUP under its packet id, in order (MQTT-4.4.0-1); then new messages may follow.
+    /// The in-flight bodies of a session that came back, read from disk: the window is
+    /// resent in its original order, PUBLISHes with DUP under their packet ids and PUBRELs
+    /// (MQTT-4.4.0-1, 4.6.0-1); then new messages may follow.
     /// A row no longer on disk was removed by a counted policy (expiry, disk budget): its
     /// packet id is free again.
     pub(super) fn on_inflight_rows(&mut self, sid: SessionId, rows: Vec<QueueRow>) {
@@ -150,15 +161,21 @@ impl Router {
         let mut i = 0;
         while i < s.inflight.len() {
             let (seq, packet_id) = (s.inflight[i].seq, s.inflight[i].packet_id);
-            if s.inflight[i].state != InflightState::AwaitingAck || s.inflight[i].message.is_some()
-            {
+            if s.inflight[i].state == InflightState::AwaitingComp {
+                // In the original order with the resent PUBLISHes (MQTT-4.6.0-1).
+                let rel = Held::Packet(Packet::PubRel(PubAckLike::new(packet_id)));
+                hold(s, 0, rel, cur, stats);
                 i += 1;
                 continue;
             }
-            while rows.next_if(|r| r.seq < seq).is_some() {}
-            let message = rows
-                .next_if(|r| r.seq == seq)
-                .and_then(|r| row_message(clock, &r));
+            let message = match s.inflight[i].message.take() {
+                Some(m) => Some(m),
+                None => {
+                    while rows.next_if(|r| r.seq < seq).is_some() {}
+                    rows.next_if(|r| r.seq == seq)
+                        .and_then(|r| row_message(clock, &r))
+                }
+            };
             match message {
                 Some(mut m) if !m.is_expired(now) => {
                     s.charge(&mut m);

@@ -131,6 +131,47 @@ fn messages_beyond_the_read_back_budget_wait_on_disk_and_still_arrive_in_order()
     assert_eq!(h.counts("s0"), (0, 0));
 }
 
+/// Issue 17 item 1: a backlog of messages each half the budget is read back a row or two
+/// at a time, not a window at a time: the budget holds during the whole drain.
+#[test]
+fn a_backlog_of_large_messages_is_read_back_within_the_budget() {
+    const BUDGET: u64 = 8192;
+    let mut h = Harness::new(|c, _| c.read_back_budget_bytes = BUDGET);
+    let mut subs = many_offline_subscribers(&mut h, 1, 0, 10);
+    let c = subs.pop().expect("one subscriber");
+    h.disconnect(c);
+    let p = h.connect("p", true, 0, 10);
+    h.settle();
+    let want: Vec<String> = (0..20u32)
+        .map(|i| format!("{i:04}{}", "y".repeat(3000)))
+        .collect();
+    for (i, m) in want.iter().enumerate() {
+        h.publish(&p, "t/0", m, (i + 1) as u16, None);
+    }
+    h.settle();
+    let mut c = h.connect("s0", false, HOUR, 10);
+    let (mut got, mut peak) = (Vec::new(), 0);
+    loop {
+        h.settle();
+        peak = peak.max(h.r.pool.used());
+        let ps = c.publishes();
+        if ps.is_empty() {
+            break;
+        }
+        for p in ps {
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+            h.puback(&c, p.packet_id);
+            peak = peak.max(h.r.pool.used());
+        }
+    }
+    assert_eq!(got, want, "everything, in order");
+    assert!(
+        peak <= BUDGET,
+        "within the budget during the drain, saw {peak}"
+    );
+    assert_eq!(h.r.pool.used(), 0);
+}
+
 /// Issue 17 item 1: an offline durable session's in-flight window is on disk only (its
 /// bodies let go, budget given back); when the client is back the window is read back and
 /// resent first (same packet ids, DUP), in order, then the rest of the queue. Also after a
