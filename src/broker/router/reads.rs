@@ -75,11 +75,14 @@ impl Router {
                 // when nothing is charged), so large messages cannot overshoot it by a
                 // window. An in-flight read must take the whole window (a row it does not
                 // bring back is taken as gone), so it waits for room instead.
+                // Not a sliver either: reads of a row or two while the budget is nearly
+                // used up would cost a query each and slow the whole drain down.
                 let room = self.pool.limit().saturating_sub(self.pool.used()) / per_row;
-                limit = u64::from(limit).min(room.max(u64::from(self.pool.used() == 0))) as u32;
-                if limit == 0 {
+                let want = u64::from(limit);
+                if room < want && self.pool.used() > 0 && room < (want / 4).max(1) {
                     break; // first come, first served: the rest wait behind it
                 }
+                limit = want.min(room.max(1)) as u32;
             }
             let estimate = per_row.map_or(0, |r| u64::from(limit) * r);
             if estimate > 0 && !self.pool.fits(estimate) {
