@@ -1,6 +1,7 @@
 //! Holdfast: an edge MQTT gateway.
 //!
-//! - `protocol`: MQTT 3.1/3.1.1/5.0 packets and codec (pure, no I/O).
+//! - `protocol`: MQTT 3.1/3.1.1/5.0 packets and codec (pure, no I/O), and `protocol::framed`,
+//!   the one reader of whole packets from any `AsyncRead`.
 //! - `config`: typed settings loaded from defaults, a TOML file and `HOLDFAST_*` variables.
 //! - `broker`: listeners, connections, sessions, the router (subscriptions, retained
 //!   messages, fan-out).

@@ -16,6 +16,8 @@ use super::scenario::publisher_qos1;
 const STALL: Duration = Duration::from_secs(30);
 /// Concurrent connection set-ups when preparing sessions.
 const CONNECT_CONCURRENCY: usize = 50;
+/// Concurrent CONNECT handshakes while every session reconnects in `drain_and_hold`.
+const HANDSHAKES: usize = 128;
 
 /// Creates durable sessions (3.1.1 clean session 0): `ids[i]` subscribes to `filters[i]` at
 /// QoS 1, then disconnects, leaving an offline session that queues what matches.
@@ -163,4 +165,98 @@ pub async fn drain(addr: SocketAddr, ids: &[String], each: u64) -> io::Result<Dr
     }
     out.elapsed = last - t0;
     Ok(out)
+}
+
+/// What [`drain_and_hold`] measured.
+#[derive(Debug, Default, Clone)]
+pub struct Held {
+    pub drained: Drained,
+    /// Messages whose publisher sequence number (payload bytes 8..16, see
+    /// `scenario::message`) was not above the previous one of the same session.
+    pub out_of_order: u64,
+}
+
+/// Like [`drain`], but checks the order of what each session receives (every topic has one
+/// publisher in [`fill`] when there are at least as many topics as publishers, so its
+/// sequence numbers rise) and keeps every connection open afterwards: the caller measures
+/// the broker with all sessions connected, then drops the returned connections.
+pub async fn drain_and_hold(
+    addr: SocketAddr,
+    ids: &[String],
+    each: u64,
+) -> io::Result<(Held, Vec<(client::Reader, client::Writer)>)> {
+    let t0 = Instant::now();
+    let mut set = JoinSet::new();
+    // Connects at most this many at a time (Holdfast closes sockets beyond
+    // `mqtt.max_handshaking`, 256 by default); draining overlaps freely.
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES));
+    for id in ids {
+        let id = id.clone();
+        let handshakes = handshakes.clone();
+        set.spawn(async move {
+            let permit = handshakes.acquire_owned().await.map_err(io::Error::other)?;
+            let (mut r, mut w, _present) = client::connect_with(addr, &id, 0, false).await?;
+            drop(permit);
+            let connected = t0.elapsed();
+            let (mut got, mut disorder, mut prev) = (0u64, 0u64, None::<u64>);
+            let mut last = t0;
+            while got < each {
+                let mut any = false;
+                while let Some(p) = r.next_buffered()? {
+                    let Packet::Publish(p) = p else { continue };
+                    got += 1;
+                    any = true;
+                    let seq = p
+                        .payload
+                        .get(8..16)
+                        .and_then(|b| b.try_into().ok())
+                        .map(u64::from_be_bytes);
+                    if seq.is_none() || seq <= prev {
+                        disorder += 1;
+                    }
+                    prev = seq.or(prev);
+                    if p.qos != QoS::AtMostOnce {
+                        w.push(&client::puback(p.packet_id));
+                    }
+                }
+                if any {
+                    last = Instant::now();
+                    w.flush().await?;
+                }
+                if got >= each {
+                    break;
+                }
+                let n = tokio::time::timeout(STALL, r.fill()).await.map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("drain of {id}: no message for {STALL:?} after {got}"),
+                    )
+                })??;
+                if n == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("drain of {id}: broker closed the connection after {got}"),
+                    ));
+                }
+            }
+            // The load generator's own buffers are not what is measured: give them back.
+            r.buf = bytes::BytesMut::new();
+            w.buf = bytes::BytesMut::new();
+            io::Result::Ok((got, disorder, connected, last, r, w))
+        });
+    }
+    let mut out = Held::default();
+    let mut conns = Vec::with_capacity(ids.len());
+    let mut last = t0;
+    while let Some(r) = set.join_next().await {
+        let (got, disorder, connected, l, rd, wr) = r.map_err(io::Error::other)??;
+        out.drained.received += got;
+        out.drained.complete += usize::from(got >= each);
+        out.drained.connected = out.drained.connected.max(connected);
+        out.out_of_order += disorder;
+        last = last.max(l);
+        conns.push((rd, wr));
+    }
+    out.drained.elapsed = last - t0;
+    Ok((out, conns))
 }

@@ -6,9 +6,12 @@
 //! Receive Maximum). Everything about the session (subscriptions, in-flight messages,
 //! queues) lives in the router, so a connection can die at any point without losing state.
 //!
-//! Reads are cancel-safe (`read_buf` into an owned buffer, whole packets decoded from it);
-//! writes go through `write_buf`, so the loop keeps reading while a slow client drains, and
-//! stops taking new outgoing packets once `WRITE_HIGH_WATER` bytes are buffered.
+//! Reads are cancel-safe (`protocol::framed::FramedReader`: one read into an owned buffer
+//! that starts small, whole packets decoded from it, small payloads copied out of a grown
+//! buffer); writes go through `write_buf`, so the loop keeps reading while a slow client
+//! drains, and stops taking new outgoing packets once `WRITE_HIGH_WATER` bytes are
+//! buffered. The write buffer is given back whenever it has been emptied, so 10,000 idle
+//! connections cost a few KiB each, not the largest burst each one ever wrote.
 //!
 //! Before the client is authenticated it costs little: the socket holds a place under
 //! `mqtt.max_handshaking` (taken at accept, given back once the CONNECT is answered), the
@@ -43,6 +46,7 @@ use tracing::{debug, info};
 use super::router::{ConnectRequest, RouterEvent, WillAction};
 use super::session::ClientParams;
 use crate::config::MqttConfig;
+use crate::protocol::framed::FramedReader;
 use crate::protocol::{
     self, reason, topic, ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect,
     DisconnectProperties, Packet, ProtocolVersion, Publish, QoS,
@@ -52,10 +56,9 @@ pub type ConnId = u64;
 
 /// Stop taking outgoing packets from the router while this many bytes wait for the socket.
 const WRITE_HIGH_WATER: usize = 256 * 1024;
-/// Free space kept in the read buffer before a read: starts small (idle connections are
-/// cheap) and doubles up to `READ_MAX` while reads keep filling it.
-const READ_MIN: usize = 1024;
-const READ_MAX: usize = 64 * 1024;
+/// An emptied write buffer larger than this is given back: 0 = always (an idle connection
+/// holds no write buffer; a busy one pays one allocation per socket write).
+const WRITE_KEEP: usize = 0;
 /// How long a closing connection may spend flushing its last bytes.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 /// After a server-initiated close: how long the half-closed socket keeps reading (and
@@ -227,11 +230,11 @@ pub async fn serve<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let max_in = shared.cfg.max_packet_size as usize;
     let mut conn = Connection {
         meter: super::traffic::Meter::new(ctx.traffic.clone()),
-        reader,
+        reader: FramedReader::new(reader, max_in),
         writer,
-        rbuf: BytesMut::with_capacity(READ_MIN),
         wbuf: BytesMut::new(),
         version: ProtocolVersion::V311,
         peer,
@@ -239,7 +242,9 @@ pub async fn serve<R, W>(
         ctx,
         cert_user,
     };
-    let connect = match conn.read_connect().await {
+    // The handshake and closing phases are boxed: a task is as large as its largest
+    // state, and only the main loop's should stay for the connection's life.
+    let connect = match Box::pin(conn.read_connect()).await {
         Ok(Some(c)) => c,
         Ok(None) => return,
         Err(e) => {
@@ -253,9 +258,9 @@ pub async fn serve<R, W>(
 struct Connection<R, W> {
     /// Bytes read and written, flushed to the listener's counters now and then.
     meter: super::traffic::Meter,
-    reader: R,
+    /// The socket's reading half and its buffer: whole packets out.
+    reader: FramedReader<R>,
     writer: W,
-    rbuf: BytesMut,
     wbuf: BytesMut,
     version: ProtocolVersion,
     peer: SocketAddr,
@@ -319,12 +324,13 @@ where
         // The only packet read from an unauthenticated client: small.
         let cfg = &self.shared.cfg;
         let max = cfg.max_connect_packet_size.min(cfg.max_packet_size) as usize;
+        self.reader.set_max_packet_size(max);
         loop {
-            if self.rbuf.first().is_some_and(|&b| b != 0x10) {
+            if self.reader.buffered().first().is_some_and(|&b| b != 0x10) {
                 // Not a CONNECT fixed header: no need to wait for the rest.
                 return Err(HandshakeError::NotConnect("a non-CONNECT packet"));
             }
-            match protocol::decode(&mut self.rbuf, ProtocolVersion::V311, max) {
+            match self.reader.next_buffered(ProtocolVersion::V311) {
                 Ok(Some(Packet::Connect(c))) => return Ok(Some(c)),
                 Ok(Some(other)) => return Err(HandshakeError::NotConnect(other.name())),
                 Ok(None) => {}
@@ -338,7 +344,7 @@ where
                 Err(e) => return Err(e.into()),
             }
             tokio::select! {
-                r = self.reader.read_buf(&mut self.rbuf) => {
+                r = self.reader.fill() => {
                     let n = r?;
                     if n == 0 {
                         return Ok(None);
@@ -351,11 +357,27 @@ where
         }
     }
 
-    async fn run(mut self, mut connect: Box<Connect>, mut handshake: HandshakeSlot) {
+    /// The connection after its CONNECT: attached to its session (a boxed phase: its state
+    /// is freed before the main loop starts), then served until it closes. A task is as
+    /// large as its largest state, and only the main loop's lives for the connection's life.
+    async fn run(mut self, connect: Box<Connect>, handshake: HandshakeSlot) {
+        let Some(live) = Box::pin(self.attach(connect, handshake)).await else {
+            return;
+        };
+        self.serve_attached(live).await;
+    }
+
+    /// Checks and authenticates the CONNECT and hands the session request to the router.
+    /// `None`: refused (answered here) or the router is gone.
+    async fn attach(
+        &mut self,
+        mut connect: Box<Connect>,
+        mut handshake: HandshakeSlot,
+    ) -> Option<Attached> {
         self.version = connect.protocol;
         let password = connect.password.take();
         let accepted = match self.accept(connect) {
-            Ok((request, mut state)) => match self.authenticate(&state, password).await {
+            Ok((request, mut state)) => match Box::pin(self.authenticate(&state, password)).await {
                 Ok(()) => {
                     state.acl_generation = self.ctx.auth.generation();
                     state.acl = self
@@ -372,7 +394,7 @@ where
         };
         handshake.release();
         // Held until the connection ends: its place under `max_connections_per_user`.
-        let (request, mut state, _user_slot) = match accepted {
+        let (request, state, _user_slot) = match accepted {
             Ok(x) => x,
             Err(code) => {
                 // Refused: CONNACK with the reason, then close (MQTT-3.2.2-5).
@@ -382,15 +404,15 @@ where
                     properties: ConnAckProperties::default(),
                 });
                 protocol::encode(&ack, self.version, &mut self.wbuf);
-                self.flush_and_drain().await;
+                Box::pin(self.flush_and_drain()).await;
                 debug!(peer = %self.peer, cause = %HandshakeError::Refused(code), "connection refused");
-                return;
+                return None;
             }
         };
         let shared = self.shared.clone();
         shared.connected.fetch_add(1, Ordering::Relaxed);
         let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::unbounded_channel();
         let backlog = Arc::new(AtomicUsize::new(0));
         let link = ConnLink {
             id: conn_id,
@@ -422,9 +444,28 @@ where
             .is_err()
         {
             shared.connected.fetch_sub(1, Ordering::Relaxed);
-            return;
+            return None;
         }
+        Some(Attached {
+            conn_id,
+            state,
+            rx,
+            backlog,
+            _user_slot,
+        })
+    }
 
+    /// The main loop, then the goodbye: the router is told, the socket closed.
+    async fn serve_attached(mut self, live: Attached) {
+        let Attached {
+            conn_id,
+            mut state,
+            mut rx,
+            backlog,
+            _user_slot,
+        } = live;
+        let shared = self.shared.clone();
+        let client_id = state.client_id.clone();
         let close = self.main_loop(conn_id, &mut state, &mut rx, &backlog).await;
         debug!(client_id = %client_id, ?close, "connection closing");
         let (will, expiry) = match &close {
@@ -458,22 +499,20 @@ where
             });
             protocol::encode(&d, self.version, &mut self.wbuf);
         }
-        let _ = shared
-            .router
-            .send(RouterEvent::Disconnected {
-                conn: conn_id,
-                will,
-                session_expiry: expiry,
-            })
-            .await;
+        let _ = Box::pin(shared.router.send(RouterEvent::Disconnected {
+            conn: conn_id,
+            will,
+            session_expiry: expiry,
+        }))
+        .await;
         shared.connected.fetch_sub(1, Ordering::Relaxed);
         match close {
             Close::Socket => {}
             // Shutdown: every client is told at once; no time for draining.
             Close::Server(reason::SERVER_SHUTTING_DOWN) | Close::ClientDisconnect { .. } => {
-                self.flush_and_close().await
+                Box::pin(self.flush_and_close()).await
             }
-            _ => self.flush_and_drain().await,
+            _ => Box::pin(self.flush_and_drain()).await,
         }
     }
 
@@ -690,25 +729,20 @@ where
         rx: &mut mpsc::UnboundedReceiver<Outgoing>,
         backlog: &AtomicUsize,
     ) -> Close {
-        let max_in = self.shared.cfg.max_packet_size as usize;
+        self.reader
+            .set_max_packet_size(self.shared.cfg.max_packet_size as usize);
         let mut last_read = Instant::now();
         // A far-future deadline stands in for "no keep-alive".
         let never = Duration::from_secs(100 * 365 * 24 * 3600);
-        let mut read_room = READ_MIN;
         loop {
             let deadline = last_read + st.keep_alive.unwrap_or(never);
-            let spare = self.rbuf.capacity() - self.rbuf.len();
-            if spare < read_room {
-                self.rbuf.reserve(read_room);
-            }
-            let spare = self.rbuf.capacity() - self.rbuf.len();
             tokio::select! {
                 r = self.writer.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() => {
                     match r {
                         Ok(0) | Err(_) => return Close::Socket,
                         Ok(n) => {
                             self.meter.wrote(n);
-                            if self.wbuf.is_empty() && self.wbuf.capacity() > WRITE_HIGH_WATER {
+                            if self.wbuf.is_empty() && self.wbuf.capacity() > WRITE_KEEP {
                                 self.wbuf = BytesMut::new();
                             }
                         }
@@ -732,18 +766,15 @@ where
                         }
                     }
                 }
-                r = self.reader.read_buf(&mut self.rbuf) => {
+                r = self.reader.fill() => {
                     let n = match r {
                         Ok(0) | Err(_) => return Close::Socket,
                         Ok(n) => n,
                     };
-                    if n >= spare {
-                        read_room = (read_room * 2).min(READ_MAX);
-                    }
                     last_read = Instant::now();
                     self.meter.read(n, last_read);
                     loop {
-                        match protocol::decode(&mut self.rbuf, self.version, max_in) {
+                        match self.reader.next_buffered(self.version) {
                             Ok(Some(p)) => {
                                 if let Err(close) = self.on_incoming(conn, st, p, last_read).await {
                                     return close;
@@ -886,7 +917,16 @@ where
                 ))
             }
         };
-        if self.shared.router.send(ev).await.is_err() {
+        // Usually the router's channel has room; waiting for it (backpressure) is boxed so
+        // that the send's state is not part of every connection task.
+        let sent = match self.shared.router.try_send(ev) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(ev)) => {
+                Box::pin(self.shared.router.send(ev)).await.is_ok()
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        };
+        if !sent {
             return Err(Close::Server(reason::SERVER_SHUTTING_DOWN));
         }
         Ok(())
@@ -1042,9 +1082,10 @@ where
     async fn flush_and_drain(&mut self) {
         self.flush_and_close().await;
         let _ = tokio::time::timeout(CLOSE_DRAIN, async {
-            let mut sink = [0u8; 4096];
+            // On the heap: an array here would be part of every connection task's state.
+            let mut sink = vec![0u8; 4096];
             loop {
-                match self.reader.read(&mut sink).await {
+                match self.reader.get_mut().read(&mut sink).await {
                     Ok(0) | Err(_) => return,
                     Ok(n) => self.meter.read(n, Instant::now()),
                 }
@@ -1110,6 +1151,16 @@ fn assign_client_id() -> String {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
     format!("holdfast-{:016x}", h.finish())
+}
+
+/// A connection attached to its session: what its main loop needs.
+struct Attached {
+    conn_id: ConnId,
+    state: State,
+    rx: mpsc::UnboundedReceiver<Outgoing>,
+    backlog: Arc<AtomicUsize>,
+    /// Held until the connection ends: its place under `max_connections_per_user`.
+    _user_slot: Option<super::ratelimit::UserSlot>,
 }
 
 /// A CONNECT that passed the checks: the router request minus the connection link.

@@ -60,7 +60,12 @@ pub async fn accept_loop(
                 tracker.spawn(async move {
                     if ctx.websocket.is_some() {
                         let deadline = Instant::now() + connect_timeout(&shared);
-                        return ws::serve(stream, peer, shared, ctx, None, deadline, slot).await;
+                        // Boxed: the WebSocket path's state would otherwise size every
+                        // plain TCP connection's task too.
+                        return Box::pin(ws::serve(
+                            stream, peer, shared, ctx, None, deadline, slot,
+                        ))
+                        .await;
                     }
                     let (r, w) = stream.into_split();
                     serve(r, w, peer, shared, ctx, None, slot).await;
@@ -89,8 +94,10 @@ pub async fn accept_loop(
                         .and_then(|c| c.first())
                         .and_then(|c| certificate_name(c));
                     if ctx.websocket.is_some() {
-                        return ws::serve(stream, peer, shared, ctx, cert_user, deadline, slot)
-                            .await;
+                        return Box::pin(ws::serve(
+                            stream, peer, shared, ctx, cert_user, deadline, slot,
+                        ))
+                        .await;
                     }
                     let (r, w) = tokio::io::split(stream);
                     serve(r, w, peer, shared, ctx, cert_user, slot).await;

@@ -9,7 +9,9 @@
 //! - `connection`: one task per client: handshake, checks, keep-alive, aliases, I/O
 //!   (bytes counted per listener by `traffic`);
 //! - `router`: one task that owns every `session`, the subscription `topic_tree` and the
-//!   `retained` messages; connections talk to it only through `RouterEvent`s.
+//!   `retained` messages; connections talk to it only through `RouterEvent`s;
+//! - `readback`: the gateway-wide budget for durable message bodies in memory
+//!   (`mqtt.read_back_budget_bytes`), charged per message and given back on drop.
 //!
 //! [`Broker`] holds only the listeners and the router. The store, bridges, serial ports,
 //! admin socket and observers are started and stopped around it by `crate::app`.
@@ -23,6 +25,7 @@ pub mod client;
 pub(crate) mod connection;
 pub(crate) mod listener;
 pub mod ratelimit;
+pub(crate) mod readback;
 pub(crate) mod retained;
 pub(crate) mod router;
 pub(crate) mod session;

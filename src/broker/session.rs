@@ -24,6 +24,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::connection::ConnLink;
+use super::readback::{Charge, ReadPool};
 use super::topic_tree::{SessionId, SubscriptionData};
 use crate::protocol::{Packet, ProtocolVersion, Publish, Will};
 
@@ -54,7 +55,9 @@ pub struct Inflight {
     pub packet_id: u16,
     pub seq: u64,
     pub state: InflightState,
-    pub message: Message,
+    /// None: the body is on disk only (a durable session that went offline, or was just
+    /// recovered): read back (`Session::inflight_on_disk`) before it is resent.
+    pub message: Option<Message>,
 }
 
 /// A message routed to a session, before a packet id is assigned.
@@ -65,6 +68,9 @@ pub struct Message {
     pub publish: Publish,
     /// When the message expires (v5 Message Expiry Interval), measured from its arrival.
     pub expires_at: Option<Instant>,
+    /// Its share of the gateway's read-back budget while a durable session holds it in
+    /// memory (`super::readback`); None for everything else.
+    pub charge: Option<Charge>,
 }
 
 impl Message {
@@ -233,6 +239,14 @@ pub struct Session {
     /// Some subscription overlaps a deny rule of `acl`: deliveries are checked one by one.
     /// False for every other session (no check per delivery).
     pub acl_filtered: bool,
+    /// The gateway's read-back budget: charged for the message bodies this session holds
+    /// in memory while it is durable (not internal). None: never charged.
+    pub pool: Option<Arc<ReadPool>>,
+    /// In the router's queue of sessions waiting for budget to read back.
+    pub read_waiting: bool,
+    /// Some in-flight messages awaiting PUBACK / PUBREC have their bodies on disk only:
+    /// they are read back (and resent with DUP) before anything new is sent.
+    pub inflight_on_disk: bool,
 }
 
 impl Session {
@@ -270,6 +284,9 @@ impl Session {
             owner: crate::auth::SessionOwner::Unknown,
             acl: None,
             acl_filtered: false,
+            pool: None,
+            read_waiting: false,
+            inflight_on_disk: false,
             generation: 0,
         }
     }
@@ -280,7 +297,24 @@ impl Session {
 
     /// Whether another QoS 1/2 message may be sent now.
     pub fn window_open(&self) -> bool {
-        self.conn.is_some() && self.inflight.len() < usize::from(self.params.window)
+        self.conn.is_some()
+            && !self.inflight_on_disk
+            && self.inflight.len() < usize::from(self.params.window)
+    }
+
+    /// A durable session going offline keeps its in-flight window on disk only: the
+    /// bodies (and their read-back budget) are let go; the packet ids and states stay.
+    pub fn inflight_to_disk(&mut self) {
+        if !self.durable {
+            return;
+        }
+        for m in &mut self.inflight {
+            m.message = None;
+        }
+        self.inflight_on_disk = self
+            .inflight
+            .iter()
+            .any(|m| m.state == InflightState::AwaitingAck);
     }
 
     /// Whether nothing is queued ahead of a new message (so it may go straight out).
@@ -387,8 +421,11 @@ impl Session {
                 && self.is_online()
                 && self.queue.len() < self.mem_queue()
                 && (self.queue.is_empty()
-                    || self.queue_mem_bytes + size <= self.mem_queue_bytes()));
+                    || self.queue_mem_bytes + size <= self.mem_queue_bytes())
+                && self.mem_fits(&q.message));
         if in_memory {
+            let mut q = q;
+            self.charge(&mut q.message);
             self.queue_mem_bytes += size;
             self.queue.push_back(q);
         } else if self.spilled_from.is_none() {
@@ -424,9 +461,46 @@ impl Session {
     }
 
     /// Appends a message read back from disk to the in-memory queue.
-    pub fn push_read_back(&mut self, q: Queued) {
+    pub fn push_read_back(&mut self, mut q: Queued) {
+        self.charge(&mut q.message);
         self.queue_mem_bytes += q.message.publish.payload.len() as u64;
         self.queue.push_back(q);
+    }
+
+    /// The read-back budget this session's message bodies are charged to: durable,
+    /// non-internal sessions only.
+    pub fn budget(&self) -> Option<&Arc<ReadPool>> {
+        self.pool
+            .as_ref()
+            .filter(|_| self.durable && !self.internal)
+    }
+
+    /// Whether the budget leaves room to keep `m`'s body in memory.
+    pub fn mem_fits(&self, m: &Message) -> bool {
+        self.budget()
+            .is_none_or(|p| p.fits(super::readback::cost(&m.publish)))
+    }
+
+    /// Charges `m`'s body to the budget (once) while this session holds it.
+    pub fn charge(&self, m: &mut Message) {
+        if let (Some(pool), None) = (self.budget(), &m.charge) {
+            m.charge = Some(pool.charge(super::readback::cost(&m.publish)));
+        }
+    }
+
+    /// Gives back the memory of an emptied queue, window or held output: each slot is
+    /// ~250 bytes, and 10,000 idle sessions would otherwise each keep what their last burst
+    /// needed (a VecDeque never shrinks by itself). An empty VecDeque allocates nothing.
+    pub fn shrink_idle(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > 0 {
+            self.queue = VecDeque::new();
+        }
+        if self.inflight.is_empty() && self.inflight.capacity() > 0 {
+            self.inflight = VecDeque::new();
+        }
+        if self.held.is_empty() && self.held.capacity() > 0 {
+            self.held = VecDeque::new();
+        }
     }
 
     /// Accounts for a queued message that left the queue.
@@ -473,10 +547,11 @@ mod tests {
             packet_id,
             seq: u64::from(packet_id),
             state: InflightState::AwaitingAck,
-            message: Message {
+            message: Some(Message {
                 publish: Publish::default(),
                 expires_at: None,
-            },
+                charge: None,
+            }),
         }
     }
 
@@ -530,6 +605,7 @@ mod tests {
                 message: Message {
                     publish,
                     expires_at: None,
+                    charge: None,
                 },
             });
         }

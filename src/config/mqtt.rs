@@ -37,6 +37,11 @@ pub struct MqttConfig {
     pub durable_max_queued_messages: u64,
     /// Payload bytes queued (on disk) for one durable session (0 = only the disk budget).
     pub durable_max_queued_bytes: u64,
+    /// Memory, in bytes, that the bodies of durable sessions' queued and in-flight messages
+    /// may take over the whole gateway (read back from disk, or kept from a live publish).
+    /// Sessions beyond it wait their turn, first come first served; their messages stay on
+    /// disk meanwhile. Each message counts its payload, topic and ~320 bytes of bookkeeping.
+    pub read_back_budget_bytes: u64,
     /// What to do when a session's queue limit is reached (clean or durable).
     pub queue_policy: QueuePolicy,
     /// Queue QoS 0 messages for offline persistent sessions.
@@ -100,6 +105,7 @@ impl Default for MqttConfig {
             max_queued_bytes: 0,
             durable_max_queued_messages: 0,
             durable_max_queued_bytes: 0,
+            read_back_budget_bytes: 8 * 1024 * 1024,
             queue_policy: QueuePolicy::DropOldest,
             queue_qos0_offline: false,
             max_topic_length: 1024,
@@ -158,6 +164,15 @@ impl MqttConfig {
                 format!(
                     "must be between 16 and 268435455 bytes (got {})",
                     self.max_packet_size
+                ),
+            ));
+        }
+        if self.read_back_budget_bytes < 4096 {
+            return Err(ConfigError::invalid(
+                "mqtt.read_back_budget_bytes",
+                format!(
+                    "must be at least 4096 bytes (got {}); the default is 8388608 (8 MiB)",
+                    self.read_back_budget_bytes
                 ),
             ));
         }

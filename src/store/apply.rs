@@ -20,6 +20,8 @@ pub(super) enum Item {
         from_seq: u64,
         limit: u32,
         next_seq_at_request: u64,
+        /// Rows sent and awaiting their PUBACK / PUBREC (state 1) instead of unsent ones.
+        sent: bool,
     },
 }
 
@@ -50,21 +52,27 @@ pub(super) fn apply_deltas(
     Ok(())
 }
 
-/// Up to `limit` not-yet-sent rows of a session's queue with seq >= `from_seq` (on error:
-/// logged, none).
+/// Up to `limit` not-yet-sent rows (`sent`: rows sent and awaiting their PUBACK / PUBREC)
+/// of a session's queue with seq >= `from_seq` (on error: logged, none).
 pub(super) fn read_rows(
     conn: &Connection,
     sid: Sid,
     from_seq: u64,
     limit: u32,
+    sent: bool,
 ) -> rusqlite::Result<Vec<QueueRow>> {
     (|| -> rusqlite::Result<Vec<QueueRow>> {
         let mut st = conn.prepare_cached(
             "SELECT id, state, packet_id, expires_at, packet FROM queue
-             WHERE id BETWEEN ?1 AND ?2 AND state = 0 ORDER BY id LIMIT ?3",
+             WHERE id BETWEEN ?1 AND ?2 AND state = ?4 ORDER BY id LIMIT ?3",
         )?;
         let rows = st.query_map(
-            params![queue_id(sid, from_seq), queue_range(sid).1, limit],
+            params![
+                queue_id(sid, from_seq),
+                queue_range(sid).1,
+                limit,
+                i64::from(sent)
+            ],
             |r| {
                 Ok(QueueRow {
                     seq: split_queue_id(r.get(0)?).1,
@@ -172,10 +180,11 @@ pub(super) fn apply_group(
                 sid,
                 from_seq,
                 limit,
+                sent,
                 ..
             } => {
                 deletes.flush(&tx, *sid, &mut per)?;
-                reads.push(read_rows(&tx, *sid, *from_seq, *limit));
+                reads.push(read_rows(&tx, *sid, *from_seq, *limit, *sent));
             }
         }
     }

@@ -287,6 +287,7 @@ mod tests {
                 from_seq: 0,
                 limit: 10,
                 next_seq_at_request: 3,
+                sent: false,
             })
             .unwrap();
         match ev.blocking_recv().expect("rows") {

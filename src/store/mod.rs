@@ -301,6 +301,10 @@ pub enum Command {
         limit: u32,
         /// Echoed back so the router can tell whether new rows arrived meanwhile.
         next_seq_at_request: u64,
+        /// Read the rows sent and awaiting their PUBACK / PUBREC (state 1) instead: the
+        /// in-flight window of a session, whose bodies are not kept in memory while it is
+        /// offline (`broker::readback`).
+        sent: bool,
     },
     /// Deletes not-yet-sent messages whose expiry has passed (`now_ms` on the store's time
     /// line, [`Recovered::clock`]) and records the clock anchor.
@@ -331,6 +335,8 @@ pub enum StoreEvent {
         /// The read failed (I/O error, corruption): `rows` is empty and says nothing about
         /// the queue; read again later.
         failed: bool,
+        /// Echoed from the request: these are in-flight rows.
+        sent: bool,
     },
     /// Rows removed by the store itself (expiry sweep, disk budget); the router forgets
     /// them and adjusts its counts.

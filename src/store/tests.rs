@@ -242,6 +242,7 @@ fn read_queue_sees_earlier_batches_and_only_unsent_rows() {
                 from_seq: 0,
                 limit: 10,
                 next_seq_at_request: 5,
+                sent: false,
             },
             batch(3, vec![enqueue(4, 5, 3)]),
             Command::ReadQueue {
@@ -249,6 +250,7 @@ fn read_queue_sees_earlier_batches_and_only_unsent_rows() {
                 from_seq: 3,
                 limit: 2,
                 next_seq_at_request: 6,
+                sent: false,
             },
         ],
     );
@@ -447,6 +449,7 @@ proptest! {
                         from_seq: 0,
                         limit: 100,
                         next_seq_at_request: 0,
+                        sent: false,
                     });
                 }
             }

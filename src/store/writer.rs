@@ -139,11 +139,13 @@ impl Writer {
                         from_seq,
                         limit,
                         next_seq_at_request,
+                        sent,
                     } => group.push(Item::Read {
                         sid,
                         from_seq,
                         limit,
                         next_seq_at_request,
+                        sent,
                     }),
                     Command::Shutdown(done) => {
                         stop = Some(done);
@@ -225,9 +227,10 @@ impl Writer {
                 from_seq,
                 limit,
                 next_seq_at_request,
+                sent,
             } => {
-                let rows = read_rows(&self.conn, sid, from_seq, limit);
-                self.send_rows(sid, rows, from_seq, limit, next_seq_at_request);
+                let rows = read_rows(&self.conn, sid, from_seq, limit, sent);
+                self.send_rows(sid, rows, (from_seq, limit, next_seq_at_request, sent));
             }
             Command::SweepExpired { now_ms } => match self.sweep(now_ms) {
                 Ok(rows) if !rows.is_empty() => {
@@ -272,9 +275,7 @@ impl Writer {
         &self,
         sid: Sid,
         rows: rusqlite::Result<Vec<QueueRow>>,
-        from_seq: u64,
-        limit: u32,
-        next_seq_at_request: u64,
+        (from_seq, limit, next_seq_at_request, sent): (u64, u32, u64, bool),
     ) {
         let (rows, failed) = match rows {
             Ok(rows) => (rows, false),
@@ -294,6 +295,7 @@ impl Writer {
             limit,
             next_seq_at_request,
             failed,
+            sent,
         });
     }
 
@@ -343,9 +345,11 @@ impl Writer {
                                 from_seq,
                                 limit,
                                 next_seq_at_request,
+                                sent,
                             } => {
                                 let rows = reads.next().unwrap_or_else(|| Ok(Vec::new()));
-                                self.send_rows(sid, rows, from_seq, limit, next_seq_at_request);
+                                let asked = (from_seq, limit, next_seq_at_request, sent);
+                                self.send_rows(sid, rows, asked);
                             }
                         }
                     }
@@ -434,9 +438,10 @@ impl Writer {
                     from_seq,
                     limit,
                     next_seq_at_request,
+                    sent,
                 } => {
-                    let rows = read_rows(&self.conn, sid, from_seq, limit);
-                    self.send_rows(sid, rows, from_seq, limit, next_seq_at_request);
+                    let rows = read_rows(&self.conn, sid, from_seq, limit, sent);
+                    self.send_rows(sid, rows, (from_seq, limit, next_seq_at_request, sent));
                 }
             }
         }

@@ -48,6 +48,7 @@ fn read(sid: Sid) -> Command {
         from_seq: 0,
         limit: 100,
         next_seq_at_request: 0,
+        sent: false,
     }
 }
 
@@ -77,6 +78,7 @@ fn rows_inserted_and_deleted_in_one_group_are_not_written() {
         from_seq: 0,
         limit: 1,
         next_seq_at_request: 0,
+        sent: false,
     };
     let group = vec![
         batch(vec![enqueue(1, 0, 5), enqueue(1, 1, 5), enqueue(2, 0, 5)]),
@@ -242,6 +244,7 @@ fn one_oversized_message_does_not_fail_the_rest_of_its_group() {
             from_seq: 0,
             limit: 10,
             next_seq_at_request: 3,
+            sent: false,
         },
         Item::Batch(3, vec![enqueue(1, 2, 10)]),
     ];

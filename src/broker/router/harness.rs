@@ -145,6 +145,8 @@ impl Harness {
 
     /// Waits until the writer has handled everything submitted, and takes its events.
     fn collect(&mut self) {
+        // As `Router::run` after each batch: budget given back serves who waits.
+        self.r.serve_reads();
         self.r.submit();
         if let Some(store) = &self.r.store {
             let (reply, rx) = oneshot::channel();

@@ -67,6 +67,7 @@ impl Router {
                 };
                 let durable = expiry_interval > 0;
                 let mut s = Session::new(sid, client_id.clone(), params, durable);
+                s.pool = Some(self.pool.clone());
                 s.generation = self.ids.generation();
                 self.sessions.insert(sid, s);
                 self.by_client.insert(client_id.clone(), sid);
@@ -115,15 +116,24 @@ impl Router {
         );
         debug!(client_id = %s.client_id, resumed, durable = s.durable, "session attached");
 
-        if resumed {
+        if resumed && s.inflight_on_disk {
+            // The window's bodies are on disk: it is resent, PUBRELs included and in the
+            // original order, once read back (`Router::on_inflight_rows`).
+            self.pump(sid);
+        } else if resumed {
             // Resend what was in flight, in order, DUP set (MQTT-4.4.0-1).
             let now = Instant::now();
             let mut i = 0;
             while i < s.inflight.len() {
                 let m = &s.inflight[i];
-                let item = match m.state {
-                    InflightState::AwaitingAck => {
-                        if m.message.is_expired(now) {
+                let item = match (m.state, &m.message) {
+                    // On disk: read back, then resent (`Router::on_inflight_rows`).
+                    (InflightState::AwaitingAck, None) => {
+                        i += 1;
+                        continue;
+                    }
+                    (InflightState::AwaitingAck, Some(message)) => {
+                        if message.is_expired(now) {
                             self.stats.expired += 1;
                             if s.durable {
                                 self.ops.push(Op::Delete { sid, seq: m.seq });
@@ -137,7 +147,7 @@ impl Router {
                             fresh: false,
                         }
                     }
-                    InflightState::AwaitingComp => {
+                    (InflightState::AwaitingComp, _) => {
                         Held::Packet(Packet::PubRel(PubAckLike::new(m.packet_id)))
                     }
                 };
@@ -209,6 +219,7 @@ impl Router {
         }
         if s.durable {
             s.spill_all();
+            s.inflight_to_disk();
             s.offline_since_ms = self.clock.now_ms();
             self.ops.push(Op::SessionOffline {
                 sid,
@@ -219,6 +230,29 @@ impl Router {
         }
         if let Some(w) = publish_now {
             self.publish_will(w);
+        }
+        self.bound_timers();
+    }
+
+    /// Arms a will-delay or session-expiry timer. Timers of earlier connections are not
+    /// removed when a session comes and goes (they are skipped when they fire), so a
+    /// client reconnecting every minute with a day of expiry would leave 1,440 behind a
+    /// day: once the heap holds more than twice the sessions (plus `TIMER_SLACK`), the
+    /// stale ones are swept out. Amortised O(1) per timer; memory bounded by the sessions.
+    pub(super) fn push_timer(&mut self, t: Timer) {
+        self.timers.push(Reverse(t));
+        self.bound_timers();
+    }
+
+    /// Sweeps stale timers out once there are too many (see `push_timer`).
+    pub(super) fn bound_timers(&mut self) {
+        if self.timers.len() > 2 * self.sessions.len() + TIMER_SLACK {
+            let sessions = &self.sessions;
+            self.timers.retain(|Reverse(t)| {
+                sessions
+                    .get(&t.session)
+                    .is_some_and(|s| s.generation == t.generation && !s.is_online())
+            });
         }
     }
 

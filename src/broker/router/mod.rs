@@ -34,6 +34,7 @@ mod lifecycle;
 mod output;
 mod persist;
 mod publish;
+mod reads;
 mod security;
 mod store_io;
 mod subscribe;
@@ -69,6 +70,8 @@ use output::*;
 use persist::*;
 pub use security::will_allowed;
 
+/// Stale timers tolerated beyond two per session before they are swept (`push_timer`).
+const TIMER_SLACK: usize = 1024;
 /// How many events the router takes from its channel per wake-up.
 const BATCH: usize = 256;
 /// Rows read back from disk at a time when a durable session's queue is spilled.
@@ -350,6 +353,12 @@ pub struct Router {
     read_retry_at: Option<Instant>,
     /// The keys of `early` in token order, for pruning.
     early_order: std::collections::VecDeque<(u64, (SessionId, u64))>,
+    /// The gateway-wide read-back budget (`mqtt.read_back_budget_bytes`, `reads`).
+    pool: Arc<crate::broker::readback::ReadPool>,
+    /// Sessions waiting for budget to read their queue back, first come first served.
+    read_wait: std::collections::VecDeque<SessionId>,
+    /// Budget reserved for the read-backs on their way, per session in the order asked.
+    read_reserved: HashMap<SessionId, std::collections::VecDeque<u64>>,
     pub stats: RouterStats,
 }
 
@@ -363,6 +372,7 @@ impl Router {
         sweep_every: Duration,
         standing: Vec<StandingSession>,
     ) -> Self {
+        let pool = crate::broker::readback::ReadPool::new(cfg.read_back_budget_bytes);
         let mut r = Router {
             cfg,
             rx,
@@ -389,6 +399,9 @@ impl Router {
             lazy_until: None,
             read_retry: Vec::new(),
             read_retry_at: None,
+            pool,
+            read_wait: Default::default(),
+            read_reserved: HashMap::new(),
             early_order: std::collections::VecDeque::new(),
             stats: RouterStats::default(),
         };
@@ -522,6 +535,7 @@ impl Router {
             };
             let client_id: Arc<str> = rs.client_id.as_str().into();
             let mut s = Session::new(sid, client_id.clone(), params, true);
+            s.pool = Some(self.pool.clone());
             s.expiry_interval = rs.expiry;
             s.offline_since_ms = rs.disconnected_at.unwrap_or(now_ms);
             s.next_seq = rs.next_seq;
@@ -540,9 +554,9 @@ impl Router {
             s.incoming_qos2 = rs.incoming_qos2.into_iter().map(|p| (p, 0)).collect();
             let mut last_inflight_seq = None;
             for row in rs.inflight {
-                let Some(message) = row_message(&self.clock, &row) else {
+                if row_message(&self.clock, &row).is_none() {
                     continue;
-                };
+                }
                 last_inflight_seq = Some(row.seq);
                 s.inflight.push_back(Inflight {
                     packet_id: row.packet_id.unwrap_or(0),
@@ -552,9 +566,14 @@ impl Router {
                     } else {
                         InflightState::AwaitingAck
                     },
-                    message,
+                    // Every session is offline now: bodies stay on disk until it is back.
+                    message: None,
                 });
             }
+            s.inflight_on_disk = s
+                .inflight
+                .iter()
+                .any(|m| m.state == InflightState::AwaitingAck);
             let waiting = rs.queued.saturating_sub(s.inflight.len() as u64);
             s.queue_len = waiting;
             s.queued_bytes = rs.queued_bytes;
@@ -581,23 +600,23 @@ impl Router {
                 } else {
                     now + delay
                 };
-                self.timers.push(Reverse(Timer {
+                self.push_timer(Timer {
                     at,
                     session: sid,
                     generation: 0,
                     kind: TimerKind::WillDelay,
-                }));
+                });
             }
             if s.expiry_interval != u32::MAX {
                 let at = (now + Duration::from_secs(u64::from(s.expiry_interval)))
                     .checked_sub(offline_for)
                     .unwrap_or(now);
-                self.timers.push(Reverse(Timer {
+                self.push_timer(Timer {
                     at,
                     session: sid,
                     generation: 0,
                     kind: TimerKind::SessionExpiry,
-                }));
+                });
             }
             if rs.disconnected_at.is_none() {
                 self.ops.push(Op::SessionOffline {
@@ -642,6 +661,8 @@ impl Router {
                         self.event_ops_start = self.ops.len();
                         self.handle(ev);
                     }
+                    // Budget given back by this batch (acks, disconnects) serves who waits.
+                    self.serve_reads();
                     self.submit_unless_lazy();
                 }
                 ev = self.store_rx.recv() => {
@@ -655,6 +676,7 @@ impl Router {
                         self.event_ops_start = self.ops.len();
                         self.on_store_event(ev);
                     }
+                    self.serve_reads();
                     self.submit_unless_lazy();
                 }
                 _ = sleep_until_opt(next_timer) => {
@@ -798,6 +820,7 @@ fn row_message(clock: &Clock, row: &QueueRow) -> Option<Message> {
     Some(Message {
         publish,
         expires_at: store_to_instant(clock, row.expires_at),
+        charge: None,
     })
 }
 

@@ -46,6 +46,7 @@ pub(super) fn flush_held(s: &mut Session, completed: u64, stats: &mut RouterStat
         };
         release(s, item, t & FAILED_BIT == 0, stats);
     }
+    s.shrink_idle();
 }
 
 pub(super) fn release(s: &mut Session, item: Held, ok: bool, stats: &mut RouterStats) {
@@ -97,9 +98,10 @@ pub(super) fn release(s: &mut Session, item: Held, ok: bool, stats: &mut RouterS
                 s.inflight.remove(i);
                 return;
             }
-            let p = s.inflight[i]
-                .message
-                .to_send(packet_id, dup, Instant::now());
+            let Some(message) = &s.inflight[i].message else {
+                return; // on disk: sent once read back
+            };
+            let p = message.to_send(packet_id, dup, Instant::now());
             stats.publishes_out += 1;
             c.send(Outgoing::Packet(Box::new(Packet::Publish(p))));
         }

@@ -166,7 +166,11 @@ pub fn session_state_ops(
         packet: encode_publish(&m.publish),
     };
     for m in &s.inflight {
-        ops.push(enqueue(m.seq, Some(m.packet_id), &m.message));
+        // Only sessions kept in memory are promoted: their bodies are all there.
+        let Some(message) = &m.message else {
+            continue;
+        };
+        ops.push(enqueue(m.seq, Some(m.packet_id), message));
         if m.state == InflightState::AwaitingComp {
             ops.push(Op::MarkReleased { sid, seq: m.seq });
         }

@@ -284,6 +284,7 @@ impl Router {
             let msg = Message {
                 publish: p,
                 expires_at,
+                charge: None,
             };
             let target = m.session;
             if !self.deliver(target, msg) {
@@ -373,7 +374,9 @@ impl Router {
                 }
                 return true;
             }
-        } else if s.window_open() && s.queue_empty() {
+        } else if s.window_open() && s.queue_empty() && s.mem_fits(&msg) {
+            // (No room under the read-back budget: queued on disk, read back in turn.)
+            s.charge(&mut msg);
             let packet_id = s.allocate_packet_id();
             let seq = s.take_seq();
             let mut token = 0;
@@ -400,7 +403,7 @@ impl Router {
                 packet_id,
                 seq,
                 state: InflightState::AwaitingAck,
-                message: msg,
+                message: Some(msg),
             });
             let item = Held::Deliver {
                 packet_id,
@@ -495,7 +498,7 @@ impl Router {
     /// Moves queued messages into the in-flight window while it has room, reading the
     /// queue back from disk when the in-memory part runs out.
     pub(super) fn pump(&mut self, sid: SessionId) {
-        let mut read_from = None;
+        let want_read;
         {
             let Router {
                 sessions,
@@ -542,7 +545,7 @@ impl Router {
                     packet_id,
                     seq: q.seq,
                     state: InflightState::AwaitingAck,
-                    message: q.message,
+                    message: Some(q.message),
                 });
                 let item = Held::Deliver {
                     packet_id,
@@ -552,15 +555,11 @@ impl Router {
                 hold(s, token, item, cur, stats);
             }
             // Read the on-disk part back before the in-memory part runs out, so delivery
-            // does not stall on the read.
+            // does not stall on the read, in turn with other sessions (`reads`).
             // Whether anything is left there is the answer's to say (an empty, short answer
             // with no new rows since clears `spilled_from`), never the count's.
-            if let (Some(from), false, true) = (s.spilled_from, s.reading, s.is_online()) {
-                if s.durable && s.queue.len() < READ_BATCH as usize {
-                    s.reading = true;
-                    read_from = Some((from, s.next_seq));
-                }
-            }
+            want_read = Router::wants_read(s);
+            s.shrink_idle();
             s.settle_counts();
             if s.queue_len == 0 && s.drop_episode {
                 s.drop_episode = false;
@@ -574,14 +573,9 @@ impl Router {
         {
             self.ungate_waiters(sid);
         }
-        if let Some((from_seq, next_seq_at_request)) = read_from {
-            debug!(sid, from_seq, "reading queue back from disk");
-            self.store_command(Command::ReadQueue {
-                sid,
-                from_seq,
-                limit: READ_BATCH,
-                next_seq_at_request,
-            });
+        if want_read {
+            self.want_read(sid);
         }
+        self.serve_reads();
     }
 }

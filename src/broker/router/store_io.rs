@@ -78,9 +78,13 @@ impl Router {
                 limit,
                 next_seq_at_request,
                 failed,
+                sent,
             } => {
                 if failed {
                     self.on_read_failed(sid);
+                } else if sent {
+                    self.read_answered(sid);
+                    self.on_inflight_rows(sid, rows);
                 } else {
                     self.on_queue_rows(sid, rows, from_seq, limit, next_seq_at_request)
                 }
@@ -252,6 +256,7 @@ impl Router {
     /// A read-back failed (the writer logged why): nothing is known about the rows, so the
     /// read position stays and the read is asked again in a second.
     fn on_read_failed(&mut self, sid: SessionId) {
+        self.read_answered(sid);
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
@@ -280,6 +285,8 @@ impl Router {
         limit: u32,
         next_seq_at_request: u64,
     ) {
+        // The reservation goes back; the rows taken are charged one by one instead.
+        self.read_answered(sid);
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };

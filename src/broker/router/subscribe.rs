@@ -91,6 +91,7 @@ impl Router {
                 found.push(Message {
                     publish: p,
                     expires_at: r.expires_at,
+                    charge: None,
                 });
             });
         }

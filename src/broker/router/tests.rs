@@ -26,6 +26,247 @@ fn publish_range(h: &mut Harness, p: &Client, range: std::ops::Range<u32>) {
     h.settle();
 }
 
+/// Issue 17 item 1: `n` durable subscribers "s{i}" to "t/{i}" with `each` messages
+/// ("0".."each") queued for each while offline; then all reconnect with window `window`.
+fn many_offline_subscribers(h: &mut Harness, n: usize, each: u32, window: u16) -> Vec<Client> {
+    for i in 0..n {
+        let s = h.connect(&format!("s{i}"), true, HOUR, window);
+        h.subscribe(&s, &format!("t/{i}"), QoS::AtLeastOnce);
+        h.settle();
+        h.disconnect(s);
+    }
+    let p = h.connect("p", true, 0, 10);
+    h.settle();
+    let mut pid = 0u16;
+    for m in 0..each {
+        for i in 0..n {
+            pid = pid % 60_000 + 1;
+            h.publish(&p, &format!("t/{i}"), &m.to_string(), pid, None);
+        }
+        h.settle();
+    }
+    (0..n)
+        .map(|i| h.connect(&format!("s{i}"), false, HOUR, window))
+        .collect()
+}
+
+/// Issue 17 item 1: 30 sessions reconnect at once under a read-back budget that holds one
+/// window of one session: each gets all its messages, in order; the budget is never
+/// exceeded; sessions take turns (nobody finishes before everybody started); and
+/// everything charged is given back.
+#[test]
+fn many_sessions_draining_under_a_tiny_read_back_budget_get_everything_in_order() {
+    const BUDGET: u64 = 4096;
+    let (n, each) = (30, 40);
+    let mut h = Harness::new(|c, _| c.read_back_budget_bytes = BUDGET);
+    let mut subs = many_offline_subscribers(&mut h, n, each, 10);
+    let mut got = vec![Vec::new(); n];
+    let (mut peak, mut started_when_first_done) = (0, None);
+    loop {
+        h.settle();
+        peak = peak.max(h.r.pool.used());
+        let mut any = false;
+        for (i, c) in subs.iter_mut().enumerate() {
+            for p in c.publishes() {
+                any = true;
+                got[i].push(String::from_utf8_lossy(&p.payload).into_owned());
+                peak = peak.max(h.r.pool.used());
+                h.puback(c, p.packet_id);
+            }
+        }
+        if started_when_first_done.is_none() && got.iter().any(|g| g.len() == each as usize) {
+            started_when_first_done = Some(got.iter().filter(|g| !g.is_empty()).count());
+        }
+        if !any {
+            break;
+        }
+    }
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(g, &numbers(0..each), "session s{i}: everything, in order");
+    }
+    assert!(peak <= BUDGET, "at most the budget in memory, saw {peak}");
+    assert_eq!(
+        started_when_first_done,
+        Some(n),
+        "first come, first served: every session was served before any finished"
+    );
+    assert_eq!(h.r.pool.used(), 0, "every charge given back");
+    assert!(h.r.read_wait.is_empty() && h.r.read_reserved.is_empty());
+    for i in 0..n {
+        assert_eq!(h.counts(&format!("s{i}")), (0, 0));
+    }
+}
+
+/// Issue 17 item 1: a message larger than the whole budget still moves (alone), and live
+/// messages for an online session beyond the budget wait on disk, in order.
+#[test]
+fn messages_beyond_the_read_back_budget_wait_on_disk_and_still_arrive_in_order() {
+    let mut h = Harness::new(|c, _| c.read_back_budget_bytes = 4096);
+    let mut subs = many_offline_subscribers(&mut h, 1, 0, 2);
+    let p = h.connect("p", true, 0, 10);
+    h.settle();
+    let big = "x".repeat(10_000);
+    let mut want = Vec::new();
+    for i in 0..30u32 {
+        // Every fifth one larger than the budget; nothing acked yet: the window (2) fills,
+        // the rest must not pile up in memory.
+        let payload = if i % 5 == 0 {
+            format!("{i}{big}")
+        } else {
+            i.to_string()
+        };
+        h.publish(&p, "t/0", &payload, (i + 1) as u16, None);
+        want.push(payload);
+    }
+    h.settle();
+    let s = &h.r.sessions[&h.r.by_client["s0"]];
+    assert!(s.spilled_from.is_some(), "the rest waits on disk");
+    assert!(
+        h.r.pool.used() <= 4096 + 10_400,
+        "one oversized message at most beyond it"
+    );
+    let got = h.drain(&mut subs[0]);
+    assert_eq!(got, want);
+    assert_eq!(h.r.pool.used(), 0);
+    assert_eq!(h.counts("s0"), (0, 0));
+}
+
+/// Issue 17 item 1: a backlog of messages each half the budget is read back a row or two
+/// at a time, not a window at a time: the budget holds during the whole drain.
+#[test]
+fn a_backlog_of_large_messages_is_read_back_within_the_budget() {
+    const BUDGET: u64 = 8192;
+    let mut h = Harness::new(|c, _| c.read_back_budget_bytes = BUDGET);
+    let mut subs = many_offline_subscribers(&mut h, 1, 0, 10);
+    let c = subs.pop().expect("one subscriber");
+    h.disconnect(c);
+    let p = h.connect("p", true, 0, 10);
+    h.settle();
+    let want: Vec<String> = (0..20u32)
+        .map(|i| format!("{i:04}{}", "y".repeat(3000)))
+        .collect();
+    for (i, m) in want.iter().enumerate() {
+        h.publish(&p, "t/0", m, (i + 1) as u16, None);
+    }
+    h.settle();
+    let mut c = h.connect("s0", false, HOUR, 10);
+    let (mut got, mut peak) = (Vec::new(), 0);
+    loop {
+        h.settle();
+        peak = peak.max(h.r.pool.used());
+        let ps = c.publishes();
+        if ps.is_empty() {
+            break;
+        }
+        for p in ps {
+            got.push(String::from_utf8_lossy(&p.payload).into_owned());
+            h.puback(&c, p.packet_id);
+            peak = peak.max(h.r.pool.used());
+        }
+    }
+    assert_eq!(got, want, "everything, in order");
+    assert!(
+        peak <= BUDGET,
+        "within the budget during the drain, saw {peak}"
+    );
+    assert_eq!(h.r.pool.used(), 0);
+}
+
+/// Issue 17 item 1: an offline durable session's in-flight window is on disk only (its
+/// bodies let go, budget given back); when the client is back the window is read back and
+/// resent first (same packet ids, DUP), in order, then the rest of the queue. Also after a
+/// restart, whose recovery keeps no bodies in memory either.
+#[test]
+fn an_offline_sessions_in_flight_window_waits_on_disk_and_is_resent_first_in_order() {
+    let mut h = Harness::new(|_, _| {});
+    let mut subs = many_offline_subscribers(&mut h, 1, 0, 4);
+    let p = h.connect("p", true, 0, 10);
+    h.settle();
+    for i in 0..10u32 {
+        h.publish(&p, "t/0", &i.to_string(), (i + 1) as u16, None);
+    }
+    h.settle();
+    let first: Vec<(u16, String)> = subs[0]
+        .publishes()
+        .into_iter()
+        .map(|p| {
+            (
+                p.packet_id,
+                String::from_utf8_lossy(&p.payload).into_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(first.len(), 4, "a window's worth sent, none acknowledged");
+    let c = subs.pop().expect("one subscriber");
+    h.disconnect(c);
+    h.settle();
+    let sid = h.r.by_client["s0"];
+    let s = &h.r.sessions[&sid];
+    assert_eq!(s.inflight.len(), 4);
+    assert!(
+        s.inflight.iter().all(|m| m.message.is_none()),
+        "no bodies in memory while offline"
+    );
+    assert_eq!(h.r.pool.used(), 0, "nothing charged while offline");
+
+    let mut h = h.restart();
+    let sid = h.r.by_client["s0"];
+    assert!(h.r.sessions[&sid]
+        .inflight
+        .iter()
+        .all(|m| m.message.is_none()));
+    assert_eq!(h.r.pool.used(), 0);
+    let mut c = h.connect("s0", false, HOUR, 4);
+    h.settle();
+    let resent = c.publishes();
+    assert_eq!(
+        resent
+            .iter()
+            .map(|p| (
+                p.packet_id,
+                String::from_utf8_lossy(&p.payload).into_owned()
+            ))
+            .collect::<Vec<_>>(),
+        first,
+        "the window again, same packet ids, in order"
+    );
+    assert!(resent.iter().all(|p| p.dup), "resent with DUP");
+    for p in &resent {
+        h.puback(&c, p.packet_id);
+    }
+    let rest = h.drain(&mut c);
+    assert_eq!(rest, numbers(4..10), "then the rest, in order");
+    assert_eq!(h.r.pool.used(), 0);
+    assert_eq!(h.counts("s0"), (0, 0));
+}
+
+/// Issue 17 item 1: timers of earlier connections are skipped when they fire, but a
+/// client that comes and goes must not leave one behind per visit: the heap stays bounded
+/// by the sessions, and the live timer is kept.
+#[test]
+fn a_session_that_comes_and_goes_does_not_pile_up_expiry_timers() {
+    let mut h = Harness::new(|_, _| {});
+    for _ in 0..2500 {
+        let c = h.connect("s", false, HOUR, 10);
+        h.disconnect(c);
+    }
+    h.settle();
+    let bound = 2 * h.r.sessions.len() + super::TIMER_SLACK;
+    assert!(
+        h.r.timers.len() <= bound,
+        "{} timers for {} session(s)",
+        h.r.timers.len(),
+        h.r.sessions.len()
+    );
+    let s = &h.r.sessions[&h.r.by_client["s"]];
+    assert!(
+        h.r.timers
+            .iter()
+            .any(|t| t.0.session == s.id && t.0.generation == s.generation),
+        "the live expiry timer is still armed"
+    );
+}
+
 /// Item 3: `drop-oldest` while a read-back is outstanding. The store answers the read with
 /// the oldest rows, then deletes those same rows for the queue limit: they must not be
 /// delivered (they were dropped, and counted), and the newest must not be stranded.
