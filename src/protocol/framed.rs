@@ -82,6 +82,11 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
     }
 
     /// The underlying stream.
+    pub fn get_ref(&self) -> &R {
+        &self.inner
+    }
+
+    /// The underlying stream (e.g. to write to it).
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.inner
     }

@@ -62,7 +62,7 @@ async fn empty_client_id_without_clean_start_is_rejected() {
     .await;
     let mut raw = [0u8; 4];
     use tokio::io::AsyncReadExt;
-    c.stream.read_exact(&mut raw).await.unwrap();
+    c.stream().read_exact(&mut raw).await.unwrap();
     assert_eq!(raw, [0x20, 0x02, 0x00, 0x02]);
     b.shutdown().await;
 }
@@ -211,7 +211,7 @@ async fn max_connections_refuses_with_quota_exceeded_or_server_unavailable() {
     .await;
     let mut raw = [0u8; 4];
     use tokio::io::AsyncReadExt;
-    c.stream.read_exact(&mut raw).await.unwrap();
+    c.stream().read_exact(&mut raw).await.unwrap();
     assert_eq!(raw, [0x20, 0x02, 0x00, 0x03]);
     b.shutdown().await;
 }

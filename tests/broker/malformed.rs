@@ -128,7 +128,7 @@ async fn slowloris_connect_is_cut_off_at_the_connect_timeout() {
     let mut closed = false;
     for byte in connect {
         use tokio::io::AsyncWriteExt;
-        if c.stream.write_all(&[byte]).await.is_err() {
+        if c.stream().write_all(&[byte]).await.is_err() {
             closed = true;
             break;
         }

@@ -50,7 +50,7 @@ trait TlsClientExt {
 
 impl TlsClientExt for TlsClient {
     fn server_cert(&self) -> CertificateDer<'static> {
-        self.stream
+        self.stream_ref()
             .get_ref()
             .1
             .peer_certificates()
@@ -140,7 +140,7 @@ async fn client_certificate_name_is_the_user_name_and_the_acl_applies() {
     ))))
     .await;
     let mut seen = Vec::new();
-    tokio::time::timeout(TIMEOUT, raw.stream.read_to_end(&mut seen))
+    tokio::time::timeout(TIMEOUT, raw.stream().read_to_end(&mut seen))
         .await
         .expect("closed in time")
         .ok();

@@ -55,7 +55,7 @@ async fn v311_connack_bytes(addr: std::net::SocketAddr, c: holdfast::protocol::C
     let mut client = RawClient::tcp(addr, ProtocolVersion::V311).await;
     client.send(Packet::Connect(Box::new(c))).await;
     let mut raw = [0u8; 4];
-    tokio::time::timeout(TIMEOUT, client.stream.read_exact(&mut raw))
+    tokio::time::timeout(TIMEOUT, client.stream().read_exact(&mut raw))
         .await
         .expect("timely")
         .expect("CONNACK bytes");

@@ -99,7 +99,7 @@ async fn v311_return_code(addr: SocketAddr, c: Connect) -> u8 {
     let mut client = RawClient::tcp(addr, ProtocolVersion::V311).await;
     client.send(Packet::Connect(Box::new(c))).await;
     let mut raw = [0u8; 4];
-    tokio::time::timeout(TIMEOUT, client.stream.read_exact(&mut raw))
+    tokio::time::timeout(TIMEOUT, client.stream().read_exact(&mut raw))
         .await
         .expect("timely")
         .expect("CONNACK bytes");
@@ -416,7 +416,7 @@ async fn a_connect_larger_than_the_pre_connect_limit_is_refused_before_it_is_rea
     c.will = Some(will("a/b", &"x".repeat(2000)));
     let mut client = RawClient::tcp(b.addr, ProtocolVersion::V311).await;
     client.send(Packet::Connect(Box::new(c))).await;
-    assert!(closed_within(&mut client.stream, Duration::from_secs(2)).await);
+    assert!(closed_within(client.stream(), Duration::from_secs(2)).await);
     // Normal CONNECTs pass, and after CONNECT the usual packet size applies.
     let mut ok = RawClient::connect(b.addr, ProtocolVersion::V5, "ok").await;
     ok.subscribe("big/#", QoS::AtMostOnce).await;
@@ -581,7 +581,7 @@ async fn a_client_still_writing_reads_the_servers_disconnect_reason() {
     // writes must still succeed (the server half-closes and drains instead of resetting).
     for i in 0..10 {
         tokio::time::sleep(Duration::from_millis(30)).await;
-        let w = c.stream.write_all(&q0).await;
+        let w = c.stream().write_all(&q0).await;
         assert!(
             w.is_ok(),
             "write {i} after the server's DISCONNECT failed: {w:?}"

@@ -83,11 +83,12 @@ use std::time::Duration;
 use bytes::BytesMut;
 use holdfast::app::Gateway;
 use holdfast::config::{Config, ListenerConfig};
+use holdfast::protocol::framed::{FrameError, FramedReader};
 use holdfast::protocol::{
     self, Connect, ConnectProperties, Packet, ProtocolVersion, PubAckLike, Publish, QoS, Subscribe,
     SubscribeFilter, SubscriptionOptions,
 };
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 pub const TIMEOUT: Duration = Duration::from_secs(5);
@@ -199,10 +200,13 @@ pub async fn drain_acking<T>(
 /// A bare MQTT client: sends packets, returns what the broker sends, nothing hidden. Over
 /// TCP by default; `RawClient::from_stream` wraps any other byte stream (e.g. TLS).
 pub struct RawClient<S = TcpStream> {
-    pub stream: S,
+    /// The crate's framed reader (the one the broker reads its clients with) over the stream.
+    reader: FramedReader<S>,
     pub version: ProtocolVersion,
-    buf: BytesMut,
 }
+
+/// Largest packet a test client accepts from the broker.
+const MAX_PACKET: usize = 1 << 28;
 
 impl RawClient {
     pub async fn tcp(addr: SocketAddr, version: ProtocolVersion) -> RawClient {
@@ -217,11 +221,7 @@ impl RawClient {
     pub async fn try_tcp(addr: SocketAddr, version: ProtocolVersion) -> std::io::Result<RawClient> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true).ok();
-        Ok(RawClient {
-            stream,
-            version,
-            buf: BytesMut::new(),
-        })
+        Ok(RawClient::from_stream(stream, version))
     }
 
     /// Connects with the given CONNECT and returns the CONNACK packet.
@@ -246,10 +246,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     /// Wraps a stream the test opened itself.
     pub fn from_stream(stream: S, version: ProtocolVersion) -> RawClient<S> {
         RawClient {
-            stream,
+            reader: FramedReader::new(stream, MAX_PACKET),
             version,
-            buf: BytesMut::new(),
         }
+    }
+
+    /// The stream, to read or write bytes past the MQTT codec (bytes the reader already
+    /// took in stay in its buffer).
+    pub fn stream(&mut self) -> &mut S {
+        self.reader.get_mut()
+    }
+
+    pub fn stream_ref(&self) -> &S {
+        self.reader.get_ref()
     }
 
     pub async fn send(&mut self, p: Packet) {
@@ -259,12 +268,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
     pub async fn try_send(&mut self, p: &Packet) -> std::io::Result<()> {
         let mut out = BytesMut::new();
         protocol::encode(p, self.version, &mut out);
-        self.stream.write_all(&out).await?;
-        self.stream.flush().await
+        self.stream().write_all(&out).await?;
+        self.stream().flush().await
     }
 
     pub async fn send_raw(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).await.expect("write");
+        self.stream().write_all(bytes).await.expect("write");
     }
 
     /// Next packet, or None if the connection closed. Panics after TIMEOUT.
@@ -285,17 +294,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin> RawClient<S> {
         &mut self,
         deadline: tokio::time::Instant,
     ) -> Result<Option<Packet>, ()> {
-        loop {
-            match protocol::decode(&mut self.buf, self.version, 1 << 28) {
-                Ok(Some(p)) => return Ok(Some(p)),
-                Ok(None) => {}
-                Err(e) => panic!("broker sent an undecodable packet: {e}"),
-            }
-            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
-                Err(_) => return Err(()),
-                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
-                Ok(Ok(_)) => {}
-            }
+        match tokio::time::timeout_at(deadline, self.reader.read_packet(self.version)).await {
+            Err(_) => Err(()),
+            Ok(Ok(p)) => Ok(p),
+            Ok(Err(FrameError::Decode(e))) => panic!("broker sent an undecodable packet: {e}"),
+            // Closed or reset, also in the middle of a packet.
+            Ok(Err(_)) => Ok(None),
         }
     }
 
