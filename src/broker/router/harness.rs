@@ -123,7 +123,7 @@ impl Harness {
     /// token before the next event (one commit per event, so runs repeat exactly); what it
     /// reports still waits for `settle`.
     pub fn event(&mut self, ev: RouterEvent) {
-        self.r.event_ops_start = self.r.ops.len();
+        self.r.commits.event_ops_start = self.r.commits.ops.len();
         self.r.handle(ev);
         if std::env::var_os("HOLDFAST_HARNESS_GROUPED").is_some() {
             // Let the writer group tokens as timing has it (not repeatable; for searching).
@@ -137,7 +137,7 @@ impl Harness {
     /// channel: their store ops go to the writer as one token.
     pub fn events(&mut self, evs: Vec<RouterEvent>) {
         for ev in evs {
-            self.r.event_ops_start = self.r.ops.len();
+            self.r.commits.event_ops_start = self.r.commits.ops.len();
             self.r.handle(ev);
         }
         self.collect();
@@ -162,7 +162,7 @@ impl Harness {
     fn deliver_one(&mut self) -> Option<bool> {
         let ev = self.pending.pop_front()?;
         let rows = matches!(ev, StoreEvent::QueueRows { .. });
-        self.r.event_ops_start = self.r.ops.len();
+        self.r.commits.event_ops_start = self.r.commits.ops.len();
         self.r.on_store_event(ev);
         self.r.submit();
         Some(rows)

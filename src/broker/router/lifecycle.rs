@@ -90,28 +90,32 @@ impl Router {
         let promote = !s.durable && expiry_interval > 0;
         s.durable |= promote;
         if s.durable && resumed {
-            self.ops.push(Op::MarkOnline { sid });
+            self.commits.ops.push(Op::MarkOnline { sid });
         }
         if s.durable {
-            self.ops.push(Op::UpsertSession {
+            self.commits.ops.push(Op::UpsertSession {
                 sid,
                 client_id: s.client_id.clone(),
                 protocol: params.protocol.level(),
                 expiry: expiry_interval,
                 will: s.will.as_ref().map(will_to_stored),
             });
-            self.ops.extend(Router::owner_op(s));
+            self.commits.ops.extend(Router::owner_op(s));
         }
         if promote {
-            session_state_ops(&self.clock, s, &mut self.ops);
+            session_state_ops(&self.clock, s, &mut self.commits.ops);
         }
         connack.session_present = resumed;
-        let token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
+        let token = event_token(
+            self.commits.ops.len(),
+            self.commits.event_ops_start,
+            self.commits.next_token,
+        );
         hold(
             s,
             token,
             Held::Packet(Packet::ConnAck(connack)),
-            &mut self.cur,
+            &mut self.commits.cur,
             &mut self.stats,
         );
         debug!(client_id = %s.client_id, resumed, durable = s.durable, "session attached");
@@ -136,7 +140,7 @@ impl Router {
                         if message.is_expired(now) {
                             self.stats.expired += 1;
                             if s.durable {
-                                self.ops.push(Op::Delete { sid, seq: m.seq });
+                                self.commits.ops.push(Op::Delete { sid, seq: m.seq });
                             }
                             s.inflight.remove(i);
                             continue;
@@ -151,7 +155,7 @@ impl Router {
                         Held::Packet(Packet::PubRel(PubAckLike::new(m.packet_id)))
                     }
                 };
-                hold(s, 0, item, &mut self.cur, &mut self.stats);
+                hold(s, 0, item, &mut self.commits.cur, &mut self.stats);
                 i += 1;
             }
             self.pump(sid);
@@ -221,7 +225,7 @@ impl Router {
             s.spill_all();
             s.inflight_to_disk();
             s.offline_since_ms = self.clock.now_ms();
-            self.ops.push(Op::SessionOffline {
+            self.commits.ops.push(Op::SessionOffline {
                 sid,
                 at_ms: s.offline_since_ms,
                 expiry: s.expiry_interval,
@@ -274,7 +278,7 @@ impl Router {
                     if let Some(w) = s.will.take() {
                         let w = security::permitted_will(s, w);
                         if s.durable {
-                            self.ops.push(Op::SessionOffline {
+                            self.commits.ops.push(Op::SessionOffline {
                                 sid: t.session,
                                 at_ms: s.offline_since_ms,
                                 expiry: s.expiry_interval,
@@ -291,7 +295,7 @@ impl Router {
                         self.publish_will(w);
                     }
                     self.stats.sessions_expired += 1;
-                    self.ops.push(Op::Count {
+                    self.commits.ops.push(Op::Count {
                         name: "sessions_expired",
                         add: 1,
                     });
@@ -314,11 +318,12 @@ impl Router {
         self.tree
             .unsubscribe_all(sid, keys.iter().map(|(f, g)| (f.as_str(), g.as_deref())));
         if s.durable {
-            self.ops.push(Op::DeleteSession { sid });
+            self.commits.ops.push(Op::DeleteSession { sid });
             // Free once that commit is reported (see `ids`).
-            self.ids.release(sid, self.next_token, self.completed);
+            self.ids
+                .release(sid, self.commits.next_token, self.commits.completed);
         } else {
-            self.ids.release(sid, 0, self.completed);
+            self.ids.release(sid, 0, self.commits.completed);
         }
         let lost = s.queue_len + s.inflight.len() as u64;
         if lost > 0 {
@@ -343,7 +348,7 @@ impl Router {
                         let w = s.will.take();
                         wills.extend(w.and_then(|w| security::permitted_will(s, w)));
                     }
-                    self.ops.push(Op::SessionOffline {
+                    self.commits.ops.push(Op::SessionOffline {
                         sid: s.id,
                         at_ms: now_ms,
                         expiry: s.expiry_interval,

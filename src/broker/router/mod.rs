@@ -27,8 +27,10 @@
 //! `output` (held output and its release), `persist` (store encodings), `security`
 //! (session ownership, the ACL in force per session, filtered deliveries, wills).
 
+mod commits;
 #[cfg(test)]
 mod harness;
+use commits::{DropUndo, Pending};
 mod ids;
 mod lifecycle;
 mod output;
@@ -281,35 +283,6 @@ struct Timer {
     kind: TimerKind,
 }
 
-/// What waits for one store token.
-#[derive(Default)]
-struct Pending {
-    /// Sessions with held output carrying this token.
-    sids: Vec<SessionId>,
-    /// Messages queued or sent under this token: undone if the commit fails.
-    /// (session, seq, payload bytes).
-    enqueued: Vec<(SessionId, u64, u64)>,
-    /// Incoming QoS 2 packet ids recorded under this token: forgotten if it fails.
-    qos2: Vec<(SessionId, u16)>,
-    /// Queue-limit drops made under this token: taken back if it fails (the store refuses
-    /// them with the message they made room for).
-    drops: Vec<DropUndo>,
-    /// Subscriptions stored under this token, with what they replaced: taken back if it
-    /// fails (the SUBACK reports the failure; a subscription that is not on disk would
-    /// vanish at the next restart).
-    subs: Vec<(SessionId, String, Option<SubscriptionData>)>,
-}
-
-/// How to take back one queue-limit drop whose token failed.
-enum DropUndo {
-    /// Popped from the in-memory queue: it goes back.
-    Popped(SessionId, Box<Queued>),
-    /// The oldest row on disk (`Op::DeleteOldest`), with the bytes estimated for it.
-    Oldest(SessionId, u64),
-    /// Deferred to the answer of an outstanding read-back (`Session::drops_pending`).
-    Pending(SessionId, u64),
-}
-
 pub struct Router {
     cfg: Arc<MqttConfig>,
     rx: mpsc::Receiver<RouterEvent>,
@@ -328,38 +301,19 @@ pub struct Router {
     ids: ids::SessionIds,
     /// Scratch buffer for subscription matches, reused across publishes.
     matches: Vec<Match>,
-    /// Store ops collected for the token `next_token`, not yet submitted.
-    ops: Vec<Op>,
-    /// `ops.len()` when the current event started: output of this event is held only if
-    /// the event itself added ops.
-    event_ops_start: usize,
-    next_token: u64,
-    cur: Pending,
-    pending: HashMap<u64, Pending>,
-    /// Highest token the store has reported (tokens complete in order).
-    completed: u64,
     /// Set by `route` when the publisher's acknowledgement must wait for a slow queue.
     route_gated: bool,
-    /// QoS 1 messages whose only durable copy is a bridge outbox row not committed yet:
-    /// (outbox session, seq) → (publisher session, its packet id, the token its PUBACK
-    /// waits for). When the upstream accepts the message first, the PUBACK need not wait
-    /// for the commit: the message is safe at the next hop (and the writer then skips the
-    /// row altogether, see `store::writer::transient_rows`). Pruned as tokens commit.
-    early: HashMap<(SessionId, u64), (SessionId, u16, u64)>,
-    /// Set while `ops` holds only bridge outbox bookkeeping that nothing waits for (see
-    /// `submit_unless_lazy`): when it must be submitted at the latest.
-    lazy_until: Option<Instant>,
     /// Sessions whose queue read-back failed, asked again at `read_retry_at`.
     read_retry: Vec<SessionId>,
     read_retry_at: Option<Instant>,
-    /// The keys of `early` in token order, for pruning.
-    early_order: std::collections::VecDeque<(u64, (SessionId, u64))>,
     /// The gateway-wide read-back budget (`mqtt.read_back_budget_bytes`, `reads`).
     pool: Arc<crate::broker::readback::ReadPool>,
     /// Sessions waiting for budget to read their queue back, first come first served.
     read_wait: std::collections::VecDeque<SessionId>,
     /// Budget reserved for the read-backs on their way, per session in the order asked.
     read_reserved: HashMap<SessionId, std::collections::VecDeque<u64>>,
+    /// Store ops, tokens and what waits for each token (`commits`).
+    commits: commits::Commits,
     pub stats: RouterStats,
 }
 
@@ -389,21 +343,13 @@ impl Router {
             timers: BinaryHeap::new(),
             ids: ids::SessionIds::new(recovered.sessions.iter().map(|s| s.sid)),
             matches: Vec::new(),
-            ops: Vec::new(),
-            event_ops_start: 0,
-            next_token: 1,
-            cur: Pending::default(),
-            pending: HashMap::new(),
-            completed: 0,
             route_gated: false,
-            early: HashMap::new(),
-            lazy_until: None,
             read_retry: Vec::new(),
             read_retry_at: None,
             pool,
             read_wait: Default::default(),
             read_reserved: HashMap::new(),
-            early_order: std::collections::VecDeque::new(),
+            commits: commits::Commits::new(),
             stats: RouterStats::default(),
         };
         r.recover(recovered);
@@ -432,7 +378,7 @@ impl Router {
                             let _ = done.send(());
                             return;
                         }
-                        self.event_ops_start = self.ops.len();
+                        self.commits.event_ops_start = self.commits.ops.len();
                         self.handle(ev);
                     }
                     // Budget given back by this batch (acks, disconnects) serves who waits.
@@ -444,23 +390,23 @@ impl Router {
                         error!("store writer stopped; stopping the router");
                         break;
                     };
-                    self.event_ops_start = self.ops.len();
+                    self.commits.event_ops_start = self.commits.ops.len();
                     self.on_store_event(ev);
                     while let Ok(ev) = self.store_rx.try_recv() {
-                        self.event_ops_start = self.ops.len();
+                        self.commits.event_ops_start = self.commits.ops.len();
                         self.on_store_event(ev);
                     }
                     self.serve_reads();
                     self.submit_unless_lazy();
                 }
                 _ = sleep_until_opt(next_timer) => {
-                    self.event_ops_start = self.ops.len();
+                    self.commits.event_ops_start = self.commits.ops.len();
                     self.fire_timers();
                     self.submit();
                 }
-                _ = sleep_until_opt(self.lazy_until) => self.submit(),
+                _ = sleep_until_opt(self.commits.lazy_until) => self.submit(),
                 _ = sleep_until_opt(self.read_retry_at) => {
-                    self.event_ops_start = self.ops.len();
+                    self.commits.event_ops_start = self.commits.ops.len();
                     self.retry_reads();
                     self.submit();
                 }

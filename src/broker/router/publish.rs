@@ -18,10 +18,10 @@ impl Router {
                     // A resend of a message we already have: don't route again; acknowledge
                     // once what it was stored with is committed (the first PUBREC may have
                     // died with an earlier connection before that).
-                    let token = if stored_by > self.completed {
-                        match self.pending.get_mut(&stored_by) {
+                    let token = if stored_by > self.commits.completed {
+                        match self.commits.pending.get_mut(&stored_by) {
                             Some(p) => p.sids.push(sid),
-                            None => self.cur.sids.push(sid),
+                            None => self.commits.cur.sids.push(sid),
                         }
                         stored_by
                     } else {
@@ -33,7 +33,7 @@ impl Router {
                         code: reason::SUCCESS,
                     };
                     if token == 0 && s.held.is_empty() {
-                        hold(s, 0, item, &mut self.cur, &mut self.stats);
+                        hold(s, 0, item, &mut self.commits.cur, &mut self.stats);
                     } else if s.conn.is_some() {
                         s.held.push_back((token, item));
                     }
@@ -65,19 +65,23 @@ impl Router {
             return;
         }
         if qos == QoS::ExactlyOnce && code < 0x80 && s.durable {
-            self.ops.push(Op::IncomingQos2 {
+            self.commits.ops.push(Op::IncomingQos2 {
                 sid,
                 packet_id,
                 present: true,
             });
         }
-        let mut token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
+        let mut token = event_token(
+            self.commits.ops.len(),
+            self.commits.event_ops_start,
+            self.commits.next_token,
+        );
         if qos == QoS::ExactlyOnce && code < 0x80 {
             if let Some(s) = self.sessions.get_mut(&sid) {
                 s.incoming_qos2.insert(packet_id, token);
             }
             if token != 0 {
-                self.cur.qos2.push((sid, packet_id));
+                self.commits.cur.qos2.push((sid, packet_id));
             }
         }
         if gated {
@@ -87,12 +91,14 @@ impl Router {
             // go as soon as the upstream accepts the message, if that comes first.
             if let [Op::Enqueue {
                 sid: outbox, seq, ..
-            }] = &self.ops[self.event_ops_start..]
+            }] = &self.commits.ops[self.commits.event_ops_start..]
             {
                 let (outbox, seq) = (*outbox, *seq);
                 if self.sessions.get(&outbox).is_some_and(|o| o.internal) {
-                    self.early.insert((outbox, seq), (sid, packet_id, token));
-                    self.early_order.push_back((token, (outbox, seq)));
+                    self.commits
+                        .early
+                        .insert((outbox, seq), (sid, packet_id, token));
+                    self.commits.early_order.push_back((token, (outbox, seq)));
                 }
             }
         }
@@ -104,7 +110,7 @@ impl Router {
             qos2: qos == QoS::ExactlyOnce,
             code,
         };
-        hold(s, token, item, &mut self.cur, &mut self.stats);
+        hold(s, token, item, &mut self.commits.cur, &mut self.stats);
     }
 
     pub(super) fn on_pubrel(&mut self, conn: ConnId, packet_id: u16) {
@@ -116,7 +122,7 @@ impl Router {
         };
         let code = if s.incoming_qos2.remove(&packet_id).is_some() {
             if s.durable {
-                self.ops.push(Op::IncomingQos2 {
+                self.commits.ops.push(Op::IncomingQos2 {
                     sid,
                     packet_id,
                     present: false,
@@ -126,9 +132,19 @@ impl Router {
         } else {
             reason::PACKET_IDENTIFIER_NOT_FOUND
         };
-        let token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
+        let token = event_token(
+            self.commits.ops.len(),
+            self.commits.event_ops_start,
+            self.commits.next_token,
+        );
         let comp = Packet::PubComp(PubAckLike::with_reason(packet_id, code));
-        hold(s, token, Held::Packet(comp), &mut self.cur, &mut self.stats);
+        hold(
+            s,
+            token,
+            Held::Packet(comp),
+            &mut self.commits.cur,
+            &mut self.stats,
+        );
     }
 
     /// PUBACK (expecting `AwaitingAck`) or PUBCOMP (expecting `AwaitingComp`).
@@ -143,7 +159,7 @@ impl Router {
             if s.inflight[i].state == expect {
                 if let Some(m) = s.inflight.remove(i) {
                     if s.durable {
-                        self.ops.push(Op::Delete { sid, seq: m.seq });
+                        self.commits.ops.push(Op::Delete { sid, seq: m.seq });
                     }
                 }
                 self.pump(sid);
@@ -167,10 +183,10 @@ impl Router {
         let Some(key) = seq else {
             return;
         };
-        let Some((publisher, publisher_id, token)) = self.early.remove(&key) else {
+        let Some((publisher, publisher_id, token)) = self.commits.early.remove(&key) else {
             return;
         };
-        if token <= self.completed {
+        if token <= self.commits.completed {
             return; // committed meanwhile: released already
         }
         let Some(s) = self.sessions.get_mut(&publisher) else {
@@ -182,7 +198,7 @@ impl Router {
         if let Some((t, _)) = waiting {
             *t = 0;
             self.stats.acked_by_upstream += 1;
-            flush_held(s, self.completed, &mut self.stats);
+            flush_held(s, self.commits.completed, &mut self.stats);
         }
     }
 
@@ -198,7 +214,7 @@ impl Router {
                 // The receiver refused the message: it is done (MQTT-4.3.3).
                 if let Some(m) = s.inflight.remove(i) {
                     if s.durable {
-                        self.ops.push(Op::Delete { sid, seq: m.seq });
+                        self.commits.ops.push(Op::Delete { sid, seq: m.seq });
                     }
                 }
                 self.pump(sid);
@@ -207,18 +223,34 @@ impl Router {
                 s.inflight[i].state = InflightState::AwaitingComp;
                 if s.durable {
                     let seq = s.inflight[i].seq;
-                    self.ops.push(Op::MarkReleased { sid, seq });
+                    self.commits.ops.push(Op::MarkReleased { sid, seq });
                 }
-                let token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
+                let token = event_token(
+                    self.commits.ops.len(),
+                    self.commits.event_ops_start,
+                    self.commits.next_token,
+                );
                 let rel = Packet::PubRel(PubAckLike::new(packet_id));
-                hold(s, token, Held::Packet(rel), &mut self.cur, &mut self.stats);
+                hold(
+                    s,
+                    token,
+                    Held::Packet(rel),
+                    &mut self.commits.cur,
+                    &mut self.stats,
+                );
             }
             None => {
                 let rel = Packet::PubRel(PubAckLike::with_reason(
                     packet_id,
                     reason::PACKET_IDENTIFIER_NOT_FOUND,
                 ));
-                hold(s, 0, Held::Packet(rel), &mut self.cur, &mut self.stats);
+                hold(
+                    s,
+                    0,
+                    Held::Packet(rel),
+                    &mut self.commits.cur,
+                    &mut self.stats,
+                );
             }
         }
     }
@@ -248,7 +280,7 @@ impl Router {
                 publish: publish.clone(),
                 expires_at,
             });
-            self.ops.push(Op::Retain {
+            self.commits.ops.push(Op::Retain {
                 topic: publish.topic.clone(),
                 message: value.as_ref().map(|r| {
                     (
@@ -315,9 +347,13 @@ impl Router {
             sessions,
             cfg,
             stats,
-            ops,
-            cur,
-            next_token,
+            commits:
+                super::commits::Commits {
+                    ops,
+                    cur,
+                    next_token,
+                    ..
+                },
             ..
         } = self;
         let Some(s) = sessions.get_mut(&sid) else {
@@ -503,9 +539,13 @@ impl Router {
             let Router {
                 sessions,
                 stats,
-                ops,
-                cur,
-                next_token,
+                commits:
+                    super::commits::Commits {
+                        ops,
+                        cur,
+                        next_token,
+                        ..
+                    },
                 ..
             } = self;
             let Some(s) = sessions.get_mut(&sid) else {

@@ -133,9 +133,8 @@ impl Router {
         let Router {
             sessions,
             clock,
-            ops,
-            cur,
             stats,
+            commits: super::commits::Commits { ops, cur, .. },
             ..
         } = self;
         let Some(s) = sessions.get_mut(&sid) else {

@@ -29,14 +29,14 @@ impl Router {
                 let mut s = Session::new(sid, client_id.clone(), params, true);
                 s.expiry_interval = u32::MAX;
                 s.offline_since_ms = self.clock.now_ms();
-                self.ops.push(Op::UpsertSession {
+                self.commits.ops.push(Op::UpsertSession {
                     sid,
                     client_id: client_id.clone(),
                     protocol: 4,
                     expiry: u32::MAX,
                     will: None,
                 });
-                self.ops.push(Op::SessionOffline {
+                self.commits.ops.push(Op::SessionOffline {
                     sid,
                     at_ms: s.offline_since_ms,
                     expiry: u32::MAX,
@@ -76,7 +76,7 @@ impl Router {
             s.subscriptions.remove(&full);
             let (filter, group) = crate::broker::session::split_share(&full);
             self.tree.unsubscribe(&filter, group.as_deref(), sid);
-            self.ops.push(Op::Unsubscribe { sid, filter: full });
+            self.commits.ops.push(Op::Unsubscribe { sid, filter: full });
         }
         for (full, data) in wanted {
             if s.subscriptions.get(&full) == Some(&data) {
@@ -85,7 +85,7 @@ impl Router {
             let (filter, group) = crate::broker::session::split_share(&full);
             self.tree
                 .subscribe(&filter, group.as_deref(), sid, data.clone());
-            self.ops.push(Op::Subscribe {
+            self.commits.ops.push(Op::Subscribe {
                 sid,
                 filter: full.clone(),
                 options: options_to_byte(&data.options),
@@ -210,7 +210,7 @@ impl Router {
                 });
             }
             if rs.disconnected_at.is_none() {
-                self.ops.push(Op::SessionOffline {
+                self.commits.ops.push(Op::SessionOffline {
                     sid,
                     at_ms: now_ms,
                     expiry: s.expiry_interval,

@@ -79,7 +79,7 @@ impl Router {
         let Router {
             sessions,
             tree,
-            ops,
+            commits: super::commits::Commits { ops, .. },
             ..
         } = self;
         let Some(s) = sessions.get_mut(&sid) else {

@@ -19,11 +19,11 @@ impl Router {
     /// burst). Nothing accepted depends on them: after a crash in between, such a message is
     /// sent upstream once more, as a QoS 1 duplicate.
     pub(super) fn submit_unless_lazy(&mut self) {
-        let lazy = !self.ops.is_empty()
-            && self.ops.len() < LAZY_MAX_OPS
-            && self.cur.sids.is_empty()
-            && self.cur.enqueued.is_empty()
-            && self.ops.iter().all(|op| match op {
+        let lazy = !self.commits.ops.is_empty()
+            && self.commits.ops.len() < LAZY_MAX_OPS
+            && self.commits.cur.sids.is_empty()
+            && self.commits.cur.enqueued.is_empty()
+            && self.commits.ops.iter().all(|op| match op {
                 Op::Delete { sid, .. } | Op::MarkSent { sid, .. } => {
                     self.sessions.get(sid).is_some_and(|s| s.internal)
                 }
@@ -31,22 +31,24 @@ impl Router {
             });
         if !lazy {
             self.submit();
-        } else if self.lazy_until.is_none() {
-            self.lazy_until = Some(Instant::now() + LAZY_SUBMIT);
+        } else if self.commits.lazy_until.is_none() {
+            self.commits.lazy_until = Some(Instant::now() + LAZY_SUBMIT);
         }
     }
 
     /// Sends the collected ops to the writer as one token.
     pub(super) fn submit(&mut self) {
-        self.lazy_until = None;
-        if self.ops.is_empty() {
+        self.commits.lazy_until = None;
+        if self.commits.ops.is_empty() {
             return;
         }
-        let ops = std::mem::take(&mut self.ops);
-        let token = self.next_token;
-        self.next_token += 1;
-        self.event_ops_start = 0;
-        self.pending.insert(token, std::mem::take(&mut self.cur));
+        let ops = std::mem::take(&mut self.commits.ops);
+        let token = self.commits.next_token;
+        self.commits.next_token += 1;
+        self.commits.event_ops_start = 0;
+        self.commits
+            .pending
+            .insert(token, std::mem::take(&mut self.commits.cur));
         let sent = self
             .store
             .as_ref()
@@ -111,18 +113,18 @@ impl Router {
     }
 
     pub(super) fn on_committed(&mut self, token: u64, ok: bool) {
-        self.completed = self.completed.max(token);
-        self.ids.committed(self.completed);
-        while let Some(&(t, key)) = self.early_order.front() {
-            if t > self.completed {
+        self.commits.completed = self.commits.completed.max(token);
+        self.ids.committed(self.commits.completed);
+        while let Some(&(t, key)) = self.commits.early_order.front() {
+            if t > self.commits.completed {
                 break;
             }
-            self.early_order.pop_front();
-            if self.early.get(&key).is_some_and(|e| e.2 == t) {
-                self.early.remove(&key);
+            self.commits.early_order.pop_front();
+            if self.commits.early.get(&key).is_some_and(|e| e.2 == t) {
+                self.commits.early.remove(&key);
             }
         }
-        let Some(p) = self.pending.remove(&token) else {
+        let Some(p) = self.commits.pending.remove(&token) else {
             return;
         };
         if !ok {
@@ -194,7 +196,7 @@ impl Router {
         }
         for sid in sids {
             if let Some(s) = self.sessions.get_mut(&sid) {
-                flush_held(s, self.completed, &mut self.stats);
+                flush_held(s, self.commits.completed, &mut self.stats);
             }
         }
     }
@@ -248,7 +250,7 @@ impl Router {
                 for (t, _) in s.held.iter_mut() {
                     *t &= !GATE_BIT;
                 }
-                flush_held(s, self.completed, &mut self.stats);
+                flush_held(s, self.commits.completed, &mut self.stats);
             }
         }
     }
@@ -298,7 +300,7 @@ impl Router {
             // read again (when it is back). Drops waiting for these rows go by position.
             if s.drops_pending > 0 {
                 // A release op from here on: the tokens that made these drops are past.
-                self.ops.push(Op::DeleteOldest {
+                self.commits.ops.push(Op::DeleteOldest {
                     sid,
                     from_seq: s.spilled_from.unwrap_or(from_seq),
                     count: std::mem::take(&mut s.drops_pending),
@@ -326,7 +328,7 @@ impl Router {
             let message = row_message(&self.clock, &row);
             if i < skip {
                 exact += message.map_or(0, |m| m.publish.payload.len() as u64);
-                self.ops.push(Op::Delete { sid, seq: row.seq });
+                self.commits.ops.push(Op::Delete { sid, seq: row.seq });
                 continue;
             }
             match message {
@@ -338,7 +340,7 @@ impl Router {
                     self.stats.expired += 1;
                     let size = expired.map_or(row.packet.len(), |m| m.publish.payload.len());
                     s.forget_queued(size as u64);
-                    self.ops.push(Op::Delete { sid, seq: row.seq });
+                    self.commits.ops.push(Op::Delete { sid, seq: row.seq });
                 }
             }
         }
@@ -348,7 +350,7 @@ impl Router {
         let next = last.map(|l| l + 1).unwrap_or(from_seq).max(from_seq);
         if s.drops_pending > 0 {
             // More were dropped than this answer held: the oldest after it.
-            self.ops.push(Op::DeleteOldest {
+            self.commits.ops.push(Op::DeleteOldest {
                 sid,
                 from_seq: next,
                 count: std::mem::take(&mut s.drops_pending),

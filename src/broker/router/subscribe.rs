@@ -47,8 +47,8 @@ impl Router {
             if s.durable {
                 // Taken back if the store refuses it (the SUBACK then says so).
                 let before = s.subscriptions.get(&f.filter).cloned();
-                self.cur.subs.push((sid, f.filter.clone(), before));
-                self.ops.push(Op::Subscribe {
+                self.commits.cur.subs.push((sid, f.filter.clone(), before));
+                self.commits.ops.push(Op::Subscribe {
                     sid,
                     filter: f.filter.clone(),
                     options: options_to_byte(&options),
@@ -67,13 +67,23 @@ impl Router {
                 want_retained.push((inner.to_string(), granted, sub.subscription_identifier));
             }
         }
-        let token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
+        let token = event_token(
+            self.commits.ops.len(),
+            self.commits.event_ops_start,
+            self.commits.next_token,
+        );
         let ack = Packet::SubAck(SubAck {
             packet_id: sub.packet_id,
             properties: AckProperties::default(),
             reason_codes: codes,
         });
-        hold(s, token, Held::Packet(ack), &mut self.cur, &mut self.stats);
+        hold(
+            s,
+            token,
+            Held::Packet(ack),
+            &mut self.commits.cur,
+            &mut self.stats,
+        );
         if want_retained.is_empty() {
             return;
         }
@@ -124,7 +134,7 @@ impl Router {
             if s.subscriptions.remove(full).is_some() {
                 self.tree.unsubscribe(inner, group, sid);
                 if s.durable {
-                    self.ops.push(Op::Unsubscribe {
+                    self.commits.ops.push(Op::Unsubscribe {
                         sid,
                         filter: full.clone(),
                     });
@@ -134,12 +144,22 @@ impl Router {
                 codes.push(reason::NO_SUBSCRIPTION_EXISTED);
             }
         }
-        let token = event_token(self.ops.len(), self.event_ops_start, self.next_token);
+        let token = event_token(
+            self.commits.ops.len(),
+            self.commits.event_ops_start,
+            self.commits.next_token,
+        );
         let ack = Packet::UnsubAck(UnsubAck {
             packet_id: unsub.packet_id,
             properties: AckProperties::default(),
             reason_codes: codes,
         });
-        hold(s, token, Held::Packet(ack), &mut self.cur, &mut self.stats);
+        hold(
+            s,
+            token,
+            Held::Packet(ack),
+            &mut self.commits.cur,
+            &mut self.stats,
+        );
     }
 }
