@@ -51,6 +51,8 @@ pub mod config;
 mod error;
 mod failover;
 mod link;
+#[cfg(test)]
+mod outbox_model;
 mod pacer;
 mod pump;
 mod status;
