@@ -29,6 +29,7 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::rustls;
 
+use super::error::LinkError;
 use super::upstream::{AckKind, Granted, UpEvent, Upstream};
 use super::{BridgeConfig, BridgeProtocol};
 use crate::protocol::{
@@ -86,17 +87,22 @@ pub(super) async fn connect(
     address: &str,
     tls: Option<Arc<rustls::ClientConfig>>,
     max_packet_size: usize,
-) -> Result<(Link, Granted), String> {
+) -> Result<(Link, Granted), LinkError> {
     let limit = Duration::from_secs(cfg.connect_timeout_secs.max(1));
     let ips: Vec<std::net::SocketAddr> =
         match tokio::time::timeout(limit, tokio::net::lookup_host(address)).await {
             Ok(Ok(ips)) => ips.collect(),
-            Ok(Err(e)) => return Err(format!("resolving {address}: {e}")),
+            Ok(Err(source)) => {
+                return Err(LinkError::Resolve {
+                    address: address.to_string(),
+                    source,
+                })
+            }
             Err(_) => {
-                return Err(format!(
-                    "resolving {address}: no answer within {} s",
-                    limit.as_secs()
-                ))
+                return Err(LinkError::ResolveTimeout {
+                    address: address.to_string(),
+                    secs: limit.as_secs(),
+                })
             }
         };
     connect_resolved(cfg, address, &ips, tls, max_packet_size).await
@@ -109,7 +115,7 @@ async fn connect_resolved(
     ips: &[std::net::SocketAddr],
     tls: Option<Arc<rustls::ClientConfig>>,
     max_packet_size: usize,
-) -> Result<(Link, Granted), String> {
+) -> Result<(Link, Granted), LinkError> {
     let limit = Duration::from_secs(cfg.connect_timeout_secs.max(1));
     let mut errors = Vec::new();
     for ip in ips {
@@ -118,16 +124,19 @@ async fn connect_resolved(
         {
             Ok(Ok(c)) => return Ok(c),
             Ok(Err(e)) => errors.push(e),
-            Err(_) => errors.push(format!(
-                "{ip}: no CONNACK within connect_timeout_secs ({} s)",
-                limit.as_secs()
-            )),
+            Err(_) => errors.push(LinkError::ConnectTimeout {
+                ip: *ip,
+                secs: limit.as_secs(),
+            }),
         }
     }
-    if errors.is_empty() {
-        return Err(format!("{address} resolves to no address"));
+    match errors.len() {
+        0 => Err(LinkError::NoAddress {
+            address: address.to_string(),
+        }),
+        1 => Err(errors.remove(0)),
+        _ => Err(LinkError::EveryAddress(errors)),
     }
-    Err(errors.join("; "))
 }
 
 /// The will / state message: retained, QoS 1 (at most the upstream's maximum).
@@ -142,10 +151,14 @@ async fn open(
     ip: std::net::SocketAddr,
     tls: Option<Arc<rustls::ClientConfig>>,
     max_in: usize,
-) -> Result<(Link, Granted), String> {
+) -> Result<(Link, Granted), LinkError> {
     let tcp = TcpStream::connect(ip)
         .await
-        .map_err(|e| format!("connecting to {address} ({ip}): {e}"))?;
+        .map_err(|source| LinkError::Connect {
+            address: address.to_string(),
+            ip,
+            source,
+        })?;
     let _ = tcp.set_nodelay(true);
     let delayed_ack_fd = (cfg.linger_ms > 0).then(|| std::os::fd::AsRawFd::as_raw_fd(&tcp));
     let io: Box<dyn Io> = match tls {
@@ -154,11 +167,11 @@ async fn open(
             let (host, _) = super::host_port(address);
             let name = cfg.server_name.clone().unwrap_or(host);
             let name = rustls::pki_types::ServerName::try_from(name)
-                .map_err(|e| format!("TLS server name: {e}"))?;
+                .map_err(|e| LinkError::ServerName(e.to_string()))?;
             let stream = tokio_rustls::TlsConnector::from(tls)
                 .connect(name, tcp)
                 .await
-                .map_err(|e| format!("TLS: {e}"))?;
+                .map_err(LinkError::Tls)?;
             Box::new(stream)
         }
     };
@@ -214,7 +227,7 @@ async fn open(
     link.flush().await?;
     let ack = match link.read_packet().await? {
         Packet::ConnAck(ack) => ack,
-        other => return Err(format!("expected CONNACK, got {}", other.name())),
+        other => return Err(LinkError::NotConnAck(other.name())),
     };
     let (mut link, mut granted) = link.accept(ack, cfg.notifications)?;
     if cfg.notifications {
@@ -240,30 +253,24 @@ impl Link {
 
     /// Applies a CONNACK: refusal → `Err`; otherwise the upstream's limits (MQTT 5; a
     /// 3.1.1 upstream announces none and takes QoS 0 and 1 from the bridge).
-    fn accept(mut self, ack: ConnAck, with_will: bool) -> Result<(Link, Granted), String> {
+    fn accept(mut self, ack: ConnAck, with_will: bool) -> Result<(Link, Granted), LinkError> {
         let p = &ack.properties;
         if ack.reason_code >= 0x80 {
-            let mut e = format!(
-                "upstream refused the connection: reason code {:#04x}",
-                ack.reason_code
-            );
-            if with_will && matches!(ack.reason_code, 0x9a | 0x9b) {
-                e.push_str(
-                    " (it refuses the retained QoS 1 will of `notifications`: set notifications = false)",
-                );
-            }
-            if with_will && ack.reason_code == reason::NOT_AUTHORIZED {
-                e.push_str(
-                    " (if its ACL refuses the will on the state topic: allow notification_topic for this client, change it, or set notifications = false)",
-                );
-            }
-            if let Some(why) = &p.reason_string {
-                e.push_str(&format!(" ({why})"));
-            }
-            if let Some(other) = &p.server_reference {
-                e.push_str(&format!("; server reference: {other}"));
-            }
-            return Err(e);
+            let hint = match ack.reason_code {
+                0x9a | 0x9b if with_will => Some(
+                    "it refuses the retained QoS 1 will of `notifications`: set notifications = false",
+                ),
+                reason::NOT_AUTHORIZED if with_will => Some(
+                    "if its ACL refuses the will on the state topic: allow notification_topic for this client, change it, or set notifications = false",
+                ),
+                _ => None,
+            };
+            return Err(LinkError::Refused {
+                code: ack.reason_code,
+                hint,
+                reason: p.reason_string.clone(),
+                server_reference: p.server_reference.clone(),
+            });
         }
         if let Some(ka) = p.server_keep_alive {
             // The upstream decides (MQTT-3.2.2-21); 0 would mean no pings at all, which
@@ -296,7 +303,7 @@ impl Link {
     }
 
     /// Reads until one whole packet is decoded. Cancel-safe: bytes read stay in `rbuf`.
-    async fn read_packet(&mut self) -> Result<Packet, String> {
+    async fn read_packet(&mut self) -> Result<Packet, LinkError> {
         loop {
             if let Some(p) = self.decode()? {
                 return Ok(p);
@@ -305,9 +312,9 @@ impl Link {
                 self.rbuf.reserve(8 * 1024);
             }
             match self.io.read_buf(&mut self.rbuf).await {
-                Ok(0) => return Err(self.peer_closed("upstream closed the connection".into())),
+                Ok(0) => return Err(self.peer_closed(LinkError::Closed)),
                 Ok(_) => self.delay_acks(),
-                Err(e) => return Err(self.peer_closed(format!("reading from upstream: {e}"))),
+                Err(e) => return Err(self.peer_closed(LinkError::Read(e))),
             }
         }
     }
@@ -336,12 +343,11 @@ impl Link {
         }
     }
 
-    fn decode(&mut self) -> Result<Option<Packet>, String> {
-        decode(&mut self.rbuf, self.version, self.max_in)
-            .map_err(|e| format!("bad packet from upstream: {e}"))
+    fn decode(&mut self) -> Result<Option<Packet>, LinkError> {
+        decode(&mut self.rbuf, self.version, self.max_in).map_err(LinkError::Decode)
     }
 
-    fn peer_closed(&mut self, why: String) -> String {
+    fn peer_closed(&mut self, why: LinkError) -> LinkError {
         self.closed_by_peer = true;
         why
     }
@@ -349,16 +355,15 @@ impl Link {
     /// Reads the next packet, or queues a PINGREQ when the keep-alive is due (`None`: flush
     /// and come back). A PINGREQ still unanswered a whole keep-alive later means the link is
     /// half-open.
-    async fn next_packet(&mut self) -> Result<Option<Packet>, String> {
+    async fn next_packet(&mut self) -> Result<Option<Packet>, LinkError> {
         let ping_at = self.next_ping;
         tokio::select! {
             p = self.read_packet() => p.map(Some),
             _ = tokio::time::sleep_until(ping_at) => {
                 if self.awaiting_pingresp {
-                    return Err(format!(
-                        "no PINGRESP within {} s: the link is half-open",
-                        self.keepalive.as_secs()
-                    ));
+                    return Err(LinkError::NoPingResp {
+                        secs: self.keepalive.as_secs(),
+                    });
                 }
                 encode(&Packet::PingReq, self.version, &mut self.wbuf);
                 self.awaiting_pingresp = true;
@@ -368,7 +373,7 @@ impl Link {
         }
     }
 
-    fn event(&mut self, packet: Packet) -> Result<UpEvent, String> {
+    fn event(&mut self, packet: Packet) -> Result<UpEvent, LinkError> {
         let ack = |kind, a: crate::protocol::PubAckLike| UpEvent::Ack {
             kind,
             packet_id: a.packet_id,
@@ -387,7 +392,7 @@ impl Link {
                 if p.topic.is_empty() {
                     // We announce no Topic Alias Maximum, so an alias is a protocol error.
                     self.protocol_error("PUBLISH with a topic alias we did not allow");
-                    return Err("upstream used a topic alias we did not allow".into());
+                    return Err(LinkError::TopicAlias);
                 }
                 UpEvent::Publish(p)
             }
@@ -398,18 +403,15 @@ impl Link {
             Packet::SubAck(_) | Packet::UnsubAck(_) => UpEvent::Nothing,
             Packet::Disconnect(d) => {
                 self.closed_by_peer = true;
-                let mut why = format!("upstream sent DISCONNECT {:#04x}", d.reason_code);
-                if let Some(s) = &d.properties.reason_string {
-                    why.push_str(&format!(" ({s})"));
-                }
-                if let Some(s) = &d.properties.server_reference {
-                    why.push_str(&format!("; server reference: {s}"));
-                }
-                UpEvent::Disconnect(why)
+                UpEvent::Disconnect(LinkError::Disconnected {
+                    code: d.reason_code,
+                    reason: d.properties.reason_string,
+                    server_reference: d.properties.server_reference,
+                })
             }
             other => {
                 self.protocol_error("unexpected packet");
-                return Err(format!("unexpected {} from upstream", other.name()));
+                return Err(LinkError::Unexpected(other.name()));
             }
         })
     }
@@ -453,18 +455,12 @@ impl Link {
         &mut self,
         cx: &mut std::task::Context<'_>,
         pos: usize,
-    ) -> Poll<Result<Progress, String>> {
+    ) -> Poll<Result<Progress, LinkError>> {
         let io = Pin::new(&mut self.io);
         match io.poll_write(cx, &self.wbuf[pos..]) {
-            Poll::Ready(Ok(0)) => {
-                return Poll::Ready(Err(
-                    self.peer_closed("upstream closed the connection".into())
-                ))
-            }
+            Poll::Ready(Ok(0)) => return Poll::Ready(Err(self.peer_closed(LinkError::Closed))),
             Poll::Ready(Ok(n)) => return Poll::Ready(Ok(Progress::Wrote(n))),
-            Poll::Ready(Err(e)) => {
-                return Poll::Ready(Err(self.peer_closed(format!("writing to upstream: {e}"))))
-            }
+            Poll::Ready(Err(e)) => return Poll::Ready(Err(self.peer_closed(LinkError::Write(e)))),
             Poll::Pending => {}
         }
         if self.rbuf.len() >= READ_AHEAD {
@@ -472,23 +468,21 @@ impl Link {
         }
         let mut rb = ReadBuf::new(&mut self.scratch);
         match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
-            Poll::Ready(Ok(())) if rb.filled().is_empty() => Poll::Ready(Err(
-                self.peer_closed("upstream closed the connection".into())
-            )),
+            Poll::Ready(Ok(())) if rb.filled().is_empty() => {
+                Poll::Ready(Err(self.peer_closed(LinkError::Closed)))
+            }
             Poll::Ready(Ok(())) => {
                 self.rbuf.extend_from_slice(rb.filled());
                 self.delay_acks();
                 Poll::Ready(Ok(Progress::Read))
             }
-            Poll::Ready(Err(e)) => {
-                Poll::Ready(Err(self.peer_closed(format!("reading from upstream: {e}"))))
-            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(self.peer_closed(LinkError::Read(e)))),
             Poll::Pending => Poll::Pending,
         }
     }
 
     /// The write loop of [`Upstream::flush`], reading while the socket is full.
-    async fn write_out(&mut self) -> Result<(), String> {
+    async fn write_out(&mut self) -> Result<(), LinkError> {
         let mut pos = 0;
         let mut idle_since: Option<Instant> = None;
         let idle_timeout = self.idle_timeout;
@@ -503,10 +497,9 @@ impl Link {
                     match tokio::time::timeout_at(since + idle_timeout, step).await {
                         Ok(r) => r?,
                         Err(_) => {
-                            return Err(format!(
-                                "writing to the upstream made no progress for {} s",
-                                idle_timeout.as_secs()
-                            ))
+                            return Err(LinkError::WriteStalled {
+                                secs: idle_timeout.as_secs(),
+                            })
                         }
                     }
                 }
@@ -519,8 +512,8 @@ impl Link {
         let flush = std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_flush(cx));
         match tokio::time::timeout(self.idle_timeout, flush).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(self.peer_closed(format!("writing to upstream: {e}"))),
-            Err(_) => Err("writing to the upstream timed out".into()),
+            Ok(Err(e)) => Err(self.peer_closed(LinkError::Write(e))),
+            Err(_) => Err(LinkError::FlushTimeout),
         }
     }
 }
@@ -531,28 +524,28 @@ enum Progress {
 }
 
 impl Upstream for Link {
-    async fn next(&mut self) -> Result<UpEvent, String> {
+    async fn next(&mut self) -> Result<UpEvent, LinkError> {
         match self.next_packet().await? {
             None => Ok(UpEvent::Nothing),
             Some(p) => self.event(p),
         }
     }
 
-    fn try_next(&mut self) -> Result<Option<UpEvent>, String> {
+    fn try_next(&mut self) -> Result<Option<UpEvent>, LinkError> {
         match self.decode()? {
             Some(p) => self.event(p).map(Some),
             None => Ok(None),
         }
     }
 
-    fn queue(&mut self, packet: Packet) -> Result<(), String> {
+    fn queue(&mut self, packet: Packet) -> Result<(), LinkError> {
         let len = encoded_len(&packet, self.version);
         if len > self.max_out {
-            return Err(format!(
-                "{} of {len} bytes is larger than the upstream's Maximum Packet Size ({} bytes)",
-                packet.name(),
-                self.max_out
-            ));
+            return Err(LinkError::TooLarge {
+                packet: packet.name(),
+                len,
+                max: self.max_out,
+            });
         }
         encode(&packet, self.version, &mut self.wbuf);
         Ok(())
@@ -562,7 +555,7 @@ impl Upstream for Link {
         self.wbuf.len()
     }
 
-    async fn flush(&mut self) -> Result<(), String> {
+    async fn flush(&mut self) -> Result<(), LinkError> {
         if self.wbuf.is_empty() {
             return Ok(());
         }
@@ -579,7 +572,7 @@ impl Upstream for Link {
         &mut self,
         filters: Vec<SubscribeFilter>,
         timeout: Duration,
-    ) -> Result<(Vec<u8>, Vec<UpEvent>), String> {
+    ) -> Result<(Vec<u8>, Vec<UpEvent>), LinkError> {
         // Packet id 1 cannot clash: nothing of ours is in flight before the internal
         // session is attached, which happens after the SUBACK.
         let sub = Subscribe {
@@ -593,7 +586,7 @@ impl Upstream for Link {
         let mut early = Vec::new();
         loop {
             let packet = match tokio::time::timeout_at(deadline, self.next_packet()).await {
-                Err(_) => return Err("no SUBACK from upstream".into()),
+                Err(_) => return Err(LinkError::NoSubAck),
                 Ok(r) => r?,
             };
             match packet {
@@ -656,7 +649,11 @@ mod tests {
         assert!(r.is_ok(), "{:?}", r.err());
         let r = connect_resolved(&bridge, "upstream.test:1883", &[dead], None, 1 << 20).await;
         let e = r.err().expect("refused");
-        assert!(e.contains(&dead.to_string()), "{e}");
+        assert!(
+            matches!(e, LinkError::Connect { ip, .. } if ip == dead),
+            "{e}"
+        );
+        assert!(e.to_string().contains(&dead.to_string()), "{e}");
         broker.shutdown().await;
     }
 }

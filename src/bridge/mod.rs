@@ -48,8 +48,11 @@
 //! connection `reject_after_closes` times in a row is set aside (counted as rejected).
 
 pub mod config;
+mod error;
 mod failover;
 mod link;
+#[cfg(test)]
+mod outbox_model;
 mod pacer;
 mod pump;
 mod status;
@@ -71,6 +74,7 @@ use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
 pub use config::{Addresses, BridgeConfig, BridgeProtocol, Direction, TopicRule};
+use error::{LinkError, Lost};
 use upstream::{Granted, UpEvent, Upstream};
 
 use crate::broker::client::{
@@ -257,14 +261,14 @@ const RECEIVED: usize = 2;
 /// Why a connected period ended.
 enum End {
     Shutdown,
-    Lost(String),
+    Lost(Lost),
     /// The primary address answers again (see `failover`).
     Failback,
 }
 
 /// How one connection attempt went.
 enum Attempt {
-    Failed(String),
+    Failed(LinkError),
     Ended(End),
 }
 
@@ -424,6 +428,7 @@ impl Bridge {
             let (attempt, progress) = self.attempt(connect, &mut backoff).await;
             match attempt {
                 Attempt::Failed(e) => {
+                    let e = e.to_string();
                     if e != last_error {
                         warn!(bridge = %self.cfg.name, address = %address, cause = %e, "bridge cannot connect upstream (retrying with backoff; logged once per distinct error)");
                         self.status(|st| st.last_error = Some(e.clone()));
@@ -437,7 +442,7 @@ impl Bridge {
                 }
                 Attempt::Ended(End::Lost(e)) => {
                     warn!(bridge = %self.cfg.name, address = %address, cause = %e, "bridge link lost; messages stay queued on disk");
-                    last_error = e;
+                    last_error = e.to_string();
                 }
             }
             if self.failover.next(progress) && self.pause(backoff.next_wait()).await {
@@ -453,7 +458,7 @@ impl Bridge {
     /// CONNACK (a duplicate client id, a refused message) is retried ever more slowly.
     async fn attempt<U: Upstream>(
         &self,
-        connect: impl std::future::Future<Output = Result<(U, Granted), String>>,
+        connect: impl std::future::Future<Output = Result<(U, Granted), LinkError>>,
         backoff: &mut Backoff,
     ) -> (Attempt, bool) {
         // Never cancelled except by shutdown: a slow LTE TLS handshake that kept being
@@ -471,7 +476,7 @@ impl Bridge {
         self.failover.connected(&self.shutdown, &self.cfg.name);
         self.set_connected(true, None).await;
         let (end, progress) = match self.subscribe_upstream(&mut up).await {
-            Err(e) => (End::Lost(e), false),
+            Err(e) => (End::Lost(e.into()), false),
             Ok(early) => self.connected(&mut up, granted, early).await,
         };
         self.failover.disconnected();
@@ -486,7 +491,7 @@ impl Bridge {
         }
         let error = match &end {
             End::Shutdown | End::Failback => None,
-            End::Lost(e) => Some(e.clone()),
+            End::Lost(e) => Some(e.to_string()),
         };
         self.set_connected(false, error).await;
         (Attempt::Ended(end), progress || stayed)
@@ -505,7 +510,7 @@ impl Bridge {
     /// events that arrived before the SUBACK, to be handled first once the internal
     /// session is attached (dropping a message a resumed session delivered early would
     /// leave it unacknowledged upstream, holding the upstream's in-flight window).
-    async fn subscribe_upstream<U: Upstream>(&self, up: &mut U) -> Result<Vec<UpEvent>, String> {
+    async fn subscribe_upstream<U: Upstream>(&self, up: &mut U) -> Result<Vec<UpEvent>, LinkError> {
         if self.inbound.is_empty() {
             return Ok(Vec::new());
         }
@@ -580,21 +585,21 @@ impl Bridge {
             });
             receivers.push(rx);
         }
-        let mut link = pump::Link::new(
+        let mut period = pump::Period::new(
             granted,
             classes,
             self.cfg.inflight_bytes,
             self.cfg.ack_timeout_secs,
         );
-        link.isolate_left = self.strikes.isolating();
-        link.rate = f64::from_bits(self.rate.load(Ordering::Relaxed));
-        if link.isolate_left > 0 {
-            warn!(bridge = %self.cfg.name, messages = link.isolate_left, "the upstream keeps closing the connection while the same message is in flight: sending one message at a time to find the one it refuses");
+        period.isolate_left = self.strikes.isolating();
+        period.rate = f64::from_bits(self.rate.load(Ordering::Relaxed));
+        if period.isolate_left > 0 {
+            warn!(bridge = %self.cfg.name, messages = period.isolate_left, "the upstream keeps closing the connection while the same message is in flight: sending one message at a time to find the one it refuses");
         }
-        let end = self.pump(up, &mut link, &mut receivers, early).await;
+        let end = self.pump(up, &mut period, &mut receivers, early).await;
         self.publish_counts();
-        self.rate.store(link.rate.to_bits(), Ordering::Relaxed);
-        let lost_qos0 = link
+        self.rate.store(period.rate.to_bits(), Ordering::Relaxed);
+        let lost_qos0 = period
             .classes
             .iter()
             .flat_map(|c| c.held.iter())
@@ -605,15 +610,15 @@ impl Bridge {
             self.status(|st| st.dropped_qos0 += lost_qos0);
         }
         if matches!(end, End::Lost(_)) {
-            let isolated = link.isolate_left > 0;
-            let in_flight = link.in_flight();
+            let isolated = period.isolate_left > 0;
+            let in_flight = period.in_flight();
             self.strikes
-                .lost(link.suspect, up.closed_by_peer(), isolated, in_flight);
+                .lost(period.suspect, up.closed_by_peer(), isolated, in_flight);
         }
-        for c in &link.classes {
+        for c in &period.classes {
             c.tx.disconnect().await;
         }
-        (end, link.progress && !link.quota)
+        (end, period.progress && !period.quota)
     }
 
     /// Local topic → remote topic through the first matching `out` rule.

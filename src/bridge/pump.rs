@@ -34,6 +34,7 @@ use std::collections::{HashMap, VecDeque};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use super::error::Lost;
 use super::pacer::Pacer;
 use super::upstream::{AckKind, Granted, UpEvent, Upstream};
 use super::{Bridge, End, ACKED, RECEIVED, SENT};
@@ -46,7 +47,7 @@ use crate::protocol::{reason, topic, Packet, PubAckLike, Publish, QoS};
 const PRIORITY_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// One connected period: the outboxes' connections and what the upstream granted.
-pub(super) struct Link {
+pub(super) struct Period {
     pub granted: Granted,
     /// One per outbox, highest priority first.
     pub classes: Vec<Class>,
@@ -118,10 +119,10 @@ pub(super) struct Class {
     pub held: VecDeque<Publish>,
 }
 
-impl Link {
-    pub fn new(granted: Granted, classes: Vec<Class>, max_bytes: u64, ack_timeout: u64) -> Link {
+impl Period {
+    pub fn new(granted: Granted, classes: Vec<Class>, max_bytes: u64, ack_timeout: u64) -> Period {
         let n = classes.len().max(1) as u16;
-        Link {
+        Period {
             granted,
             classes,
             stride: u16::MAX / n,
@@ -261,12 +262,12 @@ impl Bridge {
     pub(super) async fn pump<U: Upstream>(
         &self,
         up: &mut U,
-        link: &mut Link,
+        period: &mut Period,
         rxs: &mut [ClientRx],
         early: Vec<UpEvent>,
     ) -> End {
         for ev in early {
-            if let Some(end) = self.incoming(up, link, ev).await {
+            if let Some(end) = self.incoming(up, period, ev).await {
                 return end;
             }
         }
@@ -275,7 +276,7 @@ impl Bridge {
         let mut pacer = Pacer::new(rate, bytes_rate);
         let failback = self.failover.failback();
         let linger = std::time::Duration::from_millis(self.cfg.linger_ms);
-        let window = self.window(link);
+        let window = self.window(period);
         // When the oldest bytes not yet written were queued (`linger_ms`).
         let mut pending_since: Option<Instant> = None;
         loop {
@@ -285,13 +286,13 @@ impl Bridge {
                     let Ok(out) = rx.try_recv() else {
                         break;
                     };
-                    match self.outgoing(up, link, k, out).await {
+                    match self.outgoing(up, period, k, out).await {
                         Err(end) => return end,
                         Ok(bytes) => pacer.sent(bytes),
                     }
                 }
             }
-            if let Err(end) = self.release_held(up, link, &mut pacer).await {
+            if let Err(end) = self.release_held(up, period, &mut pacer).await {
                 return end;
             }
             // `linger_ms`: what is queued waits (up to that long after the oldest of it)
@@ -303,47 +304,46 @@ impl Bridge {
                 let since = *pending_since.get_or_insert_with(Instant::now);
                 let due = since + linger;
                 let now = Instant::now();
-                (due > now && up.pending() < LINGER_MAX_BYTES && !link.blocked(window))
+                (due > now && up.pending() < LINGER_MAX_BYTES && !period.blocked(window))
                     .then_some(due)
             };
             if linger_until.is_none() {
                 pending_since = None;
                 if let Err(e) = up.flush().await {
-                    return End::Lost(e);
+                    return End::Lost(e.into());
                 }
             }
             self.publish_counts();
             // What was read while writing (acknowledgements), before any timer is judged.
             match up.try_next() {
-                Err(e) => return End::Lost(e),
+                Err(e) => return End::Lost(e.into()),
                 Ok(Some(ev)) => {
-                    if let Some(end) = self.incoming(up, link, ev).await {
+                    if let Some(end) = self.incoming(up, period, ev).await {
                         return end;
                     }
                     continue;
                 }
                 Ok(None) => {}
             }
-            let recheck = link.recheck_at().filter(|t| *t > Instant::now());
+            let recheck = period.recheck_at().filter(|t| *t > Instant::now());
             // Messages may wait up to `linger` before they are written.
-            let dead_at = link.ack_deadline().map(|t| t + linger);
+            let dead_at = period.ack_deadline().map(|t| t + linger);
             // Everything is written (or lingers, untouched): `next` may be cancelled here.
             let ev = tokio::select! {
                 _ = self.shutdown.cancelled() => return End::Shutdown,
                 _ = failback.cancelled() => return End::Failback,
                 _ = tokio::time::sleep_until(linger_until.unwrap_or_else(Instant::now)), if linger_until.is_some() => continue,
                 _ = tokio::time::sleep_until(dead_at.unwrap_or_else(Instant::now)), if dead_at.is_some() => {
-                    return End::Lost(format!(
-                        "no acknowledgement from upstream for {} s with {} messages in flight: the link is dead",
-                        link.ack_timeout.as_secs(),
-                        link.in_flight
-                    ));
+                    return End::Lost(Lost::NoAck {
+                        secs: period.ack_timeout.as_secs(),
+                        in_flight: period.in_flight,
+                    });
                 }
                 _ = tokio::time::sleep_until(recheck.unwrap_or_else(Instant::now)), if recheck.is_some() => continue,
                 out = recv_any(rxs), if pacer.ready() => match out {
                     None => return End::Shutdown,
                     Some((k, out)) => {
-                        match self.outgoing(up, link, k, out).await {
+                        match self.outgoing(up, period, k, out).await {
                             Err(end) => return end,
                             Ok(bytes) => pacer.sent(bytes),
                         }
@@ -363,10 +363,10 @@ impl Bridge {
             // The rest of a burst (acks arrive many per read) without another round.
             loop {
                 match ev {
-                    Err(e) => return End::Lost(e),
+                    Err(e) => return End::Lost(e.into()),
                     Ok(None) => break,
                     Ok(Some(ev)) => {
-                        if let Some(end) = self.incoming(up, link, ev).await {
+                        if let Some(end) = self.incoming(up, period, ev).await {
                             return end;
                         }
                     }
@@ -378,10 +378,10 @@ impl Bridge {
 
     /// The router's in-flight window per outbox on this connection, times the outboxes
     /// (as `connected` computes it).
-    fn window(&self, link: &Link) -> usize {
-        let n = link.classes.len().max(1);
+    fn window(&self, period: &Period) -> usize {
+        let n = period.classes.len().max(1);
         let per = usize::from(self.cfg.inflight)
-            .min(usize::from(link.granted.receive_maximum) / n)
+            .min(usize::from(period.granted.receive_maximum) / n)
             .min(usize::from(self.shared.broker.mqtt().max_inflight))
             .max(1);
         per * n
@@ -391,15 +391,15 @@ impl Bridge {
     async fn release_held<U: Upstream>(
         &self,
         up: &mut U,
-        link: &mut Link,
+        period: &mut Period,
         pacer: &mut Pacer,
     ) -> Result<(), End> {
-        for k in 0..link.classes.len() {
-            while pacer.ready() && !link.gated(k) {
-                let Some(p) = link.classes[k].held.pop_front() else {
+        for k in 0..period.classes.len() {
+            while pacer.ready() && !period.gated(k) {
+                let Some(p) = period.classes[k].held.pop_front() else {
                     break;
                 };
-                let bytes = self.uplink(up, link, k, p).await?;
+                let bytes = self.uplink(up, period, k, p).await?;
                 pacer.sent(bytes);
             }
         }
@@ -413,22 +413,27 @@ impl Bridge {
     }
 
     /// Handles one event from upstream. `Some` ends the connected period.
-    async fn incoming<U: Upstream>(&self, up: &mut U, link: &mut Link, ev: UpEvent) -> Option<End> {
+    async fn incoming<U: Upstream>(
+        &self,
+        up: &mut U,
+        period: &mut Period,
+        ev: UpEvent,
+    ) -> Option<End> {
         match ev {
             UpEvent::Nothing => None,
-            UpEvent::Disconnect(why) => Some(End::Lost(why)),
+            UpEvent::Disconnect(why) => Some(End::Lost(why.into())),
             UpEvent::Publish(p) => {
                 self.count(RECEIVED);
-                link.progress = true;
-                self.downlink(up, link, p).await
+                period.progress = true;
+                self.downlink(up, period, p).await
             }
-            UpEvent::Release(packet_id) => self.release(link, packet_id).await,
+            UpEvent::Release(packet_id) => self.release(period, packet_id).await,
             UpEvent::Ack {
                 kind,
                 packet_id: upstream_id,
                 reason,
             } => {
-                let Some((k, packet_id)) = link.local_id(upstream_id) else {
+                let Some((k, packet_id)) = period.local_id(upstream_id) else {
                     warn!(bridge = %self.cfg.name, packet_id = upstream_id, "acknowledgement for a packet id we did not use; ignored");
                     return None;
                 };
@@ -436,39 +441,37 @@ impl Bridge {
                     // How AWS IoT and HiveMQ throttle: not a verdict on the message. It
                     // stays in flight in the outbox and goes again after a backoff, in
                     // order with what followed it.
-                    link.quota = true;
-                    return Some(End::Lost(format!(
-                        "upstream answered 0x97 Quota exceeded (packet id {packet_id}); backing off, the message stays queued"
-                    )));
+                    period.quota = true;
+                    return Some(End::Lost(Lost::Quota { packet_id }));
                 }
                 let now = Instant::now();
-                link.last_ack = now;
-                link.suspect = None;
-                if link.isolate_left > 0 {
-                    link.isolate_left = self.strikes.acked();
+                period.last_ack = now;
+                period.suspect = None;
+                if period.isolate_left > 0 {
+                    period.isolate_left = self.strikes.acked();
                 }
                 let done = kind != AckKind::Rec || reason >= 0x80;
                 if reason >= 0x80 {
                     warn!(bridge = %self.cfg.name, packet_id, reason = format!("{reason:#04x}"), "the upstream refused a message (v5 reason code); it is removed from the outbox and counted as rejected");
                     self.status(|st| st.rejected += 1);
                 } else {
-                    link.progress = true;
+                    period.progress = true;
                     if done {
                         self.count(ACKED);
                     }
                 }
                 if done {
-                    link.completed(k, upstream_id, now);
+                    period.completed(k, upstream_id, now);
                 }
                 // A QoS 2 message the upstream only takes at QoS 1: its PUBACK is our PUBREC.
-                let kind = match (kind, link.emulated.get(&upstream_id)) {
+                let kind = match (kind, period.emulated.get(&upstream_id)) {
                     (AckKind::Ack, Some(QoS::ExactlyOnce)) => AckKind::Rec,
                     _ => kind,
                 };
                 if kind != AckKind::Rec || reason >= 0x80 {
-                    link.emulated.remove(&upstream_id);
+                    period.emulated.remove(&upstream_id);
                 }
-                let tx = &link.classes[k].tx;
+                let tx = &period.classes[k].tx;
                 Self::to_router(match kind {
                     // Accepted by the upstream (the next hop holds it now).
                     AckKind::Ack if reason < 0x80 => tx.upstream_ack(packet_id).await,
@@ -483,23 +486,25 @@ impl Bridge {
     /// A downlink PUBREL: to the outbox that published the message (it holds the packet
     /// id); if that is not known (a gateway restart since), to every outbox, and the one
     /// that has it answers the PUBCOMP (see `outgoing`).
-    async fn release(&self, link: &mut Link, packet_id: u16) -> Option<End> {
+    async fn release(&self, period: &mut Period, packet_id: u16) -> Option<End> {
         let known = self
             .qos2_down
             .lock()
             .ok()
             .and_then(|mut m| m.remove(&packet_id))
-            .filter(|k| *k < link.classes.len());
+            .filter(|k| *k < period.classes.len());
         let targets: Vec<usize> = match known {
             Some(k) => vec![k],
-            None if link.classes.len() == 1 => vec![0],
+            None if period.classes.len() == 1 => vec![0],
             None => {
-                link.fanout.insert(packet_id, (link.classes.len(), false));
-                (0..link.classes.len()).collect()
+                period
+                    .fanout
+                    .insert(packet_id, (period.classes.len(), false));
+                (0..period.classes.len()).collect()
             }
         };
         for k in targets {
-            if let Some(end) = Self::to_router(link.classes[k].tx.pubrel(packet_id).await) {
+            if let Some(end) = Self::to_router(period.classes[k].tx.pubrel(packet_id).await) {
                 return Some(end);
             }
         }
@@ -508,7 +513,12 @@ impl Bridge {
 
     /// Hands one message from upstream to the router; its upstream acknowledgement waits
     /// for the router's (after the local commit). `Some` ends the connected period.
-    async fn downlink<U: Upstream>(&self, up: &mut U, link: &Link, mut p: Publish) -> Option<End> {
+    async fn downlink<U: Upstream>(
+        &self,
+        up: &mut U,
+        period: &Period,
+        mut p: Publish,
+    ) -> Option<End> {
         let Some(local) = self.local_topic(&p.topic) else {
             warn!(bridge = %self.cfg.name, topic = %p.topic, "downlink message matches no `in` rule; acknowledged and dropped");
             let ack = PubAckLike::new(p.packet_id);
@@ -517,13 +527,11 @@ impl Bridge {
                 QoS::AtLeastOnce => Packet::PubAck(ack),
                 QoS::ExactlyOnce => Packet::PubRec(ack),
             };
-            return up.queue(packet).err().map(End::Lost);
+            return up.queue(packet).err().map(|e| End::Lost(e.into()));
         };
-        let k = self.downlink_class(link, &local);
-        let Some(class) = link.classes.get(k) else {
-            return Some(End::Lost(
-                "no outbox to publish a downlink message through".into(),
-            ));
+        let k = self.downlink_class(period, &local);
+        let Some(class) = period.classes.get(k) else {
+            return Some(End::Lost(Lost::NoOutbox));
         };
         if p.qos == QoS::ExactlyOnce {
             if let Ok(mut m) = self.qos2_down.lock() {
@@ -544,11 +552,12 @@ impl Bridge {
     /// The outbox a downlink message is published through: the one whose `out` filters
     /// match its local topic (No Local then keeps it from going back up), else the lowest
     /// priority (the default outbox).
-    fn downlink_class(&self, link: &Link, local: &str) -> usize {
-        link.classes
+    fn downlink_class(&self, period: &Period, local: &str) -> usize {
+        period
+            .classes
             .iter()
             .position(|c| c.filters.iter().any(|f| topic::matches(f, local)))
-            .unwrap_or(link.classes.len().saturating_sub(1))
+            .unwrap_or(period.classes.len().saturating_sub(1))
     }
 
     /// Handles one packet from outbox `k`: the payload bytes it puts on the link (for the
@@ -556,7 +565,7 @@ impl Bridge {
     async fn outgoing<U: Upstream>(
         &self,
         up: &mut U,
-        link: &mut Link,
+        period: &mut Period,
         k: usize,
         out: Outgoing,
     ) -> Result<usize, End> {
@@ -565,27 +574,27 @@ impl Bridge {
                 return Err(if self.shutdown.is_cancelled() {
                     End::Shutdown
                 } else {
-                    End::Lost("detached by the router".into())
+                    End::Lost(Lost::Detached)
                 })
             }
             Outgoing::Packet(p) => *p,
         };
-        let lost = End::Lost;
-        if matches!(packet, Packet::Publish(_)) && link.classes.len() > 1 {
-            link.classes[k].last_message = Some(Instant::now());
+        let lost = |e| End::Lost(Lost::Link(e));
+        if matches!(packet, Packet::Publish(_)) && period.classes.len() > 1 {
+            period.classes[k].last_message = Some(Instant::now());
         }
         match packet {
             // Behind held messages of its own priority too, or it would overtake them.
-            Packet::Publish(p) if link.gated(k) || !link.classes[k].held.is_empty() => {
-                link.classes[k].held.push_back(p)
+            Packet::Publish(p) if period.gated(k) || !period.classes[k].held.is_empty() => {
+                period.classes[k].held.push_back(p)
             }
-            Packet::Publish(p) => return self.uplink(up, link, k, p).await,
+            Packet::Publish(p) => return self.uplink(up, period, k, p).await,
             // The router released a QoS 2 message: upstream, unless it only took it at a
             // lower QoS (then it is complete already).
             Packet::PubRel(mut a) => {
-                let upstream_id = link.upstream_id(k, a.packet_id);
-                if link.emulated.remove(&upstream_id).is_some() {
-                    let sent = link.classes[k].tx.pubcomp(a.packet_id).await;
+                let upstream_id = period.upstream_id(k, a.packet_id);
+                if period.emulated.remove(&upstream_id).is_some() {
+                    let sent = period.classes[k].tx.pubcomp(a.packet_id).await;
                     if let Some(end) = Self::to_router(sent) {
                         return Err(end);
                     }
@@ -600,10 +609,10 @@ impl Bridge {
             }
             // The answer of one outbox to a release sent to all of them: the success goes
             // up, "not found" only if no outbox had it.
-            Packet::PubComp(a) if link.fanout.contains_key(&a.packet_id) => {
+            Packet::PubComp(a) if period.fanout.contains_key(&a.packet_id) => {
                 let id = a.packet_id;
                 let mut forward = None;
-                if let Some(f) = link.fanout.get_mut(&id) {
+                if let Some(f) = period.fanout.get_mut(&id) {
                     f.0 = f.0.saturating_sub(1);
                     if a.reason_code < 0x80 && !f.1 {
                         f.1 = true;
@@ -612,7 +621,7 @@ impl Bridge {
                         forward = Some(a);
                     }
                     if f.0 == 0 {
-                        link.fanout.remove(&id);
+                        period.fanout.remove(&id);
                     }
                 }
                 if let Some(a) = forward {
@@ -631,13 +640,13 @@ impl Bridge {
     async fn uplink<U: Upstream>(
         &self,
         up: &mut U,
-        link: &mut Link,
+        period: &mut Period,
         k: usize,
         mut p: Publish,
     ) -> Result<usize, End> {
-        let tx = link.classes[k].tx.clone();
+        let tx = period.classes[k].tx.clone();
         let packet_id = p.packet_id;
-        let upstream_id = link.upstream_id(k, packet_id);
+        let upstream_id = period.upstream_id(k, packet_id);
         let local_qos = p.qos;
         let Some(remote) = self.remote_topic(&p.topic) else {
             // Cannot happen (the session only subscribes `out` rules); don't let it block
@@ -652,14 +661,14 @@ impl Bridge {
             return self.complete_now(&tx, local_qos, packet_id, refused).await;
         }
         let remote: std::sync::Arc<str> = remote.into();
-        let alias = link.alias(&remote);
+        let alias = period.alias(&remote);
         p.topic = match alias {
             // Announced on this connection: the topic goes as an empty string.
             Some((_, true)) => "".into(),
             _ => remote.clone(),
         };
-        p.qos = p.qos.min(link.granted.maximum_qos);
-        p.retain &= link.granted.retain_available;
+        p.qos = p.qos.min(period.granted.maximum_qos);
+        p.retain &= period.granted.retain_available;
         p.properties.subscription_identifiers.clear();
         p.properties.topic_alias = alias.map(|(a, _)| a);
         if p.qos == QoS::AtMostOnce {
@@ -678,19 +687,19 @@ impl Bridge {
             return self.complete_now(&tx, local_qos, packet_id, refused).await;
         }
         if let Some((a, false)) = alias {
-            link.aliases.insert(remote, a);
+            period.aliases.insert(remote, a);
         }
         self.count(SENT);
         if sent_qos != QoS::AtMostOnce {
-            if link.suspect.is_none() {
-                link.suspect = Some((k, packet_id));
+            if period.suspect.is_none() {
+                period.suspect = Some((k, packet_id));
             }
-            link.sent(k, upstream_id, bytes);
+            period.sent(k, upstream_id, bytes);
         }
         if sent_qos < local_qos {
             // The upstream's Maximum QoS is lower: its acknowledgement (or none, at QoS 0)
             // completes the message.
-            link.emulated.insert(upstream_id, local_qos);
+            period.emulated.insert(upstream_id, local_qos);
             if sent_qos == QoS::AtMostOnce {
                 if let Some(end) = self.complete(&tx, local_qos, packet_id, 0).await {
                     return Err(end);

@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use super::error::LinkError;
 use crate::protocol::{Packet, Publish, QoS, SubscribeFilter};
 
 /// An event from the upstream broker.
@@ -23,7 +24,7 @@ pub(super) enum UpEvent {
     /// A downlink message (remote topic).
     Publish(Publish),
     /// The upstream closed the session (v5 DISCONNECT): why, for the logs and status.
-    Disconnect(String),
+    Disconnect(LinkError),
     /// Nothing for the bridge (PINGRESP, a ping to send, ...): flush and wait again.
     Nothing,
 }
@@ -53,20 +54,20 @@ pub(super) struct Granted {
 pub(super) trait Upstream {
     /// Waits for the next event. Cancel-safe once [`Upstream::flush`] has returned (the
     /// bridge races it with the router's output only then).
-    async fn next(&mut self) -> Result<UpEvent, String>;
+    async fn next(&mut self) -> Result<UpEvent, LinkError>;
     /// The next event if one is already read and decoded (no waiting, no I/O): lets the
     /// bridge handle a burst of acknowledgements in one pass.
-    fn try_next(&mut self) -> Result<Option<UpEvent>, String>;
+    fn try_next(&mut self) -> Result<Option<UpEvent>, LinkError>;
     /// Queues a packet (PUBLISH with the remote topic, or PUBACK/PUBREC/PUBREL/PUBCOMP) to
     /// be written by the next `flush`. `Err` if the upstream cannot take it at all (too
     /// large for its Maximum Packet Size): the caller decides what happens to the message.
-    fn queue(&mut self, packet: Packet) -> Result<(), String>;
+    fn queue(&mut self, packet: Packet) -> Result<(), LinkError>;
     /// Bytes queued and not yet written.
     fn pending(&self) -> usize;
     /// Writes everything queued, reading what arrives meanwhile (for `try_next`); fails
     /// when nothing moved either way for `ack_timeout_secs` (a black-holed link cannot
     /// stall it for ever, a slow one that keeps moving is fine).
-    async fn flush(&mut self) -> Result<(), String>;
+    async fn flush(&mut self) -> Result<(), LinkError>;
     /// Whether the upstream ended the connection (EOF, reset, DISCONNECT) rather than a
     /// timeout on our side.
     fn closed_by_peer(&self) -> bool;
@@ -77,7 +78,7 @@ pub(super) trait Upstream {
         &mut self,
         filters: Vec<SubscribeFilter>,
         timeout: Duration,
-    ) -> Result<(Vec<u8>, Vec<UpEvent>), String>;
+    ) -> Result<(Vec<u8>, Vec<UpEvent>), LinkError>;
     /// Ends the session politely (DISCONNECT, session kept upstream), best effort;
     /// `offline`: the state notification goes to `0` too (see `link`).
     async fn close(&mut self, offline: bool);
