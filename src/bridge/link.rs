@@ -24,7 +24,7 @@ use std::task::Poll;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_rustls::rustls;
@@ -32,8 +32,9 @@ use tokio_rustls::rustls;
 use super::error::LinkError;
 use super::upstream::{AckKind, Granted, UpEvent, Upstream};
 use super::{BridgeConfig, BridgeProtocol};
+use crate::protocol::framed::FramedReader;
 use crate::protocol::{
-    decode, encode, encoded_len, reason, ConnAck, Connect, ConnectProperties, Disconnect, Packet,
+    encode, encoded_len, reason, ConnAck, Connect, ConnectProperties, Disconnect, Packet,
     ProtocolVersion, Publish, QoS, Subscribe, SubscribeFilter, Will,
 };
 
@@ -46,11 +47,10 @@ const READ_AHEAD: usize = 1 << 20;
 
 pub(super) struct Link {
     version: ProtocolVersion,
-    io: Box<dyn Io>,
-    rbuf: BytesMut,
+    /// The upstream connection, read as whole packets (`protocol::framed`, the reader the
+    /// broker's own connections use); written through `get_mut`.
+    reader: FramedReader<Box<dyn Io>>,
     wbuf: BytesMut,
-    /// Largest packet we accept (our Maximum Packet Size).
-    max_in: usize,
     /// Largest packet the upstream accepts (its Maximum Packet Size).
     max_out: usize,
     keepalive: Duration,
@@ -182,10 +182,9 @@ async fn open(
     let keepalive = cfg.keepalive_secs.max(5);
     let mut link = Link {
         version,
-        io,
-        rbuf: BytesMut::with_capacity(8 * 1024),
+        // Largest packet we accept (our Maximum Packet Size), checked from each header.
+        reader: FramedReader::new(io, max_in),
         wbuf: BytesMut::with_capacity(8 * 1024),
-        max_in,
         max_out: usize::MAX,
         keepalive: Duration::from_secs(u64::from(keepalive)),
         next_ping: Instant::now(),
@@ -302,16 +301,13 @@ impl Link {
         Ok((self, granted))
     }
 
-    /// Reads until one whole packet is decoded. Cancel-safe: bytes read stay in `rbuf`.
+    /// Reads until one whole packet is decoded. Cancel-safe: bytes read stay in the reader.
     async fn read_packet(&mut self) -> Result<Packet, LinkError> {
         loop {
             if let Some(p) = self.decode()? {
                 return Ok(p);
             }
-            if self.rbuf.capacity() - self.rbuf.len() < 4096 {
-                self.rbuf.reserve(8 * 1024);
-            }
-            match self.io.read_buf(&mut self.rbuf).await {
+            match self.reader.fill().await {
                 Ok(0) => return Err(self.peer_closed(LinkError::Closed)),
                 Ok(_) => self.delay_acks(),
                 Err(e) => return Err(self.peer_closed(LinkError::Read(e))),
@@ -329,7 +325,7 @@ impl Link {
         #[cfg(any(target_os = "linux", target_os = "android"))]
         if let Some(fd) = self.delayed_ack_fd {
             let off: libc::c_int = 0;
-            // SAFETY: `fd` is the TCP socket owned by `self.io`, open while `self` lives;
+            // SAFETY: `fd` is the TCP socket owned by `self.reader`, open while `self` lives;
             // the option value is a valid c_int of the size given.
             unsafe {
                 libc::setsockopt(
@@ -344,7 +340,9 @@ impl Link {
     }
 
     fn decode(&mut self) -> Result<Option<Packet>, LinkError> {
-        decode(&mut self.rbuf, self.version, self.max_in).map_err(LinkError::Decode)
+        self.reader
+            .next_buffered(self.version)
+            .map_err(LinkError::Decode)
     }
 
     fn peer_closed(&mut self, why: LinkError) -> LinkError {
@@ -456,23 +454,23 @@ impl Link {
         cx: &mut std::task::Context<'_>,
         pos: usize,
     ) -> Poll<Result<Progress, LinkError>> {
-        let io = Pin::new(&mut self.io);
+        let io = Pin::new(self.reader.get_mut());
         match io.poll_write(cx, &self.wbuf[pos..]) {
             Poll::Ready(Ok(0)) => return Poll::Ready(Err(self.peer_closed(LinkError::Closed))),
             Poll::Ready(Ok(n)) => return Poll::Ready(Ok(Progress::Wrote(n))),
             Poll::Ready(Err(e)) => return Poll::Ready(Err(self.peer_closed(LinkError::Write(e)))),
             Poll::Pending => {}
         }
-        if self.rbuf.len() >= READ_AHEAD {
+        if self.reader.buffered().len() >= READ_AHEAD {
             return Poll::Pending;
         }
         let mut rb = ReadBuf::new(&mut self.scratch);
-        match Pin::new(&mut self.io).poll_read(cx, &mut rb) {
+        match Pin::new(self.reader.get_mut()).poll_read(cx, &mut rb) {
             Poll::Ready(Ok(())) if rb.filled().is_empty() => {
                 Poll::Ready(Err(self.peer_closed(LinkError::Closed)))
             }
             Poll::Ready(Ok(())) => {
-                self.rbuf.extend_from_slice(rb.filled());
+                self.reader.push_read(rb.filled());
                 self.delay_acks();
                 Poll::Ready(Ok(Progress::Read))
             }
@@ -509,7 +507,7 @@ impl Link {
                 pos += n;
             }
         }
-        let flush = std::future::poll_fn(|cx| Pin::new(&mut self.io).poll_flush(cx));
+        let flush = std::future::poll_fn(|cx| Pin::new(self.reader.get_mut()).poll_flush(cx));
         match tokio::time::timeout(self.idle_timeout, flush).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(self.peer_closed(LinkError::Write(e))),

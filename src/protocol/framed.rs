@@ -81,6 +81,12 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
         self.buf.capacity()
     }
 
+    /// Appends bytes read from the stream elsewhere (e.g. by a poll-based writer that reads
+    /// while its write is blocked), to be decoded like any others.
+    pub fn push_read(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
     /// The underlying stream.
     pub fn get_ref(&self) -> &R {
         &self.inner

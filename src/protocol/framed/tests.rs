@@ -169,3 +169,22 @@ async fn an_idle_reader_starts_small() {
     );
     assert!(r.capacity() <= MIN_ROOM);
 }
+
+/// Bytes read elsewhere (the bridge reads while its write is blocked) and pushed in are
+/// decoded in order with the ones the reader reads itself, split anywhere.
+#[tokio::test]
+async fn bytes_pushed_in_are_decoded_in_order_with_the_ones_read() {
+    let (_, first) = publish_bytes("a", b"one");
+    let (_, second) = publish_bytes("b", b"two");
+    let (mut tx, rx) = tokio::io::duplex(64);
+    let mut r = FramedReader::new(rx, 1024);
+    // The first packet and half of the second arrive "elsewhere".
+    let cut = second.len() / 2;
+    r.push_read(&first);
+    r.push_read(&second[..cut]);
+    tx.write_all(&second[cut..]).await.unwrap();
+    drop(tx);
+    assert_eq!(&payload_of(r.read_packet(V).await.unwrap())[..], b"one");
+    assert_eq!(&payload_of(r.read_packet(V).await.unwrap())[..], b"two");
+    assert!(r.read_packet(V).await.unwrap().is_none());
+}
