@@ -12,13 +12,11 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use bytes::BytesMut;
 use common::*;
 use holdfast::bridge::{BridgeConfig, BridgeProtocol, Direction, TopicRule};
 use holdfast::protocol::{self, Packet, ProtocolVersion, PubAckLike, QoS};
 use proxy::Proxy;
 use seq::*;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::time::Instant;
 
 const V311: BridgeProtocol = BridgeProtocol::V311;
@@ -325,18 +323,18 @@ async fn qos2_downlink_release_reaches_the_outbox_that_took_the_message() {
     let mut local = RawClient::connect(gw.addr, ProtocolVersion::V5, "local-sub").await;
     local.subscribe("alarms/#", QoS::ExactlyOnce).await;
 
-    let (mut up, _) = tokio::time::timeout(TIMEOUT, listener.accept())
+    let (up, _) = tokio::time::timeout(TIMEOUT, listener.accept())
         .await
         .expect("the bridge connects")
         .unwrap();
-    let v5 = ProtocolVersion::V5;
-    let mut buf = BytesMut::new();
+    // The kit's raw client, here on the server's side of the socket.
+    let mut up = RawClient::from_stream(up, ProtocolVersion::V5);
     assert!(matches!(
-        read_packet(&mut up, &mut buf, v5).await,
+        up.recv().await.expect("the bridge answers"),
         Packet::Connect(_)
     ));
-    write_packet(&mut up, v5, Packet::ConnAck(Default::default())).await;
-    let sub = match read_packet(&mut up, &mut buf, v5).await {
+    up.send(Packet::ConnAck(Default::default())).await;
+    let sub = match up.recv().await.expect("the bridge answers") {
         Packet::Subscribe(s) => s,
         other => panic!("expected SUBSCRIBE, got {other:?}"),
     };
@@ -345,17 +343,17 @@ async fn qos2_downlink_release_reaches_the_outbox_that_took_the_message() {
         reason_codes: vec![2; sub.filters.len()],
         ..Default::default()
     };
-    write_packet(&mut up, v5, Packet::SubAck(suback)).await;
+    up.send(Packet::SubAck(suback)).await;
     for (n, topic) in ["site/alarms/a", "site/alarms/b"].into_iter().enumerate() {
         let mut p = publish(topic, b"fire", QoS::ExactlyOnce, 7);
         p.retain = false;
-        write_packet(&mut up, v5, Packet::Publish(p)).await;
-        match read_packet(&mut up, &mut buf, v5).await {
+        up.send(Packet::Publish(p)).await;
+        match up.recv().await.expect("the bridge answers") {
             Packet::PubRec(a) => assert_eq!((a.packet_id, a.reason_code), (7, 0), "message {n}"),
             other => panic!("expected PUBREC, got {other:?}"),
         }
-        write_packet(&mut up, v5, Packet::PubRel(PubAckLike::new(7))).await;
-        match read_packet(&mut up, &mut buf, v5).await {
+        up.send(Packet::PubRel(PubAckLike::new(7))).await;
+        match up.recv().await.expect("the bridge answers") {
             Packet::PubComp(a) => assert_eq!(
                 (a.packet_id, a.reason_code),
                 (7, 0),
@@ -378,29 +376,6 @@ async fn qos2_downlink_release_reaches_the_outbox_that_took_the_message() {
             .await;
     }
     gw.shutdown().await;
-}
-
-async fn read_packet(
-    s: &mut tokio::net::TcpStream,
-    buf: &mut BytesMut,
-    v: ProtocolVersion,
-) -> Packet {
-    loop {
-        if let Some(p) = protocol::decode(buf, v, 1 << 20).expect("bridge sends valid packets") {
-            return p;
-        }
-        let n = tokio::time::timeout(TIMEOUT, s.read_buf(buf))
-            .await
-            .expect("the bridge answers")
-            .unwrap();
-        assert!(n > 0, "the bridge closed the connection");
-    }
-}
-
-async fn write_packet(s: &mut tokio::net::TcpStream, v: ProtocolVersion, p: Packet) {
-    let mut out = BytesMut::new();
-    protocol::encode(&p, v, &mut out);
-    s.write_all(&out).await.unwrap();
 }
 
 // ---------------------------------------------------------------------------------------
