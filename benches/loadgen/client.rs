@@ -10,11 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use holdfast::protocol::framed::FramedReader;
 use holdfast::protocol::{
-    decode, encode, Connect, Packet, ProtocolVersion, PubAckLike, Publish, QoS, Subscribe,
-    SubscribeFilter, SubscriptionOptions,
+    encode, Connect, Packet, ProtocolVersion, PubAckLike, Publish, QoS, Subscribe, SubscribeFilter,
+    SubscriptionOptions,
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
@@ -26,24 +27,23 @@ fn proto_err(msg: impl Into<String>) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, msg.into())
 }
 
-/// Reading side: a socket half plus its receive buffer.
+/// Reading side: a socket half read with Holdfast's own framed reader (its buffer grows
+/// while reads fill it and shrinks back when the socket is quiet).
 pub struct Reader {
-    rd: OwnedReadHalf,
-    pub buf: BytesMut,
+    rd: FramedReader<OwnedReadHalf>,
 }
 
 impl Reader {
     /// Decodes the next complete packet already in the buffer, if any.
     pub fn next_buffered(&mut self) -> io::Result<Option<Packet>> {
-        decode(&mut self.buf, V, MAX_PACKET).map_err(|e| proto_err(format!("decode: {e}")))
+        self.rd
+            .next_buffered(V)
+            .map_err(|e| proto_err(format!("decode: {e}")))
     }
 
     /// Reads more bytes from the socket; `Ok(0)` means EOF.
     pub async fn fill(&mut self) -> io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < 16 * 1024 {
-            self.buf.reserve(64 * 1024);
-        }
-        self.rd.read_buf(&mut self.buf).await
+        self.rd.fill().await
     }
 
     /// Waits for one whole packet.
@@ -108,8 +108,7 @@ pub async fn connect_with(
     stream.set_nodelay(true)?;
     let (rd, wr) = stream.into_split();
     let mut r = Reader {
-        rd,
-        buf: BytesMut::with_capacity(4096),
+        rd: FramedReader::new(rd, MAX_PACKET),
     };
     let mut w = Writer {
         wr,

@@ -239,8 +239,8 @@ pub async fn drain_and_hold(
                     ));
                 }
             }
-            // The load generator's own buffers are not what is measured: give them back.
-            r.buf = bytes::BytesMut::new();
+            // The load generator's own buffers are not what is measured: give them back
+            // (the framed reader shrinks its own once the socket is quiet).
             w.buf = bytes::BytesMut::new();
             io::Result::Ok((got, disorder, connected, last, r, w))
         });
