@@ -13,6 +13,7 @@ use bytes::BytesMut;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use holdfast::config::ListenerConfig;
+use holdfast::protocol::framed::FramedReader;
 use holdfast::protocol::{self, reason, Connect, Packet, ProtocolVersion, QoS};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -77,7 +78,9 @@ where
 struct WsClient<S> {
     ws: WebSocketStream<S>,
     version: ProtocolVersion,
-    buf: BytesMut,
+    /// MQTT bytes from WebSocket messages, framed by the crate's own reader (the messages
+    /// are pushed in; there is no byte stream under it).
+    frames: FramedReader<tokio::io::Empty>,
 }
 
 impl WsClient<TcpStream> {
@@ -102,7 +105,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsClient<S> {
         WsClient {
             ws,
             version,
-            buf: BytesMut::new(),
+            frames: FramedReader::new(tokio::io::empty(), 1 << 28),
         }
     }
 
@@ -140,13 +143,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsClient<S> {
     /// The next MQTT packet; `None` when the connection closed.
     async fn recv(&mut self) -> Option<Packet> {
         loop {
-            match protocol::decode(&mut self.buf, self.version, 1 << 28) {
+            match self.frames.next_buffered(self.version) {
                 Ok(Some(p)) => return Some(p),
                 Ok(None) => {}
                 Err(e) => panic!("broker sent an undecodable packet: {e}"),
             }
             match self.next_message().await? {
-                Message::Binary(b) => self.buf.extend_from_slice(&b),
+                Message::Binary(b) => self.frames.push_read(&b),
                 Message::Close(_) => return None,
                 Message::Text(t) => panic!("broker sent a text frame: {t}"),
                 _ => {}
@@ -220,8 +223,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin> WsClient<S> {
                     return (packets, frame);
                 }
                 Some(Message::Binary(b)) => {
-                    self.buf.extend_from_slice(&b);
-                    while let Ok(Some(p)) = protocol::decode(&mut self.buf, self.version, 1 << 28) {
+                    self.frames.push_read(&b);
+                    while let Ok(Some(p)) = self.frames.next_buffered(self.version) {
                         packets.push(p);
                     }
                 }
