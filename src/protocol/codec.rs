@@ -110,7 +110,7 @@ pub fn decode(
 
 /// Parses the fixed header at the front of `buf`: `Some((header length, remaining length))`,
 /// `None` if incomplete.
-fn parse_fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
+pub(super) fn parse_fixed_header(buf: &[u8]) -> Result<Option<(usize, usize)>, DecodeError> {
     let mut remaining = 0usize;
     for i in 0..4 {
         let Some(&b) = buf.get(1 + i) else {

@@ -177,23 +177,14 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
 /// The whole length of the packet at the front of `buf` once its fixed header is complete;
 /// a length above `max` is refused right there.
 fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, DecodeError> {
-    let mut remaining = 0usize;
-    for i in 0..4 {
-        let Some(&b) = buf.get(1 + i) else {
-            return Ok(None);
-        };
-        remaining |= usize::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            let total = 2 + i + remaining;
-            if total > max {
-                return Err(DecodeError::PacketTooLarge);
-            }
-            return Ok(Some(total));
-        }
+    let Some((header, remaining)) = super::codec::parse_fixed_header(buf)? else {
+        return Ok(None);
+    };
+    let total = header + remaining;
+    if total > max {
+        return Err(DecodeError::PacketTooLarge);
     }
-    Err(DecodeError::Malformed(
-        "remaining length longer than 4 bytes",
-    ))
+    Ok(Some(total))
 }
 
 #[cfg(test)]
