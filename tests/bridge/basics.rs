@@ -6,7 +6,7 @@ use crate::common::{self, daemon};
 use std::time::Duration;
 
 use common::*;
-use holdfast::bridge::{BridgeConfig, Direction, TopicRule};
+use holdfast::bridge::BridgeConfig;
 use holdfast::protocol::{Packet, ProtocolVersion, QoS};
 
 fn bridge_to(addr: std::net::SocketAddr) -> BridgeConfig {
@@ -19,26 +19,7 @@ fn bridge_to(addr: std::net::SocketAddr) -> BridgeConfig {
         reconnect_min_ms: 50,
         reconnect_max_ms: 500,
         keepalive_secs: 5,
-        topic: vec![
-            TopicRule {
-                pattern: "sensors/#".into(),
-                direction: Direction::Out,
-                qos: 1,
-                local_prefix: String::new(),
-                remote_prefix: "site/".into(),
-                priority: 0,
-                queue_qos0: false,
-            },
-            TopicRule {
-                pattern: "cmd/#".into(),
-                direction: Direction::In,
-                qos: 1,
-                local_prefix: String::new(),
-                remote_prefix: "site/".into(),
-                priority: 0,
-                queue_qos0: false,
-            },
-        ],
+        topic: crate::common::seq::site_rules(),
         ..BridgeConfig::example()
     }
 }

@@ -40,26 +40,7 @@ fn bridge_to(addr: SocketAddr, client_id: &str, protocol: BridgeProtocol) -> Bri
         reconnect_max_ms: 1000,
         connect_timeout_secs: 2,
         max_rate: 0,
-        topic: vec![
-            TopicRule {
-                pattern: "sensors/#".into(),
-                direction: Direction::Out,
-                qos: 1,
-                local_prefix: String::new(),
-                remote_prefix: "site/".into(),
-                priority: 0,
-                queue_qos0: false,
-            },
-            TopicRule {
-                pattern: "cmd/#".into(),
-                direction: Direction::In,
-                qos: 1,
-                local_prefix: String::new(),
-                remote_prefix: "site/".into(),
-                priority: 0,
-                queue_qos0: false,
-            },
-        ],
+        topic: crate::common::seq::site_rules(),
         ..BridgeConfig::example()
     }
 }

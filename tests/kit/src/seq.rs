@@ -312,3 +312,22 @@ pub async fn bridge_status(data_dir: &std::path::Path) -> serde_json::Value {
     let first = all.into_iter().next().expect("one bridge");
     serde_json::to_value(first).expect("serializable")
 }
+
+/// The bridge rules most bridge tests use: `sensors/#` out to `site/sensors/#` and
+/// `site/cmd/#` in to `cmd/#`, QoS 1.
+pub fn site_rules() -> Vec<holdfast::bridge::TopicRule> {
+    use holdfast::bridge::{Direction, TopicRule};
+    let rule = |pattern: &str, direction| TopicRule {
+        pattern: pattern.into(),
+        direction,
+        qos: 1,
+        local_prefix: String::new(),
+        remote_prefix: "site/".into(),
+        priority: 0,
+        queue_qos0: false,
+    };
+    vec![
+        rule("sensors/#", Direction::Out),
+        rule("cmd/#", Direction::In),
+    ]
+}
