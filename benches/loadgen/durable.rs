@@ -137,18 +137,7 @@ pub async fn drain(addr: SocketAddr, ids: &[String], each: u64) -> io::Result<Dr
                 if got >= each {
                     break;
                 }
-                let n = tokio::time::timeout(STALL, r.fill()).await.map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("drain of {id}: no message for {STALL:?} after {got}"),
-                    )
-                })??;
-                if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("drain of {id}: broker closed the connection after {got}"),
-                    ));
-                }
+                fill_draining(&mut r, &id, got).await?;
             }
             client::disconnect(w).await?;
             io::Result::Ok((got, connected, last))
@@ -226,18 +215,7 @@ pub async fn drain_and_hold(
                 if got >= each {
                     break;
                 }
-                let n = tokio::time::timeout(STALL, r.fill()).await.map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("drain of {id}: no message for {STALL:?} after {got}"),
-                    )
-                })??;
-                if n == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        format!("drain of {id}: broker closed the connection after {got}"),
-                    ));
-                }
+                fill_draining(&mut r, &id, got).await?;
             }
             // The load generator's own buffers are not what is measured: give them back
             // (the framed reader shrinks its own once the socket is quiet).
@@ -259,4 +237,22 @@ pub async fn drain_and_hold(
     }
     out.drained.elapsed = last - t0;
     Ok((out, conns))
+}
+
+/// One read for a draining subscriber: an error naming the client when nothing came for
+/// `STALL` or the broker closed the connection.
+async fn fill_draining(r: &mut client::Reader, id: &str, got: u64) -> io::Result<()> {
+    let n = tokio::time::timeout(STALL, r.fill()).await.map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("drain of {id}: no message for {STALL:?} after {got}"),
+        )
+    })??;
+    if n == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("drain of {id}: broker closed the connection after {got}"),
+        ));
+    }
+    Ok(())
 }
