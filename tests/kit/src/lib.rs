@@ -55,10 +55,13 @@ pub fn bin() -> &'static std::path::Path {
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
-        .unwrap_or(32768);
+    static EPHEMERAL_LOW: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let ephemeral_low = *EPHEMERAL_LOW.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|s| s.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(32768)
+    });
     const LOW: u32 = 10_000;
     if ephemeral_low > LOW + 1_000 {
         let span = ephemeral_low - LOW;
