@@ -16,6 +16,13 @@
 //! fdatasync calls (`strace -c -f`) during each run. `--holdfast PATH` measures another
 //! build (e.g. an older commit) instead of this one.
 //!
+//! Before the broker runs, the floor is measured in the same temporary file system: a file
+//! appended to and `fdatasync`ed once per record, with nothing else (`write_bytes` of
+//! `/proc/thread-self/io` of the one thread doing it). One 64-byte record per sync is the
+//! least any store that syncs each message before acknowledging it can write; one
+//! 1,048-byte record per sync is what SQLite appends for a one-page commit with 1 KiB pages
+//! (a page and its 24-byte WAL frame header). `--no-floor` skips it.
+//!
 //! Prints a Markdown table (also written to `target/flash-wear-results.md`).
 
 mod loadgen;
@@ -48,12 +55,14 @@ struct Args {
     strace: bool,
     /// Another Holdfast binary to measure (an older build, for before/after).
     holdfast: Option<PathBuf>,
+    /// Measure the one-sync-per-record floor first.
+    floor: bool,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench flash_wear -- [--quick] [--rates 1,20,1000,0] \
-         [--store 'KEY = VALUE']... [--settle SECS] [--strace] [--holdfast PATH]"
+         [--store 'KEY = VALUE']... [--settle SECS] [--strace] [--holdfast PATH] [--no-floor]"
     );
     std::process::exit(2)
 }
@@ -66,6 +75,7 @@ fn parse_args() -> Args {
         quick: false,
         strace: false,
         holdfast: None,
+        floor: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -73,6 +83,7 @@ fn parse_args() -> Args {
             "--bench" => {}
             "--quick" => a.quick = true,
             "--strace" => a.strace = true,
+            "--no-floor" => a.floor = false,
             "--rates" => {
                 let v = it.next().unwrap_or_else(|| usage());
                 a.rates = v
@@ -269,6 +280,31 @@ fn run_one(
     })
 }
 
+/// `write_bytes` of the calling thread (`/proc/thread-self/io`).
+fn thread_write_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/thread-self/io").ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Bytes written per record when a file is appended `records` records of `len` bytes and
+/// `fdatasync`ed after each one, in a fresh file in the temporary directory the brokers use.
+fn sync_floor(len: usize, records: u64) -> Result<f64, String> {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut f = std::fs::File::create(dir.path().join("floor.log")).map_err(|e| e.to_string())?;
+    f.sync_all().map_err(|e| e.to_string())?;
+    let record = vec![b'x'; len];
+    let before = thread_write_bytes().ok_or("no /proc/thread-self/io")?;
+    for _ in 0..records {
+        f.write_all(&record).map_err(|e| e.to_string())?;
+        f.sync_data().map_err(|e| e.to_string())?;
+    }
+    let after = thread_write_bytes().ok_or("no /proc/thread-self/io")?;
+    Ok(after.saturating_sub(before) as f64 / records as f64)
+}
+
 fn main() {
     let args = parse_args();
     let bin = args
@@ -278,6 +314,26 @@ fn main() {
     let rt = loadgen::runtime();
     let mut out = String::new();
     let _ = writeln!(out, "Command: `{}`\n", loadgen::bench_command("flash_wear"));
+    if args.floor {
+        let records = if args.quick { 200 } else { 1000 };
+        for (len, what) in [
+            (PAYLOAD_LEN, "one 64-byte record per fdatasync"),
+            (
+                1048,
+                "one 1,048-byte record (a 1 KiB page + WAL frame header) per fdatasync",
+            ),
+        ] {
+            let line = match sync_floor(len, records) {
+                Ok(per) => format!("Floor, {what}, no SQLite: {per:.0} B written per record"),
+                Err(e) => format!("Floor, {what}: failed: {e}"),
+            };
+            println!("{line}");
+            out.push_str(&line);
+            out.push('\n');
+        }
+        out.push('\n');
+        println!();
+    }
     let _ = writeln!(
         out,
         "| rate (msg/s) | messages | write_bytes/msg | wchar/msg | fsyncs/msg | PUBACK p50 | PUBACK p99 | achieved msg/s | data dir after |"
