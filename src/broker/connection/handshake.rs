@@ -232,11 +232,11 @@ pub(super) fn assign_client_id() -> String {
 }
 
 /// A connection attached to its session: what its main loop needs.
-pub(super) struct Attached {
+pub(super) struct Attached<R, W> {
+    pub(super) conn: Connection<R, W>,
     pub(super) conn_id: ConnId,
     pub(super) state: State,
-    pub(super) rx: mpsc::UnboundedReceiver<Outgoing>,
-    pub(super) backlog: Arc<AtomicUsize>,
+    pub(super) rx: LinkRx,
     /// Held until the connection ends: its place under `max_connections_per_user`.
     pub(super) _user_slot: Option<crate::broker::ratelimit::UserSlot>,
 }

@@ -8,18 +8,21 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    /// Checks one packet from the client and passes it on. `Err` closes the connection.
-    pub(super) async fn on_incoming(
+    /// Checks one packet from the client and passes it on. `Err` closes the connection;
+    /// `Ok(Some(event))`: the router's channel is full, the caller waits to send `event`
+    /// (not waited for here: this stays a plain function, so a packet and its event are
+    /// not part of every connection task's state).
+    pub(super) fn on_incoming(
         &mut self,
         conn: ConnId,
         st: &mut State,
         packet: Packet,
         now: Instant,
-    ) -> Result<(), Close> {
+    ) -> Result<Option<RouterEvent>, Close> {
         let ev = match packet {
             Packet::Publish(p) => {
                 let Some(p) = self.check_publish(st, p)? else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 RouterEvent::Publish {
                     conn,
@@ -54,7 +57,7 @@ where
                     }
                 }
                 let Some(s) = self.check_subscribe(st, s) else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 RouterEvent::Subscribe { conn, subscribe: s }
             }
@@ -64,7 +67,7 @@ where
             },
             Packet::PingReq => {
                 protocol::encode(&Packet::PingResp, self.version, &mut self.wbuf);
-                return Ok(());
+                return Ok(None);
             }
             Packet::Disconnect(d) => {
                 let expiry = d.properties.session_expiry_interval;
@@ -95,19 +98,13 @@ where
                 ))
             }
         };
-        // Usually the router's channel has room; waiting for it (backpressure) is boxed so
-        // that the send's state is not part of every connection task.
-        let sent = match self.shared.router.try_send(ev) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(ev)) => {
-                Box::pin(self.shared.router.send(ev)).await.is_ok()
+        match self.shared.router.try_send(ev) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Full(ev)) => Ok(Some(ev)),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(Close::Server(reason::SERVER_SHUTTING_DOWN))
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        };
-        if !sent {
-            return Err(Close::Server(reason::SERVER_SHUTTING_DOWN));
         }
-        Ok(())
     }
 
     /// Applies the ACL to a SUBSCRIBE: denied filters are removed and their positions
