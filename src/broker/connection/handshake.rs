@@ -188,13 +188,11 @@ where
             username,
             acl: None,
             acl_generation: 0,
-            denied_subs: HashMap::new(),
+            rare: None,
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             connect_expiry: expiry,
-            in_aliases: HashMap::new(),
             in_alias_max: if v5 { cfg.topic_alias_maximum } else { 0 },
-            out_aliases: HashMap::new(),
             out_alias_max: if v5 {
                 c.properties.topic_alias_maximum.unwrap_or(0)
             } else {

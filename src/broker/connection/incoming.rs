@@ -143,7 +143,7 @@ where
             protocol::encode(&Packet::SubAck(ack), self.version, &mut self.wbuf);
             return None;
         }
-        st.denied_subs.insert(s.packet_id, denied);
+        st.rare().denied_subs.insert(s.packet_id, denied);
         Some(s)
     }
 
@@ -169,7 +169,7 @@ where
                 ));
             }
             if p.topic.is_empty() {
-                match st.in_aliases.get(&alias) {
+                match st.rare().in_aliases.get(&alias) {
                     Some(t) => p.topic = t.clone(),
                     None => {
                         return Err(Close::Protocol(
@@ -179,7 +179,7 @@ where
                     }
                 }
             } else if valid_topic(&p.topic, cfg) {
-                st.in_aliases.insert(alias, p.topic.clone());
+                st.rare().in_aliases.insert(alias, p.topic.clone());
             }
         }
         if !valid_topic(&p.topic, cfg) {
@@ -266,12 +266,14 @@ pub(super) fn valid_topic(t: &str, cfg: &MqttConfig) -> bool {
 /// carries topic + new alias, later ones only the alias. Once the client's maximum is
 /// reached, further topics go out in full.
 pub(super) fn apply_out_alias(st: &mut State, p: &mut Publish) {
-    if let Some(&alias) = st.out_aliases.get(&p.topic) {
+    let out_max = usize::from(st.out_alias_max);
+    let aliases = &mut st.rare().out_aliases;
+    if let Some(&alias) = aliases.get(&p.topic) {
         p.properties.topic_alias = Some(alias);
         p.topic = Arc::from("");
-    } else if st.out_aliases.len() < usize::from(st.out_alias_max) {
-        let alias = st.out_aliases.len() as u16 + 1;
-        st.out_aliases.insert(p.topic.clone(), alias);
+    } else if aliases.len() < out_max {
+        let alias = aliases.len() as u16 + 1;
+        aliases.insert(p.topic.clone(), alias);
         p.properties.topic_alias = Some(alias);
     }
 }

@@ -271,21 +271,35 @@ struct State {
     acl: Option<Arc<crate::auth::ClientAcl>>,
     /// `Auth::generation` when `acl` was derived: a SIGHUP since makes it stale.
     acl_generation: u64,
-    /// SUBSCRIBEs sent to the router with ACL-denied filters removed: packet id → the
-    /// original positions of the denied filters, spliced back into the router's SUBACK.
-    denied_subs: HashMap<u16, Vec<usize>>,
+    /// Topic aliases and ACL-denied subscriptions: most clients use neither, so they are
+    /// allocated on first use (three empty maps inline would cost every connection 144 B).
+    rare: Option<Box<Rare>>,
     keep_alive: Option<Duration>,
     /// v5 Session Expiry Interval from CONNECT (0 forbids raising it on DISCONNECT).
     connect_expiry: u32,
-    /// Incoming topic aliases (index = alias).
-    in_aliases: HashMap<u16, Arc<str>>,
     in_alias_max: u16,
-    /// Outgoing topic aliases we assigned.
-    out_aliases: HashMap<Arc<str>, u16>,
     out_alias_max: u16,
     /// Packet ids of the client's QoS 1/2 publishes not yet fully acknowledged by us.
     incoming_unacked: HashSet<u16>,
     request_problem_info: bool,
+}
+
+/// The parts of [`State`] few connections use.
+#[derive(Default)]
+struct Rare {
+    /// SUBSCRIBEs sent to the router with ACL-denied filters removed: packet id → the
+    /// original positions of the denied filters, spliced back into the router's SUBACK.
+    denied_subs: HashMap<u16, Vec<usize>>,
+    /// Incoming topic aliases (index = alias).
+    in_aliases: HashMap<u16, Arc<str>>,
+    /// Outgoing topic aliases we assigned.
+    out_aliases: HashMap<Arc<str>, u16>,
+}
+
+impl State {
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -616,8 +630,8 @@ where
             Packet::PubRec(a) if a.reason_code >= 0x80 => {
                 st.incoming_unacked.remove(&a.packet_id);
             }
-            Packet::SubAck(a) if !st.denied_subs.is_empty() => {
-                if let Some(denied) = st.denied_subs.remove(&a.packet_id) {
+            Packet::SubAck(a) if st.rare.as_ref().is_some_and(|r| !r.denied_subs.is_empty()) => {
+                if let Some(denied) = st.rare().denied_subs.remove(&a.packet_id) {
                     for i in denied {
                         let at = i.min(a.reason_codes.len());
                         a.reason_codes.insert(at, reason::NOT_AUTHORIZED);
