@@ -13,6 +13,12 @@
 //! buffered. The write buffer is given back whenever it has been emptied, so 10,000 idle
 //! connections cost a few KiB each, not the largest burst each one ever wrote.
 //!
+//! Memory per connected client (issue 17 item 1): the task's future is sized by the main
+//! loop alone (the handshake and the goodbye run boxed; nothing large is held across the
+//! loop's awaits; pinned by a size test), what the router sends waits in a `link` queue of
+//! one small allocation, and rarely used state (topic aliases, denied subscriptions) is
+//! allocated on first use.
+//!
 //! Before the client is authenticated it costs little: the socket holds a place under
 //! `mqtt.max_handshaking` (taken at accept, given back once the CONNECT is answered), the
 //! whole handshake is bounded by `mqtt.connect_timeout_secs`, the CONNECT may be at most
