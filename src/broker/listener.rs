@@ -6,12 +6,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use std::future::Future;
+
+use futures_util::future::Either;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout_at, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::connection::{serve, ListenerContext, Shared};
+use super::connection::{serve, HandshakeSlot, ListenerContext, Shared};
 use super::tls::{certificate_name, TlsListener};
 use super::ws;
 
@@ -57,53 +60,82 @@ pub async fn accept_loop(
         let ctx = ctx.clone();
         match &tls {
             None => {
-                tracker.spawn(async move {
-                    if ctx.websocket.is_some() {
-                        let deadline = Instant::now() + connect_timeout(&shared);
-                        // Boxed: the WebSocket path's state would otherwise size every
-                        // plain TCP connection's task too.
-                        return Box::pin(ws::serve(
-                            stream, peer, shared, ctx, None, deadline, slot,
-                        ))
-                        .await;
-                    }
-                    let (r, w) = stream.into_split();
-                    serve(r, w, peer, shared, ctx, None, slot).await;
-                });
+                tracker.spawn(plain_task(stream, peer, shared, ctx, slot));
             }
             Some(tls) => {
-                let acceptor = tls.acceptor.clone();
-                tracker.spawn(async move {
-                    // One deadline for the TLS handshake and, on wss, the HTTP upgrade.
-                    let deadline = Instant::now() + connect_timeout(&shared);
-                    let stream = match timeout_at(deadline, acceptor.accept(stream)).await {
-                        Ok(Ok(s)) => s,
-                        Ok(Err(e)) => {
-                            debug!(%peer, cause = %e, "TLS handshake failed");
-                            return;
-                        }
-                        Err(_) => {
-                            debug!(%peer, "TLS handshake timed out");
-                            return;
-                        }
-                    };
-                    let cert_user = stream
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .and_then(|c| certificate_name(c));
-                    if ctx.websocket.is_some() {
-                        return Box::pin(ws::serve(
-                            stream, peer, shared, ctx, cert_user, deadline, slot,
-                        ))
-                        .await;
-                    }
-                    let (r, w) = tokio::io::split(stream);
-                    serve(r, w, peer, shared, ctx, cert_user, slot).await;
-                });
+                tracker.spawn(tls_task(tls, stream, peer, shared, ctx, slot));
             }
         }
     }
     info!(listener = ?local, "listener stopped");
+}
+
+/// The task of a plain TCP (or WebSocket) connection. Plain functions returning the task's
+/// future, not `async` blocks: whatever an `async` block captures stays in every state of
+/// the task for its whole life, and only the connection's main loop should (the WebSocket
+/// path is boxed for the same reason: its state would otherwise size every TCP task).
+pub(super) fn plain_task(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    ctx: Arc<ListenerContext>,
+    slot: HandshakeSlot,
+) -> impl Future<Output = ()> + Send {
+    if ctx.websocket.is_some() {
+        let deadline = Instant::now() + connect_timeout(&shared);
+        return Either::Left(Box::pin(ws::serve(
+            stream, peer, shared, ctx, None, deadline, slot,
+        )));
+    }
+    let (r, w) = stream.into_split();
+    Either::Right(serve(r, w, peer, shared, ctx, None, slot))
+}
+
+/// The task of a TLS connection: the TLS handshake (and on wss the HTTP upgrade) within the
+/// connect timeout, boxed; it returns the connection's future, which the task then runs
+/// inline.
+fn tls_task(
+    tls: &TlsListener,
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    ctx: Arc<ListenerContext>,
+    slot: HandshakeSlot,
+) -> impl Future<Output = ()> + Send {
+    let acceptor = tls.acceptor.clone();
+    let start = Box::pin(async move {
+        // One deadline for the TLS handshake and, on wss, the HTTP upgrade.
+        let deadline = Instant::now() + connect_timeout(&shared);
+        let stream = match timeout_at(deadline, acceptor.accept(stream)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                debug!(%peer, cause = %e, "TLS handshake failed");
+                return None;
+            }
+            Err(_) => {
+                debug!(%peer, "TLS handshake timed out");
+                return None;
+            }
+        };
+        let cert_user = stream
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|c| certificate_name(c));
+        if ctx.websocket.is_some() {
+            return Some(Either::Left(Box::pin(ws::serve(
+                stream, peer, shared, ctx, cert_user, deadline, slot,
+            ))));
+        }
+        let (r, w) = tokio::io::split(stream);
+        Some(Either::Right(serve(
+            r, w, peer, shared, ctx, cert_user, slot,
+        )))
+    });
+    async move {
+        if let Some(connection) = start.await {
+            connection.await;
+        }
+    }
 }

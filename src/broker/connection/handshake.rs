@@ -188,13 +188,11 @@ where
             username,
             acl: None,
             acl_generation: 0,
-            denied_subs: HashMap::new(),
+            rare: None,
             keep_alive: (keep_alive > 0)
                 .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
             connect_expiry: expiry,
-            in_aliases: HashMap::new(),
             in_alias_max: if v5 { cfg.topic_alias_maximum } else { 0 },
-            out_aliases: HashMap::new(),
             out_alias_max: if v5 {
                 c.properties.topic_alias_maximum.unwrap_or(0)
             } else {
@@ -232,11 +230,11 @@ pub(super) fn assign_client_id() -> String {
 }
 
 /// A connection attached to its session: what its main loop needs.
-pub(super) struct Attached {
+pub(super) struct Attached<R, W> {
+    pub(super) conn: Connection<R, W>,
     pub(super) conn_id: ConnId,
     pub(super) state: State,
-    pub(super) rx: mpsc::UnboundedReceiver<Outgoing>,
-    pub(super) backlog: Arc<AtomicUsize>,
+    pub(super) rx: LinkRx,
     /// Held until the connection ends: its place under `max_connections_per_user`.
     pub(super) _user_slot: Option<crate::broker::ratelimit::UserSlot>,
 }

@@ -8,18 +8,21 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    /// Checks one packet from the client and passes it on. `Err` closes the connection.
-    pub(super) async fn on_incoming(
+    /// Checks one packet from the client and passes it on. `Err` closes the connection;
+    /// `Ok(Some(event))`: the router's channel is full, the caller waits to send `event`
+    /// (not waited for here: this stays a plain function, so a packet and its event are
+    /// not part of every connection task's state).
+    pub(super) fn on_incoming(
         &mut self,
         conn: ConnId,
         st: &mut State,
         packet: Packet,
         now: Instant,
-    ) -> Result<(), Close> {
+    ) -> Result<Option<RouterEvent>, Close> {
         let ev = match packet {
             Packet::Publish(p) => {
                 let Some(p) = self.check_publish(st, p)? else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 RouterEvent::Publish {
                     conn,
@@ -54,7 +57,7 @@ where
                     }
                 }
                 let Some(s) = self.check_subscribe(st, s) else {
-                    return Ok(());
+                    return Ok(None);
                 };
                 RouterEvent::Subscribe { conn, subscribe: s }
             }
@@ -64,7 +67,7 @@ where
             },
             Packet::PingReq => {
                 protocol::encode(&Packet::PingResp, self.version, &mut self.wbuf);
-                return Ok(());
+                return Ok(None);
             }
             Packet::Disconnect(d) => {
                 let expiry = d.properties.session_expiry_interval;
@@ -95,19 +98,13 @@ where
                 ))
             }
         };
-        // Usually the router's channel has room; waiting for it (backpressure) is boxed so
-        // that the send's state is not part of every connection task.
-        let sent = match self.shared.router.try_send(ev) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(ev)) => {
-                Box::pin(self.shared.router.send(ev)).await.is_ok()
+        match self.shared.router.try_send(ev) {
+            Ok(()) => Ok(None),
+            Err(mpsc::error::TrySendError::Full(ev)) => Ok(Some(ev)),
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                Err(Close::Server(reason::SERVER_SHUTTING_DOWN))
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        };
-        if !sent {
-            return Err(Close::Server(reason::SERVER_SHUTTING_DOWN));
         }
-        Ok(())
     }
 
     /// Applies the ACL to a SUBSCRIBE: denied filters are removed and their positions
@@ -146,7 +143,7 @@ where
             protocol::encode(&Packet::SubAck(ack), self.version, &mut self.wbuf);
             return None;
         }
-        st.denied_subs.insert(s.packet_id, denied);
+        st.rare().denied_subs.insert(s.packet_id, denied);
         Some(s)
     }
 
@@ -172,7 +169,7 @@ where
                 ));
             }
             if p.topic.is_empty() {
-                match st.in_aliases.get(&alias) {
+                match st.rare().in_aliases.get(&alias) {
                     Some(t) => p.topic = t.clone(),
                     None => {
                         return Err(Close::Protocol(
@@ -182,7 +179,7 @@ where
                     }
                 }
             } else if valid_topic(&p.topic, cfg) {
-                st.in_aliases.insert(alias, p.topic.clone());
+                st.rare().in_aliases.insert(alias, p.topic.clone());
             }
         }
         if !valid_topic(&p.topic, cfg) {
@@ -269,12 +266,14 @@ pub(super) fn valid_topic(t: &str, cfg: &MqttConfig) -> bool {
 /// carries topic + new alias, later ones only the alias. Once the client's maximum is
 /// reached, further topics go out in full.
 pub(super) fn apply_out_alias(st: &mut State, p: &mut Publish) {
-    if let Some(&alias) = st.out_aliases.get(&p.topic) {
+    let out_max = usize::from(st.out_alias_max);
+    let aliases = &mut st.rare().out_aliases;
+    if let Some(&alias) = aliases.get(&p.topic) {
         p.properties.topic_alias = Some(alias);
         p.topic = Arc::from("");
-    } else if st.out_aliases.len() < usize::from(st.out_alias_max) {
-        let alias = st.out_aliases.len() as u16 + 1;
-        st.out_aliases.insert(p.topic.clone(), alias);
+    } else if aliases.len() < out_max {
+        let alias = aliases.len() as u16 + 1;
+        aliases.insert(p.topic.clone(), alias);
         p.properties.topic_alias = Some(alias);
     }
 }

@@ -13,6 +13,12 @@
 //! buffered. The write buffer is given back whenever it has been emptied, so 10,000 idle
 //! connections cost a few KiB each, not the largest burst each one ever wrote.
 //!
+//! Memory per connected client (issue 17 item 1): the task's future is sized by the main
+//! loop alone (the handshake and the goodbye run boxed; nothing large is held across the
+//! loop's awaits; pinned by a size test), what the router sends waits in a `link` queue of
+//! one small allocation, and rarely used state (topic aliases, denied subscriptions) is
+//! allocated on first use.
+//!
 //! Before the client is authenticated it costs little: the socket holds a place under
 //! `mqtt.max_handshaking` (taken at accept, given back once the CONNECT is answered), the
 //! whole handshake is bounded by `mqtt.connect_timeout_secs`, the CONNECT may be at most
@@ -30,8 +36,10 @@
 //! would lose the reason code before it read it.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::hash::{BuildHasher, Hasher};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -45,6 +53,9 @@ use tracing::{debug, info};
 
 mod handshake;
 mod incoming;
+mod link;
+
+pub use link::{ConnLink, LinkRx, TryRecvError};
 
 use handshake::Attached;
 use incoming::{apply_out_alias, strip_problem_info, valid_topic};
@@ -78,39 +89,6 @@ pub enum Outgoing {
     Packet(Box<Packet>),
     /// Close the connection; v5 clients get a DISCONNECT with this reason code first.
     Disconnect(u8),
-}
-
-/// The router's handle on a connection.
-#[derive(Debug, Clone)]
-pub struct ConnLink {
-    pub id: ConnId,
-    tx: mpsc::UnboundedSender<Outgoing>,
-    /// Packets sent to the connection and not yet taken by it; bounds QoS 0 backlog.
-    backlog: Arc<AtomicUsize>,
-}
-
-impl ConnLink {
-    /// A link for an internal client (`client::BrokerHandle::connect`), with its
-    /// receiving end.
-    pub fn new(id: ConnId) -> (ConnLink, mpsc::UnboundedReceiver<Outgoing>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let link = ConnLink {
-            id,
-            tx,
-            backlog: Arc::new(AtomicUsize::new(0)),
-        };
-        (link, rx)
-    }
-
-    pub fn send(&self, out: Outgoing) {
-        self.backlog.fetch_add(1, Ordering::Relaxed);
-        // A closed channel means the connection is gone; its Disconnected event follows.
-        let _ = self.tx.send(out);
-    }
-
-    pub fn backlog(&self) -> usize {
-        self.backlog.load(Ordering::Relaxed)
-    }
 }
 
 /// What every connection shares.
@@ -224,7 +202,13 @@ enum Close {
 /// client certificate; it becomes the user name (the CONNECT's user name and password are
 /// then not checked). `slot` is the socket's place under `mqtt.max_handshaking`, given
 /// back once its CONNECT is answered.
-pub async fn serve<R, W>(
+///
+/// A plain function that returns the task's future: a task is as large as its largest
+/// state, and an `async fn`'s arguments stay in every state of its future. Here the
+/// connection is built at once and its handshake boxed, so the future that lives for the
+/// connection's life holds the main loop's state and little else (pinned by the
+/// `connection::tests` size test).
+pub fn serve<R, W>(
     reader: R,
     writer: W,
     peer: SocketAddr,
@@ -232,12 +216,13 @@ pub async fn serve<R, W>(
     ctx: Arc<ListenerContext>,
     cert_user: Option<String>,
     slot: HandshakeSlot,
-) where
+) -> impl std::future::Future<Output = ()>
+where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
     let max_in = shared.cfg.max_packet_size as usize;
-    let mut conn = Connection {
+    let conn = Connection {
         meter: super::traffic::Meter::new(ctx.traffic.clone()),
         reader: FramedReader::new(reader, max_in),
         writer,
@@ -248,17 +233,24 @@ pub async fn serve<R, W>(
         ctx,
         cert_user,
     };
-    // The handshake and closing phases are boxed: a task is as large as its largest
-    // state, and only the main loop's should stay for the connection's life.
-    let connect = match Box::pin(conn.read_connect()).await {
-        Ok(Some(c)) => c,
-        Ok(None) => return,
-        Err(e) => {
-            debug!(%peer, cause = %e, "connection closed before CONNECT completed");
-            return;
-        }
+    served(Box::pin(conn.handshake(slot)))
+}
+
+/// The connection after its (boxed) handshake: the main loop, inline, then the goodbye,
+/// boxed (its state is on the heap only while it runs).
+async fn served<R, W>(handshake: Pin<Box<impl Future<Output = Option<Attached<R, W>>>>>)
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let Some(mut live) = handshake.await else {
+        return;
     };
-    conn.run(connect, slot).await;
+    let close = live
+        .conn
+        .main_loop(live.conn_id, &mut live.state, &mut live.rx)
+        .await;
+    Box::pin(live.goodbye(close)).await;
 }
 
 struct Connection<R, W> {
@@ -285,21 +277,35 @@ struct State {
     acl: Option<Arc<crate::auth::ClientAcl>>,
     /// `Auth::generation` when `acl` was derived: a SIGHUP since makes it stale.
     acl_generation: u64,
-    /// SUBSCRIBEs sent to the router with ACL-denied filters removed: packet id → the
-    /// original positions of the denied filters, spliced back into the router's SUBACK.
-    denied_subs: HashMap<u16, Vec<usize>>,
+    /// Topic aliases and ACL-denied subscriptions: most clients use neither, so they are
+    /// allocated on first use (three empty maps inline would cost every connection 144 B).
+    rare: Option<Box<Rare>>,
     keep_alive: Option<Duration>,
     /// v5 Session Expiry Interval from CONNECT (0 forbids raising it on DISCONNECT).
     connect_expiry: u32,
-    /// Incoming topic aliases (index = alias).
-    in_aliases: HashMap<u16, Arc<str>>,
     in_alias_max: u16,
-    /// Outgoing topic aliases we assigned.
-    out_aliases: HashMap<Arc<str>, u16>,
     out_alias_max: u16,
     /// Packet ids of the client's QoS 1/2 publishes not yet fully acknowledged by us.
     incoming_unacked: HashSet<u16>,
     request_problem_info: bool,
+}
+
+/// The parts of [`State`] few connections use.
+#[derive(Default)]
+struct Rare {
+    /// SUBSCRIBEs sent to the router with ACL-denied filters removed: packet id → the
+    /// original positions of the denied filters, spliced back into the router's SUBACK.
+    denied_subs: HashMap<u16, Vec<usize>>,
+    /// Incoming topic aliases (index = alias).
+    in_aliases: HashMap<u16, Arc<str>>,
+    /// Outgoing topic aliases we assigned.
+    out_aliases: HashMap<Arc<str>, u16>,
+}
+
+impl State {
+    fn rare(&mut self) -> &mut Rare {
+        self.rare.get_or_insert_with(Default::default)
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -363,14 +369,25 @@ where
         }
     }
 
-    /// The connection after its CONNECT: attached to its session (a boxed phase: its state
-    /// is freed before the main loop starts), then served until it closes. A task is as
-    /// large as its largest state, and only the main loop's lives for the connection's life.
-    async fn run(mut self, connect: Box<Connect>, handshake: HandshakeSlot) {
-        let Some(live) = Box::pin(self.attach(connect, handshake)).await else {
-            return;
+    /// The handshake: the CONNECT read, checked, authenticated and handed to the router.
+    /// `None`: the connection ended there (refused and answered, closed, timed out).
+    async fn handshake(mut self, slot: HandshakeSlot) -> Option<Attached<R, W>> {
+        let connect = match self.read_connect().await {
+            Ok(Some(c)) => c,
+            Ok(None) => return None,
+            Err(e) => {
+                debug!(peer = %self.peer, cause = %e, "connection closed before CONNECT completed");
+                return None;
+            }
         };
-        self.serve_attached(live).await;
+        let (conn_id, state, rx, _user_slot) = self.attach(connect, slot).await?;
+        Some(Attached {
+            conn: self,
+            conn_id,
+            state,
+            rx,
+            _user_slot,
+        })
     }
 
     /// Checks and authenticates the CONNECT and hands the session request to the router.
@@ -379,7 +396,12 @@ where
         &mut self,
         mut connect: Box<Connect>,
         mut handshake: HandshakeSlot,
-    ) -> Option<Attached> {
+    ) -> Option<(
+        ConnId,
+        State,
+        LinkRx,
+        Option<crate::broker::ratelimit::UserSlot>,
+    )> {
         self.version = connect.protocol;
         let password = connect.password.take();
         let accepted = match self.accept(connect) {
@@ -418,13 +440,7 @@ where
         let shared = self.shared.clone();
         shared.connected.fetch_add(1, Ordering::Relaxed);
         let conn_id = shared.next_conn_id.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = mpsc::unbounded_channel();
-        let backlog = Arc::new(AtomicUsize::new(0));
-        let link = ConnLink {
-            id: conn_id,
-            tx,
-            backlog: backlog.clone(),
-        };
+        let (link, rx) = ConnLink::new(conn_id);
         let request = ConnectRequest {
             link,
             client_id: request.client_id,
@@ -452,27 +468,36 @@ where
             shared.connected.fetch_sub(1, Ordering::Relaxed);
             return None;
         }
-        Some(Attached {
+        Some((conn_id, state, rx, _user_slot))
+    }
+}
+
+impl<R, W> Attached<R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    /// After the main loop: the router is told, the socket closed.
+    async fn goodbye(self, close: Close) {
+        let Attached {
+            conn: mut this,
             conn_id,
             state,
-            rx,
-            backlog,
+            rx: _rx,
             _user_slot,
-        })
+        } = self;
+        this.say_goodbye(conn_id, state, close).await;
     }
+}
 
-    /// The main loop, then the goodbye: the router is told, the socket closed.
-    async fn serve_attached(mut self, live: Attached) {
-        let Attached {
-            conn_id,
-            mut state,
-            mut rx,
-            backlog,
-            _user_slot,
-        } = live;
+impl<R, W> Connection<R, W>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    async fn say_goodbye(&mut self, conn_id: ConnId, state: State, close: Close) {
         let shared = self.shared.clone();
-        let client_id = state.client_id.clone();
-        let close = self.main_loop(conn_id, &mut state, &mut rx, &backlog).await;
+        let client_id = state.client_id;
         debug!(client_id = %client_id, ?close, "connection closing");
         let (will, expiry) = match &close {
             Close::ClientDisconnect { reason, expiry } => (
@@ -505,30 +530,26 @@ where
             });
             protocol::encode(&d, self.version, &mut self.wbuf);
         }
-        let _ = Box::pin(shared.router.send(RouterEvent::Disconnected {
-            conn: conn_id,
-            will,
-            session_expiry: expiry,
-        }))
-        .await;
+        let _ = shared
+            .router
+            .send(RouterEvent::Disconnected {
+                conn: conn_id,
+                will,
+                session_expiry: expiry,
+            })
+            .await;
         shared.connected.fetch_sub(1, Ordering::Relaxed);
         match close {
             Close::Socket => {}
             // Shutdown: every client is told at once; no time for draining.
             Close::Server(reason::SERVER_SHUTTING_DOWN) | Close::ClientDisconnect { .. } => {
-                Box::pin(self.flush_and_close()).await
+                self.flush_and_close().await
             }
-            _ => Box::pin(self.flush_and_drain()).await,
+            _ => self.flush_and_drain().await,
         }
     }
 
-    async fn main_loop(
-        &mut self,
-        conn: ConnId,
-        st: &mut State,
-        rx: &mut mpsc::UnboundedReceiver<Outgoing>,
-        backlog: &AtomicUsize,
-    ) -> Close {
+    async fn main_loop(&mut self, conn: ConnId, st: &mut State, rx: &mut LinkRx) -> Close {
         self.reader
             .set_max_packet_size(self.shared.cfg.max_packet_size as usize);
         let mut last_read = Instant::now();
@@ -553,7 +574,6 @@ where
                         return Close::Server(reason::SERVER_SHUTTING_DOWN);
                     };
                     loop {
-                        backlog.fetch_sub(1, Ordering::Relaxed);
                         if let Some(close) = self.on_outgoing(st, out) {
                             return close;
                         }
@@ -574,17 +594,24 @@ where
                     last_read = Instant::now();
                     self.meter.read(n, last_read);
                     loop {
-                        match self.reader.next_buffered(self.version) {
-                            Ok(Some(p)) => {
-                                if let Err(close) = self.on_incoming(conn, st, p, last_read).await {
-                                    return close;
-                                }
-                            }
+                        // No temporary of these matches lives across the await below (a
+                        // packet or an event held there would size every connection task).
+                        let waiting = match self.reader.next_buffered(self.version) {
+                            Ok(Some(p)) => match self.on_incoming(conn, st, p, last_read) {
+                                Ok(None) => continue,
+                                // The router's channel is full: wait for room (backpressure),
+                                // in a box, so the send's state is not in every task either.
+                                Ok(Some(ev)) => Box::pin(self.shared.router.send(ev)),
+                                Err(close) => return close,
+                            },
                             Ok(None) => break,
                             Err(e) => {
                                 debug!(client_id = %st.client_id, cause = %e, "undecodable packet");
                                 return Close::Protocol(e.reason_code(), "malformed packet");
                             }
+                        };
+                        if waiting.await.is_err() {
+                            return Close::Server(reason::SERVER_SHUTTING_DOWN);
                         }
                     }
                 }
@@ -609,8 +636,8 @@ where
             Packet::PubRec(a) if a.reason_code >= 0x80 => {
                 st.incoming_unacked.remove(&a.packet_id);
             }
-            Packet::SubAck(a) if !st.denied_subs.is_empty() => {
-                if let Some(denied) = st.denied_subs.remove(&a.packet_id) {
+            Packet::SubAck(a) if st.rare.as_ref().is_some_and(|r| !r.denied_subs.is_empty()) => {
+                if let Some(denied) = st.rare().denied_subs.remove(&a.packet_id) {
                     for i in denied {
                         let at = i.min(a.reason_codes.len());
                         a.reason_codes.insert(at, reason::NOT_AUTHORIZED);
@@ -662,3 +689,6 @@ where
         .await;
     }
 }
+
+#[cfg(test)]
+mod tests;

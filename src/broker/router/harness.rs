@@ -21,7 +21,7 @@ use crate::store::StoreOptions;
 
 pub struct Client {
     pub conn: ConnId,
-    pub rx: mpsc::UnboundedReceiver<Outgoing>,
+    pub rx: crate::broker::connection::LinkRx,
     /// The protocol the connection speaks (all v5 for now).
     #[allow(dead_code)]
     pub version: ProtocolVersion,
