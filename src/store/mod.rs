@@ -47,6 +47,8 @@ mod staging;
 mod writer;
 
 #[cfg(test)]
+mod staging_tests;
+#[cfg(test)]
 mod tests;
 #[cfg(test)]
 mod wear_tests;
