@@ -405,8 +405,9 @@ impl World {
             db.query_row(sql, [lo, hi], |r| r.get::<_, i64>(0))
                 .expect("count rows") as u64
         };
-        let unsent = count("SELECT count(*) FROM queue WHERE id BETWEEN ?1 AND ?2 AND state = 0");
-        let all = count("SELECT count(*) FROM queue WHERE id BETWEEN ?1 AND ?2");
+        let unsent =
+            count("SELECT count(*) FROM queue_all WHERE id BETWEEN ?1 AND ?2 AND state = 0");
+        let all = count("SELECT count(*) FROM queue_all WHERE id BETWEEN ?1 AND ?2");
         (queued, unsent, all)
     }
 

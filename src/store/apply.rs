@@ -1,13 +1,15 @@
 //! Applying a group of ops inside one transaction: the SQL of every `Op`, the deletes held
 //! back and applied as ranges, rows both inserted and deleted in one group that are never
 //! written, queue read-backs answered from inside the transaction, and the per-session
-//! counter changes (`super::counts`) each transaction reports to the writer.
+//! counter changes (`super::counts`) each transaction reports to the writer. Every op that
+//! touches a queue row finds it in `queue` or in the staging log (`super::staging`).
 
 use std::collections::{HashMap, HashSet};
 
 use rusqlite::{params, Connection};
 
 use super::counts::Delta;
+use super::staging::Staging;
 use super::{queue_id, queue_range, split_queue_id, Op, QueueRow, Sid};
 
 /// One entry of a group, in submission order.
@@ -53,8 +55,31 @@ pub(super) fn apply_deltas(
 }
 
 /// Up to `limit` not-yet-sent rows (`sent`: rows sent and awaiting their PUBACK / PUBREC)
-/// of a session's queue with seq >= `from_seq` (on error: logged, none).
+/// of a session's queue with seq >= `from_seq`, from `queue` and the staging log, in order.
 pub(super) fn read_rows(
+    conn: &Connection,
+    st: &Staging,
+    sid: Sid,
+    from_seq: u64,
+    limit: u32,
+    sent: bool,
+) -> rusqlite::Result<Vec<QueueRow>> {
+    let mut rows = read_queue_rows(conn, sid, from_seq, limit, sent)?;
+    let staged = st.in_state(sid, queue_id(sid, from_seq), u8::from(sent), limit as usize);
+    if staged.is_empty() {
+        return Ok(rows);
+    }
+    let staged = st.read(conn, &staged)?;
+    // A staged row is the newer version of a qid also in `queue` (never, in practice).
+    rows.retain(|r| staged.iter().all(|s| s.seq != r.seq));
+    rows.extend(staged);
+    rows.sort_by_key(|r| r.seq);
+    rows.truncate(limit as usize);
+    Ok(rows)
+}
+
+/// [`read_rows`] of `queue` alone.
+fn read_queue_rows(
     conn: &Connection,
     sid: Sid,
     from_seq: u64,
@@ -152,6 +177,27 @@ pub(super) fn transient_rows(group: &[Item]) -> HashSet<(Sid, u64)> {
 #[allow(clippy::type_complexity)]
 pub(super) fn apply_group(
     conn: &mut Connection,
+    st: &mut Staging,
+    retry: &[Op],
+    group: &[Item],
+    now: i64,
+) -> rusqlite::Result<(Vec<rusqlite::Result<Vec<QueueRow>>>, HashMap<Sid, Delta>)> {
+    st.ensure(conn)?;
+    st.plan(retry.iter().chain(group.iter().flat_map(|item| match item {
+        Item::Batch(_, ops) => ops.iter(),
+        Item::Read { .. } => [].iter(),
+    })));
+    let result = apply_group_in(conn, st, retry, group, now);
+    if result.is_err() {
+        st.invalidate();
+    }
+    result
+}
+
+#[allow(clippy::type_complexity)]
+fn apply_group_in(
+    conn: &mut Connection,
+    st: &mut Staging,
     retry: &[Op],
     group: &[Item],
     now: i64,
@@ -160,7 +206,7 @@ pub(super) fn apply_group(
     let mut per: HashMap<Sid, Delta> = HashMap::new();
     let mut reads = Vec::new();
     for op in retry {
-        apply_op(&tx, op, &mut per, now)?;
+        apply_op(&tx, st, op, &mut per, now)?;
     }
     let transient = transient_rows(group);
     let mut deletes = Deletes::default();
@@ -171,8 +217,8 @@ pub(super) fn apply_group(
                     if row_of(op).is_some_and(|r| transient.contains(&r)) {
                         continue;
                     }
-                    if !deletes.defer(&tx, op, &mut per)? {
-                        apply_op(&tx, op, &mut per, now)?;
+                    if !deletes.defer(&tx, st, op, &mut per)? {
+                        apply_op(&tx, st, op, &mut per, now)?;
                     }
                 }
             }
@@ -183,27 +229,38 @@ pub(super) fn apply_group(
                 sent,
                 ..
             } => {
-                deletes.flush(&tx, *sid, &mut per)?;
-                reads.push(read_rows(&tx, *sid, *from_seq, *limit, *sent));
+                deletes.flush(&tx, st, *sid, &mut per)?;
+                reads.push(read_rows(&tx, st, *sid, *from_seq, *limit, *sent));
             }
         }
     }
-    deletes.flush_all(&tx, &mut per)?;
+    deletes.flush_all(&tx, st, &mut per)?;
     apply_deltas(&tx, &per)?;
     tx.commit()?;
     Ok((reads, per))
 }
 
-/// Deletes the queue rows of `sid` with `lo <= seq <= hi` (those that exist), counting
-/// them in `per`. Two plain statements: `DELETE ... RETURNING` would build an ephemeral
-/// table for every call.
+/// Deletes the queue rows of `sid` with `lo <= seq <= hi` (those that exist, staged or
+/// not), counting them in `per`. Two plain statements: `DELETE ... RETURNING` would build
+/// an ephemeral table for every call.
 pub(super) fn delete_range(
     tx: &rusqlite::Transaction,
+    st: &mut Staging,
     sid: Sid,
     lo: u64,
     hi: u64,
     per: &mut HashMap<Sid, Delta>,
 ) -> rusqlite::Result<()> {
+    let (staged, staged_bytes) = st.delete_range(tx, queue_id(sid, lo), queue_id(sid, hi))?;
+    if staged > 0 {
+        let d = per.entry(sid).or_default();
+        d.queued -= staged;
+        d.bytes -= staged_bytes;
+        if staged as u64 == hi - lo + 1 {
+            // Every row of the range was staged: none can be in `queue` too.
+            return Ok(());
+        }
+    }
     let range = params![queue_id(sid, lo), queue_id(sid, hi)];
     let (rows, bytes): (i64, i64) = tx
         .prepare_cached(
@@ -240,6 +297,7 @@ impl Deletes {
     fn defer(
         &mut self,
         tx: &rusqlite::Transaction,
+        st: &mut Staging,
         op: &Op,
         per: &mut HashMap<Sid, Delta>,
     ) -> rusqlite::Result<bool> {
@@ -256,10 +314,10 @@ impl Deletes {
                     .get(sid)
                     .is_some_and(|(seqs, max)| *seq <= *max && seqs.contains(seq)) =>
             {
-                self.flush(tx, *sid, per)?;
+                self.flush(tx, st, *sid, per)?;
             }
             Op::DeleteOldest { sid, .. } | Op::DeleteSession { sid } | Op::Drop { sid, .. } => {
-                self.flush(tx, *sid, per)?
+                self.flush(tx, st, *sid, per)?
             }
             _ => {}
         }
@@ -270,6 +328,7 @@ impl Deletes {
     fn flush(
         &mut self,
         tx: &rusqlite::Transaction,
+        st: &mut Staging,
         sid: Sid,
         per: &mut HashMap<Sid, Delta>,
     ) -> rusqlite::Result<()> {
@@ -287,7 +346,7 @@ impl Deletes {
                 hi += 1;
                 i += 1;
             }
-            delete_range(tx, sid, lo, hi, per)?;
+            delete_range(tx, st, sid, lo, hi, per)?;
         }
         Ok(())
     }
@@ -296,11 +355,12 @@ impl Deletes {
     fn flush_all(
         &mut self,
         tx: &rusqlite::Transaction,
+        st: &mut Staging,
         per: &mut HashMap<Sid, Delta>,
     ) -> rusqlite::Result<()> {
         let sids: Vec<Sid> = self.pending.keys().copied().collect();
         for sid in sids {
-            self.flush(tx, sid, per)?;
+            self.flush(tx, st, sid, per)?;
         }
         Ok(())
     }
@@ -310,22 +370,65 @@ impl Deletes {
 /// everything back. Returns the counter changes.
 pub(super) fn apply<'a>(
     conn: &mut Connection,
-    ops: impl Iterator<Item = &'a Op>,
+    st: &mut Staging,
+    ops: impl Iterator<Item = &'a Op> + Clone,
     now: i64,
 ) -> rusqlite::Result<HashMap<Sid, Delta>> {
-    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let mut per: HashMap<Sid, Delta> = HashMap::new();
-    for op in ops {
-        apply_op(&tx, op, &mut per, now)?;
+    st.ensure(conn)?;
+    st.plan(ops.clone());
+    let result = (|| {
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        let mut per: HashMap<Sid, Delta> = HashMap::new();
+        for op in ops {
+            apply_op(&tx, st, op, &mut per, now)?;
+        }
+        apply_deltas(&tx, &per)?;
+        tx.commit()?;
+        Ok(per)
+    })();
+    if result.is_err() {
+        st.invalidate();
     }
-    apply_deltas(&tx, &per)?;
-    tx.commit()?;
-    Ok(per)
+    result
+}
+
+/// Up to `count` unsent rows of `sid` from `from_seq` on, oldest first, staged or not:
+/// (seq, payload size).
+pub(super) fn oldest_unsent(
+    tx: &rusqlite::Transaction,
+    st: &Staging,
+    sid: Sid,
+    from_seq: u64,
+    count: u32,
+) -> rusqlite::Result<Vec<(u64, u32)>> {
+    let from = queue_id(sid, from_seq);
+    let mut rows: Vec<(u64, u32)> = tx
+        .prepare_cached(
+            "SELECT id, size FROM queue WHERE id BETWEEN ?1 AND ?2 AND state = 0
+             ORDER BY id LIMIT ?3",
+        )?
+        .query_map(params![from, queue_range(sid).1, count], |r| {
+            Ok((
+                split_queue_id(r.get(0)?).1,
+                r.get::<_, i64>(1)?.max(0) as u32,
+            ))
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    rows.extend(
+        st.in_state(sid, from, 0, count as usize)
+            .into_iter()
+            .map(|(qid, size)| (split_queue_id(qid).1, size)),
+    );
+    rows.sort_unstable();
+    rows.dedup_by_key(|r| r.0);
+    rows.truncate(count as usize);
+    Ok(rows)
 }
 
 /// One op inside a transaction; queue counter changes go to `per`.
 fn apply_op(
     tx: &rusqlite::Transaction,
+    st: &mut Staging,
     op: &Op,
     per: &mut HashMap<Sid, Delta>,
     now: i64,
@@ -391,8 +494,10 @@ fn apply_op(
                     .execute([s])?;
                 tx.prepare_cached("DELETE FROM incoming_qos2 WHERE sid = ?1")?
                     .execute([s])?;
+                let (lo, hi) = queue_range(*sid);
                 tx.prepare_cached("DELETE FROM queue WHERE id BETWEEN ?1 AND ?2")?
-                    .execute(params![queue_range(*sid).0, queue_range(*sid).1])?;
+                    .execute(params![lo, hi])?;
+                st.delete_range(tx, lo, hi)?;
                 per.insert(
                     *sid,
                     Delta {
@@ -430,20 +535,26 @@ fn apply_op(
                 size,
                 packet,
             } => {
-                tx.prepare_cached(
-                    "INSERT OR REPLACE INTO queue (id, state, packet_id, expires_at, size, packet,
-                                                   enqueued_at)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                )?
-                .execute(params![
-                    queue_id(*sid, *seq),
-                    if packet_id.is_some() { 1 } else { 0 },
-                    packet_id.map(i64::from),
-                    expires_at,
-                    *size,
-                    &packet[..],
-                    now
-                ])?;
+                let qid = queue_id(*sid, *seq);
+                let state = u8::from(packet_id.is_some());
+                let staged =
+                    st.enqueue(tx, qid, state, *packet_id, *expires_at, *size, packet, now)?;
+                if !staged {
+                    tx.prepare_cached(
+                        "INSERT OR REPLACE INTO queue (id, state, packet_id, expires_at, size,
+                                                       packet, enqueued_at)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    )?
+                    .execute(params![
+                        qid,
+                        state,
+                        packet_id.map(i64::from),
+                        expires_at,
+                        *size,
+                        &packet[..],
+                        now
+                    ])?;
+                }
                 let d = per.entry(*sid).or_default();
                 d.queued += 1;
                 d.bytes += i64::from(*size);
@@ -453,17 +564,36 @@ fn apply_op(
                 seq,
                 packet_id,
             } => {
-                tx.prepare_cached("UPDATE queue SET state = 1, packet_id = ?2 WHERE id = ?1")?
-                    .execute(params![queue_id(*sid, *seq), *packet_id])?;
+                let qid = queue_id(*sid, *seq);
+                if !st.mark(tx, qid, 1, Some(*packet_id))? {
+                    tx.prepare_cached("UPDATE queue SET state = 1, packet_id = ?2 WHERE id = ?1")?
+                        .execute(params![qid, *packet_id])?;
+                }
             }
             Op::MarkReleased { sid, seq } => {
-                tx.prepare_cached("UPDATE queue SET state = 2 WHERE id = ?1")?
-                    .execute(params![queue_id(*sid, *seq)])?;
+                let qid = queue_id(*sid, *seq);
+                if !st.mark(tx, qid, 2, None)? {
+                    tx.prepare_cached("UPDATE queue SET state = 2 WHERE id = ?1")?
+                        .execute(params![qid])?;
+                }
             }
-            Op::Delete { sid, seq } => delete_range(tx, *sid, *seq, *seq, per)?,
+            Op::Delete { sid, seq } => delete_range(tx, st, *sid, *seq, *seq, per)?,
             Op::Drop { sid, seq } => {
                 let before = per.get(sid).map_or(0, |d| d.queued);
-                delete_range(tx, *sid, *seq, *seq, per)?;
+                delete_range(tx, st, *sid, *seq, *seq, per)?;
+                let d = per.entry(*sid).or_default();
+                d.dropped += before - d.queued;
+            }
+            Op::DeleteOldest {
+                sid,
+                from_seq,
+                count,
+                ..
+            } if st.has_session(*sid) => {
+                let before = per.get(sid).map_or(0, |d| d.queued);
+                for (seq, _) in oldest_unsent(tx, st, *sid, *from_seq, *count)? {
+                    delete_range(tx, st, *sid, seq, seq, per)?;
+                }
                 let d = per.entry(*sid).or_default();
                 d.dropped += before - d.queued;
             }
@@ -473,11 +603,11 @@ fn apply_op(
                 count,
                 ..
             } => {
-                let mut st = tx.prepare_cached(
+                let mut q = tx.prepare_cached(
                     "DELETE FROM queue WHERE id IN (SELECT id FROM queue WHERE id BETWEEN ?1 AND ?2
                      AND state = 0 ORDER BY id LIMIT ?3) RETURNING size",
                 )?;
-                let mut rows = st.query(params![
+                let mut rows = q.query(params![
                     queue_id(*sid, *from_seq),
                     queue_range(*sid).1,
                     *count

@@ -6,7 +6,8 @@
 //! The store runs in WAL mode, so a reader sees the last committed state and never blocks
 //! the broker's writer (and vice versa): [`list_sessions`] and [`show_session`] open the
 //! database read-only and read one consistent snapshot each; they work the same with the
-//! broker running or stopped.
+//! broker running or stopped. Queue rows are read from `queue` and the staging log
+//! (`super::staging`; the view `queue_all`), where a running broker may have put them.
 //!
 //! # Writing
 //! [`delete_session`] edits the database directly and may only be used when no broker runs
@@ -222,7 +223,49 @@ fn protocol_name(level: i64) -> &'static str {
     }
 }
 
-fn summary_from_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Result<SessionSummary> {
+/// Whether the database has the staging log (schema 6 on; an older file is read as is).
+fn has_staging_log(conn: &Connection) -> rusqlite::Result<bool> {
+    Ok(conn
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'queue_log'",
+            [],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some())
+}
+
+/// Where queue rows are read from: `queue` and the staging log, or `queue` alone in a
+/// database older than the log.
+fn queue_rows(conn: &Connection) -> rusqlite::Result<&'static str> {
+    Ok(if has_staging_log(conn)? {
+        "queue_all"
+    } else {
+        "queue"
+    })
+}
+
+/// Per session (sid): rows in the staging log, their bytes and how many are in flight.
+/// One pass over the log (which holds at most `staging::CAP_ROWS` rows).
+type StagedCounts = std::collections::HashMap<i64, (i64, i64, i64)>;
+
+fn staged_counts(conn: &Connection) -> rusqlite::Result<StagedCounts> {
+    if !has_staging_log(conn)? {
+        return Ok(StagedCounts::new());
+    }
+    conn.prepare(
+        "SELECT qid >> 40, count(*), coalesce(sum(size), 0), coalesce(sum(state >= 1), 0)
+         FROM queue_log GROUP BY 1",
+    )?
+    .query_map([], |r| Ok((r.get(0)?, (r.get(1)?, r.get(2)?, r.get(3)?))))?
+    .collect()
+}
+
+fn summary_from_row(
+    conn: &Connection,
+    staged: &StagedCounts,
+    r: &rusqlite::Row<'_>,
+) -> rusqlite::Result<SessionSummary> {
     let sid: i64 = r.get(0)?;
     let expiry: i64 = r.get(3)?;
     let disconnected_at: Option<i64> = r.get(4)?;
@@ -233,6 +276,8 @@ fn summary_from_row(conn: &Connection, r: &rusqlite::Row<'_>) -> rusqlite::Resul
              FROM queue WHERE id BETWEEN ?1 AND ?2",
         )?
         .query_row(params![lo, hi], |q| Ok((q.get(0)?, q.get(1)?, q.get(2)?)))?;
+    let (s_queued, s_bytes, s_inflight) = staged.get(&sid).copied().unwrap_or_default();
+    let (queued, bytes, inflight) = (queued + s_queued, bytes + s_bytes, inflight + s_inflight);
     let subscriptions: i64 = conn
         .prepare_cached("SELECT count(*) FROM subscription WHERE sid = ?1")?
         .query_row([sid], |q| q.get(0))?;
@@ -266,8 +311,9 @@ pub fn list_sessions(data_dir: &Path) -> InspectResult<Vec<SessionSummary>> {
     let db = db_path(data_dir);
     let read = || -> rusqlite::Result<Vec<SessionSummary>> {
         conn.execute_batch("BEGIN")?;
+        let staged = staged_counts(&conn)?;
         let mut st = conn.prepare(&format!("{SESSION_COLUMNS} ORDER BY client_id"))?;
-        let rows = st.query_map([], |r| summary_from_row(&conn, r))?;
+        let rows = st.query_map([], |r| summary_from_row(&conn, &staged, r))?;
         let out = rows.collect::<rusqlite::Result<Vec<_>>>();
         drop(st);
         conn.execute_batch("COMMIT")?;
@@ -298,11 +344,12 @@ fn read_detail(
     client_id: &str,
     queue_limit: u32,
 ) -> rusqlite::Result<Option<SessionDetail>> {
+    let staged = staged_counts(conn)?;
     let Some(session) = conn
         .query_row(
             &format!("{SESSION_COLUMNS} WHERE client_id = ?1"),
             [client_id],
-            |r| summary_from_row(conn, r),
+            |r| summary_from_row(conn, &staged, r),
         )
         .optional()?
     else {
@@ -326,10 +373,11 @@ fn read_detail(
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     let (lo, hi) = queue_range(sid as u64);
-    let mut st = conn.prepare(
-        "SELECT id, state, packet_id, expires_at, size, packet FROM queue
+    let mut st = conn.prepare(&format!(
+        "SELECT id, state, packet_id, expires_at, size, packet FROM {}
          WHERE id BETWEEN ?1 AND ?2 ORDER BY id LIMIT ?3",
-    )?;
+        queue_rows(conn)?
+    ))?;
     let queue = st
         .query_map(params![lo, hi, queue_limit], |r| {
             let publish = decode_publish(r.get::<_, Vec<u8>>(5)?);
@@ -405,7 +453,10 @@ pub fn oldest_enqueued(db: &Path, client_id: &str) -> Option<i64> {
         .ok()?;
     let (lo, hi) = crate::store::queue_range(sid as u64);
     conn.query_row(
-        "SELECT enqueued_at FROM queue WHERE id BETWEEN ?1 AND ?2 ORDER BY id LIMIT 1",
+        &format!(
+            "SELECT enqueued_at FROM {} WHERE id BETWEEN ?1 AND ?2 ORDER BY id LIMIT 1",
+            queue_rows(&conn).ok()?
+        ),
         [lo, hi],
         |r| r.get::<_, Option<i64>>(0),
     )
@@ -481,7 +532,13 @@ pub fn delete_session(data_dir: &Path, client_id: &str) -> Result<Option<Deleted
         tx.execute("DELETE FROM session WHERE sid = ?1", [sid])?;
         tx.execute("DELETE FROM subscription WHERE sid = ?1", [sid])?;
         tx.execute("DELETE FROM incoming_qos2 WHERE sid = ?1", [sid])?;
-        let queued = tx.execute("DELETE FROM queue WHERE id BETWEEN ?1 AND ?2", [lo, hi])?;
+        let mut queued = tx.execute("DELETE FROM queue WHERE id BETWEEN ?1 AND ?2", [lo, hi])?;
+        if has_staging_log(&tx)? {
+            queued += tx.execute(
+                "DELETE FROM queue_log WHERE qid BETWEEN ?1 AND ?2",
+                [lo, hi],
+            )?;
+        }
         tx.commit()?;
         Ok(Some(Deleted {
             queued: queued as u64,
@@ -613,7 +670,11 @@ fn copy_and_verify(src: &Connection, db: &Path, tmp: &Path) -> InspectResult<(u6
         );
     }
     let sessions: i64 = check.query_row("SELECT count(*) FROM session", [], |r| r.get(0))?;
-    let queued: i64 = check.query_row("SELECT count(*) FROM queue", [], |r| r.get(0))?;
+    let queued: i64 = check.query_row(
+        &format!("SELECT count(*) FROM {}", queue_rows(&check)?),
+        [],
+        |r| r.get(0),
+    )?;
     drop(check);
     std::fs::File::open(tmp)
         .and_then(|f| f.sync_all())

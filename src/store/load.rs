@@ -2,7 +2,8 @@
 //! read what the router keeps in memory: sessions, their subscriptions, their in-flight
 //! messages (bounded by the in-flight window) and queue counters (counted from the queue
 //! rows when the last run did not stop cleanly, see `counts`), incoming QoS 2 state and
-//! retained messages. Queued messages themselves stay on disk.
+//! retained messages. Queued messages themselves stay on disk; rows a crash left in the
+//! staging log are merged into `queue` first (`staging`), so everything here reads `queue`.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -14,8 +15,8 @@ use tracing::{error, info, warn};
 use crate::clock::{self, Clock, Resumed};
 
 use super::{
-    anchor, configure, counts, queue_range, schema, split_queue_id, unix_ms, OnCorrupt, QueueRow,
-    Sid, StoreError, StoreOptions, StoredWill, MAX_SEQ, MAX_SID, SEQ_BITS,
+    anchor, configure, counts, queue_range, schema, split_queue_id, staging, unix_ms, OnCorrupt,
+    QueueRow, Sid, StoreError, StoreOptions, StoredWill, MAX_SEQ, MAX_SID, SEQ_BITS,
 };
 
 #[derive(Debug, Clone)]
@@ -151,6 +152,7 @@ fn try_open(opts: &StoreOptions) -> Result<(Connection, Recovered), StoreError> 
     if opts.integrity_check {
         quick_check(&conn, &opts.path)?;
     }
+    merge_staged(&mut conn)?;
     renumber_out_of_range(&mut conn)?;
     if found < 3 {
         resend_sent_rows_in_order(&mut conn)?;
@@ -228,6 +230,21 @@ fn quick_check(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         path: path.to_path_buf(),
         detail: problems.join("; "),
     })
+}
+
+/// Moves rows a crash left in the staging log into `queue` (`super::staging`), before
+/// anything below reads `queue`.
+fn merge_staged(conn: &mut Connection) -> Result<(), StoreError> {
+    let tx = conn.transaction()?;
+    let moved = staging::merge_in(&tx)?;
+    tx.commit()?;
+    if moved > 0 {
+        info!(
+            rows = moved,
+            "staged queue rows merged (the last run did not stop cleanly)"
+        );
+    }
+    Ok(())
 }
 
 /// Gives sessions whose ids a Holdfast before schema 3 counted up past `MAX_SID` (one id

@@ -43,8 +43,11 @@ mod load;
 pub mod metrics;
 pub mod powercut;
 pub mod schema;
+mod staging;
 mod writer;
 
+#[cfg(test)]
+mod staging_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -311,7 +314,7 @@ pub enum Command {
     SweepExpired {
         now_ms: i64,
     },
-    /// Checkpoints the WAL (when idle) so it does not grow without bound.
+    /// Merges the staging log and checkpoints the WAL (what the writer does when idle).
     Checkpoint,
     /// Commits what is pending and stops.
     Shutdown(oneshot::Sender<()>),

@@ -27,6 +27,10 @@ pub const MIGRATIONS: &[(&str, &str)] = &[
         "0005_lazy_session_counts",
         include_str!("../../migrations/0005_lazy_session_counts.sql"),
     ),
+    (
+        "0006_queue_staging_log",
+        include_str!("../../migrations/0006_queue_staging_log.sql"),
+    ),
 ];
 
 /// The schema version this binary writes.

@@ -111,7 +111,7 @@ fn db(o: &StoreOptions) -> Connection {
 fn rows(o: &StoreOptions, sid: Sid) -> Vec<(u64, u8)> {
     let c = db(o);
     let mut st = c
-        .prepare("SELECT id, state FROM queue WHERE id >= ?1 AND id < ?2 ORDER BY id")
+        .prepare("SELECT id, state FROM queue_all WHERE id >= ?1 AND id < ?2 ORDER BY id")
         .unwrap();
     st.query_map(params![queue_id(sid, 0), queue_id(sid + 1, 0)], |r| {
         Ok((split_queue_id(r.get(0)?).1, r.get::<_, i64>(1)? as u8))
@@ -146,7 +146,7 @@ fn assert_counters_consistent(o: &StoreOptions) {
     for (sid, queued, bytes) in &sessions {
         let (n, sum): (i64, i64) = c
             .query_row(
-                "SELECT count(*), coalesce(sum(size), 0) FROM queue WHERE id >= ?1 AND id < ?2",
+                "SELECT count(*), coalesce(sum(size), 0) FROM queue_all WHERE id >= ?1 AND id < ?2",
                 params![queue_id(*sid as Sid, 0), queue_id(*sid as Sid + 1, 0)],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -159,7 +159,7 @@ fn assert_counters_consistent(o: &StoreOptions) {
     }
     let orphans: i64 = c
         .query_row(
-            "SELECT count(*) FROM queue WHERE (id >> 40) NOT IN (SELECT sid FROM session)",
+            "SELECT count(*) FROM queue_all WHERE (id >> 40) NOT IN (SELECT sid FROM session)",
             [],
             |r| r.get(0),
         )

@@ -172,7 +172,7 @@ fn batches_within_the_commit_delay_share_one_commit() {
     );
     let rows: i64 = Connection::open(&o.path)
         .unwrap()
-        .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
+        .query_row("SELECT count(*) FROM queue_all", [], |r| r.get(0))
         .unwrap();
     assert_eq!(rows, 3, "what was reported committed is on disk");
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -301,5 +301,64 @@ fn a_commit_of_one_small_message_changes_one_page() {
         appended / commits <= 1600,
         "{} WAL bytes per one-message commit at the default page size",
         appended / commits
+    );
+}
+
+/// Fan-in: one group commit of a message for each of 500 sessions whose queues already
+/// span more leaves than that. Appended to each session's own range of the queue B-tree,
+/// the commit would change one leaf per session (~500 WAL frames, each written again by
+/// the next checkpoint); appended to the staging log (`store::staging`) it changes the
+/// log's right edge, a page per ~8 messages, plus the B-tree pages above it.
+#[test]
+fn a_commit_of_500_messages_into_500_sessions_writes_fewer_than_100_wal_frames() {
+    let dir = tempfile::tempdir().unwrap();
+    let o = opts(dir.path());
+    let (store, _, mut ev) = Store::open(&o).expect("open");
+    let sessions = 500u64;
+    let upserts = (1..=sessions)
+        .map(|sid| Op::UpsertSession {
+            sid,
+            client_id: Arc::from(format!("sensor-{sid}")),
+            protocol: 4,
+            expiry: u32::MAX,
+            will: None,
+        })
+        .collect();
+    commit(&store, &mut ev, 1, upserts);
+    let msg = |sid: Sid, seq: u64| Op::Enqueue {
+        sid,
+        seq,
+        packet_id: None,
+        expires_at: None,
+        size: 64,
+        packet: Bytes::from(vec![b'x'; 90]),
+    };
+    // Ten rows per session, one session per commit: every session has its own leaves.
+    for sid in 1..=sessions {
+        commit(
+            &store,
+            &mut ev,
+            sid + 1,
+            (0..10).map(|seq| msg(sid, seq)).collect(),
+        );
+    }
+    store.send(Command::Checkpoint).expect("writer alive");
+    commit(&store, &mut ev, 10_000, vec![]);
+    let before = wal_len(&o);
+    assert_eq!(before, 0, "the checkpoint emptied the WAL");
+    commit(
+        &store,
+        &mut ev,
+        10_001,
+        (1..=sessions).map(|sid| msg(sid, 10)).collect(),
+    );
+    let frames = (wal_len(&o) - before) / (u64::from(o.page_size) + 24);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    rt.block_on(store.close());
+    assert!(
+        frames < 100,
+        "one commit of {sessions} messages into {sessions} sessions appended {frames} WAL frames"
     );
 }

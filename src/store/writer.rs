@@ -2,8 +2,10 @@
 //! that has arrived, applies all consecutive batches in one transaction, commits, then
 //! reports each token. A queue read-back runs inside the group's transaction, after the
 //! batches submitted before it (so it sees their writes), and its answer is reported only
-//! after the commit, in submission order; maintenance (expiry sweep, checkpoint) runs
-//! between groups.
+//! after the commit, in submission order; maintenance (expiry sweep, staging-log merge,
+//! checkpoint) runs between groups. The writer owns the index of the staging log
+//! (`super::staging`) and merges the log into `queue` when it is long, when idle and at a
+//! clean stop.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::Receiver;
@@ -13,14 +15,13 @@ use rusqlite::{params, Connection};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, error, info, warn};
 
-use super::apply::{apply, apply_group, bump, read_rows, Item};
+use super::apply::{apply, apply_group, bump, oldest_unsent, read_rows, Item};
 use super::counts::{Counts, Delta};
 use super::metrics::StoreState;
+use super::staging::Staging;
 use crate::clock::Clock;
 
-use super::{
-    queue_range, split_queue_id, BudgetPolicy, Command, Op, QueueRow, Sid, StoreEvent, StoreOptions,
-};
+use super::{queue_id, BudgetPolicy, Command, Op, QueueRow, Sid, StoreEvent, StoreOptions};
 
 /// Most commands taken per group.
 const MAX_GROUP: usize = 4096;
@@ -62,6 +63,8 @@ pub struct Writer {
     /// Per-session queue counters, exact after every commit; written to the `session`
     /// rows only at a clean stop (`super::counts`).
     counts: Counts,
+    /// Which queue rows are in the staging log (`super::staging`).
+    staging: Staging,
 }
 
 impl Writer {
@@ -75,7 +78,14 @@ impl Writer {
         let mut budget =
             super::budget::Budget::new(&opts.path, opts.max_bytes, opts.min_free_percent);
         budget.apply(&conn, true);
+        let staging = Staging::load(&conn).unwrap_or_else(|e| {
+            warn!(cause = %e, "could not read the staging log: read again before the first commit");
+            let mut s = Staging::default();
+            s.invalidate();
+            s
+        });
         Writer {
+            staging,
             budget,
             conn,
             opts,
@@ -117,6 +127,7 @@ impl Writer {
                 match rx.recv_timeout(IDLE_CHECKPOINT.saturating_sub(last_work.elapsed())) {
                     Ok(c) => c,
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        self.merge("idle");
                         self.checkpoint();
                         checkpointed = true;
                         continue;
@@ -163,6 +174,7 @@ impl Writer {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if let Some(done) = stop {
+                self.merge("clean stop");
                 self.write_anchor();
                 if let Err(e) = self.counts.write(&mut self.conn) {
                     warn!(cause = %e, "could not record the queue counters: they are counted again at the next start");
@@ -171,6 +183,9 @@ impl Writer {
                 let _ = done.send(());
                 info!("store closed");
                 return;
+            }
+            if self.staging.wants_merge() {
+                self.merge("log full");
             }
             if work {
                 last_work = Instant::now();
@@ -229,7 +244,7 @@ impl Writer {
                 next_seq_at_request,
                 sent,
             } => {
-                let rows = read_rows(&self.conn, sid, from_seq, limit, sent);
+                let rows = self.read_rows(sid, from_seq, limit, sent);
                 self.send_rows(sid, rows, (from_seq, limit, next_seq_at_request, sent));
             }
             Command::SweepExpired { now_ms } => match self.sweep(now_ms) {
@@ -243,7 +258,10 @@ impl Writer {
                 Ok(_) => {}
                 Err(e) => warn!(cause = %e, "expiry sweep failed"),
             },
-            Command::Checkpoint => self.checkpoint(),
+            Command::Checkpoint => {
+                self.merge("checkpoint");
+                self.checkpoint()
+            }
             // Everything submitted before the ping is committed by now (`run` commits the
             // group before handing other commands here).
             Command::Ping(reply) => {
@@ -258,6 +276,36 @@ impl Writer {
         if let Err(e) = super::anchor::write(&self.conn, &self.clock.anchor()) {
             warn!(cause = %e, "could not record the clock anchor");
         }
+    }
+
+    /// Moves the staging log into `queue` (`super::staging`). A failure (the disk budget,
+    /// an I/O error) leaves the rows staged, merged at the next occasion.
+    fn merge(&mut self, why: &'static str) {
+        let started = Instant::now();
+        match self.staging.merge(&mut self.conn) {
+            Ok(0) => {}
+            Ok(rows) => debug!(
+                rows,
+                why,
+                took_ms = started.elapsed().as_millis() as u64,
+                "staging log merged into the queue"
+            ),
+            Err(e) => {
+                warn!(cause = %e, why, rows = self.staging.len(), "merging the staging log failed: the rows stay staged")
+            }
+        }
+    }
+
+    /// A queue read-back from outside a group's transaction.
+    fn read_rows(
+        &mut self,
+        sid: Sid,
+        from_seq: u64,
+        limit: u32,
+        sent: bool,
+    ) -> rusqlite::Result<Vec<QueueRow>> {
+        self.staging.ensure(&self.conn)?;
+        read_rows(&self.conn, &self.staging, sid, from_seq, limit, sent)
     }
 
     fn checkpoint(&mut self) {
@@ -322,7 +370,13 @@ impl Writer {
             .collect();
         let started = Instant::now();
         loop {
-            match apply_group(&mut self.conn, &self.retry, group, self.clock.now_ms()) {
+            match apply_group(
+                &mut self.conn,
+                &mut self.staging,
+                &self.retry,
+                group,
+                self.clock.now_ms(),
+            ) {
                 Ok((reads, per)) => {
                     self.counts.absorb(per);
                     self.metrics.record(started.elapsed(), true);
@@ -440,7 +494,7 @@ impl Writer {
                     next_seq_at_request,
                     sent,
                 } => {
-                    let rows = read_rows(&self.conn, sid, from_seq, limit, sent);
+                    let rows = self.read_rows(sid, from_seq, limit, sent);
                     self.send_rows(sid, rows, (from_seq, limit, next_seq_at_request, sent));
                 }
             }
@@ -478,7 +532,12 @@ impl Writer {
 
     /// [`apply`] with the writer's clock, counting what it committed.
     fn apply(&mut self, ops: &[Op]) -> rusqlite::Result<()> {
-        let per = apply(&mut self.conn, ops.iter(), self.clock.now_ms())?;
+        let per = apply(
+            &mut self.conn,
+            &mut self.staging,
+            ops.iter(),
+            self.clock.now_ms(),
+        )?;
         self.counts.absorb(per);
         Ok(())
     }
@@ -488,6 +547,11 @@ impl Writer {
     /// group that failed, are not dropped). Returns false if there was nothing to drop.
     fn make_room(&mut self, sending: &HashSet<(Sid, u64)>) -> bool {
         let sids = self.counts.longest_first();
+        if let Err(e) = self.staging.ensure(&self.conn) {
+            warn!(cause = %e, "could not make room under the disk budget");
+            return false;
+        }
+        let staging = &mut self.staging;
         let result = (|| -> rusqlite::Result<Vec<(Sid, u64, u32)>> {
             let tx = self.conn.transaction()?;
             let mut removed = Vec::new();
@@ -495,28 +559,18 @@ impl Writer {
             for s in sids {
                 sid = s;
                 let skip = sending.iter().filter(|(x, _)| *x == sid).count() as i64;
-                let candidates: Vec<(i64, i64)> = tx
-                    .prepare_cached(
-                        "SELECT id, size FROM queue WHERE id BETWEEN ?1 AND ?2 AND state = 0
-                         ORDER BY id LIMIT ?3",
-                    )?
-                    .query_map(
-                        params![
-                            queue_range(sid).0,
-                            queue_range(sid).1,
-                            BUDGET_DROP_ROWS + skip
-                        ],
-                        |r| Ok((r.get(0)?, r.get(1)?)),
-                    )?
-                    .collect::<rusqlite::Result<_>>()?;
+                let candidates =
+                    oldest_unsent(&tx, staging, sid, 0, (BUDGET_DROP_ROWS + skip) as u32)?;
                 let mut del = tx.prepare_cached("DELETE FROM queue WHERE id = ?1")?;
-                for (id, size) in candidates {
-                    let (_, seq) = split_queue_id(id);
+                for (seq, size) in candidates {
                     if sending.contains(&(sid, seq)) || removed.len() as i64 >= BUDGET_DROP_ROWS {
                         continue;
                     }
-                    del.execute([id])?;
-                    removed.push((sid, seq, size as u32));
+                    let id = queue_id(sid, seq);
+                    if staging.delete_one(&tx, id)?.is_none() {
+                        del.execute([id])?;
+                    }
+                    removed.push((sid, seq, size));
                 }
                 if !removed.is_empty() {
                     break;
@@ -550,6 +604,7 @@ impl Writer {
             }
             Ok(_) => false,
             Err(e) => {
+                self.staging.invalidate();
                 warn!(cause = %e, "could not make room under the disk budget");
                 false
             }
@@ -557,8 +612,17 @@ impl Writer {
     }
 
     fn sweep(&mut self, now_ms: i64) -> rusqlite::Result<Vec<(Sid, u64, u32)>> {
+        self.staging.ensure(&self.conn)?;
+        let result = self.sweep_in(now_ms);
+        if result.is_err() {
+            self.staging.invalidate();
+        }
+        result
+    }
+
+    fn sweep_in(&mut self, now_ms: i64) -> rusqlite::Result<Vec<(Sid, u64, u32)>> {
         let tx = self.conn.transaction()?;
-        let mut removed = Vec::new();
+        let mut removed = self.staging.sweep(&tx, now_ms)?;
         {
             let mut st = tx.prepare_cached(
                 "DELETE FROM queue WHERE expires_at IS NOT NULL AND expires_at <= ?1 AND state = 0
@@ -566,7 +630,7 @@ impl Writer {
             )?;
             let mut rows = st.query(params![now_ms])?;
             while let Some(r) = rows.next()? {
-                let (sid, seq) = split_queue_id(r.get(0)?);
+                let (sid, seq) = super::split_queue_id(r.get(0)?);
                 removed.push((sid, seq, r.get::<_, i64>(1)? as u32));
             }
         }

@@ -132,7 +132,7 @@ fn rows_inserted_and_deleted_in_one_group_are_not_written() {
     assert_eq!(expect_one(&mut rx), "commit 1 true");
     let db = Connection::open(dir.path().join("holdfast.db")).unwrap();
     let rows: Vec<i64> = db
-        .prepare("SELECT id FROM queue")
+        .prepare("SELECT id FROM queue_all")
         .unwrap()
         .query_map([], |r| r.get(0))
         .unwrap()

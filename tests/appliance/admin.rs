@@ -405,7 +405,7 @@ async fn backup_of_a_busy_broker_restores_and_resumes() {
             .unwrap();
         assert_eq!(ids, ["sub"]);
         let queued: i64 = conn
-            .query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
+            .query_row("SELECT count(*) FROM queue_all", [], |r| r.get(0))
             .unwrap();
         assert!(queued > 0);
     }

@@ -447,7 +447,7 @@ async fn acknowledged_outbox_rows_are_deleted_from_disk_soon_when_idle() {
     }
     let db = rusqlite::Connection::open(gw.dir.path().join("holdfast.db")).unwrap();
     let rows = || -> i64 {
-        db.query_row("SELECT count(*) FROM queue", [], |r| r.get(0))
+        db.query_row("SELECT count(*) FROM queue_all", [], |r| r.get(0))
             .unwrap()
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(2);

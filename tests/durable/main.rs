@@ -8,6 +8,7 @@ use holdfast_testkit as common;
 
 mod clock_steps;
 mod crash_loop;
+mod fan_in;
 mod power_cut;
 mod queue_model;
 mod restart;

@@ -354,7 +354,7 @@ impl Harness {
         let (lo, hi) = crate::store::queue_range(sid);
         let on_disk: i64 = db
             .query_row(
-                "SELECT count(*) FROM queue WHERE id BETWEEN ?1 AND ?2 AND state = 0",
+                "SELECT count(*) FROM queue_all WHERE id BETWEEN ?1 AND ?2 AND state = 0",
                 [lo, hi],
                 |r| r.get(0),
             )

@@ -1,0 +1,375 @@
+//! The staging log: a two-level queue for fan-in into many sessions.
+//!
+//! # Why
+//! `queue` is keyed `id = (sid << 40) | seq`: each session's rows are contiguous, which
+//! makes read-back a range scan, but a group commit that appends one message to each of
+//! 500 sessions changes 500 different leaves (one WAL frame each, written again by the next
+//! checkpoint, and mostly page-cache misses at 10,000 sessions). So when a group appends
+//! only a few rows per session, the rows go to `queue_log` instead, keyed by a global
+//! increasing `lid`: right-edge appends, ~8 rows per 1 KiB page. A **merge** later moves
+//! the whole log into `queue` in `id` order in one transaction, touching each session's
+//! leaf once per merge instead of once per commit.
+//!
+//! # Where a row is
+//! A queue row (`qid`) is in `queue` or in `queue_log`, never both: the log is in the same
+//! database, and every move (stage, merge) is one transaction with the ops around it, so a
+//! crash or power cut leaves each row in exactly one of them. The writer keeps an index of
+//! the staged rows in memory ([`Staging`]: qid → lid, payload size, state), bounded by
+//! [`CAP_ROWS`]; every op that touches a queue row looks there first: marks and deletes
+//! of a staged row go to the log row by `lid`; reads, `DeleteOldest`, the disk budget and
+//! the expiry sweep see both tables. If a transaction fails the index is rebuilt from the
+//! log (it may hold changes the rollback undid).
+//!
+//! # When rows are merged
+//! When the log holds [`MERGE_ROWS`], when the writer is idle (before its checkpoint), at a
+//! clean stop, and at start-up before anything reads `queue` (`load`): outside the writer
+//! (`inspect`, start-up) nothing but the view `queue_all` needs to know about the log.
+//! A merge needs room for the rows it moves until the log's pages are freed at its end; one
+//! that fails (disk budget) is retried when idle and at the clean stop, and until one
+//! succeeds, and past [`CAP_ROWS`], new rows go straight to `queue`.
+//!
+//! # Which rows are staged
+//! Only the rows of sessions that get fewer than [`DIRECT_PER_SESSION`] rows in a group of
+//! at least [`STAGE_MIN_GROUP`] appends: a session with a run of rows fills its own leaf
+//! (staging would write them twice), and a lone message at a low rate changes one page
+//! either way (staging would add the merge).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use bytes::Bytes;
+use rusqlite::{params, Connection, Transaction};
+
+use super::{queue_range, split_queue_id, Op, QueueRow, Sid};
+
+/// Log rows that trigger a merge. Each merge touches every session with staged rows once:
+/// at 10,000 sessions a larger log means more rows per leaf touched (fewer pages per
+/// message) and a larger in-memory index (~28 bytes a row: 1.8 MB at this size). Measured
+/// (`durable_compare --fanout 10000x100`, broker CPU ms per 1,000 messages): 32k 15.2,
+/// 64k 11.0, 128k 10.4 (and less flat as the store fills); a 32 MiB page cache during the
+/// merge did not help (12.1 at 64k).
+#[cfg(not(test))]
+pub(super) const MERGE_ROWS: usize = 64 * 1024;
+/// Most rows staged at once (a merge that keeps failing): later rows go to `queue`.
+pub(super) const CAP_ROWS: usize = 2 * MERGE_ROWS;
+/// Groups with fewer appends than this append to `queue` directly.
+#[cfg(not(test))]
+pub(super) const STAGE_MIN_GROUP: usize = 32;
+/// A session with at least this many appends in a group appends to `queue` directly.
+#[cfg(not(test))]
+pub(super) const DIRECT_PER_SESSION: usize = 4;
+
+// Unit tests (the store's and the router's, on a real store) stage every group of two or
+// more appends and merge more often, so queue ops meet rows in both tables, and each side
+// of a merge;
+// the production thresholds are exercised by the integration tests and the benches.
+#[cfg(test)]
+pub(super) const MERGE_ROWS: usize = 600;
+#[cfg(test)]
+pub(super) const STAGE_MIN_GROUP: usize = 2;
+#[cfg(test)]
+pub(super) const DIRECT_PER_SESSION: usize = 16;
+
+/// A staged row, as the writer remembers it.
+#[derive(Debug, Clone, Copy)]
+struct Staged {
+    lid: i64,
+    size: u32,
+    state: u8,
+}
+
+// The index's memory: 16 bytes a row, its 8-byte key, and the B-tree's nodes.
+const _: () = assert!(std::mem::size_of::<Staged>() == 16);
+
+/// The writer's index of `queue_log` (see the module doc).
+#[derive(Debug, Default)]
+pub(super) struct Staging {
+    /// qid → staged row; ordered, so a session's rows are a range.
+    rows: BTreeMap<i64, Staged>,
+    next_lid: i64,
+    /// Sessions whose appends the current transaction stages.
+    stage: HashSet<Sid>,
+    /// A transaction failed after changing the index: rebuild it before the next use.
+    stale: bool,
+    /// The last merge failed (the disk budget: a merge needs room for the rows it moves
+    /// until the log's pages are freed at its end): nothing is staged until one succeeds.
+    paused: bool,
+}
+
+impl Staging {
+    /// The index of what the log holds now.
+    pub fn load(conn: &Connection) -> rusqlite::Result<Staging> {
+        let mut s = Staging::default();
+        s.reload(conn)?;
+        Ok(s)
+    }
+
+    fn reload(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        let mut rows = BTreeMap::new();
+        let mut max = 0;
+        let mut st = conn.prepare_cached("SELECT lid, qid, size, state FROM queue_log")?;
+        let mut q = st.query([])?;
+        while let Some(r) = q.next()? {
+            let lid: i64 = r.get(0)?;
+            max = max.max(lid);
+            rows.insert(
+                r.get(1)?,
+                Staged {
+                    lid,
+                    size: r.get::<_, i64>(2)?.max(0) as u32,
+                    state: r.get::<_, i64>(3)? as u8,
+                },
+            );
+        }
+        self.rows = rows;
+        self.next_lid = self.next_lid.max(max + 1);
+        self.stale = false;
+        Ok(())
+    }
+
+    /// Called when a transaction that used the index failed (it was rolled back).
+    pub fn invalidate(&mut self) {
+        self.stale = true;
+    }
+
+    /// Rebuilds the index if a failed transaction left it stale. Call before a
+    /// transaction that uses it.
+    pub fn ensure(&mut self, conn: &Connection) -> rusqlite::Result<()> {
+        if self.stale {
+            self.reload(conn)?;
+        }
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    /// Whether the log is long enough to merge (and the last merge did not fail).
+    pub fn wants_merge(&self) -> bool {
+        !self.paused && self.rows.len() >= MERGE_ROWS
+    }
+
+    /// Decides which sessions' appends the next transaction stages (see the module doc).
+    pub fn plan<'a>(&mut self, ops: impl Iterator<Item = &'a Op>) {
+        self.stage.clear();
+        let mut per: HashMap<Sid, usize> = HashMap::new();
+        let mut total = 0;
+        for op in ops {
+            if let Op::Enqueue { sid, .. } = op {
+                *per.entry(*sid).or_default() += 1;
+                total += 1;
+            }
+        }
+        if self.paused || total < STAGE_MIN_GROUP || self.rows.len() + total > CAP_ROWS {
+            return;
+        }
+        self.stage.extend(
+            per.into_iter()
+                .filter(|(_, n)| *n < DIRECT_PER_SESSION)
+                .map(|(sid, _)| sid),
+        );
+    }
+
+    /// Appends a row: to the log if its session is staged in this transaction (returns
+    /// true), else the caller inserts it into `queue`. A staged row with the same qid is
+    /// replaced either way.
+    #[allow(clippy::too_many_arguments)]
+    pub fn enqueue(
+        &mut self,
+        tx: &Transaction,
+        qid: i64,
+        state: u8,
+        packet_id: Option<u16>,
+        expires_at: Option<i64>,
+        size: u32,
+        packet: &Bytes,
+        now: i64,
+    ) -> rusqlite::Result<bool> {
+        self.delete_one(tx, qid)?;
+        let (sid, _) = split_queue_id(qid);
+        if !self.stage.contains(&sid) {
+            return Ok(false);
+        }
+        let lid = self.next_lid;
+        tx.prepare_cached(
+            "INSERT INTO queue_log (lid, qid, state, packet_id, expires_at, size, packet,
+                                    enqueued_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?
+        .execute(params![
+            lid,
+            qid,
+            state,
+            packet_id.map(i64::from),
+            expires_at,
+            size,
+            &packet[..],
+            now
+        ])?;
+        self.next_lid += 1;
+        self.rows.insert(qid, Staged { lid, size, state });
+        Ok(true)
+    }
+
+    /// Sets the state (and packet id, if given) of a staged row; false if it is not staged.
+    pub fn mark(
+        &mut self,
+        tx: &Transaction,
+        qid: i64,
+        state: u8,
+        packet_id: Option<u16>,
+    ) -> rusqlite::Result<bool> {
+        let Some(row) = self.rows.get_mut(&qid) else {
+            return Ok(false);
+        };
+        match packet_id {
+            Some(p) => tx
+                .prepare_cached("UPDATE queue_log SET state = ?2, packet_id = ?3 WHERE lid = ?1")?
+                .execute(params![row.lid, state, p])?,
+            None => tx
+                .prepare_cached("UPDATE queue_log SET state = ?2 WHERE lid = ?1")?
+                .execute(params![row.lid, state])?,
+        };
+        row.state = state;
+        Ok(true)
+    }
+
+    /// Deletes a staged row; its payload size if it was staged.
+    pub fn delete_one(&mut self, tx: &Transaction, qid: i64) -> rusqlite::Result<Option<u32>> {
+        let Some(row) = self.rows.get(&qid).copied() else {
+            return Ok(None);
+        };
+        tx.prepare_cached("DELETE FROM queue_log WHERE lid = ?1")?
+            .execute([row.lid])?;
+        self.rows.remove(&qid);
+        Ok(Some(row.size))
+    }
+
+    /// Deletes the staged rows with `lo <= qid <= hi`: (rows, payload bytes).
+    pub fn delete_range(
+        &mut self,
+        tx: &Transaction,
+        lo: i64,
+        hi: i64,
+    ) -> rusqlite::Result<(i64, i64)> {
+        let qids: Vec<i64> = self.rows.range(lo..=hi).map(|(q, _)| *q).collect();
+        let (mut n, mut bytes) = (0, 0);
+        for qid in qids {
+            if let Some(size) = self.delete_one(tx, qid)? {
+                n += 1;
+                bytes += i64::from(size);
+            }
+        }
+        Ok((n, bytes))
+    }
+
+    /// Whether any row of `sid` is staged.
+    pub fn has_session(&self, sid: Sid) -> bool {
+        let (lo, hi) = queue_range(sid);
+        self.rows.range(lo..=hi).next().is_some()
+    }
+
+    /// Up to `limit` staged rows of `sid` in state `state` from qid `from` on, in order:
+    /// (qid, size).
+    pub fn in_state(&self, sid: Sid, from: i64, state: u8, limit: usize) -> Vec<(i64, u32)> {
+        let hi = queue_range(sid).1;
+        if from > hi {
+            return Vec::new();
+        }
+        self.rows
+            .range(from..=hi)
+            .filter(|(_, r)| r.state == state)
+            .take(limit)
+            .map(|(q, r)| (*q, r.size))
+            .collect()
+    }
+
+    /// Reads staged rows (for a read-back).
+    pub fn read(&self, conn: &Connection, qids: &[(i64, u32)]) -> rusqlite::Result<Vec<QueueRow>> {
+        let mut st = conn.prepare_cached(
+            "SELECT qid, state, packet_id, expires_at, packet FROM queue_log WHERE lid = ?1",
+        )?;
+        let mut out = Vec::with_capacity(qids.len());
+        for (qid, _) in qids {
+            let Some(row) = self.rows.get(qid) else {
+                continue;
+            };
+            out.push(st.query_row([row.lid], |r| {
+                Ok(QueueRow {
+                    seq: split_queue_id(r.get(0)?).1,
+                    state: r.get::<_, i64>(1)? as u8,
+                    packet_id: r.get::<_, Option<i64>>(2)?.map(|p| p as u16),
+                    expires_at: r.get(3)?,
+                    packet: Bytes::from(r.get::<_, Vec<u8>>(4)?),
+                })
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Deletes staged, unsent rows whose expiry has passed: (sid, seq, size) each.
+    pub fn sweep(
+        &mut self,
+        tx: &Transaction,
+        now_ms: i64,
+    ) -> rusqlite::Result<Vec<(Sid, u64, u32)>> {
+        if self.rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut removed = Vec::new();
+        let mut st = tx.prepare_cached(
+            "DELETE FROM queue_log WHERE expires_at IS NOT NULL AND expires_at <= ?1 AND state = 0
+             RETURNING qid, size",
+        )?;
+        let mut rows = st.query(params![now_ms])?;
+        while let Some(r) = rows.next()? {
+            let qid: i64 = r.get(0)?;
+            self.rows.remove(&qid);
+            let (sid, seq) = split_queue_id(qid);
+            removed.push((sid, seq, r.get::<_, i64>(1)?.max(0) as u32));
+        }
+        Ok(removed)
+    }
+
+    /// Moves every staged row into `queue` (one transaction of its own). Returns the rows
+    /// moved.
+    pub fn merge(&mut self, conn: &mut Connection) -> rusqlite::Result<usize> {
+        self.ensure(conn)?;
+        if self.rows.is_empty() {
+            return Ok(0);
+        }
+        let result = (|| {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let n = merge_in(&tx)?;
+            tx.commit()?;
+            Ok(n)
+        })();
+        match result {
+            Ok(n) => {
+                self.rows.clear();
+                self.paused = false;
+                Ok(n)
+            }
+            Err(e) => {
+                self.invalidate();
+                self.paused = true;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Moves every row of the log into `queue`, in `id` order (each leaf written once), inside
+/// `tx`. `OR REPLACE`: a staged row is the newer version of its qid.
+pub(super) fn merge_in(tx: &Transaction) -> rusqlite::Result<usize> {
+    let n = tx
+        .prepare_cached(
+            "INSERT OR REPLACE INTO queue (id, state, packet_id, expires_at, size, packet,
+                                           enqueued_at)
+             SELECT qid, state, packet_id, expires_at, size, packet, enqueued_at
+             FROM queue_log ORDER BY qid",
+        )?
+        .execute([])?;
+    tx.prepare_cached("DELETE FROM queue_log")?.execute([])?;
+    Ok(n)
+}
