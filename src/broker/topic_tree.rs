@@ -78,7 +78,12 @@ impl SharedGroup {
 /// The subscriptions attached to one trie position.
 #[derive(Debug, Default)]
 struct Subs {
-    direct: HashMap<SessionId, SubscriptionData>,
+    /// Direct subscribers sorted by session. A sorted vector, not a hash map: most topics
+    /// of a gateway have one or a few subscribers, and an empty hash map with one entry
+    /// costs ~130 bytes against 24 here (issue 17: 10,000 sessions each on a topic of its
+    /// own). Matching walks all entries either way; a subscribe or unsubscribe moves at most
+    /// the entries behind it (24 bytes each).
+    direct: Vec<(SessionId, SubscriptionData)>,
     shared: BTreeMap<Box<str>, SharedGroup>,
 }
 
@@ -90,7 +95,20 @@ impl Subs {
     /// Returns true if it replaced an existing subscription.
     fn insert(&mut self, group: Option<&str>, session: SessionId, data: SubscriptionData) -> bool {
         match group {
-            None => self.direct.insert(session, data).is_some(),
+            None => match self.direct.binary_search_by_key(&session, |(s, _)| *s) {
+                Ok(i) => {
+                    self.direct[i].1 = data;
+                    true
+                }
+                Err(i) => {
+                    if self.direct.len() == self.direct.capacity() {
+                        // Grow by half, not to 4 at once: most slots keep one subscriber.
+                        self.direct.reserve_exact(self.direct.len() / 2 + 1);
+                    }
+                    self.direct.insert(i, (session, data));
+                    false
+                }
+            },
             Some(g) => {
                 let grp = match self.shared.get_mut(g) {
                     Some(grp) => grp,
@@ -113,7 +131,16 @@ impl Subs {
     /// Returns true if it existed.
     fn remove(&mut self, group: Option<&str>, session: SessionId) -> bool {
         match group {
-            None => self.direct.remove(&session).is_some(),
+            None => match self.direct.binary_search_by_key(&session, |(s, _)| *s) {
+                Ok(i) => {
+                    self.direct.remove(i);
+                    if self.direct.len() < self.direct.capacity() / 4 {
+                        self.direct.shrink_to_fit();
+                    }
+                    true
+                }
+                Err(_) => false,
+            },
             Some(g) => {
                 let Some(grp) = self.shared.get_mut(g) else {
                     return false;
@@ -140,7 +167,7 @@ impl Subs {
         eligible: &mut impl FnMut(SessionId) -> bool,
         out: &mut Vec<Match>,
     ) {
-        for (&session, data) in &self.direct {
+        for &(session, ref data) in &self.direct {
             if data.options.no_local && publisher == Some(session) {
                 continue;
             }
