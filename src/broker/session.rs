@@ -16,6 +16,11 @@
 //!   and everything from `spilled_from` on is on disk only. Memory does not grow with the
 //!   number of queued messages.
 //!
+//! - a gateway holds up to ~10,000 sessions, so what every session carries is kept small
+//!   (issue 17; `router::memory_tests` guards the sizes): rare parts are boxed (the will,
+//!   in-flight bodies, held packets), subscriptions are a sorted vector, and emptied
+//!   queues, windows and held output give their memory back (`shrink_idle`).
+//!
 //! The session is owned by the router task; nothing here is shared or locked.
 
 use std::collections::{HashMap, VecDeque};

@@ -8,8 +8,9 @@
 //! Layout: a trie with one node per filter level. A node has literal children (hash map
 //! keyed by level), a `+` child, a `#` slot (subscriptions whose filter ends in `#` right
 //! below this node) and its own subscriptions (filters ending exactly at this node). Each
-//! subscription slot holds direct subscribers (`session -> data`) and shared groups
-//! (`group -> members`, ordered, with a round-robin cursor).
+//! subscription slot holds direct subscribers (`session -> data`, a vector sorted by
+//! session: most slots have one or a few) and shared groups (`group -> members`, ordered,
+//! with a round-robin cursor).
 //!
 //! Invariants:
 //! - `len` equals the number of stored subscriptions (direct entries + shared members).
