@@ -2,7 +2,8 @@
 //! `persistence false`), side by side in one run on 127.0.0.1.
 //!
 //! `cargo bench --bench scale_memory [-- --sessions N] [--per-session 1,100,1000]
-//! [--mosquitto PATH] [--holdfast PATH] [--before PATH] [--holdfast-only]`
+//! [--fill-publishers N] [--mosquitto PATH] [--holdfast PATH] [--before PATH]
+//! [--holdfast-only]`
 //!
 //! `--holdfast PATH` measures another build instead of this one; `--before PATH` adds a row
 //! for a second build (e.g. the one before a change), run in the same session.
@@ -10,8 +11,9 @@
 //! For each `--per-session` value P, against freshly started brokers, one after the other:
 //! 1. `--sessions` durable sessions (3.1.1 clean session 0) subscribe to a topic of their
 //!    own at QoS 1 and go offline;
-//! 2. 8 publishers put P 64-byte QoS 1 messages on every topic (each topic has one
-//!    publisher, so each session's messages have rising sequence numbers);
+//! 2. `--fill-publishers` (8) publishers put P 64-byte QoS 1 messages on every topic (each
+//!    topic has one publisher, so each session's messages have rising sequence numbers;
+//!    more publishers fill 10,000 × 1,000 faster: the broker commits bigger groups);
 //! 3. every session reconnects at once and drains its queue, acking each message; the
 //!    order is checked;
 //! 4. with every session still connected, the broker's resident memory is read.
@@ -29,7 +31,7 @@ use std::time::Duration;
 use loadgen::broker::BrokerProc;
 use loadgen::durable;
 
-/// Publishers used to fill the queues.
+/// Publishers used to fill the queues, unless `--fill-publishers` says otherwise.
 const FILL_PUBLISHERS: usize = 8;
 /// Settling time before a resident-memory reading (freed pages go back, timers run).
 const SETTLE: Duration = Duration::from_secs(2);
@@ -37,6 +39,7 @@ const SETTLE: Duration = Duration::from_secs(2);
 struct Args {
     sessions: usize,
     per_session: Vec<u64>,
+    fill_publishers: usize,
     mosquitto: PathBuf,
     holdfast: PathBuf,
     before: Option<PathBuf>,
@@ -46,7 +49,7 @@ struct Args {
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench scale_memory -- [--sessions N] [--per-session 1,100,1000] \
-         [--mosquitto PATH] [--holdfast PATH] [--before PATH] [--holdfast-only]"
+         [--fill-publishers N] [--mosquitto PATH] [--holdfast PATH] [--before PATH] [--holdfast-only]"
     );
     std::process::exit(2)
 }
@@ -55,6 +58,7 @@ fn parse_args() -> Args {
     let mut a = Args {
         sessions: 10_000,
         per_session: vec![1, 100],
+        fill_publishers: FILL_PUBLISHERS,
         mosquitto: PathBuf::from("/usr/sbin/mosquitto"),
         holdfast: PathBuf::from(env!("CARGO_BIN_EXE_holdfast")),
         before: None,
@@ -71,6 +75,13 @@ fn parse_args() -> Args {
                     .split(',')
                     .map(|v| v.trim().parse().unwrap_or_else(|_| usage()))
                     .collect()
+            }
+            "--fill-publishers" => {
+                a.fill_publishers = val("--fill-publishers")
+                    .parse()
+                    .ok()
+                    .filter(|n| *n > 0)
+                    .unwrap_or_else(|| usage())
             }
             "--mosquitto" => a.mosquitto = val("--mosquitto").into(),
             "--holdfast" => a.holdfast = val("--holdfast").into(),
@@ -103,6 +114,7 @@ fn run_one(
     mut b: BrokerProc,
     sessions: usize,
     per_session: u64,
+    fill_publishers: usize,
 ) -> Row {
     std::thread::sleep(SETTLE);
     let kib = |b: &BrokerProc, f: &str| b.status_kib(f).unwrap_or(0);
@@ -130,7 +142,7 @@ fn run_one(
                 &tag,
                 &topics,
                 per_session,
-                FILL_PUBLISHERS,
+                fill_publishers,
             ))
             .map_err(|e| format!("filling: {e}"))?;
         row.fill_rate = sent as f64 / took.as_secs_f64();
@@ -167,13 +179,13 @@ fn main() {
         if let Some(before) = &args.before {
             let mut hf = BrokerProc::holdfast(before).expect("start holdfast (before)");
             hf.name = "holdfast (before)";
-            rows.push(run_one(&rt, hf, args.sessions, p));
+            rows.push(run_one(&rt, hf, args.sessions, p, args.fill_publishers));
         }
         let hf = BrokerProc::holdfast(&holdfast_bin).expect("start holdfast");
-        rows.push(run_one(&rt, hf, args.sessions, p));
+        rows.push(run_one(&rt, hf, args.sessions, p, args.fill_publishers));
         if !args.holdfast_only {
             let mq = BrokerProc::mosquitto(&args.mosquitto).expect("start mosquitto");
-            rows.push(run_one(&rt, mq, args.sessions, p));
+            rows.push(run_one(&rt, mq, args.sessions, p, args.fill_publishers));
         }
     }
 

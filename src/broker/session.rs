@@ -16,6 +16,11 @@
 //!   and everything from `spilled_from` on is on disk only. Memory does not grow with the
 //!   number of queued messages.
 //!
+//! - a gateway holds up to ~10,000 sessions, so what every session carries is kept small
+//!   (issue 17; `router::memory_tests` guards the sizes): rare parts are boxed (the will,
+//!   in-flight bodies, held packets), subscriptions are a sorted vector, and emptied
+//!   queues, windows and held output give their memory back (`shrink_idle`).
+//!
 //! The session is owned by the router task; nothing here is shared or locked.
 
 use std::collections::{HashMap, VecDeque};
@@ -56,8 +61,10 @@ pub struct Inflight {
     pub seq: u64,
     pub state: InflightState,
     /// None: the body is on disk only (a durable session that went offline, or was just
-    /// recovered): read back (`Session::inflight_on_disk`) before it is resent.
-    pub message: Option<Message>,
+    /// recovered): read back (`Session::inflight_on_disk`) before it is resent. Boxed, so
+    /// a slot of the window is 24 bytes rather than 248: a `VecDeque` never holds fewer
+    /// than 4 slots, and the message itself is already in memory.
+    pub message: Option<Box<Message>>,
 }
 
 /// A message routed to a session, before a packet id is assigned.
@@ -101,11 +108,12 @@ pub struct Queued {
 
 /// Output waiting for a store commit (or behind output that is), so that it leaves in
 /// order and only once what it acknowledges is durable.
-// Mostly `Packet`s; boxing them would cost an allocation per held packet.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 pub enum Held {
-    Packet(Packet),
+    /// Boxed: it goes to the connection in this box (`Outgoing::Packet`), and an inline
+    /// `Packet` would make every held item, deliveries included, 224 bytes instead of 16
+    /// (a window of 64 held deliveries per session while 10,000 sessions drain).
+    Packet(Box<Packet>),
     /// Send the in-flight message with this packet id (looked up when released).
     Deliver {
         packet_id: u16,
@@ -121,6 +129,12 @@ pub enum Held {
         qos2: bool,
         code: u8,
     },
+}
+
+impl Held {
+    pub fn packet(p: Packet) -> Held {
+        Held::Packet(Box::new(p))
+    }
 }
 
 /// Where a queued row was when it left the queue behind the router's back.
@@ -175,7 +189,7 @@ pub struct Session {
     /// Unix ms when the session went offline (durable sessions).
     pub offline_since_ms: i64,
     /// Subscriptions by full filter as subscribed (including any `$share/{group}/`).
-    pub subscriptions: HashMap<String, SubscriptionData>,
+    pub subscriptions: Subscriptions,
     /// Last packet id handed out.
     next_packet_id: u16,
     /// Next message sequence number.
@@ -223,8 +237,9 @@ pub struct Session {
     /// (backpressure: a fast QoS 1/2 publisher is slowed to its slowest subscriber's pace
     /// instead of overflowing that subscriber's queue).
     pub gated: Vec<SessionId>,
-    /// The will of the current (or last) connection.
-    pub will: Option<Will>,
+    /// The will of the current (or last) connection (boxed: most sessions have none, and
+    /// a `Will` inline would add 176 bytes to every session).
+    pub will: Option<Box<Will>>,
     /// Messages dropped for this session by a queue policy or size limit.
     pub dropped: u64,
     /// A drop episode is being logged: set on the first drop, cleared when the queue drains.
@@ -259,7 +274,7 @@ impl Session {
             params,
             expiry_interval: 0,
             offline_since_ms: 0,
-            subscriptions: HashMap::new(),
+            subscriptions: Subscriptions::default(),
             next_packet_id: 0,
             next_seq: 0,
             inflight: VecDeque::new(),
@@ -522,10 +537,75 @@ impl Session {
 
     /// Subscription filters in the form the subscription tree wants: (filter, group).
     pub fn tree_keys(&self) -> Vec<(String, Option<String>)> {
-        self.subscriptions
-            .keys()
-            .map(|full| split_share(full))
-            .collect()
+        self.subscriptions.keys().map(split_share).collect()
+    }
+}
+
+/// A session's subscriptions by full filter: a vector sorted by filter. Sessions of a
+/// gateway hold one or a few subscriptions, and 10,000 sessions each with a hash map of one
+/// entry would spend ~190 bytes apiece on it against ~40 here (issue 17). Lookups are
+/// binary searches; an insert or removal moves the entries behind it (32 bytes each),
+/// which stays cheap up to `mqtt.max_subscriptions_per_client`-sized sets.
+#[derive(Debug, Default, Clone)]
+pub struct Subscriptions(Vec<(Box<str>, SubscriptionData)>);
+
+impl Subscriptions {
+    fn find(&self, filter: &str) -> Result<usize, usize> {
+        self.0.binary_search_by(|(f, _)| (**f).cmp(filter))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn get(&self, filter: &str) -> Option<&SubscriptionData> {
+        self.find(filter).ok().map(|i| &self.0[i].1)
+    }
+
+    pub fn contains_key(&self, filter: &str) -> bool {
+        self.find(filter).is_ok()
+    }
+
+    /// Adds or replaces; returns what it replaced.
+    pub fn insert(
+        &mut self,
+        filter: impl AsRef<str>,
+        data: SubscriptionData,
+    ) -> Option<SubscriptionData> {
+        let filter = filter.as_ref();
+        match self.find(filter) {
+            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, data)),
+            Err(i) => {
+                if self.0.len() == self.0.capacity() {
+                    // Grow by half, not to 4 at once: most sessions keep one subscription.
+                    self.0.reserve_exact(self.0.len() / 2 + 1);
+                }
+                self.0.insert(i, (Box::from(filter), data));
+                None
+            }
+        }
+    }
+
+    pub fn remove(&mut self, filter: &str) -> Option<SubscriptionData> {
+        let i = self.find(filter).ok()?;
+        let (_, data) = self.0.remove(i);
+        if self.0.len() < self.0.capacity() / 4 {
+            self.0.shrink_to_fit();
+        }
+        Some(data)
+    }
+
+    /// Filters in sorted order.
+    pub fn keys(&self) -> impl Iterator<Item = &str> {
+        self.0.iter().map(|(f, _)| &**f)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &SubscriptionData)> {
+        self.0.iter().map(|(f, d)| (&**f, d))
     }
 }
 
@@ -547,11 +627,11 @@ mod tests {
             packet_id,
             seq: u64::from(packet_id),
             state: InflightState::AwaitingAck,
-            message: Some(Message {
+            message: Some(Box::new(Message {
                 publish: Publish::default(),
                 expires_at: None,
                 charge: None,
-            }),
+            })),
         }
     }
 

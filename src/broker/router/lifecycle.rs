@@ -35,13 +35,13 @@ impl Router {
                         // The old connection did not DISCONNECT normally. Its will is
                         // delayed only if the session continues and a delay was asked for.
                         if clean_start || will_delay(&w) == 0 {
-                            wills.extend(security::permitted_will(s, w));
+                            wills.extend(security::permitted_will(s, *w));
                         }
                     }
                 } else if let Some(w) = s.will.take() {
                     // A delayed will is cancelled by reconnecting, unless the session ends.
                     if clean_start {
-                        wills.extend(security::permitted_will(s, w));
+                        wills.extend(security::permitted_will(s, *w));
                     }
                 }
                 resumed = !clean_start;
@@ -69,7 +69,7 @@ impl Router {
                 let mut s = Session::new(sid, client_id.clone(), params, durable);
                 s.pool = Some(self.pool.clone());
                 s.generation = self.ids.generation();
-                self.sessions.insert(sid, s);
+                self.sessions.insert(sid, Box::new(s));
                 self.by_client.insert(client_id.clone(), sid);
                 sid
             }
@@ -83,7 +83,7 @@ impl Router {
         };
         s.params = params;
         s.expiry_interval = expiry_interval;
-        s.will = will;
+        s.will = will.map(Box::new);
         s.conn = Some(link);
         // A session kept in memory only, resumed with a Session Expiry Interval, is durable
         // from now on: write what it holds, or what it acknowledges would die with the process.
@@ -98,7 +98,7 @@ impl Router {
                 client_id: s.client_id.clone(),
                 protocol: params.protocol.level(),
                 expiry: expiry_interval,
-                will: s.will.as_ref().map(will_to_stored),
+                will: s.will.as_deref().map(will_to_stored),
             });
             self.commits.ops.extend(Router::owner_op(s));
         }
@@ -114,7 +114,7 @@ impl Router {
         hold(
             s,
             token,
-            Held::Packet(Packet::ConnAck(connack)),
+            Held::packet(Packet::ConnAck(connack)),
             &mut self.commits.cur,
             &mut self.stats,
         );
@@ -152,7 +152,7 @@ impl Router {
                         }
                     }
                     (InflightState::AwaitingComp, _) => {
-                        Held::Packet(Packet::PubRel(PubAckLike::new(m.packet_id)))
+                        Held::packet(Packet::PubRel(PubAckLike::new(m.packet_id)))
                     }
                 };
                 hold(s, 0, item, &mut self.commits.cur, &mut self.stats);
@@ -182,7 +182,7 @@ impl Router {
             s.expiry_interval = e.min(self.cfg.max_session_expiry_secs);
         }
         let will = match will {
-            WillAction::Publish => s.will.take().and_then(|w| security::permitted_will(s, w)),
+            WillAction::Publish => s.will.take().and_then(|w| security::permitted_will(s, *w)),
             WillAction::Discard => {
                 s.will = None;
                 None
@@ -204,7 +204,7 @@ impl Router {
             if delay == 0 {
                 publish_now = Some(w);
             } else {
-                s.will = Some(w);
+                s.will = Some(Box::new(w));
                 self.timers.push(Reverse(Timer {
                     at: now + Duration::from_secs(u64::from(delay)),
                     session: sid,
@@ -229,7 +229,7 @@ impl Router {
                 sid,
                 at_ms: s.offline_since_ms,
                 expiry: s.expiry_interval,
-                will: s.will.as_ref().map(will_to_stored),
+                will: s.will.as_deref().map(will_to_stored),
             });
         }
         if let Some(w) = publish_now {
@@ -276,7 +276,7 @@ impl Router {
             match t.kind {
                 TimerKind::WillDelay => {
                     if let Some(w) = s.will.take() {
-                        let w = security::permitted_will(s, w);
+                        let w = security::permitted_will(s, *w);
                         if s.durable {
                             self.commits.ops.push(Op::SessionOffline {
                                 sid: t.session,
@@ -291,7 +291,7 @@ impl Router {
                     }
                 }
                 TimerKind::SessionExpiry => {
-                    if let Some(w) = s.will.take().and_then(|w| security::permitted_will(s, w)) {
+                    if let Some(w) = s.will.take().and_then(|w| security::permitted_will(s, *w)) {
                         self.publish_will(w);
                     }
                     self.stats.sessions_expired += 1;
@@ -346,18 +346,18 @@ impl Router {
                     let keep = s.will.as_ref().is_some_and(|w| will_delay(w) > 0);
                     if !keep {
                         let w = s.will.take();
-                        wills.extend(w.and_then(|w| security::permitted_will(s, w)));
+                        wills.extend(w.and_then(|w| security::permitted_will(s, *w)));
                     }
                     self.commits.ops.push(Op::SessionOffline {
                         sid: s.id,
                         at_ms: now_ms,
                         expiry: s.expiry_interval,
-                        will: s.will.as_ref().map(will_to_stored),
+                        will: s.will.as_deref().map(will_to_stored),
                     });
                 }
             } else {
                 let w = s.will.take();
-                wills.extend(w.and_then(|w| security::permitted_will(s, w)));
+                wills.extend(w.and_then(|w| security::permitted_will(s, *w)));
             }
         }
         for w in wills {

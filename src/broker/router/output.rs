@@ -54,36 +54,33 @@ pub(super) fn release(s: &mut Session, item: Held, ok: bool, stats: &mut RouterS
         return;
     };
     match item {
-        Held::Packet(Packet::ConnAck(mut a))
-            if !ok && a.reason_code < 0x80 && !a.session_present =>
-        {
-            // A new durable session whose row could not be stored: the store refuses new
-            // data (disk budget reached, disk full). Refuse the connection rather than
-            // promise a session that is not on disk (3.1.1: return code 3, server
-            // unavailable). A resumed session's row is on disk from before: it connects
-            // (and can drain its queue, which frees space).
-            warn!(client_id = %s.client_id, "new session not stored (the store refuses new data): connection refused with 0x97 Quota exceeded");
-            a.reason_code = reason::QUOTA_EXCEEDED;
-            c.send(Outgoing::Packet(Box::new(Packet::ConnAck(a))));
-        }
-        Held::Packet(Packet::SubAck(mut a)) if !ok => {
-            // The subscriptions were not stored (and were taken back): say so.
-            warn!(client_id = %s.client_id, "subscription not stored (the store refuses new data): SUBACK reports failure");
-            let refused = if s.params.protocol.is_v5() {
-                reason::QUOTA_EXCEEDED
-            } else {
-                0x80
-            };
-            for code in a.reason_codes.iter_mut().filter(|c| **c < 0x80) {
-                *code = refused;
+        Held::Packet(mut p) => {
+            match &mut *p {
+                Packet::ConnAck(a) if !ok && a.reason_code < 0x80 && !a.session_present => {
+                    // A new durable session whose row could not be stored: the store refuses
+                    // new data (disk budget reached, disk full). Refuse the connection rather
+                    // than promise a session that is not on disk (3.1.1: return code 3,
+                    // server unavailable). A resumed session's row is on disk from before:
+                    // it connects (and can drain its queue, which frees space).
+                    warn!(client_id = %s.client_id, "new session not stored (the store refuses new data): connection refused with 0x97 Quota exceeded");
+                    a.reason_code = reason::QUOTA_EXCEEDED;
+                }
+                Packet::SubAck(a) if !ok => {
+                    // The subscriptions were not stored (and were taken back): say so.
+                    warn!(client_id = %s.client_id, "subscription not stored (the store refuses new data): SUBACK reports failure");
+                    let refused = if s.params.protocol.is_v5() {
+                        reason::QUOTA_EXCEEDED
+                    } else {
+                        0x80
+                    };
+                    for code in a.reason_codes.iter_mut().filter(|c| **c < 0x80) {
+                        *code = refused;
+                    }
+                }
+                Packet::Publish(_) => stats.publishes_out += 1,
+                _ => {}
             }
-            c.send(Outgoing::Packet(Box::new(Packet::SubAck(a))));
-        }
-        Held::Packet(p) => {
-            if matches!(p, Packet::Publish(_)) {
-                stats.publishes_out += 1;
-            }
-            c.send(Outgoing::Packet(Box::new(p)));
+            c.send(Outgoing::Packet(p));
         }
         Held::Deliver {
             packet_id,

@@ -149,10 +149,10 @@ pub fn session_state_ops(
     use crate::broker::session::InflightState;
     use crate::store::Op;
     let sid = s.id;
-    for (filter, data) in &s.subscriptions {
+    for (filter, data) in s.subscriptions.iter() {
         ops.push(Op::Subscribe {
             sid,
-            filter: filter.clone(),
+            filter: filter.to_owned(),
             options: options_to_byte(&data.options),
             identifier: data.identifier,
         });

@@ -141,7 +141,7 @@ impl Router {
         hold(
             s,
             token,
-            Held::Packet(comp),
+            Held::packet(comp),
             &mut self.commits.cur,
             &mut self.stats,
         );
@@ -234,7 +234,7 @@ impl Router {
                 hold(
                     s,
                     token,
-                    Held::Packet(rel),
+                    Held::packet(rel),
                     &mut self.commits.cur,
                     &mut self.stats,
                 );
@@ -247,7 +247,7 @@ impl Router {
                 hold(
                     s,
                     0,
-                    Held::Packet(rel),
+                    Held::packet(rel),
                     &mut self.commits.cur,
                     &mut self.stats,
                 );
@@ -395,7 +395,7 @@ impl Router {
                     return true;
                 }
                 let p = msg.to_send(0, false, now);
-                hold(s, 0, Held::Packet(Packet::Publish(p)), cur, stats);
+                hold(s, 0, Held::packet(Packet::Publish(p)), cur, stats);
                 return true;
             }
             if !(cfg.queue_qos0_offline && s.expiry_interval > 0) {
@@ -439,7 +439,7 @@ impl Router {
                 packet_id,
                 seq,
                 state: InflightState::AwaitingAck,
-                message: Some(msg),
+                message: Some(Box::new(msg)),
             });
             let item = Held::Deliver {
                 packet_id,
@@ -565,7 +565,7 @@ impl Router {
                         stats.expired += 1;
                     } else {
                         let p = q.message.to_send(0, false, now);
-                        hold(s, 0, Held::Packet(Packet::Publish(p)), cur, stats);
+                        hold(s, 0, Held::packet(Packet::Publish(p)), cur, stats);
                     }
                     continue;
                 }
@@ -585,7 +585,7 @@ impl Router {
                     packet_id,
                     seq: q.seq,
                     state: InflightState::AwaitingAck,
-                    message: Some(q.message),
+                    message: Some(Box::new(q.message)),
                 });
                 let item = Held::Deliver {
                     packet_id,

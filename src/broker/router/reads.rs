@@ -165,7 +165,7 @@ impl Router {
             let (seq, packet_id) = (s.inflight[i].seq, s.inflight[i].packet_id);
             if s.inflight[i].state == InflightState::AwaitingComp {
                 // In the original order with the resent PUBLISHes (MQTT-4.6.0-1).
-                let rel = Held::Packet(Packet::PubRel(PubAckLike::new(packet_id)));
+                let rel = Held::packet(Packet::PubRel(PubAckLike::new(packet_id)));
                 hold(s, 0, rel, cur, stats);
                 i += 1;
                 continue;
@@ -176,6 +176,7 @@ impl Router {
                     while rows.next_if(|r| r.seq < seq).is_some() {}
                     rows.next_if(|r| r.seq == seq)
                         .and_then(|r| row_message(clock, &r))
+                        .map(Box::new)
                 }
             };
             match message {

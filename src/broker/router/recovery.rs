@@ -42,7 +42,7 @@ impl Router {
                     expiry: u32::MAX,
                     will: None,
                 });
-                self.sessions.insert(sid, s);
+                self.sessions.insert(sid, Box::new(s));
                 self.by_client.insert(client_id.clone(), sid);
                 sid
             }
@@ -70,7 +70,7 @@ impl Router {
             .subscriptions
             .keys()
             .filter(|k| !wanted.contains_key(*k))
-            .cloned()
+            .map(str::to_owned)
             .collect();
         for full in stale {
             s.subscriptions.remove(&full);
@@ -175,7 +175,7 @@ impl Router {
             if rs.next_seq > after_sent {
                 s.spilled_from = Some(after_sent);
             }
-            s.will = rs.will.as_ref().and_then(will_from_stored);
+            s.will = rs.will.as_ref().and_then(will_from_stored).map(Box::new);
             // Timers: wills of sessions that were connected when the broker stopped are
             // due now (plus their delay); expiry counts from the disconnect.
             let offline_for = Duration::from_millis((now_ms - s.offline_since_ms).max(0) as u64);
@@ -218,7 +218,7 @@ impl Router {
                 });
             }
             self.by_client.insert(client_id, sid);
-            self.sessions.insert(sid, s);
+            self.sessions.insert(sid, Box::new(s));
         }
         if count > 0 {
             info!(

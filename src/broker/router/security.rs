@@ -93,7 +93,7 @@ impl Router {
         let mut denied = Vec::new();
         for full in s.subscriptions.keys() {
             match acl.check_subscribe(full) {
-                SubscribeCheck::Denied => denied.push(full.clone()),
+                SubscribeCheck::Denied => denied.push(full.to_owned()),
                 SubscribeCheck::Filtered => filtered = true,
                 SubscribeCheck::Granted => {}
             }

@@ -80,7 +80,7 @@ impl Router {
         hold(
             s,
             token,
-            Held::Packet(ack),
+            Held::packet(ack),
             &mut self.commits.cur,
             &mut self.stats,
         );
@@ -157,7 +157,7 @@ impl Router {
         hold(
             s,
             token,
-            Held::Packet(ack),
+            Held::packet(ack),
             &mut self.commits.cur,
             &mut self.stats,
         );

@@ -1,0 +1,168 @@
+//! What the router keeps per session (issue 17 item 1): 10,000 durable sessions must fit in
+//! a few MiB of router state, and a drained queue must leave nothing behind.
+
+use super::harness::*;
+use super::Session;
+use crate::protocol::QoS;
+
+const HOUR: u32 = 3600;
+
+/// Heap bytes in use (glibc), minus what SQLite holds (its page caches belong to the
+/// store, not to the router).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn router_heap() -> i64 {
+    // SAFETY: mallinfo2 and sqlite3_memory_used only read allocator statistics.
+    let (m, sqlite) = unsafe { (libc::mallinfo2(), rusqlite::ffi::sqlite3_memory_used()) };
+    // In-use chunks of the arenas plus large blocks mapped on their own.
+    (m.uordblks + m.hblkhd) as i64 - sqlite
+}
+
+/// Measurement, not a check (the heap of a test process running other tests in parallel
+/// is noisy): `cargo test --release --lib router::memory_tests::measure -- --ignored
+/// --nocapture --test-threads=1`, `HOLDFAST_MEASURE_SESSIONS` sessions (10,000).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+#[ignore = "measurement: run alone with --nocapture"]
+fn measure_router_heap_per_session() {
+    let n: usize = std::env::var("HOLDFAST_MEASURE_SESSIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10_000);
+    let mut h = Harness::new(|_, _| {});
+    let p = h.connect("p", true, 0, 10);
+    h.settle();
+    let per = |a: i64, b: i64| (b - a) as f64 / n as f64;
+    let h0 = router_heap();
+    for i in 0..n {
+        let s = h.connect(&format!("s{i}"), true, HOUR, 64);
+        h.subscribe(&s, &format!("scale/{i}"), QoS::AtLeastOnce);
+        h.settle();
+        h.disconnect(s);
+    }
+    h.settle();
+    let h1 = router_heap();
+    for i in 0..n {
+        h.publish(
+            &p,
+            &format!("scale/{i}"),
+            "m",
+            (i % 60_000 + 1) as u16,
+            None,
+        );
+    }
+    h.settle();
+    let h2 = router_heap();
+    let mut clients: Vec<Client> = (0..n)
+        .map(|i| h.connect(&format!("s{i}"), false, HOUR, 64))
+        .collect();
+    h.settle();
+    let h3 = router_heap();
+    for c in &mut clients {
+        assert_eq!(h.drain(c).len(), 1);
+    }
+    h.settle();
+    let h4 = router_heap();
+    eprintln!(
+        "router heap per session: offline+subscribed {:.0} B, +1 queued {:.0} B, \
+         connected (before drain) {:.0} B, connected after drain {:.0} B; \
+         size_of Session {} B",
+        per(h0, h1),
+        per(h1, h2),
+        per(h0, h3),
+        per(h0, h4),
+        std::mem::size_of::<Session>(),
+    );
+}
+
+/// The state every session carries whether or not it holds messages, and the slots of its
+/// window and held output, stay small: 10,000 sessions × (`Session` + map slot) and
+/// windows of 64 per session add up (issue 17: the session map alone was 11 MiB).
+#[test]
+fn a_session_and_its_per_message_slots_stay_small() {
+    use std::mem::size_of;
+    let session = size_of::<Session>();
+    assert!(session <= 480, "Session is {session} bytes");
+    let inflight = size_of::<super::Inflight>();
+    assert!(inflight <= 32, "an in-flight slot is {inflight} bytes");
+    let held = size_of::<super::Held>();
+    assert!(held <= 32, "a held-output slot is {held} bytes");
+}
+
+/// After every session drained its queue (more than one read-back and window each), the
+/// router keeps nothing per message: no queue, window or held-output slots, no budget
+/// charged or reserved, nobody waiting to read.
+#[test]
+fn after_a_drain_the_router_holds_no_per_message_state() {
+    let (n, each) = (12, 150u32);
+    let mut h = Harness::new(|_, _| {});
+    for i in 0..n {
+        let s = h.connect(&format!("s{i}"), true, HOUR, 16);
+        h.subscribe(&s, &format!("t/{i}"), QoS::AtLeastOnce);
+        h.settle();
+        h.disconnect(s);
+    }
+    let p = h.connect("p", true, 0, 10);
+    h.settle();
+    let mut pid = 0u16;
+    for m in 0..each {
+        for i in 0..n {
+            pid = pid % 60_000 + 1;
+            h.publish(&p, &format!("t/{i}"), &m.to_string(), pid, None);
+        }
+        h.settle();
+    }
+    let mut clients: Vec<Client> = (0..n)
+        .map(|i| h.connect(&format!("s{i}"), false, HOUR, 16))
+        .collect();
+    for c in &mut clients {
+        assert_eq!(first_receipts(&h.drain(c)), numbers(0..each));
+    }
+    h.settle();
+    for i in 0..n {
+        let sid = h.r.by_client[format!("s{i}").as_str()];
+        let s = &h.r.sessions[&sid];
+        assert!(s.is_online());
+        assert_eq!((s.queue_len, s.spilled_from), (0, None), "s{i} drained");
+        assert_eq!(
+            (s.queue.capacity(), s.inflight.capacity(), s.held.capacity()),
+            (0, 0, 0),
+            "s{i} keeps slots"
+        );
+    }
+    assert_eq!(h.r.pool.used(), 0, "read-back budget all given back");
+    assert!(h.r.read_wait.is_empty() && h.r.read_reserved.is_empty());
+}
+
+#[test]
+fn subscriptions_are_found_replaced_and_removed_by_filter() {
+    use super::SubscriptionData;
+    use crate::broker::session::Subscriptions;
+    let data = |qos| SubscriptionData {
+        options: crate::protocol::SubscriptionOptions {
+            qos,
+            ..Default::default()
+        },
+        identifier: None,
+    };
+    let mut subs = Subscriptions::default();
+    for f in ["b/#", "a/+", "$share/g/c", "a"] {
+        assert_eq!(subs.insert(f, data(QoS::AtMostOnce)), None);
+    }
+    assert_eq!(
+        subs.insert(String::from("a/+"), data(QoS::AtLeastOnce)),
+        Some(data(QoS::AtMostOnce))
+    );
+    assert_eq!(subs.len(), 4);
+    assert_eq!(subs.get("a/+"), Some(&data(QoS::AtLeastOnce)));
+    assert!(subs.contains_key("$share/g/c") && !subs.contains_key("c"));
+    assert_eq!(
+        subs.keys().collect::<Vec<_>>(),
+        ["$share/g/c", "a", "a/+", "b/#"]
+    );
+    assert_eq!(subs.remove("a"), Some(data(QoS::AtMostOnce)));
+    assert_eq!(subs.remove("a"), None);
+    for f in ["a/+", "b/#", "$share/g/c"] {
+        assert!(subs.remove(f).is_some());
+    }
+    assert!(subs.is_empty());
+}
