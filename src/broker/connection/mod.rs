@@ -6,9 +6,9 @@
 //! Receive Maximum). Everything about the session (subscriptions, in-flight messages,
 //! queues) lives in the router, so a connection can die at any point without losing state.
 //!
-//! Reads are cancel-safe (`protocol::framed::FramedReader`: one read into an owned buffer
-//! that starts small, whole packets decoded from it, small payloads copied out of a grown
-//! buffer); writes go through `write_buf`, so the loop keeps reading while a slow client
+//! Reads are cancel-safe (`protocol::framed::FramedReader`: one read into an owned buffer,
+//! whole packets decoded from it, small payloads copied out of a grown buffer; no buffer at
+//! all while nothing is buffered, so an idle connection holds none); writes go through `write_buf`, so the loop keeps reading while a slow client
 //! drains, and stops taking new outgoing packets once `WRITE_HIGH_WATER` bytes are
 //! buffered. The write buffer is given back whenever it has been emptied, so 10,000 idle
 //! connections cost a few KiB each, not the largest burst each one ever wrote.
