@@ -17,7 +17,11 @@
 //! loop alone (the handshake and the goodbye run boxed; nothing large is held across the
 //! loop's awaits; pinned by a size test), what the router sends waits in a `link` queue of
 //! one small allocation, and rarely used state (topic aliases, denied subscriptions) is
-//! allocated on first use.
+//! allocated on first use. What an idle connected client holds here, measured with
+//! heaptrack (release build, x86_64, 1,000 idle 3.1.1 clients): its task (~810 B with
+//! tokio's header), tokio's I/O registration (`ScheduledIo`, 256 B, 128-byte aligned), the
+//! `Arc` the socket's two halves share (48 B), the link queue (~80 B) and its client id;
+//! no read or write buffer.
 //!
 //! Before the client is authenticated it costs little: the socket holds a place under
 //! `mqtt.max_handshaking` (taken at accept, given back once the CONNECT is answered), the
