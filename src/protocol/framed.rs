@@ -6,11 +6,15 @@
 //! cancel-safe in a `select!`, and [`FramedReader::next_buffered`] decodes whole packets
 //! from what was read (mini-redis' `Connection::read_frame`, with a bounded frame size).
 //!
-//! Memory (issue 17 item 1): the buffer starts at `MIN_ROOM` bytes, grows while reads keep
-//! filling it (up to `MAX_ROOM` at a time) and to the size of the packet being read, and
-//! goes back to small once it is empty again. A packet much smaller than the buffer it
-//! arrived in is copied out of it before decoding: its payload may live on in a queue, and
-//! as a slice of the read buffer it would keep the whole buffer allocated.
+//! Memory (issue 17 item 1): a reader with nothing buffered holds no buffer at all, so an
+//! idle connection costs none. A read that starts with an empty buffer goes into a
+//! `STACK_READ`-byte array on the stack of the poll (never part of the reader's future),
+//! and only what arrived is copied into a buffer allocated for it. While a packet is
+//! incomplete or reads keep filling the buffer, reads go straight into the buffer, which
+//! grows (up to `MAX_ROOM` free at a time) and to the size of the packet being read; once
+//! all of it is decoded it is given back. A packet much smaller than the buffer it arrived
+//! in is copied out of it before decoding: its payload may live on in a queue, and as a
+//! slice of the read buffer it would keep the whole buffer allocated.
 //!
 //! Invariants:
 //! - a packet's declared length is checked against the maximum packet size as soon as the
@@ -18,15 +22,23 @@
 //!   nothing but the error;
 //! - no more than `MAX_ROOM` is reserved ahead of bytes actually received.
 
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
 use bytes::{Buf, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 
 use super::codec::{decode, DecodeError};
 use super::types::{Packet, ProtocolVersion};
 
-/// Free space asked for before a read when the connection is quiet (and the starting
-/// capacity): an idle connection costs this much.
+/// Free space asked for before a read into a buffer that holds part of a packet, when the
+/// connection is quiet.
 pub const MIN_ROOM: usize = 256;
+/// The stack array a read goes into when nothing is buffered (an idle connection holds no
+/// read buffer). 4 KiB: one page of the task's thread stack, only during the poll; larger
+/// reads (a read that filled it) go straight into a buffer from then on.
+const STACK_READ: usize = 4096;
 /// Most free space asked for before one read, while reads keep filling the buffer.
 pub const MAX_ROOM: usize = 64 * 1024;
 /// A whole packet smaller than the buffer's capacity divided by this is copied out of it.
@@ -48,6 +60,7 @@ pub enum FrameError {
 pub struct FramedReader<R> {
     inner: R,
     /// Bytes read and not yet decoded; owned here so that a cancelled read loses nothing.
+    /// No allocation while empty between reads.
     buf: BytesMut,
     /// Free space to ask for before the next read: doubles while reads fill it, back to
     /// `MIN_ROOM` once the buffer has been emptied by a read that did not fill it.
@@ -60,7 +73,7 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
     pub fn new(inner: R, max_packet_size: usize) -> Self {
         FramedReader {
             inner,
-            buf: BytesMut::with_capacity(MIN_ROOM),
+            buf: BytesMut::new(),
             room: MIN_ROOM,
             max_packet_size,
         }
@@ -127,15 +140,24 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
     /// One read from the stream into the buffer; `Ok(0)` at the end of the stream.
     /// Cancel-safe: a cancelled read leaves the buffer as it was.
     pub async fn fill(&mut self) -> std::io::Result<usize> {
+        if self.buf.is_empty() {
+            // Nothing waiting: hold no buffer while the peer is quiet (payloads decoded
+            // from the old one keep their own part of it alive).
+            self.buf = BytesMut::new();
+            let n = std::future::poll_fn(|cx| self.poll_read_unbuffered(cx)).await?;
+            self.room = if n >= STACK_READ {
+                (self.room * 2).clamp(2 * STACK_READ, MAX_ROOM)
+            } else {
+                MIN_ROOM
+            };
+            return Ok(n);
+        }
         // Room for the packet being read, once its header says how big it is (bounded by
         // the maximum packet size, which `frame_len` checked).
         let want = match frame_len(&self.buf, self.max_packet_size) {
             Ok(Some(total)) if total > self.buf.len() => (total - self.buf.len()).min(MAX_ROOM),
             _ => 0,
         };
-        if self.buf.is_empty() && self.room == MIN_ROOM && self.buf.capacity() > 4 * MIN_ROOM {
-            self.buf = BytesMut::new();
-        }
         let room = self.room.max(want);
         let spare = self.buf.capacity() - self.buf.len();
         if spare < room {
@@ -152,6 +174,26 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
             self.room
         };
         Ok(n)
+    }
+
+    /// One read into an array on this poll's stack (nothing held while the read is
+    /// pending); what arrived is copied into a buffer of its size, or with room for more
+    /// when the read filled the array (more is likely waiting).
+    fn poll_read_unbuffered(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        let mut stack = [MaybeUninit::<u8>::uninit(); STACK_READ];
+        let mut rb = ReadBuf::uninit(&mut stack);
+        ready!(Pin::new(&mut self.inner).poll_read(cx, &mut rb))?;
+        let got = rb.filled();
+        if !got.is_empty() {
+            let capacity = if got.len() >= STACK_READ {
+                (self.room * 2).clamp(2 * STACK_READ, MAX_ROOM)
+            } else {
+                got.len()
+            };
+            self.buf.reserve(capacity);
+            self.buf.extend_from_slice(got);
+        }
+        Poll::Ready(Ok(got.len()))
     }
 
     /// Reads until one whole packet is decoded. `Ok(None)`: the stream ended cleanly

@@ -6,9 +6,9 @@
 //! Receive Maximum). Everything about the session (subscriptions, in-flight messages,
 //! queues) lives in the router, so a connection can die at any point without losing state.
 //!
-//! Reads are cancel-safe (`protocol::framed::FramedReader`: one read into an owned buffer
-//! that starts small, whole packets decoded from it, small payloads copied out of a grown
-//! buffer); writes go through `write_buf`, so the loop keeps reading while a slow client
+//! Reads are cancel-safe (`protocol::framed::FramedReader`: one read into an owned buffer,
+//! whole packets decoded from it, small payloads copied out of a grown buffer; no buffer at
+//! all while nothing is buffered, so an idle connection holds none); writes go through `write_buf`, so the loop keeps reading while a slow client
 //! drains, and stops taking new outgoing packets once `WRITE_HIGH_WATER` bytes are
 //! buffered. The write buffer is given back whenever it has been emptied, so 10,000 idle
 //! connections cost a few KiB each, not the largest burst each one ever wrote.
@@ -17,7 +17,11 @@
 //! loop alone (the handshake and the goodbye run boxed; nothing large is held across the
 //! loop's awaits; pinned by a size test), what the router sends waits in a `link` queue of
 //! one small allocation, and rarely used state (topic aliases, denied subscriptions) is
-//! allocated on first use.
+//! allocated on first use. What an idle connected client holds here, measured with
+//! heaptrack (release build, x86_64, 1,000 idle 3.1.1 clients): its task (~810 B with
+//! tokio's header), tokio's I/O registration (`ScheduledIo`, 256 B, 128-byte aligned), the
+//! `Arc` the socket's two halves share (48 B), the link queue (~80 B) and its client id;
+//! no read or write buffer.
 //!
 //! Before the client is authenticated it costs little: the socket holds a place under
 //! `mqtt.max_handshaking` (taken at accept, given back once the CONNECT is answered), the

@@ -188,3 +188,45 @@ async fn bytes_pushed_in_are_decoded_in_order_with_the_ones_read() {
     assert_eq!(&payload_of(r.read_packet(V).await.unwrap())[..], b"two");
     assert!(r.read_packet(V).await.unwrap().is_none());
 }
+
+/// 10,000 idle connections each holding even a 256-byte read buffer cost 2.5 MiB plus
+/// 10,000 allocations (issue 17 item 1): a reader waiting for its peer holds no buffer,
+/// neither before the first packet nor after the last one was decoded. Over real TCP.
+#[tokio::test]
+async fn a_reader_waiting_for_its_peer_holds_no_buffer() {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut tx = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (rx, _) = l.accept().await.unwrap();
+    let mut r = FramedReader::new(rx, 1 << 20);
+    let waiting = tokio::time::timeout(Duration::from_millis(20), r.fill()).await;
+    assert!(waiting.is_err(), "nothing sent yet");
+    assert_eq!(
+        r.capacity(),
+        0,
+        "a reader that has read nothing holds no buffer"
+    );
+    for round in 0..3 {
+        let (_, bytes) = publish_bytes("a/b", format!("m{round}").as_bytes());
+        tx.write_all(&bytes).await.unwrap();
+        assert_eq!(
+            payload_of(r.read_packet(V).await.unwrap()),
+            format!("m{round}")
+        );
+        let waiting = tokio::time::timeout(Duration::from_millis(20), r.fill()).await;
+        assert!(waiting.is_err(), "nothing more sent");
+        assert_eq!(
+            r.capacity(),
+            0,
+            "a reader waiting after its last packet holds no buffer"
+        );
+    }
+    // A large packet still arrives whole, through a buffer grown for it and given back.
+    let (_, big) = publish_bytes("big", &vec![3u8; 100_000]);
+    tx.write_all(&big).await.unwrap();
+    assert_eq!(payload_of(r.read_packet(V).await.unwrap()).len(), 100_000);
+    let waiting = tokio::time::timeout(Duration::from_millis(20), r.fill()).await;
+    assert!(waiting.is_err(), "nothing more sent");
+    assert_eq!(r.capacity(), 0);
+}
