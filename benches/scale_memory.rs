@@ -131,6 +131,7 @@ fn run_one(
                 &topics,
                 per_session,
                 FILL_PUBLISHERS,
+                None,
             ))
             .map_err(|e| format!("filling: {e}"))?;
         row.fill_rate = sent as f64 / took.as_secs_f64();
