@@ -509,7 +509,14 @@ fn main() {
                     .map(|p| format!("bench/{tag}/{p}"))
                     .collect();
                 eprintln!("row 2 rep {rep}: {} filling {backlog} ...", g.name());
-                match rt.block_on(durable::fill(b.addr, &tag, &topics, each, FILL_PUBLISHERS)) {
+                match rt.block_on(durable::fill(
+                    b.addr,
+                    &tag,
+                    &topics,
+                    each,
+                    FILL_PUBLISHERS,
+                    None,
+                )) {
                     Ok((acked, took)) if acked == backlog => {
                         d.fill_rate.push(acked as f64 / took.as_secs_f64())
                     }

@@ -473,6 +473,7 @@ fn main() {
                     &topics,
                     args.per_session,
                     FILL_PUBLISHERS,
+                    None,
                 ))
                 .map_err(|e| e.to_string());
             let restart = b.restart(RESTART_LIMIT).map_err(|e| e.to_string());
@@ -552,6 +553,7 @@ fn main() {
                     &topics,
                     queued,
                     FILL_PUBLISHERS,
+                    None,
                 ))
             })
             .map_err(|e| e.to_string());

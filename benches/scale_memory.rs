@@ -143,6 +143,7 @@ fn run_one(
                 &topics,
                 per_session,
                 fill_publishers,
+                None,
             ))
             .map_err(|e| format!("filling: {e}"))?;
         row.fill_rate = sent as f64 / took.as_secs_f64();

@@ -396,6 +396,11 @@ impl BrokerProc {
         proc_cpu_time(&self.pid().to_string())
     }
 
+    /// The broker's whole stdout/stderr so far.
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
     /// The last few KiB of the broker's stdout/stderr.
     pub fn log_tail(&self) -> String {
         let mut s = String::new();

@@ -10,7 +10,7 @@ use holdfast::protocol::{Packet, QoS};
 use tokio::task::JoinSet;
 
 use super::client;
-use super::scenario::publisher_qos1;
+use super::scenario::publisher_qos1_timed;
 
 /// How long a drain may go without a message before it is declared stalled.
 const STALL: Duration = Duration::from_secs(30);
@@ -52,15 +52,18 @@ pub async fn prepare_sessions(
 
 /// Publishes `per_topic` QoS 1 messages to every topic, from `publishers` concurrent
 /// clients (each with the usual window of unacknowledged messages). Returns the number of
-/// messages acknowledged and the time taken.
+/// messages acknowledged and the time taken; with `acks`, also every message's PUBLISH →
+/// PUBACK time (µs).
 pub async fn fill(
     addr: SocketAddr,
     tag: &str,
     topics: &[String],
     per_topic: u64,
     publishers: usize,
+    acks: Option<&mut Vec<u32>>,
 ) -> io::Result<(u64, Duration)> {
     let t0 = Instant::now();
+    let timed = acks.is_some();
     let publishers = publishers.max(1);
     let mut set = JoinSet::new();
     for p in 0..publishers {
@@ -86,12 +89,20 @@ pub async fn fill(
         let id = format!("{tag}-fill{p}");
         set.spawn(async move {
             let (r, w) = client::connect(addr, &id, 600).await?;
-            publisher_qos1(r, w, mine, n).await
+            let mut lat = Vec::new();
+            let n = publisher_qos1_timed(r, w, mine, n, timed.then_some(&mut lat)).await?;
+            Ok::<_, io::Error>((n, lat))
         });
     }
     let mut sent = 0;
+    let mut all = Vec::new();
     while let Some(r) = set.join_next().await {
-        sent += r.map_err(io::Error::other)??;
+        let (n, lat) = r.map_err(io::Error::other)??;
+        sent += n;
+        all.extend(lat);
+    }
+    if let Some(acks) = acks {
+        acks.extend(all);
     }
     Ok((sent, t0.elapsed()))
 }

@@ -46,6 +46,37 @@ pub struct Fanout {
     pub overall: f64,
     /// Broker CPU (user + system) per 1,000 messages, ms.
     pub cpu_per_k: Option<f64>,
+    /// PUBLISH → PUBACK time over every message, µs: p50, p99, p99.9, max.
+    pub ack_us: [u32; 4],
+    /// Holdfast's staging-log merges seen in its log (`RUST_LOG=warn,holdfast::store=debug`):
+    /// how many, and the longest `took_ms`. None without the debug lines.
+    pub merges: Option<(usize, u64)>,
+}
+
+/// p50, p99, p99.9 and max of `v` (sorted in place).
+fn percentiles(v: &mut [u32]) -> [u32; 4] {
+    if v.is_empty() {
+        return [0; 4];
+    }
+    v.sort_unstable();
+    let at = |q: f64| v[((v.len() - 1) as f64 * q).round() as usize];
+    [at(0.5), at(0.99), at(0.999), v[v.len() - 1]]
+}
+
+/// The staging-log merges in a Holdfast log: (count, longest `took_ms`).
+fn merges_in(log: &str) -> Option<(usize, u64)> {
+    let took: Vec<u64> = log
+        .lines()
+        .filter(|l| l.contains("staging log merged"))
+        .filter_map(|l| {
+            let rest = &l[l.find("took_ms=")? + 8..];
+            rest.split(|c: char| !c.is_ascii_digit())
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    (!took.is_empty()).then(|| (took.len(), took.iter().copied().max().unwrap_or(0)))
 }
 
 /// Prepares the sessions, then fills them slice by slice.
@@ -66,6 +97,7 @@ pub fn run(
     let mut slices = Vec::new();
     let (mut sent_all, mut took_all) = (0u64, Duration::ZERO);
     let cpu0 = cpu_ms(b.pid());
+    let mut acks = Vec::new();
     for i in 0..shape.slices {
         let (sent, took) = rt
             .block_on(durable::fill(
@@ -74,6 +106,7 @@ pub fn run(
                 &topics,
                 per_slice,
                 publishers,
+                Some(&mut acks),
             ))
             .map_err(|e| format!("filling: {e}"))?;
         let expect = per_slice * shape.sessions as u64;
@@ -94,6 +127,8 @@ pub fn run(
         slices,
         overall: sent_all as f64 / took_all.as_secs_f64(),
         cpu_per_k,
+        ack_us: percentiles(&mut acks),
+        merges: merges_in(&b.log_text()),
     })
 }
 
@@ -115,14 +150,16 @@ pub fn report(runs: &[Result<Fanout, String>], publishers: usize, command: &str)
         "`{command}`\n\n{publishers} QoS 1 publishers ({} in flight each), 64-byte payloads, \
          topics in turn over every session; Holdfast `synchronous = \"full\"` (each message \
          fsynced before its PUBACK), Mosquitto from memory. msg/s per slice: the first slice \
-         starts with an empty store, the last with (slices - 1) / slices of the total stored.\n",
+         starts with an empty store, the last with (slices - 1) / slices of the total stored. \
+         PUBACK µs: each message's PUBLISH → PUBACK time at the publisher. Merges: \
+         Holdfast's staging-log merges and the longest (with `RUST_LOG=warn,holdfast::store=debug`).\n",
         super::scenario::QOS1_WINDOW
     );
     let _ = writeln!(
         md,
-        "| broker | sessions × messages | msg/s overall | first slice | last slice | last ÷ first | CPU ms / 1k msg |"
+        "| broker | sessions × messages | msg/s overall | first slice | last slice | last ÷ first | CPU ms / 1k msg | PUBACK µs p50 / p99 / p99.9 / max | merges (longest ms) |"
     );
-    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|");
+    let _ = writeln!(md, "|---|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in runs {
         match r {
             Ok(f) => {
@@ -130,7 +167,7 @@ pub fn report(runs: &[Result<Fanout, String>], publishers: usize, command: &str)
                 let last = f.slices.last().copied().unwrap_or(0.0);
                 let _ = writeln!(
                     md,
-                    "| {} | {} × {} | {:.0} | {:.0} | {:.0} | {:.2} | {} |",
+                    "| {} | {} × {} | {:.0} | {:.0} | {:.0} | {:.2} | {} | {} / {} / {} / {} | {} |",
                     f.broker,
                     f.shape.sessions,
                     f.shape.per_session,
@@ -139,10 +176,16 @@ pub fn report(runs: &[Result<Fanout, String>], publishers: usize, command: &str)
                     last,
                     if first > 0.0 { last / first } else { 0.0 },
                     f.cpu_per_k.map_or("—".into(), |c| format!("{c:.1}")),
+                    f.ack_us[0],
+                    f.ack_us[1],
+                    f.ack_us[2],
+                    f.ack_us[3],
+                    f.merges
+                        .map_or("—".into(), |(n, ms)| format!("{n} ({ms})")),
                 );
             }
             Err(e) => {
-                let _ = writeln!(md, "| failed: {e} | | | | | | |");
+                let _ = writeln!(md, "| failed: {e} | | | | | | | | |");
             }
         }
     }

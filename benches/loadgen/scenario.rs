@@ -160,13 +160,26 @@ async fn publisher_qos0(
 /// QoS 1 publisher with a window of `QOS1_WINDOW` unacknowledged messages; message `i`
 /// goes to `topics[i % topics.len()]`.
 pub(crate) async fn publisher_qos1(
+    r: Reader,
+    w: Writer,
+    topics: Vec<Arc<str>>,
+    n: u64,
+) -> io::Result<u64> {
+    publisher_qos1_timed(r, w, topics, n, None).await
+}
+
+/// [`publisher_qos1`], also recording each message's PUBLISH → PUBACK time (µs) in
+/// `acks` if given.
+pub(crate) async fn publisher_qos1_timed(
     mut r: Reader,
     mut w: Writer,
     topics: Vec<Arc<str>>,
     n: u64,
+    mut acks: Option<&mut Vec<u32>>,
 ) -> io::Result<u64> {
     let mut arena = BytesMut::new();
     let mut in_flight = vec![false; 1 << 16];
+    let mut sent_at = vec![None::<std::time::Instant>; if acks.is_some() { 1 << 16 } else { 0 }];
     let mut n_in_flight = 0usize;
     let mut next_id: u16 = 1;
     let mut seq = 0u64;
@@ -179,6 +192,9 @@ pub(crate) async fn publisher_qos1(
             let topic = &topics[(seq % topics.len() as u64) as usize];
             w.push(&client::publish(topic, QoS::AtLeastOnce, next_id, payload));
             in_flight[next_id as usize] = true;
+            if let Some(t) = sent_at.get_mut(next_id as usize) {
+                *t = Some(std::time::Instant::now());
+            }
             n_in_flight += 1;
             next_id = next_id.checked_add(1).unwrap_or(1);
             seq += 1;
@@ -197,6 +213,12 @@ pub(crate) async fn publisher_qos1(
                     }
                     *slot = false;
                     n_in_flight -= 1;
+                    if let (Some(acks), Some(Some(t))) = (
+                        acks.as_deref_mut(),
+                        sent_at.get(a.packet_id as usize).copied(),
+                    ) {
+                        acks.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                    }
                 }
             }
             if (seq < n && n_in_flight < QOS1_WINDOW) || n_in_flight == 0 {

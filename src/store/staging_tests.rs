@@ -350,3 +350,38 @@ fn inspect_sees_and_deletes_staged_rows() {
     assert_eq!(deleted.queued, 2);
     assert_eq!(rows(&o, 6), vec![]);
 }
+
+/// A full log is merged a chunk at a time (`staging::CHUNK_ROWS` rows per transaction),
+/// taking new commands between two chunks, so a merge does not hold acknowledgements for
+/// the whole log: here the channel closes after the first chunk, and the rest is still
+/// staged; the next start merges it, and every row is read back once, in order.
+#[test]
+fn a_full_log_is_merged_a_chunk_at_a_time() {
+    use super::staging::{CHUNK_ROWS, MERGE_ROWS};
+    let dir = tempfile::tempdir().unwrap();
+    let o = StoreOptions::for_test(dir.path());
+    sessions_set_up(&o);
+    let rounds = MERGE_ROWS as u64 / SESSIONS;
+    assert!(rounds * SESSIONS >= MERGE_ROWS as u64 && MERGE_ROWS > CHUNK_ROWS);
+    let mut cmds = Vec::new();
+    for r in 0..rounds {
+        cmds.push(batch(r + 1, round(r)));
+        cmds.push(group_end());
+    }
+    let events = run(&o, cmds, false);
+    all_committed(&events);
+    assert_eq!(
+        staged(&o),
+        (rounds * SESSIONS) as i64 - CHUNK_ROWS as i64,
+        "one chunk merged, the rest still staged"
+    );
+    assert_eq!(
+        rows(&o, 1).len() as u64,
+        rounds,
+        "each row in exactly one table"
+    );
+    let events = run(&o, vec![read(1, false), read(SESSIONS, false)], true);
+    let all: Vec<u64> = (0..rounds).collect();
+    assert_eq!(read_seqs(&events), vec![all.clone(), all]);
+    assert_eq!(staged(&o), 0);
+}

@@ -4,8 +4,8 @@
 //! batches submitted before it (so it sees their writes), and its answer is reported only
 //! after the commit, in submission order; maintenance (expiry sweep, staging-log merge,
 //! checkpoint) runs between groups. The writer owns the index of the staging log
-//! (`super::staging`) and merges the log into `queue` when it is long, when idle and at a
-//! clean stop.
+//! (`super::staging`) and merges the log into `queue` when it is long (in chunks, answering
+//! the commands that arrive between two), when idle and at a clean stop.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::Receiver;
@@ -118,6 +118,16 @@ impl Writer {
                     }
                     Err(_) => break,
                 }
+            } else if self.staging.merging() {
+                // A merge of a full log is under way: commit what arrived, else merge on.
+                match rx.try_recv() {
+                    Ok(c) => c,
+                    Err(std::sync::mpsc::TryRecvError::Empty) => {
+                        self.merge_step();
+                        continue;
+                    }
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
+                }
             } else if checkpointed {
                 match rx.recv() {
                     Ok(c) => c,
@@ -185,7 +195,7 @@ impl Writer {
                 return;
             }
             if self.staging.wants_merge() {
-                self.merge("log full");
+                self.merge_step();
             }
             if work {
                 last_work = Instant::now();
@@ -292,6 +302,26 @@ impl Writer {
             ),
             Err(e) => {
                 warn!(cause = %e, why, rows = self.staging.len(), "merging the staging log failed: the rows stay staged")
+            }
+        }
+    }
+
+    /// Moves one chunk of a full staging log into `queue` (`super::staging`); the groups
+    /// that arrive meanwhile are committed between two chunks.
+    fn merge_step(&mut self) {
+        let started = Instant::now();
+        match self.staging.merge_step(&mut self.conn) {
+            Ok(0) => {}
+            Ok(rows) => debug!(
+                rows,
+                why = "log full",
+                chunk = true,
+                left = self.staging.len(),
+                took_ms = started.elapsed().as_millis() as u64,
+                "staging log merged into the queue"
+            ),
+            Err(e) => {
+                warn!(cause = %e, why = "log full", rows = self.staging.len(), "merging the staging log failed: the rows stay staged")
             }
         }
     }
