@@ -3,7 +3,10 @@
 //!
 //! `cargo bench --bench scale_memory [-- --sessions N] [--per-session 1,100,1000]
 //! [--fill-publishers N] [--mosquitto PATH] [--holdfast PATH] [--before PATH]
-//! [--holdfast-only]`
+//! [--holdfast-only] [--hold SECS]`
+//!
+//! `--hold SECS` keeps each broker running that long after its reading, every session still
+//! connected (to read `/proc/PID/smaps` or attach a profiler).
 //!
 //! `--holdfast PATH` measures another build instead of this one; `--before PATH` adds a row
 //! for a second build (e.g. the one before a change), run in the same session.
@@ -44,12 +47,14 @@ struct Args {
     holdfast: PathBuf,
     before: Option<PathBuf>,
     holdfast_only: bool,
+    /// Seconds to keep every broker running after its drain reading (inspect it then).
+    hold: u64,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench scale_memory -- [--sessions N] [--per-session 1,100,1000] \
-         [--fill-publishers N] [--mosquitto PATH] [--holdfast PATH] [--before PATH] [--holdfast-only]"
+         [--fill-publishers N] [--mosquitto PATH] [--holdfast PATH] [--before PATH] [--holdfast-only] [--hold SECS]"
     );
     std::process::exit(2)
 }
@@ -63,6 +68,7 @@ fn parse_args() -> Args {
         holdfast: PathBuf::from(env!("CARGO_BIN_EXE_holdfast")),
         before: None,
         holdfast_only: false,
+        hold: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -87,6 +93,7 @@ fn parse_args() -> Args {
             "--holdfast" => a.holdfast = val("--holdfast").into(),
             "--before" => a.before = Some(val("--before").into()),
             "--holdfast-only" => a.holdfast_only = true,
+            "--hold" => a.hold = val("--hold").parse().unwrap_or_else(|_| usage()),
             "-h" | "--help" => usage(),
             other => {
                 eprintln!("unknown argument {other:?}");
@@ -115,6 +122,7 @@ fn run_one(
     sessions: usize,
     per_session: u64,
     fill_publishers: usize,
+    hold: u64,
 ) -> Row {
     std::thread::sleep(SETTLE);
     let kib = |b: &BrokerProc, f: &str| b.status_kib(f).unwrap_or(0);
@@ -155,6 +163,14 @@ fn run_one(
         std::thread::sleep(SETTLE);
         row.connected_kib = kib(&b, "VmRSS");
         row.peak_kib = kib(&b, "VmHWM");
+        if hold > 0 {
+            eprintln!(
+                "  {}: pid {} held {hold} s with every session connected",
+                b.name,
+                b.pid()
+            );
+            std::thread::sleep(Duration::from_secs(hold));
+        }
         drop(conns);
         b.check_alive()
     })();
@@ -180,13 +196,34 @@ fn main() {
         if let Some(before) = &args.before {
             let mut hf = BrokerProc::holdfast(before).expect("start holdfast (before)");
             hf.name = "holdfast (before)";
-            rows.push(run_one(&rt, hf, args.sessions, p, args.fill_publishers));
+            rows.push(run_one(
+                &rt,
+                hf,
+                args.sessions,
+                p,
+                args.fill_publishers,
+                args.hold,
+            ));
         }
         let hf = BrokerProc::holdfast(&holdfast_bin).expect("start holdfast");
-        rows.push(run_one(&rt, hf, args.sessions, p, args.fill_publishers));
+        rows.push(run_one(
+            &rt,
+            hf,
+            args.sessions,
+            p,
+            args.fill_publishers,
+            args.hold,
+        ));
         if !args.holdfast_only {
             let mq = BrokerProc::mosquitto(&args.mosquitto).expect("start mosquitto");
-            rows.push(run_one(&rt, mq, args.sessions, p, args.fill_publishers));
+            rows.push(run_one(
+                &rt,
+                mq,
+                args.sessions,
+                p,
+                args.fill_publishers,
+                args.hold,
+            ));
         }
     }
 

@@ -11,7 +11,8 @@
 //! - `router`: one task that owns every `session`, the subscription `topic_tree` and the
 //!   `retained` messages; connections talk to it only through `RouterEvent`s;
 //! - `readback`: the gateway-wide budget for durable message bodies in memory
-//!   (`mqtt.read_back_budget_bytes`), charged per message and given back on drop.
+//!   (`mqtt.read_back_budget_bytes`), charged per message and given back on drop;
+//! - `heap`: gives memory freed after a burst (a drain, a large merge) back to the kernel.
 //!
 //! [`Broker`] holds only the listeners and the router. The store, bridges, serial ports,
 //! admin socket and observers are started and stopped around it by `crate::app`.
@@ -23,6 +24,7 @@
 
 pub mod client;
 pub(crate) mod connection;
+pub(crate) mod heap;
 pub(crate) mod listener;
 pub mod ratelimit;
 pub(crate) mod readback;
@@ -166,6 +168,7 @@ impl Broker {
             // The first event the router handles: recovered sessions get their owners' rules.
             let _ = router_tx.try_send(RouterEvent::Reauthorize { auth: auth.clone() });
         }
+        heap::spawn_trimmer(shutdown.clone());
         let router = tokio::spawn(
             Router::new(
                 mqtt.clone(),
