@@ -123,7 +123,7 @@ impl Writer {
                 match rx.try_recv() {
                     Ok(c) => c,
                     Err(std::sync::mpsc::TryRecvError::Empty) => {
-                        self.merge_step();
+                        self.merge("log full", true);
                         continue;
                     }
                     Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
@@ -137,7 +137,7 @@ impl Writer {
                 match rx.recv_timeout(IDLE_CHECKPOINT.saturating_sub(last_work.elapsed())) {
                     Ok(c) => c,
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        self.merge("idle");
+                        self.merge("idle", false);
                         self.checkpoint();
                         checkpointed = true;
                         continue;
@@ -184,7 +184,7 @@ impl Writer {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if let Some(done) = stop {
-                self.merge("clean stop");
+                self.merge("clean stop", false);
                 self.write_anchor();
                 if let Err(e) = self.counts.write(&mut self.conn) {
                     warn!(cause = %e, "could not record the queue counters: they are counted again at the next start");
@@ -195,7 +195,7 @@ impl Writer {
                 return;
             }
             if self.staging.wants_merge() {
-                self.merge_step();
+                self.merge("log full", true);
             }
             if work {
                 last_work = Instant::now();
@@ -269,7 +269,7 @@ impl Writer {
                 Err(e) => warn!(cause = %e, "expiry sweep failed"),
             },
             Command::Checkpoint => {
-                self.merge("checkpoint");
+                self.merge("checkpoint", false);
                 self.checkpoint()
             }
             // Everything submitted before the ping is committed by now (`run` commits the
@@ -288,40 +288,29 @@ impl Writer {
         }
     }
 
-    /// Moves the staging log into `queue` (`super::staging`). A failure (the disk budget,
-    /// an I/O error) leaves the rows staged, merged at the next occasion.
-    fn merge(&mut self, why: &'static str) {
+    /// Moves the staging log into `queue` (`super::staging`): all of it, or with `chunk`
+    /// the next chunk of a full log (the groups that arrive meanwhile are committed between
+    /// two chunks). A failure (the disk budget, an I/O error) leaves the rows staged,
+    /// merged at the next occasion.
+    fn merge(&mut self, why: &'static str, chunk: bool) {
         let started = Instant::now();
-        match self.staging.merge(&mut self.conn) {
+        let moved = if chunk {
+            self.staging.merge_step(&mut self.conn)
+        } else {
+            self.staging.merge(&mut self.conn)
+        };
+        match moved {
             Ok(0) => {}
             Ok(rows) => debug!(
                 rows,
                 why,
-                took_ms = started.elapsed().as_millis() as u64,
-                "staging log merged into the queue"
-            ),
-            Err(e) => {
-                warn!(cause = %e, why, rows = self.staging.len(), "merging the staging log failed: the rows stay staged")
-            }
-        }
-    }
-
-    /// Moves one chunk of a full staging log into `queue` (`super::staging`); the groups
-    /// that arrive meanwhile are committed between two chunks.
-    fn merge_step(&mut self) {
-        let started = Instant::now();
-        match self.staging.merge_step(&mut self.conn) {
-            Ok(0) => {}
-            Ok(rows) => debug!(
-                rows,
-                why = "log full",
-                chunk = true,
+                chunk,
                 left = self.staging.len(),
                 took_ms = started.elapsed().as_millis() as u64,
                 "staging log merged into the queue"
             ),
             Err(e) => {
-                warn!(cause = %e, why = "log full", rows = self.staging.len(), "merging the staging log failed: the rows stay staged")
+                warn!(cause = %e, why, rows = self.staging.len(), "merging the staging log failed: the rows stay staged")
             }
         }
     }
