@@ -23,7 +23,9 @@
 //!
 //! Reported: peak RSS over the broker's whole life (`VmHWM`: fill and drain included), RSS
 //! with all sessions connected after the drain, per connected session above idle, and the
-//! drain rate. Prints a Markdown table (also written to `target/scale-memory-results.md`).
+//! drain rate with the broker's CPU time per 1,000 messages drained (less sensitive than
+//! the rate to other load on the machine). Prints a Markdown table (also written to
+//! `target/scale-memory-results.md`).
 
 mod loadgen;
 
@@ -112,6 +114,8 @@ struct Row {
     peak_kib: u64,
     connected_kib: u64,
     drained: durable::Held,
+    /// Broker CPU time (user + system) during the drain, per 1,000 messages drained.
+    drain_cpu_ms_per_k: Option<f64>,
     fill_rate: f64,
     error: Option<String>,
 }
@@ -133,6 +137,7 @@ fn run_one(
         peak_kib: 0,
         connected_kib: 0,
         drained: Default::default(),
+        drain_cpu_ms_per_k: None,
         fill_rate: 0.0,
         error: None,
     };
@@ -156,9 +161,16 @@ fn run_one(
             .map_err(|e| format!("filling: {e}"))?;
         row.fill_rate = sent as f64 / took.as_secs_f64();
         eprintln!("  {}: draining", b.name);
+        let cpu0 = b.cpu_time();
         let (held, conns) = rt
             .block_on(durable::drain_and_hold(b.addr, &ids, per_session))
             .map_err(|e| format!("draining: {e}"))?;
+        if let (Some(c0), Some(c1)) = (cpu0, b.cpu_time()) {
+            if held.drained.received > 0 {
+                row.drain_cpu_ms_per_k =
+                    Some(c1.saturating_sub(c0).as_secs_f64() * 1e6 / held.drained.received as f64);
+            }
+        }
         row.drained = held;
         std::thread::sleep(SETTLE);
         row.connected_kib = kib(&b, "VmRSS");
@@ -239,9 +251,9 @@ fn main() {
     );
     let _ = writeln!(
         md,
-        "| queued per session | broker | idle RSS MiB | peak RSS MiB | peak ratio vs mosquitto | RSS all connected MiB | KiB per connected session | drain msg/s | out of order | fill msg/s | errors |"
+        "| queued per session | broker | idle RSS MiB | peak RSS MiB | peak ratio vs mosquitto | RSS all connected MiB | KiB per connected session | drain msg/s | drain CPU ms/1k | out of order | fill msg/s | errors |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let peer = rows
             .iter()
@@ -268,7 +280,7 @@ fn main() {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
             r.per_session,
             r.broker,
             mib(r.idle_kib),
@@ -277,6 +289,8 @@ fn main() {
             mib(r.connected_kib),
             per_conn,
             rate,
+            r.drain_cpu_ms_per_k
+                .map_or_else(|| "–".into(), |c| format!("{c:.1}")),
             r.drained.out_of_order,
             r.fill_rate,
             r.error.as_deref().unwrap_or("")
