@@ -78,6 +78,10 @@ pub(super) fn read_rows(
     Ok(rows)
 }
 
+/// A session's rows in one state, from a sequence number on, in order.
+pub(super) const READ_QUEUE_SQL: &str = "SELECT id, state, packet_id, expires_at, packet FROM queue
+     WHERE id BETWEEN ?1 AND ?2 AND state = ?4 ORDER BY id LIMIT ?3";
+
 /// [`read_rows`] of `queue` alone.
 fn read_queue_rows(
     conn: &Connection,
@@ -87,10 +91,7 @@ fn read_queue_rows(
     sent: bool,
 ) -> rusqlite::Result<Vec<QueueRow>> {
     (|| -> rusqlite::Result<Vec<QueueRow>> {
-        let mut st = conn.prepare_cached(
-            "SELECT id, state, packet_id, expires_at, packet FROM queue
-             WHERE id BETWEEN ?1 AND ?2 AND state = ?4 ORDER BY id LIMIT ?3",
-        )?;
+        let mut st = conn.prepare_cached(READ_QUEUE_SQL)?;
         let rows = st.query_map(
             params![
                 queue_id(sid, from_seq),
