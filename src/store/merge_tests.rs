@@ -140,6 +140,10 @@ fn an_idle_merge_goes_in_chunks_and_commits_arrivals_between_them() {
             }
         }
     });
+    // Queued before the writer starts, so all of it is staged before it is first idle.
+    for c in stage_rounds() {
+        tx.send(c).unwrap();
+    }
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
     let counts = super::counts::Counts::of(&rec);
     let opts = o.clone();
@@ -148,9 +152,6 @@ fn an_idle_merge_goes_in_chunks_and_commits_arrivals_between_them() {
             .idle_after(Duration::from_millis(50))
             .run(rx)
     });
-    for c in stage_rounds() {
-        tx.send(c).unwrap();
-    }
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut events = Vec::new();
     loop {

@@ -60,8 +60,9 @@ use super::{queue_range, split_queue_id, Op, QueueRow, Sid};
 pub(super) const MERGE_ROWS: usize = 64 * 1024;
 /// Most rows a merge moves in one transaction. The writer answers commits between two
 /// chunks, so this bounds how long a merge holds acknowledgements (and what a transaction
-/// of the merge keeps in memory): a whole 64k-row merge took up to 545 ms here (`durable_compare
-/// --fanout 10000x100`, PUBACK max 549 ms); a chunk of 8k rows is an eighth of that.
+/// of the merge keeps in memory): a whole 64k-row merge took up to 545 ms here
+/// (`durable_compare --fanout 10000x100`, PUBACK max 549 ms); a chunk of 8k rows is an
+/// eighth of that.
 /// Chunks split the log by qid (session) range, so each session's leaf is still written
 /// once per merge; what chunks cost is the log's pages, rewritten by each chunk's deletes.
 #[cfg(not(test))]
