@@ -3,7 +3,11 @@
 //!
 //! `cargo bench --bench scale_memory [-- --sessions N] [--per-session 1,100,1000]
 //! [--fill-publishers N] [--mosquitto PATH] [--holdfast PATH] [--before PATH]
-//! [--holdfast-only] [--hold SECS]`
+//! [--holdfast-only] [--hold SECS] [--pause SECS]`
+//!
+//! `--pause SECS` waits that long between the fill and the drain, so Holdfast's writer goes
+//! idle and merges its staging log then (after 5 s without work); "peak before the drain"
+//! is the peak RSS up to the end of the pause.
 //!
 //! `--hold SECS` keeps each broker running that long after its reading, every session still
 //! connected (to read `/proc/PID/smaps` or attach a profiler).
@@ -51,12 +55,14 @@ struct Args {
     holdfast_only: bool,
     /// Seconds to keep every broker running after its drain reading (inspect it then).
     hold: u64,
+    /// Seconds to wait between the fill and the drain (Holdfast's idle merge runs then).
+    pause: u64,
 }
 
 fn usage() -> ! {
     eprintln!(
         "usage: cargo bench --bench scale_memory -- [--sessions N] [--per-session 1,100,1000] \
-         [--fill-publishers N] [--mosquitto PATH] [--holdfast PATH] [--before PATH] [--holdfast-only] [--hold SECS]"
+         [--fill-publishers N] [--mosquitto PATH] [--holdfast PATH] [--before PATH] [--holdfast-only] [--hold SECS] [--pause SECS]"
     );
     std::process::exit(2)
 }
@@ -71,6 +77,7 @@ fn parse_args() -> Args {
         before: None,
         holdfast_only: false,
         hold: 0,
+        pause: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -96,6 +103,7 @@ fn parse_args() -> Args {
             "--before" => a.before = Some(val("--before").into()),
             "--holdfast-only" => a.holdfast_only = true,
             "--hold" => a.hold = val("--hold").parse().unwrap_or_else(|_| usage()),
+            "--pause" => a.pause = val("--pause").parse().unwrap_or_else(|_| usage()),
             "-h" | "--help" => usage(),
             other => {
                 eprintln!("unknown argument {other:?}");
@@ -111,6 +119,8 @@ struct Row {
     broker: &'static str,
     per_session: u64,
     idle_kib: u64,
+    /// Peak RSS up to the start of the drain (fill and `--pause`).
+    filled_kib: u64,
     peak_kib: u64,
     connected_kib: u64,
     drained: durable::Held,
@@ -126,7 +136,7 @@ fn run_one(
     sessions: usize,
     per_session: u64,
     fill_publishers: usize,
-    hold: u64,
+    (hold, pause): (u64, u64),
 ) -> Row {
     std::thread::sleep(SETTLE);
     let kib = |b: &BrokerProc, f: &str| b.status_kib(f).unwrap_or(0);
@@ -134,6 +144,7 @@ fn run_one(
         broker: b.name,
         per_session,
         idle_kib: kib(&b, "VmRSS"),
+        filled_kib: 0,
         peak_kib: 0,
         connected_kib: 0,
         drained: Default::default(),
@@ -160,6 +171,11 @@ fn run_one(
             ))
             .map_err(|e| format!("filling: {e}"))?;
         row.fill_rate = sent as f64 / took.as_secs_f64();
+        if pause > 0 {
+            eprintln!("  {}: pausing {pause} s before the drain", b.name);
+            std::thread::sleep(Duration::from_secs(pause));
+        }
+        row.filled_kib = kib(&b, "VmHWM");
         eprintln!("  {}: draining", b.name);
         let cpu0 = b.cpu_time();
         let (held, conns) = rt
@@ -214,7 +230,7 @@ fn main() {
                 args.sessions,
                 p,
                 args.fill_publishers,
-                args.hold,
+                (args.hold, args.pause),
             ));
         }
         let hf = BrokerProc::holdfast(&holdfast_bin).expect("start holdfast");
@@ -224,7 +240,7 @@ fn main() {
             args.sessions,
             p,
             args.fill_publishers,
-            args.hold,
+            (args.hold, args.pause),
         ));
         if !args.holdfast_only {
             let mq = BrokerProc::mosquitto(&args.mosquitto).expect("start mosquitto");
@@ -234,7 +250,7 @@ fn main() {
                 args.sessions,
                 p,
                 args.fill_publishers,
-                args.hold,
+                (args.hold, args.pause),
             ));
         }
     }
@@ -244,16 +260,16 @@ fn main() {
         md,
         "Command: `{}`  \n{} durable sessions (3.1.1, QoS 1, 64-byte payloads, window 64), filled \
          while offline, then all reconnect and drain; Mosquitto 2.0.11 in memory (`persistence \
-         false`). Peak = VmHWM over the broker's life; \"connected\" = VmRSS with every session \
-         connected after its drain.\n",
+         false`). Peak = VmHWM over the broker's life, \"before the drain\" up to the end of the fill \
+         (and of `--pause`); \"connected\" = VmRSS with every session connected after its drain.\n",
         loadgen::bench_command("scale_memory"),
         args.sessions
     );
     let _ = writeln!(
         md,
-        "| queued per session | broker | idle RSS MiB | peak RSS MiB | peak ratio vs mosquitto | RSS all connected MiB | KiB per connected session | drain msg/s | drain CPU ms/1k | out of order | fill msg/s | errors |"
+        "| queued per session | broker | idle RSS MiB | peak before the drain MiB | peak RSS MiB | peak ratio vs mosquitto | RSS all connected MiB | KiB per connected session | drain msg/s | drain CPU ms/1k | out of order | fill msg/s | errors |"
     );
-    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
         let peer = rows
             .iter()
@@ -280,10 +296,11 @@ fn main() {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} | {} |",
             r.per_session,
             r.broker,
             mib(r.idle_kib),
+            mib(r.filled_kib),
             mib(r.peak_kib),
             ratio,
             mib(r.connected_kib),

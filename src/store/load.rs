@@ -233,11 +233,11 @@ fn quick_check(conn: &Connection, path: &Path) -> Result<(), StoreError> {
 }
 
 /// Moves rows a crash left in the staging log into `queue` (`super::staging`), before
-/// anything below reads `queue`.
+/// anything below reads `queue`: a chunk per transaction, like every merge (SQLite's
+/// statement journal holds one chunk, not the log; a crash in between leaves each row in
+/// one table, and the next start merges the rest).
 fn merge_staged(conn: &mut Connection) -> Result<(), StoreError> {
-    let tx = conn.transaction()?;
-    let moved = staging::merge_in(&tx)?;
-    tx.commit()?;
+    let moved = staging::Staging::load(conn)?.merge_all(conn)?;
     if moved > 0 {
         info!(
             rows = moved,

@@ -47,6 +47,8 @@ mod staging;
 mod writer;
 
 #[cfg(test)]
+mod merge_tests;
+#[cfg(test)]
 mod staging_tests;
 #[cfg(test)]
 mod tests;

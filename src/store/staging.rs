@@ -7,8 +7,8 @@
 //! checkpoint, and mostly page-cache misses at 10,000 sessions). So when a group appends
 //! only a few rows per session, the rows go to `queue_log` instead, keyed by a global
 //! increasing `lid`: right-edge appends, ~8 rows per 1 KiB page. A **merge** later moves
-//! the whole log into `queue` in `id` order in one transaction, touching each session's
-//! leaf once per merge instead of once per commit.
+//! the whole log into `queue` in `id` order, touching each session's leaf once per merge
+//! instead of once per commit.
 //!
 //! # Where a row is
 //! A queue row (`qid`) is in `queue` or in `queue_log`, never both: the log is in the same
@@ -22,13 +22,19 @@
 //!
 //! # When rows are merged
 //! When the log holds [`MERGE_ROWS`], when the writer is idle (before its checkpoint), at a
-//! clean stop, and at start-up before anything reads `queue` (`load`): outside the writer
-//! (`inspect`, start-up) nothing but the view `queue_all` needs to know about the log.
-//! The merge of a full log runs while publishers wait for acknowledgements, so it moves
-//! [`CHUNK_ROWS`] rows per transaction, by qid range, and the writer commits the groups
-//! that arrive between two chunks; the other merges move everything in one transaction.
-//! A merge needs room for the rows it moves until the log's pages are freed at its end; one
-//! that fails (disk budget) is retried when idle and at the clean stop, and until one
+//! clean stop, on `Command::Checkpoint`, and at start-up before anything reads `queue`
+//! (`load`): outside the writer (`inspect`, start-up) nothing but the view `queue_all`
+//! needs to know about the log.
+//!
+//! Every merge moves [`CHUNK_ROWS`] rows per transaction, by qid range
+//! ([`Staging::merge_step`], the one statement pair that moves rows): a transaction that
+//! moved the whole log held SQLite's statement journal of all of it in memory (~30 MB for
+//! 64k rows at 10,000 sessions) and, while the writer had work, held every acknowledgement
+//! until it ended. The merges of a full log and at idle run while publishers may wait, so
+//! the writer commits the groups that arrive between two chunks; at a clean stop, on
+//! `Checkpoint` and at start-up nobody waits and the chunks follow one another.
+//! A chunk needs room for the rows it moves until its commit frees their log pages; a
+//! merge that fails (disk budget) is retried when idle and at the clean stop, and until one
 //! succeeds, and past [`CAP_ROWS`], new rows go straight to `queue`.
 //!
 //! # Which rows are staged
@@ -52,10 +58,11 @@ use super::{queue_range, split_queue_id, Op, QueueRow, Sid};
 /// merge did not help (12.1 at 64k).
 #[cfg(not(test))]
 pub(super) const MERGE_ROWS: usize = 64 * 1024;
-/// Most rows a merge moves in one transaction while the writer has work. The writer
-/// answers commits between two chunks, so this bounds how long a merge holds
-/// acknowledgements: a whole 64k-row merge took up to 545 ms here (`durable_compare
-/// --fanout 10000x100`, PUBACK max 549 ms); a chunk of 8k rows is an eighth of that.
+/// Most rows a merge moves in one transaction. The writer answers commits between two
+/// chunks, so this bounds how long a merge holds acknowledgements (and what a transaction
+/// of the merge keeps in memory): a whole 64k-row merge took up to 545 ms here
+/// (`durable_compare --fanout 10000x100`, PUBACK max 549 ms); a chunk of 8k rows is an
+/// eighth of that.
 /// Chunks split the log by qid (session) range, so each session's leaf is still written
 /// once per merge; what chunks cost is the log's pages, rewritten by each chunk's deletes.
 #[cfg(not(test))]
@@ -350,37 +357,37 @@ impl Staging {
         }
         Ok(removed)
     }
-
-    /// Moves every staged row into `queue` (one transaction of its own). Returns the rows
-    /// moved.
-    pub fn merge(&mut self, conn: &mut Connection) -> rusqlite::Result<usize> {
-        self.ensure(conn)?;
-        if self.rows.is_empty() {
-            return Ok(0);
-        }
-        let result = (|| {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            let n = merge_in(&tx)?;
-            tx.commit()?;
-            Ok(n)
-        })();
-        match result {
-            Ok(n) => {
-                self.rows.clear();
-                self.paused = false;
-                self.cursor = None;
-                Ok(n)
-            }
-            Err(e) => {
-                self.invalidate();
-                self.paused = true;
-                Err(e)
-            }
-        }
-    }
 }
 
 impl Staging {
+    /// Starts a merge of the whole log (unless one is under way), moved a chunk at a time
+    /// by [`Staging::merge_step`] and retried even if the last merge failed. False if the
+    /// log is empty.
+    pub fn start_merge(&mut self) -> bool {
+        if self.rows.is_empty() && !self.stale {
+            return false;
+        }
+        self.paused = false;
+        self.cursor.get_or_insert(i64::MIN);
+        true
+    }
+
+    /// Moves every staged row into `queue`, a chunk per transaction ([`CHUNK_ROWS`]), with
+    /// nothing committed in between (a clean stop, start-up, `Checkpoint`). Returns the
+    /// rows moved; on an error the rows not yet moved stay staged.
+    pub fn merge_all(&mut self, conn: &mut Connection) -> rusqlite::Result<usize> {
+        self.ensure(conn)?;
+        self.start_merge();
+        let mut moved = 0;
+        // Each step moves at least one row, or ends a pass that left rows behind its
+        // cursor (staged while it ran), which the next step starts again from the start.
+        while !self.rows.is_empty() {
+            moved += self.merge_step(conn)?;
+        }
+        self.cursor = None;
+        Ok(moved)
+    }
+
     /// Moves the next chunk of up to [`CHUNK_ROWS`] staged rows, in qid order from where
     /// the last chunk ended, into `queue` (one transaction of its own), and starts a merge
     /// if none is under way. Rows staged behind the cursor meanwhile wait for the next
@@ -434,19 +441,4 @@ impl Staging {
             }
         }
     }
-}
-
-/// Moves every row of the log into `queue`, in `id` order (each leaf written once), inside
-/// `tx`. `OR REPLACE`: a staged row is the newer version of its qid.
-pub(super) fn merge_in(tx: &Transaction) -> rusqlite::Result<usize> {
-    let n = tx
-        .prepare_cached(
-            "INSERT OR REPLACE INTO queue (id, state, packet_id, expires_at, size, packet,
-                                           enqueued_at)
-             SELECT qid, state, packet_id, expires_at, size, packet, enqueued_at
-             FROM queue_log ORDER BY qid",
-        )?
-        .execute([])?;
-    tx.prepare_cached("DELETE FROM queue_log")?.execute([])?;
-    Ok(n)
 }

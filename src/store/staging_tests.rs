@@ -14,9 +14,9 @@ use rusqlite::params;
 use super::writer::Writer;
 use super::*;
 
-const SESSIONS: Sid = 40;
+pub(super) const SESSIONS: Sid = 40;
 
-fn upsert(sid: Sid) -> Op {
+pub(super) fn upsert(sid: Sid) -> Op {
     Op::UpsertSession {
         sid,
         client_id: Arc::from(format!("client-{sid}")),
@@ -38,11 +38,11 @@ fn msg(sid: Sid, seq: u64, expires_at: Option<i64>) -> Op {
 }
 
 /// One message `seq` for every session, in one batch.
-fn round(seq: u64) -> Vec<Op> {
+pub(super) fn round(seq: u64) -> Vec<Op> {
     (1..=SESSIONS).map(|sid| msg(sid, seq, None)).collect()
 }
 
-fn staged(o: &StoreOptions) -> i64 {
+pub(super) fn staged(o: &StoreOptions) -> i64 {
     Connection::open(&o.path)
         .unwrap()
         .query_row("SELECT count(*) FROM queue_log", [], |r| r.get(0))
@@ -50,7 +50,7 @@ fn staged(o: &StoreOptions) -> i64 {
 }
 
 /// (seq, state) of a session's rows in `queue` and in the log.
-fn rows(o: &StoreOptions, sid: Sid) -> Vec<(u64, u8)> {
+pub(super) fn rows(o: &StoreOptions, sid: Sid) -> Vec<(u64, u8)> {
     let c = Connection::open(&o.path).unwrap();
     let (lo, hi) = queue_range(sid);
     let mut st = c
@@ -67,8 +67,19 @@ fn rows(o: &StoreOptions, sid: Sid) -> Vec<(u64, u8)> {
 /// A writer on the test thread over `cmds`; `clean` ends with a shutdown (merge, counters
 /// written), otherwise the channel just closes (the log and stale counters stay, as after
 /// a crash, but everything reported is committed).
-fn run(o: &StoreOptions, cmds: Vec<Command>, clean: bool) -> Vec<StoreEvent> {
+pub(super) fn run(o: &StoreOptions, cmds: Vec<Command>, clean: bool) -> Vec<StoreEvent> {
+    run_on(o, cmds, clean, |_| {})
+}
+
+/// [`run`], with `prepare` given the writer's connection first.
+pub(super) fn run_on(
+    o: &StoreOptions,
+    cmds: Vec<Command>,
+    clean: bool,
+    prepare: impl FnOnce(&Connection),
+) -> Vec<StoreEvent> {
     let (conn, rec) = load::open_and_load(o).expect("open");
+    prepare(&conn);
     let (tx, rx) = std::sync::mpsc::channel();
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
     for c in cmds {
@@ -88,13 +99,13 @@ fn run(o: &StoreOptions, cmds: Vec<Command>, clean: bool) -> Vec<StoreEvent> {
     events
 }
 
-fn batch(token: u64, ops: Vec<Op>) -> Command {
+pub(super) fn batch(token: u64, ops: Vec<Op>) -> Command {
     Command::Batch { token, ops }
 }
 
 /// Ends the writer's group: what follows is applied in a transaction of its own (a row
 /// staged before is staged when it is touched).
-fn group_end() -> Command {
+pub(super) fn group_end() -> Command {
     Command::Ping(tokio::sync::oneshot::channel().0)
 }
 
@@ -121,7 +132,7 @@ fn read_seqs(events: &[StoreEvent]) -> Vec<Vec<u64>> {
         .collect()
 }
 
-fn all_committed(events: &[StoreEvent]) {
+pub(super) fn all_committed(events: &[StoreEvent]) {
     for e in events {
         if let StoreEvent::Committed { token, ok } = e {
             assert!(ok, "token {token} refused");
@@ -129,7 +140,7 @@ fn all_committed(events: &[StoreEvent]) {
     }
 }
 
-fn sessions_set_up(o: &StoreOptions) {
+pub(super) fn sessions_set_up(o: &StoreOptions) {
     let events = run(
         o,
         vec![batch(1, (1..=SESSIONS).map(upsert).collect())],

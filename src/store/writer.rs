@@ -4,8 +4,9 @@
 //! batches submitted before it (so it sees their writes), and its answer is reported only
 //! after the commit, in submission order; maintenance (expiry sweep, staging-log merge,
 //! checkpoint) runs between groups. The writer owns the index of the staging log
-//! (`super::staging`) and merges the log into `queue` when it is long (in chunks, answering
-//! the commands that arrive between two), when idle and at a clean stop.
+//! (`super::staging`) and merges the log into `queue`, a chunk per transaction: when it is
+//! long and when idle (answering the commands that arrive between two chunks), and at a
+//! clean stop.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::Receiver;
@@ -65,6 +66,8 @@ pub struct Writer {
     counts: Counts,
     /// Which queue rows are in the staging log (`super::staging`).
     staging: Staging,
+    /// How long without work before the idle merge and checkpoint ([`IDLE_CHECKPOINT`]).
+    idle: Duration,
 }
 
 impl Writer {
@@ -96,7 +99,15 @@ impl Writer {
             metrics: Default::default(),
             clock,
             counts,
+            idle: IDLE_CHECKPOINT,
         }
+    }
+
+    /// Test setting: the idle merge and checkpoint after `idle` without work.
+    #[cfg(test)]
+    pub fn idle_after(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
     }
 
     /// The writer's commit statistics (shared with whoever reads them).
@@ -107,6 +118,11 @@ impl Writer {
     pub fn run(mut self, rx: Receiver<Command>) {
         let mut last_work = Instant::now();
         let mut checkpointed = true;
+        // The idle merge of this idle period has been started (it runs chunk by chunk
+        // below, like a full log's, then the checkpoint follows).
+        let mut idle_merged = false;
+        // Why the merge under way started (for the log).
+        let mut merging = "log full";
         loop {
             let first = if !self.retry.is_empty() {
                 // A failed commit is waiting to be retried: don't wait for new work forever.
@@ -119,11 +135,11 @@ impl Writer {
                     Err(_) => break,
                 }
             } else if self.staging.merging() {
-                // A merge of a full log is under way: commit what arrived, else merge on.
+                // A merge is under way: commit what arrived, else merge the next chunk.
                 match rx.try_recv() {
                     Ok(c) => c,
                     Err(std::sync::mpsc::TryRecvError::Empty) => {
-                        self.merge("log full", true);
+                        self.merge(merging, false);
                         continue;
                     }
                     Err(std::sync::mpsc::TryRecvError::Disconnected) => break,
@@ -134,10 +150,17 @@ impl Writer {
                     Err(_) => break,
                 }
             } else {
-                match rx.recv_timeout(IDLE_CHECKPOINT.saturating_sub(last_work.elapsed())) {
+                match rx.recv_timeout(self.idle.saturating_sub(last_work.elapsed())) {
                     Ok(c) => c,
                     Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        self.merge("idle", false);
+                        // Merge first (chunk by chunk, in the branch above), then come
+                        // back here to checkpoint; a merge that fails is not retried
+                        // before the next idle period.
+                        if !idle_merged && self.staging.start_merge() {
+                            idle_merged = true;
+                            merging = "idle";
+                            continue;
+                        }
                         self.checkpoint();
                         checkpointed = true;
                         continue;
@@ -184,7 +207,7 @@ impl Writer {
                 std::thread::sleep(Duration::from_millis(50));
             }
             if let Some(done) = stop {
-                self.merge("clean stop", false);
+                self.merge("clean stop", true);
                 self.write_anchor();
                 if let Err(e) = self.counts.write(&mut self.conn) {
                     warn!(cause = %e, "could not record the queue counters: they are counted again at the next start");
@@ -195,11 +218,15 @@ impl Writer {
                 return;
             }
             if self.staging.wants_merge() {
-                self.merge("log full", true);
+                if !self.staging.merging() {
+                    merging = "log full";
+                }
+                self.merge(merging, false);
             }
             if work {
                 last_work = Instant::now();
                 checkpointed = false;
+                idle_merged = false;
             }
         }
         self.checkpoint();
@@ -269,7 +296,7 @@ impl Writer {
                 Err(e) => warn!(cause = %e, "expiry sweep failed"),
             },
             Command::Checkpoint => {
-                self.merge("checkpoint", false);
+                self.merge("checkpoint", true);
                 self.checkpoint()
             }
             // Everything submitted before the ping is committed by now (`run` commits the
@@ -288,23 +315,24 @@ impl Writer {
         }
     }
 
-    /// Moves the staging log into `queue` (`super::staging`): all of it, or with `chunk`
-    /// the next chunk of a full log (the groups that arrive meanwhile are committed between
-    /// two chunks). A failure (the disk budget, an I/O error) leaves the rows staged,
+    /// Moves the staging log into `queue` (`super::staging`), a chunk per transaction: the
+    /// next chunk of the merge under way (`run` commits the groups that arrive between two
+    /// chunks), or with `whole` every chunk, one after the other (a clean stop,
+    /// `Checkpoint`). A failure (the disk budget, an I/O error) leaves the rows staged,
     /// merged at the next occasion.
-    fn merge(&mut self, why: &'static str, chunk: bool) {
+    fn merge(&mut self, why: &'static str, whole: bool) {
         let started = Instant::now();
-        let moved = if chunk {
-            self.staging.merge_step(&mut self.conn)
+        let moved = if whole {
+            self.staging.merge_all(&mut self.conn)
         } else {
-            self.staging.merge(&mut self.conn)
+            self.staging.merge_step(&mut self.conn)
         };
         match moved {
             Ok(0) => {}
             Ok(rows) => debug!(
                 rows,
                 why,
-                chunk,
+                whole,
                 left = self.staging.len(),
                 took_ms = started.elapsed().as_millis() as u64,
                 "staging log merged into the queue"
