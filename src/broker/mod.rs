@@ -195,9 +195,7 @@ impl Broker {
             user_limit: Arc::new(ratelimit::UserLimit::new(cfg.auth.max_connections_per_user)),
             traffic,
             handshakes: Default::default(),
-            keep_alive: Default::default(),
         });
-        tokio::spawn(shared.keep_alive.clone().run(shared.shutdown.clone()));
         for (l, (ctx, tls)) in listeners.into_iter().zip(contexts) {
             tokio::spawn(listener::accept_loop(
                 l,

@@ -18,15 +18,10 @@
 //! router bounds a slow client's QoS 0 backlog with it); it is the queue's length, so it is
 //! right for internal clients too.
 //!
-//! The link also carries the connection's keep-alive stamp (`keepalive`): the time of its
-//! last read, which the gateway's sweep compares with the connection's limit, and the
-//! expiry the sweep sets (`LinkRx::expired`). Both sit in the queue's padding, so they cost
-//! no bytes.
-//!
-//! The mutex is held only to push, pop, stamp or swap a waker; never across an `.await`.
+//! The mutex is held only to push, pop or swap a waker; never across an `.await`.
 
 use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 pub use tokio::sync::mpsc::error::TryRecvError;
@@ -40,76 +35,41 @@ struct Queue {
     senders: usize,
     /// False once the `LinkRx` is dropped: sends are discarded.
     receiving: bool,
-    /// The receiver's task, waiting for a packet (or for its keep-alive expiry).
+    /// The receiver's task, waiting for a packet.
     waker: Option<Waker>,
-    /// The keep-alive sweep found the connection silent past its limit.
-    expired: bool,
-    /// When the connection last read from its socket, in `STAMP` units since the sweep's
-    /// epoch, wrapping (differences stay right: a limit is at most 98,303 s).
-    last_read: u32,
 }
 
-/// Units of [`Queue::last_read`].
-const STAMP_MS: u64 = 10;
-
-/// What a link's two ends share (one allocation per connection).
 #[derive(Debug)]
-pub struct LinkState(Mutex<Queue>);
+struct Shared(Mutex<Queue>);
 
-impl LinkState {
+impl Shared {
     fn lock(&self) -> MutexGuard<'_, Queue> {
         // No code panics while holding it; a poisoned queue is still a consistent queue.
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
-
-    /// Milliseconds from the last read to `now_ms` (both since the sweep's epoch), at
-    /// least: the stamps are rounded down to `STAMP_MS`, so one unit is taken off and a
-    /// connection is never found silent for longer than it was.
-    pub(super) fn silent_ms(&self, now_ms: u64) -> u64 {
-        let last = self.lock().last_read;
-        u64::from(stamp(now_ms).wrapping_sub(last).saturating_sub(1)) * STAMP_MS
-    }
-
-    /// Marks the keep-alive expired and wakes the receiver.
-    pub(super) fn expire(&self) {
-        let waker = {
-            let mut q = self.lock();
-            q.expired = true;
-            q.waker.take()
-        };
-        if let Some(w) = waker {
-            w.wake();
-        }
-    }
-}
-
-fn stamp(ms: u64) -> u32 {
-    (ms / STAMP_MS) as u32
 }
 
 /// The router's handle on a connection.
 #[derive(Debug)]
 pub struct ConnLink {
     pub id: ConnId,
-    shared: Arc<LinkState>,
+    shared: Arc<Shared>,
 }
 
 /// The receiving end of a [`ConnLink`].
 #[derive(Debug)]
 pub struct LinkRx {
-    shared: Arc<LinkState>,
+    shared: Arc<Shared>,
 }
 
 impl ConnLink {
     /// A new link and its receiving end.
     pub fn new(id: ConnId) -> (ConnLink, LinkRx) {
-        let shared = Arc::new(LinkState(Mutex::new(Queue {
+        let shared = Arc::new(Shared(Mutex::new(Queue {
             items: VecDeque::new(),
             senders: 1,
             receiving: true,
             waker: None,
-            expired: false,
-            last_read: 0,
         })));
         let link = ConnLink {
             id,
@@ -167,7 +127,7 @@ impl Drop for ConnLink {
 
 impl LinkRx {
     /// The next packet; `None` once every sender is gone and the queue is empty.
-    pub async fn recv(&self) -> Option<Outgoing> {
+    pub async fn recv(&mut self) -> Option<Outgoing> {
         std::future::poll_fn(|cx| self.poll_recv(cx)).await
     }
 
@@ -181,32 +141,7 @@ impl LinkRx {
         }
     }
 
-    /// Records a read from the socket at `now_ms` (since the keep-alive sweep's epoch).
-    pub fn touch(&self, now_ms: u64) {
-        self.shared.lock().last_read = stamp(now_ms);
-    }
-
-    /// For the keep-alive sweep: a handle that does not keep the link alive.
-    pub(super) fn downgrade(&self) -> Weak<LinkState> {
-        Arc::downgrade(&self.shared)
-    }
-
-    /// Resolves once the keep-alive sweep expired the connection (never, if it is not
-    /// watched).
-    pub async fn expired(&self) {
-        std::future::poll_fn(|cx| self.poll_expired(cx)).await
-    }
-
-    fn poll_expired(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut q = self.shared.lock();
-        if q.expired {
-            return Poll::Ready(());
-        }
-        set_waker(&mut q, cx);
-        Poll::Pending
-    }
-
-    pub fn poll_recv(&self, cx: &mut Context<'_>) -> Poll<Option<Outgoing>> {
+    pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Outgoing>> {
         let mut q = self.shared.lock();
         if let Some(out) = pop(&mut q) {
             return Poll::Ready(Some(out));
@@ -214,17 +149,11 @@ impl LinkRx {
         if q.senders == 0 {
             return Poll::Ready(None);
         }
-        set_waker(&mut q, cx);
+        match &mut q.waker {
+            Some(w) if w.will_wake(cx.waker()) => {}
+            w => *w = Some(cx.waker().clone()),
+        }
         Poll::Pending
-    }
-}
-
-/// Both `poll_recv` and `poll_expired` wait here; they are polled by the same task (the
-/// connection's), so one waker serves both.
-fn set_waker(q: &mut Queue, cx: &Context<'_>) {
-    match &mut q.waker {
-        Some(w) if w.will_wake(cx.waker()) => {}
-        w => *w = Some(cx.waker().clone()),
     }
 }
 
@@ -290,7 +219,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_receiver_ends_after_the_last_sender_and_the_queue() {
-        let (link, rx) = ConnLink::new(1);
+        let (link, mut rx) = ConnLink::new(1);
         let clone = link.clone();
         let waiting = tokio::spawn(async move {
             let mut got = Vec::new();
