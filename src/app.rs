@@ -136,6 +136,7 @@ impl Gateway {
             integrity_check: cfg.store.integrity_check,
             commit_delay: Duration::from_millis(cfg.store.commit_delay_ms),
             page_size: cfg.store.page_size,
+            cache_kib: cfg.store.cache_size_kib,
         };
         let t0 = std::time::Instant::now();
         // Start-up: blocking is fine. Recovery and migrations of a big database on an SD card

@@ -175,6 +175,52 @@ pub struct ClientParams {
     pub compact_packet_ids: bool,
 }
 
+/// What only internal sessions (bridge outboxes) set: boxed, so the ~10,000 client sessions
+/// of a gateway do not each carry it (48 bytes inline).
+#[derive(Debug)]
+struct OwnPolicy {
+    limits: Option<QueueLimits>,
+    queue_qos0: Vec<String>,
+}
+
+/// Incoming QoS 2 packet ids awaiting PUBREL, each with the store token its message was
+/// stored with. The map is allocated on the first QoS 2 PUBLISH (and kept, like a map's
+/// table): most sessions never receive one, and an empty `HashMap` inline costs 48 bytes
+/// in every session.
+#[allow(
+    clippy::box_collection,
+    reason = "boxed for its size inline (8 bytes, not 24-48)"
+)]
+#[derive(Debug, Default)]
+pub struct Qos2Ids(Option<Box<HashMap<u16, u64>>>);
+
+impl Qos2Ids {
+    pub fn get(&self, packet_id: &u16) -> Option<&u64> {
+        self.0.as_ref().and_then(|m| m.get(packet_id))
+    }
+
+    pub fn insert(&mut self, packet_id: u16, token: u64) -> Option<u64> {
+        self.0
+            .get_or_insert_with(Default::default)
+            .insert(packet_id, token)
+    }
+
+    pub fn remove(&mut self, packet_id: &u16) -> Option<u64> {
+        self.0.as_mut().and_then(|m| m.remove(packet_id))
+    }
+
+    pub fn keys(&self) -> impl Iterator<Item = &u16> {
+        self.0.iter().flat_map(|m| m.keys())
+    }
+}
+
+impl FromIterator<(u16, u64)> for Qos2Ids {
+    fn from_iter<I: IntoIterator<Item = (u16, u64)>>(iter: I) -> Self {
+        let map: HashMap<u16, u64> = iter.into_iter().collect();
+        Qos2Ids((!map.is_empty()).then(|| Box::new(map)))
+    }
+}
+
 pub struct Session {
     pub id: SessionId,
     pub client_id: Arc<str>,
@@ -221,18 +267,16 @@ pub struct Session {
     /// the store token that carries what the message was stored with (0: nothing to wait
     /// for). A resend of the PUBLISH is acknowledged only once that token has committed,
     /// and a failed token removes the id again (the message was refused, not received).
-    pub incoming_qos2: HashMap<u16, u64>,
-    /// Own queue limits instead of the `[mqtt]` ones (internal sessions).
-    pub limits: Option<QueueLimits>,
+    pub incoming_qos2: Qos2Ids,
+    /// An internal session's own queue limits and QoS 0 rules (`None`: the `[mqtt]` ones
+    /// and none; see [`Session::limits`], [`Session::queue_qos0`]).
+    own_policy: Option<Box<OwnPolicy>>,
     /// A relay session (a bridge's outbox; set from `client::DeliveryPolicy::relay`, which
     /// lists every exception it gets): its QoS 1 messages go out without waiting
     /// for the commit that records them as sent. After a crash such a message is resent
     /// without DUP, which the upstream treats as the QoS 1 duplicate it may be anyway; a
     /// client's session keeps the stricter rule (a redelivery always carries DUP).
     pub internal: bool,
-    /// Internal sessions: filters whose QoS 0 messages are kept like QoS 1 (queued while
-    /// offline, stored, acknowledged). Empty for clients.
-    pub queue_qos0: Vec<String>,
     /// Publishers whose acknowledgements wait until this session's queue shrinks
     /// (backpressure: a fast QoS 1/2 publisher is slowed to its slowest subscriber's pace
     /// instead of overflowing that subscriber's queue).
@@ -288,11 +332,10 @@ impl Session {
             drops_pending: 0,
             drops_pending_bytes: 0,
             held: VecDeque::new(),
-            incoming_qos2: HashMap::new(),
+            incoming_qos2: Qos2Ids::default(),
             gated: Vec::new(),
-            limits: None,
+            own_policy: None,
             internal: false,
-            queue_qos0: Vec::new(),
             will: None,
             dropped: 0,
             drop_episode: false,
@@ -304,6 +347,24 @@ impl Session {
             inflight_on_disk: false,
             generation: 0,
         }
+    }
+
+    /// Own queue limits instead of the `[mqtt]` ones (internal sessions).
+    pub fn limits(&self) -> Option<QueueLimits> {
+        self.own_policy.as_ref().and_then(|p| p.limits)
+    }
+
+    /// Internal sessions: filters whose QoS 0 messages are kept like QoS 1 (queued while
+    /// offline, stored, acknowledged). Empty for clients.
+    pub fn queue_qos0(&self) -> &[String] {
+        self.own_policy.as_ref().map_or(&[], |p| &p.queue_qos0)
+    }
+
+    /// Sets an internal session's own limits and QoS 0 rules (allocated only when there are
+    /// any).
+    pub fn set_own_policy(&mut self, limits: Option<QueueLimits>, queue_qos0: Vec<String>) {
+        self.own_policy = (limits.is_some() || !queue_qos0.is_empty())
+            .then(|| Box::new(OwnPolicy { limits, queue_qos0 }));
     }
 
     pub fn is_online(&self) -> bool {

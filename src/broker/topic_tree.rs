@@ -6,7 +6,8 @@
 //! number of subscriptions. Pure data structure, no I/O.
 //!
 //! Layout: a trie with one node per filter level. A node has literal children (hash map
-//! keyed by level), a `+` child, a `#` slot (subscriptions whose filter ends in `#` right
+//! keyed by level, allocated with the first child and freed with the last: most nodes are
+//! leaves, pinned at 56 bytes by a size test), a `+` child, a `#` slot (subscriptions whose filter ends in `#` right
 //! below this node) and its own subscriptions (filters ending exactly at this node). Each
 //! subscription slot holds direct subscribers (`session -> data`, a vector sorted by
 //! session: most slots have one or a few) and shared groups (`group -> members`, ordered,
@@ -85,7 +86,94 @@ struct Subs {
     /// own). Matching walks all entries either way; a subscribe or unsubscribe moves at most
     /// the entries behind it (24 bytes each).
     direct: Vec<(SessionId, SubscriptionData)>,
-    shared: BTreeMap<Box<str>, SharedGroup>,
+    shared: SharedGroups,
+}
+
+/// The `$share` groups of a slot: allocated on the first one and freed with the last
+/// (inline, an empty map would cost every node 16 bytes more; most slots never have one).
+#[allow(
+    clippy::box_collection,
+    reason = "boxed for its size inline (8 bytes, not 24-48)"
+)]
+#[derive(Debug, Default)]
+struct SharedGroups(Option<Box<BTreeMap<Box<str>, SharedGroup>>>);
+
+impl SharedGroups {
+    fn is_empty(&self) -> bool {
+        self.0.is_none()
+    }
+
+    fn get_mut(&mut self, group: &str) -> Option<&mut SharedGroup> {
+        self.0.as_mut().and_then(|m| m.get_mut(group))
+    }
+
+    /// Adds a group not there yet (allocating its key).
+    fn insert_new(&mut self, group: &str) -> &mut SharedGroup {
+        self.0
+            .get_or_insert_with(Default::default)
+            .entry(Box::from(group))
+            .or_default()
+    }
+
+    fn remove(&mut self, group: &str) {
+        if let Some(m) = self.0.as_mut() {
+            m.remove(group);
+            if m.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut SharedGroup> {
+        self.0.iter_mut().flat_map(|m| m.values_mut())
+    }
+}
+
+/// A node's literal children, keyed by level: allocated on the first child and freed
+/// with the last, because most nodes are leaves (a topic per sensor) and an empty
+/// `HashMap` inline costs each of them 48 bytes in its parent's table.
+#[allow(
+    clippy::box_collection,
+    reason = "boxed for its size inline (8 bytes, not 24-48)"
+)]
+#[derive(Debug, Default)]
+struct Children(Option<Box<HashMap<Box<str>, Node>>>);
+
+impl Children {
+    fn len(&self) -> usize {
+        self.0.as_ref().map_or(0, |m| m.len())
+    }
+
+    fn get_mut(&mut self, level: &str) -> Option<&mut Node> {
+        self.0.as_mut().and_then(|m| m.get_mut(level))
+    }
+
+    /// Allocates the key; only called when the path is incomplete.
+    fn get_or_insert(&mut self, level: &str) -> &mut Node {
+        self.0
+            .get_or_insert_with(Default::default)
+            .entry(Box::from(level))
+            .or_default()
+    }
+
+    fn remove(&mut self, level: &str) {
+        if let Some(m) = self.0.as_mut() {
+            m.remove(level);
+            if m.is_empty() {
+                self.0 = None;
+            }
+        }
+    }
+
+    /// Takes every child out (for an iterative drop).
+    fn take_all(&mut self) -> impl Iterator<Item = Node> {
+        self.0.take().into_iter().flat_map(|m| m.into_values())
+    }
+
+    #[cfg(test)]
+    fn values(&self) -> impl Iterator<Item = &Node> {
+        self.0.iter().flat_map(|m| m.values())
+    }
 }
 
 impl Subs {
@@ -113,7 +201,7 @@ impl Subs {
             Some(g) => {
                 let grp = match self.shared.get_mut(g) {
                     Some(grp) => grp,
-                    None => self.shared.entry(Box::from(g)).or_default(),
+                    None => self.shared.insert_new(g),
                 };
                 match grp.members.iter_mut().find(|(s, _)| *s == session) {
                     Some(m) => {
@@ -197,7 +285,7 @@ impl Subs {
 
 #[derive(Debug, Default)]
 struct Node {
-    children: HashMap<Box<str>, Node>,
+    children: Children,
     plus: Option<Box<Node>>,
     /// Subscriptions to `<path to this node>/#`.
     hash: Option<Box<Subs>>,
@@ -228,7 +316,7 @@ impl Node {
         if level == "+" {
             self.plus.get_or_insert_with(Box::default)
         } else {
-            self.children.entry(Box::from(level)).or_default()
+            self.children.get_or_insert(level)
         }
     }
 
@@ -247,10 +335,10 @@ impl Drop for Node {
         if self.edges() == 0 {
             return;
         }
-        let mut stack: Vec<Node> = self.children.drain().map(|(_, n)| n).collect();
+        let mut stack: Vec<Node> = self.children.take_all().collect();
         stack.extend(self.plus.take().map(|b| *b));
         while let Some(mut n) = stack.pop() {
-            stack.extend(n.children.drain().map(|(_, c)| c));
+            stack.extend(n.children.take_all());
             stack.extend(n.plus.take().map(|b| *b));
         }
     }

@@ -36,11 +36,20 @@ pub struct StoreConfig {
     /// message (flash wear, commit cost); rows of messages larger than ~1 KiB spill into
     /// overflow pages (see `store::DEFAULT_PAGE_SIZE`).
     pub page_size: u32,
+    /// SQLite's page cache of the store's connection, KiB (`PRAGMA cache_size`): memory
+    /// against re-reading pages (`store::DEFAULT_CACHE_KIB`).
+    pub cache_size_kib: u32,
 }
 
 /// Largest `store.commit_delay_ms`: beyond a second, publishers' acknowledgement timers
 /// (and the MQTT keepalive of slow clients) start to matter, and the wear saved is small.
 pub const MAX_COMMIT_DELAY_MS: u64 = 1000;
+
+/// Smallest `store.cache_size_kib`: below a few hundred pages every statement re-reads the
+/// B-tree's inner pages from the file.
+pub const MIN_CACHE_KIB: u32 = 256;
+/// Largest `store.cache_size_kib` (1 GiB): more than any gateway board has to spare.
+pub const MAX_CACHE_KIB: u32 = 1024 * 1024;
 
 impl Default for StoreConfig {
     fn default() -> Self {
@@ -54,6 +63,7 @@ impl Default for StoreConfig {
             sweep_interval_secs: 60,
             commit_delay_ms: 0,
             page_size: crate::store::DEFAULT_PAGE_SIZE,
+            cache_size_kib: crate::store::DEFAULT_CACHE_KIB,
         }
     }
 }
@@ -87,6 +97,15 @@ impl StoreConfig {
                 format!(
                     "must be a power of two from 512 to 65536 (got {})",
                     self.page_size
+                ),
+            ));
+        }
+        if !(MIN_CACHE_KIB..=MAX_CACHE_KIB).contains(&self.cache_size_kib) {
+            return Err(ConfigError::invalid(
+                "store.cache_size_kib",
+                format!(
+                    "must be {MIN_CACHE_KIB} to {MAX_CACHE_KIB} KiB (got {})",
+                    self.cache_size_kib
                 ),
             ));
         }

@@ -140,7 +140,7 @@ fn try_open(opts: &StoreOptions) -> Result<(Connection, Recovered), StoreError> 
         source,
     };
     let mut conn = Connection::open(&opts.path).map_err(open_err)?;
-    configure(&conn, opts.synchronous, opts.page_size).map_err(open_err)?;
+    configure(&conn, opts.synchronous, opts.page_size, opts.cache_kib).map_err(open_err)?;
     let found = schema::migrate(&mut conn)?;
     if found < schema::latest_version() {
         info!(

@@ -773,3 +773,15 @@ fn a_newer_schema_is_refused_and_an_empty_file_is_migrated() {
         Ok(_) => panic!("a newer schema must be refused"),
     }
 }
+
+#[test]
+fn the_connection_gets_the_configured_page_cache() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = opts(dir.path());
+    let conn = Connection::open(&o.path).expect("open");
+    configure(&conn, o.synchronous, o.page_size, 512).expect("configure");
+    let kib: i64 = conn
+        .query_row("PRAGMA cache_size", [], |r| r.get(0))
+        .expect("cache_size");
+    assert_eq!(kib, -512, "negative: KiB, not pages");
+}

@@ -22,6 +22,7 @@ fn opts(dir: &Path) -> StoreOptions {
         integrity_check: true,
         commit_delay: std::time::Duration::ZERO,
         page_size: crate::store::DEFAULT_PAGE_SIZE,
+        cache_kib: crate::store::DEFAULT_CACHE_KIB,
     }
 }
 
@@ -61,6 +62,7 @@ fn a_commit_of_one_small_message_appends_little_to_the_wal_with_small_pages() {
     let dir = tempfile::tempdir().unwrap();
     let o = StoreOptions {
         page_size: 1024,
+        cache_kib: crate::store::DEFAULT_CACHE_KIB,
         ..opts(dir.path())
     };
     let (store, _, mut ev) = Store::open(&o).expect("open");

@@ -76,12 +76,14 @@ fn measure_router_heap_per_session() {
 
 /// The state every session carries whether or not it holds messages, and the slots of its
 /// window and held output, stay small: 10,000 sessions × (`Session` + map slot) and
-/// windows of 64 per session add up (issue 17: the session map alone was 11 MiB).
+/// windows of 64 per session add up (issue 17: the session map alone was 11 MiB; a
+/// `Session` was 440 bytes before the incoming QoS 2 ids and the internal sessions' own
+/// limits were boxed, 360 after).
 #[test]
 fn a_session_and_its_per_message_slots_stay_small() {
     use std::mem::size_of;
     let session = size_of::<Session>();
-    assert!(session <= 480, "Session is {session} bytes");
+    assert!(session <= 360, "Session is {session} bytes");
     let inflight = size_of::<super::Inflight>();
     assert!(inflight <= 32, "an in-flight slot is {inflight} bytes");
     let held = size_of::<super::Held>();

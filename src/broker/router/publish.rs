@@ -364,14 +364,13 @@ impl Router {
         }
         let mut msg = msg;
         if msg.publish.qos == QoS::AtMostOnce
-            && !s.queue_qos0.is_empty()
-            && s.queue_qos0
+            && s.queue_qos0()
                 .iter()
                 .any(|f| topic::matches(f, &msg.publish.topic))
         {
             msg.publish.qos = QoS::AtLeastOnce;
         }
-        if let Some(age) = s.limits.map(|l| l.max_age_secs).filter(|a| *a > 0) {
+        if let Some(age) = s.limits().map(|l| l.max_age_secs).filter(|a| *a > 0) {
             let cap = Instant::now() + Duration::from_secs(u64::from(age));
             msg.expires_at = Some(msg.expires_at.map_or(cap, |t| t.min(cap)));
         }
@@ -451,7 +450,7 @@ impl Router {
         }
         // Queue it, making room first if the queue is full.
         let len = msg.publish.payload.len() as u64;
-        let limits = s.limits.unwrap_or(if s.durable {
+        let limits = s.limits().unwrap_or(if s.durable {
             // On disk: bounded by the store's disk budget unless the operator opted in.
             QueueLimits {
                 max_messages: cfg.durable_max_queued_messages,

@@ -51,9 +51,8 @@ impl Router {
             return;
         };
         s.params = params;
-        s.limits = policy.limits;
+        s.set_own_policy(policy.limits, policy.queue_qos0);
         s.internal = policy.relay;
-        s.queue_qos0 = policy.queue_qos0;
         let wanted: HashMap<String, SubscriptionData> = filters
             .into_iter()
             .map(|f| {
