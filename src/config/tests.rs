@@ -684,3 +684,72 @@ fn example_file_loads_and_validates() {
     let cfg = Config::load_from(Some(path), HashMap::new()).expect("example loads");
     cfg.validate().expect("example validates");
 }
+
+/// `examples/holdfast.toml` says each key's default in its comment ("Default: 64."): those
+/// must be the defaults the code has (its `page_size` said 4096 after the default became
+/// 1024). Checked for the tables with one instance (`[mqtt]`, `[store]`...) and top-level keys,
+/// where the comment's default is a plain value (a number, a quoted string, true or false).
+#[test]
+fn the_example_file_states_the_real_defaults() {
+    let example = include_str!("../../examples/holdfast.toml");
+    let defaults: toml::Table = toml::from_str(&Config::default().to_toml()).expect("TOML");
+    let mut section: Option<String> = None;
+    let mut comment = String::new();
+    let mut checked = 0;
+    for line in example.lines() {
+        let line = line.trim();
+        if let Some(c) = line.strip_prefix('#') {
+            comment.push_str(c);
+            comment.push(' ');
+            continue;
+        }
+        if line.starts_with("[[") {
+            section = None; // repeated tables have no single default
+            comment.clear();
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = Some(name.to_string());
+            comment.clear();
+            continue;
+        }
+        let Some((key, _)) = line.split_once(" = ") else {
+            comment.clear();
+            continue;
+        };
+        let stated = comment.rsplit_once("Default: ").map(|(_, d)| {
+            d.split([' ', ',', '('])
+                .next()
+                .unwrap_or("")
+                .trim_end_matches('.')
+                .to_string()
+        });
+        comment.clear();
+        let Some(stated) = stated else { continue };
+        let Ok(stated) = toml::from_str::<toml::Table>(&format!("v = {stated}")) else {
+            continue; // "unset", "<data_dir>/...": not a plain value
+        };
+        let actual = match &section {
+            Some(s) => defaults.get(s).and_then(|t| t.get(key)),
+            None if example.find(line) < example.find("\n[") => defaults.get(key),
+            None => None,
+        };
+        let Some(actual) = actual else { continue };
+        // 0 and 0.0 state the same default.
+        let num = |v: Option<&toml::Value>| match v {
+            Some(toml::Value::Integer(i)) => Some(toml::Value::Float(*i as f64)),
+            other => other.cloned(),
+        };
+        assert_eq!(
+            num(Some(actual)),
+            num(stated.get("v")),
+            "examples/holdfast.toml states the default of {}{key} wrongly",
+            section
+                .as_deref()
+                .map(|s| format!("{s}."))
+                .unwrap_or_default()
+        );
+        checked += 1;
+    }
+    assert!(checked >= 40, "only {checked} defaults checked");
+}
