@@ -221,36 +221,27 @@ fn main() {
     let mut rows = Vec::new();
     for &p in &args.per_session {
         eprintln!("{} sessions × {p} queued", args.sessions);
+        let run = |b: BrokerProc| {
+            run_one(
+                &rt,
+                b,
+                args.sessions,
+                p,
+                args.fill_publishers,
+                (args.hold, args.pause),
+            )
+        };
         if let Some(before) = &args.before {
             let mut hf = BrokerProc::holdfast(before).expect("start holdfast (before)");
             hf.name = "holdfast (before)";
-            rows.push(run_one(
-                &rt,
-                hf,
-                args.sessions,
-                p,
-                args.fill_publishers,
-                (args.hold, args.pause),
-            ));
+            rows.push(run(hf));
         }
-        let hf = BrokerProc::holdfast(&holdfast_bin).expect("start holdfast");
-        rows.push(run_one(
-            &rt,
-            hf,
-            args.sessions,
-            p,
-            args.fill_publishers,
-            (args.hold, args.pause),
+        rows.push(run(
+            BrokerProc::holdfast(&holdfast_bin).expect("start holdfast")
         ));
         if !args.holdfast_only {
-            let mq = BrokerProc::mosquitto(&args.mosquitto).expect("start mosquitto");
-            rows.push(run_one(
-                &rt,
-                mq,
-                args.sessions,
-                p,
-                args.fill_publishers,
-                (args.hold, args.pause),
+            rows.push(run(
+                BrokerProc::mosquitto(&args.mosquitto).expect("start mosquitto")
             ));
         }
     }
