@@ -78,6 +78,23 @@ pub(super) fn read_rows(
     Ok(rows)
 }
 
+/// Deletes a session's rows by policy: each row deleted counts as dropped.
+fn drop_rows(
+    tx: &rusqlite::Transaction,
+    st: &mut Staging,
+    sid: Sid,
+    seqs: impl IntoIterator<Item = u64>,
+    per: &mut HashMap<Sid, Delta>,
+) -> rusqlite::Result<()> {
+    let before = per.get(&sid).map_or(0, |d| d.queued);
+    for seq in seqs {
+        delete_range(tx, st, sid, seq, seq, per)?;
+    }
+    let d = per.entry(sid).or_default();
+    d.dropped += before - d.queued;
+    Ok(())
+}
+
 /// A session's rows in one state, from a sequence number on, in order.
 pub(super) const READ_QUEUE_SQL: &str = "SELECT id, state, packet_id, expires_at, packet FROM queue
      WHERE id BETWEEN ?1 AND ?2 AND state = ?4 ORDER BY id LIMIT ?3";
@@ -579,24 +596,15 @@ fn apply_op(
                 }
             }
             Op::Delete { sid, seq } => delete_range(tx, st, *sid, *seq, *seq, per)?,
-            Op::Drop { sid, seq } => {
-                let before = per.get(sid).map_or(0, |d| d.queued);
-                delete_range(tx, st, *sid, *seq, *seq, per)?;
-                let d = per.entry(*sid).or_default();
-                d.dropped += before - d.queued;
-            }
+            Op::Drop { sid, seq } => drop_rows(tx, st, *sid, [*seq], per)?,
             Op::DeleteOldest {
                 sid,
                 from_seq,
                 count,
                 ..
             } if st.has_session(*sid) => {
-                let before = per.get(sid).map_or(0, |d| d.queued);
-                for (seq, _) in oldest_unsent(tx, st, *sid, *from_seq, *count)? {
-                    delete_range(tx, st, *sid, seq, seq, per)?;
-                }
-                let d = per.entry(*sid).or_default();
-                d.dropped += before - d.queued;
+                let oldest = oldest_unsent(tx, st, *sid, *from_seq, *count)?;
+                drop_rows(tx, st, *sid, oldest.into_iter().map(|(seq, _)| seq), per)?;
             }
             Op::DeleteOldest {
                 sid,
