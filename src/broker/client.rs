@@ -136,6 +136,9 @@ pub struct ClientOptions {
 pub struct ConnectionFigures {
     /// Connections past CONNECT, counted against `max_connections`.
     pub connected: u64,
+    /// Of those, plain-TCP clients idle long enough to wait without a task
+    /// (`mqtt.park_idle_ms`).
+    pub idle: u64,
     /// Sockets refused by the per-address connection rate limit.
     pub rate_limited: u64,
     /// CONNECTs refused by `auth.max_connections_per_user`.
@@ -212,6 +215,7 @@ impl BrokerHandle {
         let s = &self.shared;
         ConnectionFigures {
             connected: s.connected.load(Ordering::Relaxed) as u64,
+            idle: s.parking.as_ref().map_or(0, |l| l.parked() as u64),
             rate_limited: s.rate_limit.refused(),
             user_limited: s.user_limit.refused(),
             traffic: s

@@ -14,7 +14,7 @@ use tokio::time::{timeout_at, Instant};
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::connection::{serve, HandshakeSlot, ListenerContext, Shared};
+use super::connection::{serve, serve_tcp, HandshakeSlot, ListenerContext, Shared};
 use super::tls::{certificate_name, TlsListener};
 use super::ws;
 
@@ -87,8 +87,7 @@ pub(super) fn plain_task(
             stream, peer, shared, ctx, None, deadline, slot,
         )));
     }
-    let (r, w) = stream.into_split();
-    Either::Right(serve(r, w, peer, shared, ctx, None, slot))
+    Either::Right(serve_tcp(stream, peer, shared, ctx, slot))
 }
 
 /// The task of a TLS connection: the TLS handshake (and on wss the HTTP upgrade) within the

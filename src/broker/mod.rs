@@ -181,7 +181,18 @@ impl Broker {
             )
             .run(),
         );
+        let parking = match cfg.mqtt.park_idle_ms {
+            0 => None,
+            _ => match connection::park::Lot::start(shutdown.clone(), tracker.clone()) {
+                Ok(lot) => Some(lot),
+                Err(e) => {
+                    warn!(cause = %e, "idle connections keep their tasks: their epoll set could not be created");
+                    None
+                }
+            },
+        };
         let shared = Arc::new(Shared {
+            parking,
             cfg: mqtt,
             router: router_tx.clone(),
             shutdown,

@@ -72,6 +72,10 @@ pub struct MqttConfig {
     /// Sockets accepted but not past CONNECT yet, over all listeners; more are closed right
     /// after accept (counted, logged once per episode).
     pub max_handshaking: usize,
+    /// Milliseconds a plain-TCP client may be quiet (nothing read, written or queued for
+    /// it) before its connection gives up its task and waits in the shared idle set
+    /// (`broker::connection::park`); 0 = never.
+    pub park_idle_ms: u64,
     /// Largest CONNECT accepted (whole packet, bytes): the only packet read before the
     /// client is authenticated. Larger ones close the socket before their body is read.
     pub max_connect_packet_size: u32,
@@ -118,6 +122,7 @@ impl Default for MqttConfig {
             max_keep_alive: 0,
             connect_timeout_secs: 10,
             max_handshaking: 256,
+            park_idle_ms: 500,
             max_connect_packet_size: 16 * 1024,
             max_session_expiry_secs: 7 * 24 * 3600,
             v3_session_expiry_secs: 7 * 24 * 3600,
@@ -213,6 +218,15 @@ impl MqttConfig {
             return Err(ConfigError::invalid(
                 "mqtt.max_handshaking",
                 "must be at least 1 (got 0)",
+            ));
+        }
+        if self.park_idle_ms > 3_600_000 {
+            return Err(ConfigError::invalid(
+                "mqtt.park_idle_ms",
+                format!(
+                    "must be at most 3600000 (one hour; 0 = never) (got {})",
+                    self.park_idle_ms
+                ),
             ));
         }
         if self.max_connect_packet_size < 16 {

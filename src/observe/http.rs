@@ -220,6 +220,13 @@ pub fn render(s: &Snapshot, health: Health) -> String {
     );
     family(
         &mut o,
+        "holdfast_clients_idle",
+        "gauge",
+        "Of the connected clients, idle plain-TCP ones waiting without a task (mqtt.park_idle_ms).",
+        &one(s.clients_idle),
+    );
+    family(
+        &mut o,
         "holdfast_connections_rate_limited_total",
         "counter",
         "TCP connections closed right after accept by the per-address rate limit.",

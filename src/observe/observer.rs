@@ -17,6 +17,8 @@ pub struct Snapshot {
     pub uptime: Duration,
     /// Connections that completed CONNECT.
     pub clients_connected: u64,
+    /// Of those, idle clients waiting without a task (`mqtt.park_idle_ms`).
+    pub clients_idle: u64,
     /// None when the router did not answer in time.
     pub router: Option<RouterSnapshot>,
     pub store_db_bytes: u64,
@@ -202,6 +204,7 @@ impl Observer {
         Snapshot {
             uptime: self.uptime(),
             clients_connected: connections.connected,
+            clients_idle: connections.idle,
             router,
             store_db_bytes: size(db),
             store_wal_bytes: size(PathBuf::from(wal)),

@@ -8,6 +8,7 @@
 //! | `version` | `0.1.0` |
 //! | `uptime` | seconds since start |
 //! | `clients/connected` | connections that completed CONNECT |
+//! | `clients/idle` | of those, idle plain-TCP clients waiting without a task (`mqtt.park_idle_ms`) |
 //! | `clients/rate_limited` | TCP connections closed by `mqtt.max_connection_rate` |
 //! | `clients/user_limited` | CONNECTs refused by `auth.max_connections_per_user` |
 //! | `bytes/received`, `bytes/sent` | bytes from / to MQTT clients, all listeners |
@@ -78,6 +79,7 @@ pub fn messages(s: &Snapshot) -> Vec<(String, String)> {
         ("version".into(), env!("CARGO_PKG_VERSION").into()),
         ("uptime".into(), s.uptime.as_secs().to_string()),
         ("clients/connected".into(), s.clients_connected.to_string()),
+        ("clients/idle".into(), s.clients_idle.to_string()),
         (
             "clients/rate_limited".into(),
             s.connections_rate_limited.to_string(),

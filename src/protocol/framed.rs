@@ -110,6 +110,11 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
         &mut self.inner
     }
 
+    /// The underlying stream; bytes still buffered are dropped (check [`Self::buffered`]).
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
     /// Decodes the next whole packet from the bytes already read, if there is one.
     pub fn next_buffered(
         &mut self,

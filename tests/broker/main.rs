@@ -8,6 +8,7 @@ use holdfast_testkit as common;
 
 mod connect;
 mod connection_limits;
+mod idle;
 mod limits;
 mod malformed;
 mod mosquitto_clients;

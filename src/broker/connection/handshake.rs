@@ -237,6 +237,8 @@ pub(super) struct Attached<R, W> {
     pub(super) rx: LinkRx,
     /// Held until the connection ends: its place under `max_connections_per_user`.
     pub(super) _user_slot: Option<crate::broker::ratelimit::UserSlot>,
+    /// When the client last sent something (the keep-alive clock).
+    pub(super) last_read: Instant,
 }
 
 /// A CONNECT that passed the checks: the router request minus the connection link.

@@ -141,6 +141,18 @@ impl LinkRx {
         }
     }
 
+    /// Makes `waker` the one a send (or the last sender going) wakes, if nothing is queued
+    /// and a sender is left; false otherwise (the caller must receive instead of waiting).
+    /// For a connection that waits without a task (`park`).
+    pub fn wait_with(&mut self, waker: &Waker) -> bool {
+        let mut q = self.shared.lock();
+        if !q.items.is_empty() || q.senders == 0 {
+            return false;
+        }
+        q.waker = Some(waker.clone());
+        true
+    }
+
     pub fn poll_recv(&mut self, cx: &mut Context<'_>) -> Poll<Option<Outgoing>> {
         let mut q = self.shared.lock();
         if let Some(out) = pop(&mut q) {

@@ -58,6 +58,7 @@ use tracing::{debug, info};
 mod handshake;
 mod incoming;
 mod link;
+pub(crate) mod park;
 
 pub use link::{ConnLink, LinkRx, TryRecvError};
 
@@ -111,6 +112,9 @@ pub struct Shared {
     pub traffic: Vec<Arc<super::traffic::ListenerTraffic>>,
     /// Sockets in the handshake (`mqtt.max_handshaking`).
     pub handshakes: Handshakes,
+    /// Where idle plain-TCP connections wait without a task (`mqtt.park_idle_ms`); `None`
+    /// when that is off.
+    pub parking: Option<Arc<park::Lot>>,
 }
 
 /// Counts sockets accepted and not yet past CONNECT (`mqtt.max_handshaking`).
@@ -183,6 +187,16 @@ pub struct ListenerContext {
     pub traffic: Arc<super::traffic::ListenerTraffic>,
 }
 
+/// How the main loop ended.
+#[derive(Debug)]
+enum Ended {
+    /// The connection is over.
+    Closed(Close),
+    /// Quiet for `mqtt.park_idle_ms` with nothing buffered either way: it may wait
+    /// without a task (`park`). Only a connection built `parkable` ends so.
+    Idle,
+}
+
 /// Why the loop ended.
 #[derive(Debug)]
 enum Close {
@@ -236,8 +250,35 @@ where
         shared,
         ctx,
         cert_user,
+        parkable: false,
     };
     served(Box::pin(conn.handshake(slot)))
+}
+
+/// [`serve`] for a plain TCP socket: the same connection, but one that waits without a task
+/// while it is idle (`park`), if `mqtt.park_idle_ms` is on.
+pub fn serve_tcp(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    ctx: Arc<ListenerContext>,
+    slot: HandshakeSlot,
+) -> impl std::future::Future<Output = ()> {
+    let max_in = shared.cfg.max_packet_size as usize;
+    let (reader, writer) = stream.into_split();
+    let conn = Connection {
+        meter: super::traffic::Meter::new(ctx.traffic.clone()),
+        reader: FramedReader::new(reader, max_in),
+        writer,
+        wbuf: BytesMut::new(),
+        version: ProtocolVersion::V311,
+        peer,
+        parkable: shared.parking.is_some(),
+        shared,
+        ctx,
+        cert_user: None,
+    };
+    park::served(Box::pin(conn.handshake(slot)))
 }
 
 /// The connection after its (boxed) handshake: the main loop, inline, then the goodbye,
@@ -250,10 +291,12 @@ where
     let Some(mut live) = handshake.await else {
         return;
     };
-    let close = live
-        .conn
-        .main_loop(live.conn_id, &mut live.state, &mut live.rx)
-        .await;
+    let close = loop {
+        // Not parkable: the loop never ends idle.
+        if let Ended::Closed(close) = live.run().await {
+            break close;
+        }
+    };
     Box::pin(live.goodbye(close)).await;
 }
 
@@ -269,6 +312,8 @@ struct Connection<R, W> {
     shared: Arc<Shared>,
     ctx: Arc<ListenerContext>,
     cert_user: Option<String>,
+    /// The main loop ends [`Ended::Idle`] after `mqtt.park_idle_ms` of quiet (plain TCP).
+    parkable: bool,
 }
 
 /// Per-connection protocol state after CONNECT.
@@ -391,6 +436,7 @@ where
             state,
             rx,
             _user_slot,
+            last_read: Instant::now(),
         })
     }
 
@@ -481,6 +527,18 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    /// The main loop, once.
+    async fn run(&mut self) -> Ended {
+        self.conn
+            .main_loop(
+                self.conn_id,
+                &mut self.state,
+                &mut self.rx,
+                &mut self.last_read,
+            )
+            .await
+    }
+
     /// After the main loop: the router is told, the socket closed.
     async fn goodbye(self, close: Close) {
         let Attached {
@@ -489,9 +547,53 @@ where
             state,
             rx: _rx,
             _user_slot,
+            last_read: _,
         } = self;
         this.say_goodbye(conn_id, state, close).await;
     }
+}
+
+/// What the router is told when a connection ends, and the reason code a v5 client gets.
+fn farewell(client_id: &str, close: &Close) -> (WillAction, Option<u32>, Option<u8>) {
+    debug!(client_id = %client_id, ?close, "connection closing");
+    let (will, expiry) = match close {
+        Close::ClientDisconnect { reason, expiry } => (
+            if *reason == reason::NORMAL_DISCONNECTION {
+                WillAction::Discard
+            } else {
+                WillAction::Publish
+            },
+            *expiry,
+        ),
+        Close::Refused => (WillAction::Discard, None),
+        _ => (WillAction::Publish, None),
+    };
+    let reason_code = match close {
+        Close::Protocol(code, why) => {
+            info!(client_id = %client_id, reason = code, why, "closing connection after a protocol violation");
+            Some(*code)
+        }
+        Close::Server(code) => Some(*code),
+        Close::KeepAlive => {
+            info!(client_id = %client_id, "keep-alive timeout");
+            Some(reason::KEEP_ALIVE_TIMEOUT)
+        }
+        Close::Socket | Close::ClientDisconnect { .. } | Close::Refused => None,
+    };
+    (will, expiry, reason_code)
+}
+
+/// Tells the router that connection `conn` is gone (its will as `will`) and stops counting it.
+async fn tell_router_gone(shared: &Shared, conn: ConnId, will: WillAction, expiry: Option<u32>) {
+    let _ = shared
+        .router
+        .send(RouterEvent::Disconnected {
+            conn,
+            will,
+            session_expiry: expiry,
+        })
+        .await;
+    shared.connected.fetch_sub(1, Ordering::Relaxed);
 }
 
 impl<R, W> Connection<R, W>
@@ -501,32 +603,8 @@ where
 {
     async fn say_goodbye(&mut self, conn_id: ConnId, state: State, close: Close) {
         let shared = self.shared.clone();
-        let client_id = state.client_id;
-        debug!(client_id = %client_id, ?close, "connection closing");
-        let (will, expiry) = match &close {
-            Close::ClientDisconnect { reason, expiry } => (
-                if *reason == reason::NORMAL_DISCONNECTION {
-                    WillAction::Discard
-                } else {
-                    WillAction::Publish
-                },
-                *expiry,
-            ),
-            Close::Refused => (WillAction::Discard, None),
-            _ => (WillAction::Publish, None),
-        };
-        let reason_code = match &close {
-            Close::Protocol(code, why) => {
-                info!(client_id = %client_id, reason = code, why, "closing connection after a protocol violation");
-                Some(*code)
-            }
-            Close::Server(code) => Some(*code),
-            Close::KeepAlive => {
-                info!(client_id = %client_id, "keep-alive timeout");
-                Some(reason::KEEP_ALIVE_TIMEOUT)
-            }
-            Close::Socket | Close::ClientDisconnect { .. } | Close::Refused => None,
-        };
+        let (will, expiry, reason_code) = farewell(&state.client_id, &close);
+        drop(state);
         if let (Some(code), true) = (reason_code, self.version.is_v5()) {
             let d = Packet::Disconnect(Disconnect {
                 reason_code: code,
@@ -534,15 +612,7 @@ where
             });
             protocol::encode(&d, self.version, &mut self.wbuf);
         }
-        let _ = shared
-            .router
-            .send(RouterEvent::Disconnected {
-                conn: conn_id,
-                will,
-                session_expiry: expiry,
-            })
-            .await;
-        shared.connected.fetch_sub(1, Ordering::Relaxed);
+        tell_router_gone(&shared, conn_id, will, expiry).await;
         match close {
             Close::Socket => {}
             // Shutdown: every client is told at once; no time for draining.
@@ -553,18 +623,33 @@ where
         }
     }
 
-    async fn main_loop(&mut self, conn: ConnId, st: &mut State, rx: &mut LinkRx) -> Close {
+    /// Reads, forwards and writes until the connection closes or, if it is `parkable`, has
+    /// been quiet for `mqtt.park_idle_ms`. `last_read` (the keep-alive clock) carries over
+    /// a wait without a task.
+    async fn main_loop(
+        &mut self,
+        conn: ConnId,
+        st: &mut State,
+        rx: &mut LinkRx,
+        last_read: &mut Instant,
+    ) -> Ended {
+        use Ended::Closed;
         self.reader
             .set_max_packet_size(self.shared.cfg.max_packet_size as usize);
-        let mut last_read = Instant::now();
-        // A far-future deadline stands in for "no keep-alive".
-        let never = Duration::from_secs(100 * 365 * 24 * 3600);
+        let park_idle = self
+            .parkable
+            .then(|| Duration::from_millis(self.shared.cfg.park_idle_ms));
+        let mut last_active = Instant::now();
         loop {
-            let deadline = last_read + st.keep_alive.unwrap_or(never);
+            let keep_alive = st.keep_alive.map(|k| *last_read + k);
+            let deadline = match (keep_alive, park_idle.map(|d| last_active + d)) {
+                (Some(k), Some(p)) => Some(k.min(p)),
+                (k, p) => k.or(p),
+            };
             tokio::select! {
                 r = self.writer.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() => {
                     match r {
-                        Ok(0) | Err(_) => return Close::Socket,
+                        Ok(0) | Err(_) => return Closed(Close::Socket),
                         Ok(n) => {
                             self.meter.wrote(n);
                             if self.wbuf.is_empty() && self.wbuf.capacity() > WRITE_KEEP {
@@ -575,11 +660,12 @@ where
                 }
                 out = rx.recv(), if self.wbuf.len() < WRITE_HIGH_WATER => {
                     let Some(mut out) = out else {
-                        return Close::Server(reason::SERVER_SHUTTING_DOWN);
+                        return Closed(Close::Server(reason::SERVER_SHUTTING_DOWN));
                     };
+                    last_active = Instant::now();
                     loop {
                         if let Some(close) = self.on_outgoing(st, out) {
-                            return close;
+                            return Closed(close);
                         }
                         if self.wbuf.len() >= WRITE_HIGH_WATER {
                             break;
@@ -592,35 +678,44 @@ where
                 }
                 r = self.reader.fill() => {
                     let n = match r {
-                        Ok(0) | Err(_) => return Close::Socket,
+                        Ok(0) | Err(_) => return Closed(Close::Socket),
                         Ok(n) => n,
                     };
-                    last_read = Instant::now();
-                    self.meter.read(n, last_read);
+                    *last_read = Instant::now();
+                    last_active = *last_read;
+                    self.meter.read(n, *last_read);
                     loop {
                         // No temporary of these matches lives across the await below (a
                         // packet or an event held there would size every connection task).
                         let waiting = match self.reader.next_buffered(self.version) {
-                            Ok(Some(p)) => match self.on_incoming(conn, st, p, last_read) {
+                            Ok(Some(p)) => match self.on_incoming(conn, st, p, *last_read) {
                                 Ok(None) => continue,
                                 // The router's channel is full: wait for room (backpressure),
                                 // in a box, so the send's state is not in every task either.
                                 Ok(Some(ev)) => Box::pin(self.shared.router.send(ev)),
-                                Err(close) => return close,
+                                Err(close) => return Closed(close),
                             },
                             Ok(None) => break,
                             Err(e) => {
                                 debug!(client_id = %st.client_id, cause = %e, "undecodable packet");
-                                return Close::Protocol(e.reason_code(), "malformed packet");
+                                return Closed(Close::Protocol(e.reason_code(), "malformed packet"));
                             }
                         };
                         if waiting.await.is_err() {
-                            return Close::Server(reason::SERVER_SHUTTING_DOWN);
+                            return Closed(Close::Server(reason::SERVER_SHUTTING_DOWN));
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(deadline), if st.keep_alive.is_some() => {
-                    return Close::KeepAlive;
+                _ = tokio::time::sleep_until(deadline.unwrap_or(*last_read)), if deadline.is_some() => {
+                    let now = Instant::now();
+                    if keep_alive.is_some_and(|k| now >= k) {
+                        return Closed(Close::KeepAlive);
+                    }
+                    if self.wbuf.is_empty() && self.reader.buffered().is_empty() {
+                        return Ended::Idle;
+                    }
+                    // Still writing (or a packet half read): quiet only once that is done.
+                    last_active = now;
                 }
             }
         }

@@ -16,6 +16,7 @@ fn shared() -> (Arc<Shared>, Arc<ListenerContext>) {
         user_limit: Arc::new(super::super::ratelimit::UserLimit::new(0)),
         traffic: vec![traffic.clone()],
         handshakes: Default::default(),
+        parking: None,
     });
     let ctx = Arc::new(ListenerContext {
         name: "test".into(),

@@ -1,0 +1,455 @@
+//! Idle plain-TCP connections without a task (issue 17 item 1).
+//!
+//! A connected client's memory is mostly its task (~1 KiB with tokio's header, allocated
+//! 128-byte aligned) and tokio's registration of its socket (`ScheduledIo`, 256 B in an
+//! `Arc`, also 128-byte aligned). Sensors are quiet nearly all the time, so a plain-TCP
+//! connection that has been quiet for `mqtt.park_idle_ms` (nothing read, written or queued
+//! for it, nothing half read or unwritten) ends its task and leaves a [`Parked`] here: its
+//! socket, taken back from tokio and added to the [`Lot`]'s own epoll set (mio), and its
+//! state (a few hundred bytes). One task, the lot's, waits on that set for every parked
+//! connection, and resumes one (a new task with the same state, its socket registered with
+//! tokio again) when:
+//! - its socket is readable (data, or the peer closed it);
+//! - the router queues a packet for it or drops its link: the link's waker is the lot's;
+//! - its keep-alive ran out (checked every [`SWEEP`]; the resumed loop closes it, so a
+//!   parked client is closed up to `SWEEP` later than an active one);
+//! - the gateway shuts down (every parked connection is resumed; none parks after that).
+//!
+//! Invariants:
+//! - the router never sees parking: the session stays attached, its link open, and
+//!   `connected` still counts the client;
+//! - nothing is lost or delayed: only a connection with nothing buffered in either
+//!   direction parks; the epoll set reports data already waiting when the socket is added,
+//!   so bytes that arrived while it was parking resume it at once; a packet the router
+//!   queues wakes it through the link;
+//! - resumed connections run on the gateway's task tracker, and the lot's task (on the
+//!   tracker too) ends only once nothing is parked after shutdown, so a graceful shutdown
+//!   still waits for every connection's goodbye.
+//!
+//! TLS and WebSocket connections never park (their streams keep state of their own).
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Mutex, MutexGuard, PoisonError, Weak};
+use std::task::{Wake, Waker};
+
+use futures_util::future::Either;
+use mio::unix::SourceFd;
+use tokio::io::unix::AsyncFd;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio_util::task::TaskTracker;
+use tracing::warn;
+
+use super::*;
+
+/// How often parked connections' keep-alives are checked.
+pub const SWEEP: Duration = Duration::from_millis(500);
+/// Socket events taken from the epoll set per call.
+const EVENTS: usize = 256;
+
+type TcpAttached = Attached<OwnedReadHalf, OwnedWriteHalf>;
+
+/// Where idle connections wait (one per broker).
+pub struct Lot {
+    /// Adds and removes sockets of the lot's epoll set (the set itself is the lot task's).
+    registry: mio::Registry,
+    slots: Mutex<Slots>,
+    /// Wakes the lot's task: a parked connection's link has a packet (see `Slots::woken`).
+    notify: tokio::sync::Notify,
+    /// Resumed connections run here.
+    tracker: TaskTracker,
+    /// Shutting down: nothing parks any more.
+    closing: AtomicBool,
+    /// Connections parked now.
+    parked: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Slots {
+    slots: Vec<Slot>,
+    free: Vec<u32>,
+    /// Parked connections whose link woke them, for the lot's task to resume.
+    woken: Vec<Key>,
+}
+
+#[derive(Default)]
+struct Slot {
+    /// Bumped each time the slot is emptied: a stale waker's key no longer matches.
+    generation: u32,
+    parked: Option<Box<Parked>>,
+}
+
+/// A slot and its generation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Key {
+    index: u32,
+    generation: u32,
+}
+
+/// A connection waiting without a task: everything its main loop needs to go on.
+pub(super) struct Parked {
+    stream: std::net::TcpStream,
+    conn_id: ConnId,
+    state: State,
+    rx: LinkRx,
+    user_slot: Option<crate::broker::ratelimit::UserSlot>,
+    last_read: Instant,
+    version: ProtocolVersion,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    ctx: Arc<ListenerContext>,
+}
+
+impl Parked {
+    /// When the keep-alive runs out (1.5 × the client's keep-alive after its last packet).
+    fn keep_alive_deadline(&self) -> Option<Instant> {
+        self.state.keep_alive.map(|k| self.last_read + k)
+    }
+}
+
+/// The waker a parked connection's link wakes.
+struct LinkWaker {
+    lot: Weak<Lot>,
+    key: Key,
+}
+
+impl Wake for LinkWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        if let Some(lot) = self.lot.upgrade() {
+            lot.lock().woken.push(self.key);
+            lot.notify.notify_one();
+        }
+    }
+}
+
+impl Slots {
+    fn reserve(&mut self) -> Key {
+        let index = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                self.slots.push(Slot::default());
+                // At most one slot per connection: far below u32::MAX.
+                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+            }
+        };
+        let generation = self.slots.get(index as usize).map_or(0, |s| s.generation);
+        Key { index, generation }
+    }
+
+    /// Empties slot `index` (its generation moves on) and gives it back.
+    fn take(&mut self, index: u32) -> Option<Box<Parked>> {
+        let slot = self.slots.get_mut(index as usize)?;
+        let parked = slot.parked.take()?;
+        slot.generation = slot.generation.wrapping_add(1);
+        self.free.push(index);
+        Some(parked)
+    }
+
+    /// Gives back a reserved slot that was not filled.
+    fn release(&mut self, key: Key) {
+        if let Some(slot) = self.slots.get_mut(key.index as usize) {
+            slot.generation = slot.generation.wrapping_add(1);
+            self.free.push(key.index);
+        }
+    }
+}
+
+impl Lot {
+    /// Creates the lot and starts its task on `tracker`.
+    pub fn start(shutdown: CancellationToken, tracker: TaskTracker) -> std::io::Result<Arc<Lot>> {
+        let poll = mio::Poll::new()?;
+        let registry = poll.registry().try_clone()?;
+        // SAFETY: the `Poll` owns its epoll descriptor and closes it only when dropped,
+        // which is when the `AsyncFd` is dropped; `as_raw_fd` always returns that one.
+        let fd = unsafe { AsyncFd::register_with_interest(poll, tokio::io::Interest::READABLE) }?;
+        let lot = Arc::new(Lot {
+            registry,
+            slots: Mutex::new(Slots::default()),
+            notify: tokio::sync::Notify::new(),
+            tracker: tracker.clone(),
+            closing: AtomicBool::new(false),
+            parked: AtomicUsize::new(0),
+        });
+        tracker.spawn(lot.clone().run(fd, shutdown));
+        Ok(lot)
+    }
+
+    /// Connections waiting without a task now.
+    pub fn parked(&self) -> usize {
+        self.parked.load(Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Slots> {
+        // Nothing panics while holding it; a poisoned lot is still a consistent lot.
+        self.slots.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Parks `p`, or resumes it at once if it must not wait (a packet is already queued for
+    /// it, its link is closed, the gateway is shutting down, the socket cannot be added).
+    fn admit(self: &Arc<Self>, mut p: Box<Parked>) {
+        let mut slots = self.lock();
+        let key = slots.reserve();
+        let waker = Waker::from(Arc::new(LinkWaker {
+            lot: Arc::downgrade(self),
+            key,
+        }));
+        let fd = p.stream.as_raw_fd();
+        let parked = !self.closing.load(Ordering::Acquire)
+            && p.rx.wait_with(&waker)
+            && match self.registry.register(
+                &mut SourceFd(&fd),
+                mio::Token(key.index as usize),
+                mio::Interest::READABLE,
+            ) {
+                Ok(()) => true,
+                Err(e) => {
+                    debug!(client_id = %p.state.client_id, cause = %e, "idle connection not parked");
+                    false
+                }
+            };
+        if !parked {
+            slots.release(key);
+            drop(slots);
+            self.tracker.spawn(resumed(p));
+            return;
+        }
+        if let Some(slot) = slots.slots.get_mut(key.index as usize) {
+            slot.parked = Some(p);
+        }
+        self.parked.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The lot's task: resumes parked connections as their sockets, links, keep-alives or
+    /// the shutdown call for it.
+    async fn run(self: Arc<Self>, mut poll: AsyncFd<mio::Poll>, shutdown: CancellationToken) {
+        let mut events = mio::Events::with_capacity(EVENTS);
+        let mut readable: Vec<u32> = Vec::new();
+        let mut sweep = tokio::time::interval(SWEEP);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut closing = false;
+        loop {
+            let mut all = false;
+            let mut expired = false;
+            tokio::select! {
+                r = poll.readable_mut() => match r {
+                    Ok(mut ready) => {
+                        loop {
+                            match ready.get_inner_mut().poll(&mut events, Some(Duration::ZERO)) {
+                                Ok(()) => {}
+                                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                                Err(e) => {
+                                    warn!(cause = %e, "idle connections: epoll_wait failed");
+                                    break;
+                                }
+                            }
+                            let before = readable.len();
+                            // Tokens are slot indices (below u32::MAX).
+                            readable.extend(events.iter().map(|e| e.token().0 as u32));
+                            if readable.len() - before < EVENTS {
+                                break;
+                            }
+                        }
+                        ready.clear_ready();
+                    }
+                    Err(e) => {
+                        warn!(cause = %e, "idle connections: the epoll set failed; none parks any more");
+                        all = true;
+                    }
+                },
+                _ = self.notify.notified() => {}
+                _ = sweep.tick() => expired = true,
+                _ = shutdown.cancelled(), if !closing => all = true,
+            }
+            let resume = {
+                let mut slots = self.lock();
+                if all {
+                    self.closing.store(true, Ordering::Release);
+                    closing = true;
+                }
+                let mut resume = Vec::new();
+                for i in readable.drain(..) {
+                    resume.extend(slots.take(i));
+                }
+                for key in std::mem::take(&mut slots.woken) {
+                    let current = slots
+                        .slots
+                        .get(key.index as usize)
+                        .is_some_and(|s| s.generation == key.generation);
+                    if current {
+                        resume.extend(slots.take(key.index));
+                    }
+                }
+                if all || expired {
+                    let now = Instant::now();
+                    for i in 0..slots.slots.len() {
+                        let due = slots.slots[i].parked.as_ref().is_some_and(|p| {
+                            all || p.keep_alive_deadline().is_some_and(|d| d <= now)
+                        });
+                        if due {
+                            // Below u32::MAX (see `Slots::reserve`).
+                            resume.extend(slots.take(i as u32));
+                        }
+                    }
+                }
+                resume
+            };
+            for p in resume {
+                let _ = self
+                    .registry
+                    .deregister(&mut SourceFd(&p.stream.as_raw_fd()));
+                self.parked.fetch_sub(1, Ordering::Relaxed);
+                self.tracker.spawn(resumed(p));
+            }
+            if closing && self.parked() == 0 {
+                return;
+            }
+        }
+    }
+}
+
+/// A plain-TCP connection's task after its (boxed) handshake, or a parked connection's
+/// after it resumed (`handshake` is then ready at once): the main loop until the connection
+/// closes (then the goodbye, boxed) or parks. One `async fn` with the connection as a local,
+/// not one calling another with it: that would hold the connection twice in the task.
+pub(super) async fn served(handshake: Pin<Box<impl Future<Output = Option<TcpAttached>>>>) {
+    let Some(mut live) = handshake.await else {
+        return;
+    };
+    let close = loop {
+        match live.run().await {
+            Ended::Closed(close) => break close,
+            Ended::Idle => match open_lot(&live.conn.shared) {
+                Some(lot) => {
+                    park(lot, live);
+                    return;
+                }
+                // The gateway is shutting down: stay, and wait for the router's goodbye.
+                None => live.conn.parkable = false,
+            },
+        }
+    };
+    Box::pin(live.goodbye(close)).await;
+}
+
+/// The lot, if connections may park now (not once the gateway is shutting down).
+fn open_lot(shared: &Shared) -> Option<Arc<Lot>> {
+    shared
+        .parking
+        .as_ref()
+        .filter(|lot| !lot.closing.load(Ordering::Acquire))
+        .cloned()
+}
+
+/// Hands an idle connection to `lot` (which resumes it at once if it must not wait).
+fn park(lot: Arc<Lot>, live: TcpAttached) {
+    let Attached {
+        conn,
+        conn_id,
+        state,
+        rx,
+        _user_slot: user_slot,
+        last_read,
+    } = live;
+    let Connection {
+        meter,
+        reader,
+        writer,
+        version,
+        peer,
+        shared,
+        ctx,
+        ..
+    } = conn;
+    drop(meter); // its counts go to the listener's
+    let stream = reader
+        .into_inner()
+        .reunite(writer)
+        .map_err(std::io::Error::other)
+        .and_then(|s| s.into_std());
+    let stream = match stream {
+        Ok(s) => s,
+        Err(e) => {
+            // Cannot happen with the halves of one socket; if it did, the socket is gone.
+            debug!(client_id = %state.client_id, cause = %e, "idle connection lost its socket");
+            lot.tracker
+                .spawn(lost(shared, conn_id, Box::new((state, rx, user_slot))));
+            return;
+        }
+    };
+    lot.admit(Box::new(Parked {
+        stream,
+        conn_id,
+        state,
+        rx,
+        user_slot,
+        last_read,
+        version,
+        peer,
+        shared,
+        ctx,
+    }));
+}
+
+/// A parked connection's new task.
+fn resumed(p: Box<Parked>) -> impl Future<Output = ()> + Send {
+    let Parked {
+        stream,
+        conn_id,
+        state,
+        rx,
+        user_slot,
+        last_read,
+        version,
+        peer,
+        shared,
+        ctx,
+    } = *p;
+    let stream = match tokio::net::TcpStream::from_std(stream) {
+        Ok(s) => s,
+        Err(e) => {
+            debug!(client_id = %state.client_id, cause = %e, "a parked connection could not resume");
+            return Either::Right(Box::pin(lost(
+                shared,
+                conn_id,
+                Box::new((state, rx, user_slot)),
+            )));
+        }
+    };
+    let max_in = shared.cfg.max_packet_size as usize;
+    let (reader, writer) = stream.into_split();
+    let conn = Connection {
+        meter: super::super::traffic::Meter::new(ctx.traffic.clone()),
+        reader: FramedReader::new(reader, max_in),
+        writer,
+        wbuf: BytesMut::new(),
+        version,
+        peer,
+        shared,
+        ctx,
+        cert_user: None,
+        parkable: true,
+    };
+    Either::Left(served(Box::pin(std::future::ready(Some(Attached {
+        conn,
+        conn_id,
+        state,
+        rx,
+        _user_slot: user_slot,
+        last_read,
+    })))))
+}
+
+/// The goodbye of a connection whose socket is gone while it was idle: the router publishes
+/// its will, as for any lost socket.
+async fn lost(
+    shared: Arc<Shared>,
+    conn_id: ConnId,
+    held: Box<(State, LinkRx, Option<crate::broker::ratelimit::UserSlot>)>,
+) {
+    tell_router_gone(&shared, conn_id, WillAction::Publish, None).await;
+    drop(held);
+}
