@@ -122,7 +122,7 @@ impl Default for MqttConfig {
             max_keep_alive: 0,
             connect_timeout_secs: 10,
             max_handshaking: 256,
-            park_idle_ms: 500,
+            park_idle_ms: 20,
             max_connect_packet_size: 16 * 1024,
             max_session_expiry_secs: 7 * 24 * 3600,
             v3_session_expiry_secs: 7 * 24 * 3600,

@@ -200,6 +200,7 @@ where
             },
             incoming_unacked: HashSet::new(),
             request_problem_info: c.properties.request_problem_information != Some(0),
+            park_shift: 0,
         };
         let Connect {
             clean_start, will, ..

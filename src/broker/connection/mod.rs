@@ -337,6 +337,9 @@ struct State {
     /// Packet ids of the client's QoS 1/2 publishes not yet fully acknowledged by us.
     incoming_unacked: HashSet<u16>,
     request_problem_info: bool,
+    /// The connection waits `mqtt.park_idle_ms << park_shift` of quiet before it parks: one
+    /// that is woken soon after it parked waits longer the next time (`park`).
+    park_shift: u8,
 }
 
 /// The parts of [`State`] few connections use.
@@ -638,14 +641,24 @@ where
             .set_max_packet_size(self.shared.cfg.max_packet_size as usize);
         let park_idle = self
             .parkable
-            .then(|| Duration::from_millis(self.shared.cfg.park_idle_ms));
+            .then(|| Duration::from_millis(self.shared.cfg.park_idle_ms << st.park_shift));
         let mut last_active = Instant::now();
-        loop {
-            let keep_alive = st.keep_alive.map(|k| *last_read + k);
-            let deadline = match (keep_alive, park_idle.map(|d| last_active + d)) {
+        // The earlier of the keep-alive and the park deadline. Activity does not move the
+        // timer (re-arming it per packet would cost every packet a timer-wheel update):
+        // when it fires, the real deadlines are worked out from `last_read` and
+        // `last_active`, and it is set again for the next one.
+        let keep_alive = st.keep_alive;
+        let next = move |last_read: Instant, last_active: Instant| {
+            let keep_alive = keep_alive.map(|k| last_read + k);
+            match (keep_alive, park_idle.map(|d| last_active + d)) {
                 (Some(k), Some(p)) => Some(k.min(p)),
                 (k, p) => k.or(p),
-            };
+            }
+        };
+        let timed = next(*last_read, last_active).is_some();
+        let timer = tokio::time::sleep_until(next(*last_read, last_active).unwrap_or(last_active));
+        tokio::pin!(timer);
+        loop {
             tokio::select! {
                 r = self.writer.write_buf(&mut self.wbuf), if !self.wbuf.is_empty() => {
                     match r {
@@ -706,16 +719,22 @@ where
                         }
                     }
                 }
-                _ = tokio::time::sleep_until(deadline.unwrap_or(*last_read)), if deadline.is_some() => {
+                () = &mut timer, if timed => {
                     let now = Instant::now();
-                    if keep_alive.is_some_and(|k| now >= k) {
+                    if keep_alive.is_some_and(|k| now >= *last_read + k) {
                         return Closed(Close::KeepAlive);
                     }
-                    if self.wbuf.is_empty() && self.reader.buffered().is_empty() {
-                        return Ended::Idle;
+                    let quiet = park_idle.is_some_and(|d| now >= last_active + d);
+                    if quiet {
+                        if self.wbuf.is_empty() && self.reader.buffered().is_empty() {
+                            return Ended::Idle;
+                        }
+                        // Still writing (or a packet half read): quiet only once that is done.
+                        last_active = now;
                     }
-                    // Still writing (or a packet half read): quiet only once that is done.
-                    last_active = now;
+                    if let Some(at) = next(*last_read, last_active) {
+                        timer.as_mut().reset(at);
+                    }
                 }
             }
         }

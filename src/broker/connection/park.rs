@@ -46,6 +46,13 @@ use super::*;
 pub const SWEEP: Duration = Duration::from_millis(500);
 /// Socket events taken from the epoll set per call.
 const EVENTS: usize = 256;
+/// A connection resumed within twice its wait before parking doubles that wait, up to
+/// `mqtt.park_idle_ms << MAX_SHIFT`: a client that talks every few tens of milliseconds (a
+/// fast sensor, a publisher waiting for its PUBACKs during a slow commit) stops paying a
+/// park and a resume (~10 µs of CPU) per packet.
+const MAX_SHIFT: u8 = 6;
+/// A connection parked at least this long waits `mqtt.park_idle_ms` again next time.
+const RESET_AFTER: Duration = Duration::from_secs(1);
 
 type TcpAttached = Attached<OwnedReadHalf, OwnedWriteHalf>;
 
@@ -94,6 +101,7 @@ pub(super) struct Parked {
     rx: LinkRx,
     user_slot: Option<crate::broker::ratelimit::UserSlot>,
     last_read: Instant,
+    parked_at: Instant,
     version: ProtocolVersion,
     peer: SocketAddr,
     shared: Arc<Shared>,
@@ -387,6 +395,7 @@ fn park(lot: Arc<Lot>, live: TcpAttached) {
         rx,
         user_slot,
         last_read,
+        parked_at: Instant::now(),
         version,
         peer,
         shared,
@@ -399,15 +408,23 @@ fn resumed(p: Box<Parked>) -> impl Future<Output = ()> + Send {
     let Parked {
         stream,
         conn_id,
-        state,
+        mut state,
         rx,
         user_slot,
         last_read,
+        parked_at,
         version,
         peer,
         shared,
         ctx,
     } = *p;
+    let parked_for = parked_at.elapsed();
+    let waited = Duration::from_millis(shared.cfg.park_idle_ms << state.park_shift);
+    if parked_for >= RESET_AFTER {
+        state.park_shift = 0;
+    } else if parked_for < waited * 2 {
+        state.park_shift = (state.park_shift + 1).min(MAX_SHIFT);
+    }
     let stream = match tokio::net::TcpStream::from_std(stream) {
         Ok(s) => s,
         Err(e) => {
