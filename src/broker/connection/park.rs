@@ -31,9 +31,8 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Wake, Waker};
+use std::task::{Poll, Wake, Waker};
 
-use futures_util::future::Either;
 use mio::unix::SourceFd;
 use tokio::io::unix::AsyncFd;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -320,10 +319,10 @@ impl Lot {
 }
 
 /// A plain-TCP connection's task after its (boxed) handshake, or a parked connection's
-/// after it resumed (`handshake` is then ready at once): the main loop until the connection
-/// closes (then the goodbye, boxed) or parks. One `async fn` with the connection as a local,
-/// not one calling another with it: that would hold the connection twice in the task.
-pub(super) async fn served(handshake: Pin<Box<impl Future<Output = Option<TcpAttached>>>>) {
+/// after it resumed ([`Resume`]): the main loop until the connection closes (then the
+/// goodbye, boxed) or parks. One `async fn` with the connection as a local, not one calling
+/// another with it: that would hold the connection twice in the task.
+pub(super) async fn served(handshake: impl Future<Output = Option<TcpAttached>> + Unpin) {
     let Some(mut live) = handshake.await else {
         return;
     };
@@ -405,59 +404,82 @@ fn park(lot: Arc<Lot>, live: TcpAttached) {
 
 /// A parked connection's new task.
 fn resumed(p: Box<Parked>) -> impl Future<Output = ()> + Send {
-    let Parked {
-        stream,
-        conn_id,
-        mut state,
-        rx,
-        user_slot,
-        last_read,
-        parked_at,
-        version,
-        peer,
-        shared,
-        ctx,
-    } = *p;
-    let parked_for = parked_at.elapsed();
-    let waited = Duration::from_millis(shared.cfg.park_idle_ms << state.park_shift);
-    if parked_for >= RESET_AFTER {
-        state.park_shift = 0;
-    } else if parked_for < waited * 2 {
-        state.park_shift = (state.park_shift + 1).min(MAX_SHIFT);
+    served(Resume(Some(p)))
+}
+
+/// How a resumed connection's task starts, in place of a handshake: the parked state
+/// becomes a live connection (its socket registered with tokio again) when the task first
+/// runs, so a connection woken while the runtime is busy (thousands at once after a
+/// reconnect storm) holds only its parked state until then.
+struct Resume(Option<Box<Parked>>);
+
+impl Future for Resume {
+    type Output = Option<TcpAttached>;
+
+    fn poll(mut self: Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(self.0.take().and_then(|p| p.into_attached()))
     }
-    let stream = match tokio::net::TcpStream::from_std(stream) {
-        Ok(s) => s,
-        Err(e) => {
-            debug!(client_id = %state.client_id, cause = %e, "a parked connection could not resume");
-            return Either::Right(Box::pin(lost(
-                shared,
-                conn_id,
-                Box::new((state, rx, user_slot)),
-            )));
+}
+
+impl Parked {
+    /// The live connection again; `None` if its socket could not be registered (the
+    /// router is then told it is gone, as for any lost socket).
+    fn into_attached(self: Box<Self>) -> Option<TcpAttached> {
+        let Parked {
+            stream,
+            conn_id,
+            mut state,
+            rx,
+            user_slot,
+            last_read,
+            parked_at,
+            version,
+            peer,
+            shared,
+            ctx,
+        } = *self;
+        let parked_for = parked_at.elapsed();
+        let waited = Duration::from_millis(shared.cfg.park_idle_ms << state.park_shift);
+        if parked_for >= RESET_AFTER {
+            state.park_shift = 0;
+        } else if parked_for < waited * 2 {
+            state.park_shift = (state.park_shift + 1).min(MAX_SHIFT);
         }
-    };
-    let max_in = shared.cfg.max_packet_size as usize;
-    let (reader, writer) = stream.into_split();
-    let conn = Connection {
-        meter: super::super::traffic::Meter::new(ctx.traffic.clone()),
-        reader: FramedReader::new(reader, max_in),
-        writer,
-        wbuf: BytesMut::new(),
-        version,
-        peer,
-        shared,
-        ctx,
-        cert_user: None,
-        parkable: true,
-    };
-    Either::Left(served(Box::pin(std::future::ready(Some(Attached {
-        conn,
-        conn_id,
-        state,
-        rx,
-        _user_slot: user_slot,
-        last_read,
-    })))))
+        let stream = match tokio::net::TcpStream::from_std(stream) {
+            Ok(s) => s,
+            Err(e) => {
+                debug!(client_id = %state.client_id, cause = %e, "a parked connection could not resume");
+                let gone = lost(shared.clone(), conn_id, Box::new((state, rx, user_slot)));
+                match &shared.parking {
+                    Some(lot) => lot.tracker.spawn(gone),
+                    None => tokio::spawn(gone),
+                };
+                return None;
+            }
+        };
+        let max_in = shared.cfg.max_packet_size as usize;
+        let (reader, writer) = stream.into_split();
+        let conn = Connection {
+            meter: super::super::traffic::Meter::new(ctx.traffic.clone()),
+            reader: FramedReader::new(reader, max_in),
+            writer,
+            wbuf: BytesMut::new(),
+            version,
+            peer,
+            shared,
+            ctx,
+            cert_user: None,
+            parkable: true,
+        };
+        Some(Attached {
+            conn,
+            conn_id,
+            state,
+            rx,
+            _user_slot: user_slot,
+            last_read,
+        })
+    }
 }
 
 /// The goodbye of a connection whose socket is gone while it was idle: the router publishes
