@@ -6,9 +6,9 @@
 //! - `listener`: binds the configured addresses and accepts sockets; `ratelimit` decides
 //!   right after accept whether a source address may connect (and caps connections per
 //!   user at CONNECT);
-//! - `connection`: one task per active client: handshake, checks, keep-alive, aliases, I/O;
-//!   idle plain-TCP clients wait without a task in `connection::park`
-//!   (bytes counted per listener by `traffic`);
+//! - `connection`: one task per active client: handshake, checks, keep-alive, aliases, I/O
+//!   (bytes counted per listener by `traffic`); idle plain-TCP clients wait without a task
+//!   in `connection::park`;
 //! - `router`: one task that owns every `session`, the subscription `topic_tree` and the
 //!   `retained` messages; connections talk to it only through `RouterEvent`s;
 //! - `readback`: the gateway-wide budget for durable message bodies in memory
