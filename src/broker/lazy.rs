@@ -1,11 +1,20 @@
-//! Collections that cost one pointer while they hold nothing (issue 17 item 1).
+//! Collections sized for what 10,000 sessions each hold: nothing, or one thing (issue 17
+//! item 1).
 //!
 //! A gateway keeps ~10,000 sessions, and nearly all of them are offline or idle: their
 //! in-flight window, in-memory queue, held output and gated publishers are empty. Inline,
 //! an empty `VecDeque` is 32 bytes and an empty `Vec` 24, in every session. [`Lazy`] keeps
 //! the collection behind an `Option<Box<_>>`: 8 bytes while it is `None`.
 //!
-//! Invariants:
+//! Most sessions also hold exactly one subscription, and most topics of the tree exactly
+//! one subscriber. [`Few`] keeps a single element inline and only a second one moves them
+//! all to a `Vec`: no allocation (and no allocator header) for the one.
+//!
+//! Invariants of [`Few`]: it is `One` exactly when it holds one element and `Many` only
+//! with two or more; [`Few::as_slice`] shows the elements in insertion-position order
+//! whatever the variant.
+//!
+//! Invariants of [`Lazy`]:
 //! - reading an empty `Lazy` (`Deref`) never allocates: it shows a shared empty collection;
 //! - a mutable access through `DerefMut` allocates the box (a few bytes, no elements);
 //!   the methods that only take or remove elements (`clear`, `retain`, `pop_front`,
@@ -160,6 +169,114 @@ impl<'a, T: 'static> IntoIterator for &'a mut Lazy<VecDeque<T>> {
     }
 }
 
+/// A short sequence that keeps one element inline (see the module doc). `Many` is boxed:
+/// so the enum is no larger than `T` when `T` has a niche (a `Box<str>` key; a `Vec`
+/// inline would make it 8 bytes larger).
+#[allow(
+    clippy::box_collection,
+    reason = "boxed so that the enum is as large as one element, not larger"
+)]
+#[derive(Debug, Clone, Default)]
+pub enum Few<T> {
+    #[default]
+    None,
+    One(T),
+    Many(Box<Vec<T>>),
+}
+
+impl<T> Few<T> {
+    pub fn as_slice(&self) -> &[T] {
+        match self {
+            Few::None => &[],
+            Few::One(x) => std::slice::from_ref(x),
+            Few::Many(v) => v.as_slice(),
+        }
+    }
+
+    pub fn as_mut_slice(&mut self) -> &mut [T] {
+        match self {
+            Few::None => &mut [],
+            Few::One(x) => std::slice::from_mut(x),
+            Few::Many(v) => v.as_mut_slice(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.as_slice().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Few::None)
+    }
+
+    /// Inserts at position `i` (`i <= len`). A `Vec` grows by half, not to 4 at once:
+    /// sets of a few stay close to their size.
+    pub fn insert(&mut self, i: usize, x: T) {
+        match std::mem::take(self) {
+            Few::None => *self = Few::One(x),
+            Few::One(y) => {
+                let mut v = Vec::with_capacity(2);
+                v.push(y);
+                v.insert(i.min(1), x);
+                *self = Few::Many(Box::new(v));
+            }
+            Few::Many(mut v) => {
+                if v.len() == v.capacity() {
+                    v.reserve_exact(v.len() / 2 + 1);
+                }
+                v.insert(i.min(v.len()), x);
+                *self = Few::Many(v);
+            }
+        }
+    }
+
+    /// Appends at the end.
+    pub fn push(&mut self, x: T) {
+        self.insert(self.len(), x);
+    }
+
+    /// Removes and returns the element at `i`, `None` past the end. The last one left goes
+    /// back inline; a `Vec` a quarter full gives its spare room back.
+    pub fn remove(&mut self, i: usize) -> Option<T> {
+        if i >= self.len() {
+            return None;
+        }
+        match std::mem::take(self) {
+            Few::None => None,
+            Few::One(x) => Some(x),
+            Few::Many(mut v) => {
+                let x = v.remove(i);
+                if v.len() == 1 {
+                    let mut v = *v;
+                    *self = v.pop().map_or(Few::None, Few::One);
+                } else {
+                    if v.len() < v.capacity() / 4 {
+                        v.shrink_to_fit();
+                    }
+                    *self = Few::Many(v);
+                }
+                Some(x)
+            }
+        }
+    }
+
+    pub fn iter(&self) -> std::slice::Iter<'_, T> {
+        self.as_slice().iter()
+    }
+
+    pub fn iter_mut(&mut self) -> std::slice::IterMut<'_, T> {
+        self.as_mut_slice().iter_mut()
+    }
+}
+
+impl<'a, T> IntoIterator for &'a Few<T> {
+    type Item = &'a T;
+    type IntoIter = std::slice::Iter<'a, T>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -208,5 +325,30 @@ mod tests {
         assert!(v.contains(&7));
         assert_eq!(v.take(), vec![7]);
         assert!(!v.is_allocated() && v.is_empty());
+    }
+
+    #[test]
+    fn few_keeps_one_element_inline_and_orders_like_a_vec() {
+        let mut f: Few<(Box<str>, u32)> = Few::default();
+        assert_eq!(std::mem::size_of_val(&f), 32, "no larger than one element");
+        assert!(f.is_empty() && f.as_slice().is_empty() && f.remove(0).is_none());
+        f.insert(0, ("b".into(), 2));
+        assert!(matches!(f, Few::One(_)), "one element is kept inline");
+        f.insert(0, ("a".into(), 1));
+        f.push(("d".into(), 4));
+        f.insert(2, ("c".into(), 3));
+        let keys =
+            |f: &Few<(Box<str>, u32)>| f.iter().map(|(k, _)| k.to_string()).collect::<Vec<_>>();
+        assert_eq!(keys(&f), ["a", "b", "c", "d"]);
+        f.as_mut_slice()[3].1 = 40;
+        assert_eq!((f.len(), f.as_slice()[3].1), (4, 40));
+        assert_eq!(f.remove(9), None);
+        assert_eq!(f.remove(0).map(|x| x.1), Some(1));
+        assert_eq!(f.remove(1).map(|x| x.1), Some(3));
+        assert_eq!(keys(&f), ["b", "d"]);
+        assert_eq!(f.remove(0).map(|x| x.1), Some(2));
+        assert!(matches!(f, Few::One(_)), "the last one goes back inline");
+        assert_eq!(f.remove(0).map(|x| x.1), Some(40));
+        assert!(f.is_empty() && matches!(f, Few::None));
     }
 }

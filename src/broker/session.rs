@@ -29,7 +29,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::connection::ConnLink;
-use super::lazy::Lazy;
+use super::lazy::{Few, Lazy};
 use super::readback::{Charge, ReadPool};
 use super::topic_tree::{SessionId, SubscriptionData};
 use crate::protocol::{Packet, ProtocolVersion, Publish, Will};
@@ -600,17 +600,20 @@ impl Session {
     }
 }
 
-/// A session's subscriptions by full filter: a vector sorted by filter. Sessions of a
-/// gateway hold one or a few subscriptions, and 10,000 sessions each with a hash map of one
-/// entry would spend ~190 bytes apiece on it against ~40 here (issue 17). Lookups are
-/// binary searches; an insert or removal moves the entries behind it (32 bytes each),
-/// which stays cheap up to `mqtt.max_subscriptions_per_client`-sized sets.
+/// A session's subscriptions by full filter, sorted by filter. Sessions of a gateway hold
+/// one or a few subscriptions, and 10,000 sessions each with a hash map of one entry would
+/// spend ~190 bytes apiece on it (issue 17). The one subscription of most sessions is kept
+/// inline ([`Few`]: no allocation of its own), more go to a vector. Lookups are binary
+/// searches; an insert or removal moves the entries behind it (32 bytes each), which stays
+/// cheap up to `mqtt.max_subscriptions_per_client`-sized sets.
 #[derive(Debug, Default, Clone)]
-pub struct Subscriptions(Vec<(Box<str>, SubscriptionData)>);
+pub struct Subscriptions(Few<(Box<str>, SubscriptionData)>);
 
 impl Subscriptions {
     fn find(&self, filter: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(f, _)| (**f).cmp(filter))
+        self.0
+            .as_slice()
+            .binary_search_by(|(f, _)| (**f).cmp(filter))
     }
 
     pub fn len(&self) -> usize {
@@ -622,7 +625,7 @@ impl Subscriptions {
     }
 
     pub fn get(&self, filter: &str) -> Option<&SubscriptionData> {
-        self.find(filter).ok().map(|i| &self.0[i].1)
+        self.find(filter).ok().map(|i| &self.0.as_slice()[i].1)
     }
 
     pub fn contains_key(&self, filter: &str) -> bool {
@@ -637,12 +640,8 @@ impl Subscriptions {
     ) -> Option<SubscriptionData> {
         let filter = filter.as_ref();
         match self.find(filter) {
-            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, data)),
+            Ok(i) => Some(std::mem::replace(&mut self.0.as_mut_slice()[i].1, data)),
             Err(i) => {
-                if self.0.len() == self.0.capacity() {
-                    // Grow by half, not to 4 at once: most sessions keep one subscription.
-                    self.0.reserve_exact(self.0.len() / 2 + 1);
-                }
                 self.0.insert(i, (Box::from(filter), data));
                 None
             }
@@ -651,11 +650,7 @@ impl Subscriptions {
 
     pub fn remove(&mut self, filter: &str) -> Option<SubscriptionData> {
         let i = self.find(filter).ok()?;
-        let (_, data) = self.0.remove(i);
-        if self.0.len() < self.0.capacity() / 4 {
-            self.0.shrink_to_fit();
-        }
-        Some(data)
+        self.0.remove(i).map(|(_, data)| data)
     }
 
     /// Filters in sorted order.
@@ -665,6 +660,15 @@ impl Subscriptions {
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &SubscriptionData)> {
         self.0.iter().map(|(f, d)| (&**f, d))
+    }
+
+    /// Entry slots allocated on the heap.
+    #[cfg(test)]
+    pub fn allocated_slots(&self) -> usize {
+        match &self.0 {
+            Few::Many(v) => v.capacity(),
+            Few::None | Few::One(_) => 0,
+        }
     }
 }
 
