@@ -29,6 +29,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::connection::ConnLink;
+use super::lazy::{Few, Lazy};
 use super::readback::{Charge, ReadPool};
 use super::topic_tree::{SessionId, SubscriptionData};
 use crate::protocol::{Packet, ProtocolVersion, Publish, Will};
@@ -240,9 +241,11 @@ pub struct Session {
     next_packet_id: u16,
     /// Next message sequence number.
     pub next_seq: u64,
-    pub inflight: VecDeque<Inflight>,
+    /// The in-flight window (allocated on first use, like `queue`, `held` and `gated`:
+    /// empty in nearly every one of a gateway's sessions).
+    pub inflight: Lazy<VecDeque<Inflight>>,
     /// The front of the queue that is in memory.
-    pub queue: VecDeque<Queued>,
+    pub queue: Lazy<VecDeque<Queued>>,
     /// Payload bytes in `queue` (approximate after read-backs; bounds memory, not policy).
     pub queue_mem_bytes: u64,
     /// Messages waiting (in memory or on disk), not counting in-flight ones.
@@ -262,7 +265,7 @@ pub struct Session {
     pub drops_pending: u32,
     pub drops_pending_bytes: u64,
     /// Output waiting for a commit: (token, item); token 0 = not waiting itself.
-    pub held: VecDeque<(u64, Held)>,
+    pub held: Lazy<VecDeque<(u64, Held)>>,
     /// Incoming QoS 2 packet ids received (and routed) whose PUBREL has not come yet, with
     /// the store token that carries what the message was stored with (0: nothing to wait
     /// for). A resend of the PUBLISH is acknowledged only once that token has committed,
@@ -280,7 +283,7 @@ pub struct Session {
     /// Publishers whose acknowledgements wait until this session's queue shrinks
     /// (backpressure: a fast QoS 1/2 publisher is slowed to its slowest subscriber's pace
     /// instead of overflowing that subscriber's queue).
-    pub gated: Vec<SessionId>,
+    pub gated: Lazy<Vec<SessionId>>,
     /// The will of the current (or last) connection (boxed: most sessions have none, and
     /// a `Will` inline would add 176 bytes to every session).
     pub will: Option<Box<Will>>,
@@ -321,8 +324,8 @@ impl Session {
             subscriptions: Subscriptions::default(),
             next_packet_id: 0,
             next_seq: 0,
-            inflight: VecDeque::new(),
-            queue: VecDeque::new(),
+            inflight: Lazy::default(),
+            queue: Lazy::default(),
             queue_mem_bytes: 0,
             queue_len: 0,
             queued_bytes: 0,
@@ -331,9 +334,9 @@ impl Session {
             read_stale: false,
             drops_pending: 0,
             drops_pending_bytes: 0,
-            held: VecDeque::new(),
+            held: Lazy::default(),
             incoming_qos2: Qos2Ids::default(),
-            gated: Vec::new(),
+            gated: Lazy::default(),
             own_policy: None,
             internal: false,
             will: None,
@@ -564,19 +567,14 @@ impl Session {
         }
     }
 
-    /// Gives back the memory of an emptied queue, window or held output: each slot is
-    /// ~250 bytes, and 10,000 idle sessions would otherwise each keep what their last burst
-    /// needed (a VecDeque never shrinks by itself). An empty VecDeque allocates nothing.
+    /// Gives back the memory of an emptied queue, window, held output or gated list: its
+    /// slots and the box they were in, and 10,000 idle sessions would otherwise each keep
+    /// what their last burst needed (a VecDeque never shrinks by itself).
     pub fn shrink_idle(&mut self) {
-        if self.queue.is_empty() && self.queue.capacity() > 0 {
-            self.queue = VecDeque::new();
-        }
-        if self.inflight.is_empty() && self.inflight.capacity() > 0 {
-            self.inflight = VecDeque::new();
-        }
-        if self.held.is_empty() && self.held.capacity() > 0 {
-            self.held = VecDeque::new();
-        }
+        self.queue.release_if_empty();
+        self.inflight.release_if_empty();
+        self.held.release_if_empty();
+        self.gated.release_if_empty();
     }
 
     /// Accounts for a queued message that left the queue.
@@ -602,17 +600,20 @@ impl Session {
     }
 }
 
-/// A session's subscriptions by full filter: a vector sorted by filter. Sessions of a
-/// gateway hold one or a few subscriptions, and 10,000 sessions each with a hash map of one
-/// entry would spend ~190 bytes apiece on it against ~40 here (issue 17). Lookups are
-/// binary searches; an insert or removal moves the entries behind it (32 bytes each),
-/// which stays cheap up to `mqtt.max_subscriptions_per_client`-sized sets.
+/// A session's subscriptions by full filter, sorted by filter. Sessions of a gateway hold
+/// one or a few subscriptions, and 10,000 sessions each with a hash map of one entry would
+/// spend ~190 bytes apiece on it (issue 17). The one subscription of most sessions is kept
+/// inline ([`Few`]: no allocation of its own), more go to a vector. Lookups are binary
+/// searches; an insert or removal moves the entries behind it (32 bytes each), which stays
+/// cheap up to `mqtt.max_subscriptions_per_client`-sized sets.
 #[derive(Debug, Default, Clone)]
-pub struct Subscriptions(Vec<(Box<str>, SubscriptionData)>);
+pub struct Subscriptions(Few<(Box<str>, SubscriptionData)>);
 
 impl Subscriptions {
     fn find(&self, filter: &str) -> Result<usize, usize> {
-        self.0.binary_search_by(|(f, _)| (**f).cmp(filter))
+        self.0
+            .as_slice()
+            .binary_search_by(|(f, _)| (**f).cmp(filter))
     }
 
     pub fn len(&self) -> usize {
@@ -624,7 +625,7 @@ impl Subscriptions {
     }
 
     pub fn get(&self, filter: &str) -> Option<&SubscriptionData> {
-        self.find(filter).ok().map(|i| &self.0[i].1)
+        self.find(filter).ok().map(|i| &self.0.as_slice()[i].1)
     }
 
     pub fn contains_key(&self, filter: &str) -> bool {
@@ -639,12 +640,8 @@ impl Subscriptions {
     ) -> Option<SubscriptionData> {
         let filter = filter.as_ref();
         match self.find(filter) {
-            Ok(i) => Some(std::mem::replace(&mut self.0[i].1, data)),
+            Ok(i) => Some(std::mem::replace(&mut self.0.as_mut_slice()[i].1, data)),
             Err(i) => {
-                if self.0.len() == self.0.capacity() {
-                    // Grow by half, not to 4 at once: most sessions keep one subscription.
-                    self.0.reserve_exact(self.0.len() / 2 + 1);
-                }
                 self.0.insert(i, (Box::from(filter), data));
                 None
             }
@@ -653,11 +650,7 @@ impl Subscriptions {
 
     pub fn remove(&mut self, filter: &str) -> Option<SubscriptionData> {
         let i = self.find(filter).ok()?;
-        let (_, data) = self.0.remove(i);
-        if self.0.len() < self.0.capacity() / 4 {
-            self.0.shrink_to_fit();
-        }
-        Some(data)
+        self.0.remove(i).map(|(_, data)| data)
     }
 
     /// Filters in sorted order.
@@ -667,6 +660,15 @@ impl Subscriptions {
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &SubscriptionData)> {
         self.0.iter().map(|(f, d)| (&**f, d))
+    }
+
+    /// Entry slots allocated on the heap.
+    #[cfg(test)]
+    pub fn allocated_slots(&self) -> usize {
+        match &self.0 {
+            Few::Many(v) => v.capacity(),
+            Few::None | Few::One(_) => 0,
+        }
     }
 }
 

@@ -9,8 +9,8 @@
 //! keyed by level, allocated with the first child and freed with the last: most nodes are
 //! leaves, pinned at 56 bytes by a size test), a `+` child, a `#` slot (subscriptions whose filter ends in `#` right
 //! below this node) and its own subscriptions (filters ending exactly at this node). Each
-//! subscription slot holds direct subscribers (`session -> data`, a vector sorted by
-//! session: most slots have one or a few) and shared groups (`group -> members`, ordered,
+//! subscription slot holds direct subscribers (`session -> data`, sorted by session: most
+//! slots have one, kept inline, or a few) and shared groups (`group -> members`, ordered,
 //! with a round-robin cursor).
 //!
 //! Invariants:
@@ -27,6 +27,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use super::lazy::Few;
 use crate::protocol::types::{QoS, SubscriptionOptions};
 
 /// Assigned by the router per client session.
@@ -80,12 +81,13 @@ impl SharedGroup {
 /// The subscriptions attached to one trie position.
 #[derive(Debug, Default)]
 struct Subs {
-    /// Direct subscribers sorted by session. A sorted vector, not a hash map: most topics
-    /// of a gateway have one or a few subscribers, and an empty hash map with one entry
-    /// costs ~130 bytes against 24 here (issue 17: 10,000 sessions each on a topic of its
-    /// own). Matching walks all entries either way; a subscribe or unsubscribe moves at most
-    /// the entries behind it (24 bytes each).
-    direct: Vec<(SessionId, SubscriptionData)>,
+    /// Direct subscribers sorted by session. Not a hash map: most topics of a gateway have
+    /// one or a few subscribers, and a hash map with one entry costs ~130 bytes (issue 17:
+    /// 10,000 sessions each on a topic of its own). The one subscriber of most topics is
+    /// kept inline ([`Few`], 24 bytes like an empty `Vec`, no allocation); more go to a
+    /// vector. Matching walks all entries either way; a subscribe or unsubscribe moves at
+    /// most the entries behind it (24 bytes each).
+    direct: Few<(SessionId, SubscriptionData)>,
     shared: SharedGroups,
 }
 
@@ -177,6 +179,15 @@ impl Children {
 }
 
 impl Subs {
+    /// Direct-subscriber slots allocated on the heap.
+    #[cfg(test)]
+    fn allocated_slots(&self) -> usize {
+        match &self.direct {
+            Few::Many(v) => v.capacity(),
+            Few::None | Few::One(_) => 0,
+        }
+    }
+
     fn is_empty(&self) -> bool {
         self.direct.is_empty() && self.shared.is_empty()
     }
@@ -184,16 +195,16 @@ impl Subs {
     /// Returns true if it replaced an existing subscription.
     fn insert(&mut self, group: Option<&str>, session: SessionId, data: SubscriptionData) -> bool {
         match group {
-            None => match self.direct.binary_search_by_key(&session, |(s, _)| *s) {
+            None => match self
+                .direct
+                .as_slice()
+                .binary_search_by_key(&session, |(s, _)| *s)
+            {
                 Ok(i) => {
-                    self.direct[i].1 = data;
+                    self.direct.as_mut_slice()[i].1 = data;
                     true
                 }
                 Err(i) => {
-                    if self.direct.len() == self.direct.capacity() {
-                        // Grow by half, not to 4 at once: most slots keep one subscriber.
-                        self.direct.reserve_exact(self.direct.len() / 2 + 1);
-                    }
                     self.direct.insert(i, (session, data));
                     false
                 }
@@ -220,14 +231,12 @@ impl Subs {
     /// Returns true if it existed.
     fn remove(&mut self, group: Option<&str>, session: SessionId) -> bool {
         match group {
-            None => match self.direct.binary_search_by_key(&session, |(s, _)| *s) {
-                Ok(i) => {
-                    self.direct.remove(i);
-                    if self.direct.len() < self.direct.capacity() / 4 {
-                        self.direct.shrink_to_fit();
-                    }
-                    true
-                }
+            None => match self
+                .direct
+                .as_slice()
+                .binary_search_by_key(&session, |(s, _)| *s)
+            {
+                Ok(i) => self.direct.remove(i).is_some(),
                 Err(_) => false,
             },
             Some(g) => {

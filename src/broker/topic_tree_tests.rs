@@ -507,3 +507,27 @@ fn a_node_whose_children_and_groups_are_gone_gives_their_tables_back() {
     assert!(sessions(&mut tree, "a/b/1").is_empty());
     assert_eq!(tree.len(), 1);
 }
+
+/// Most topics of a gateway have exactly one subscriber (a sensor's session): it is kept in
+/// the node itself, not in a vector of its own (a 32-byte allocation for each of 10,000
+/// leaves). A second one moves them to a vector, and the last one left moves back.
+#[test]
+fn a_topic_with_one_subscriber_needs_no_allocation_of_its_own() {
+    let mut tree = SubscriptionTree::default();
+    tree.subscribe("a/b", None, 7, data(1, None));
+    let slots = |tree: &mut SubscriptionTree| {
+        let b = tree
+            .root
+            .children
+            .get_mut("a")
+            .and_then(|a| a.children.get_mut("b"));
+        b.map(|b| b.subs.allocated_slots())
+    };
+    assert_eq!(slots(&mut tree), Some(0), "one subscriber");
+    tree.subscribe("a/b", None, 3, data(1, None));
+    assert_eq!(slots(&mut tree), Some(2), "two subscribers");
+    assert_eq!(sessions(&mut tree, "a/b"), vec![3, 7]);
+    assert!(tree.unsubscribe("a/b", None, 3));
+    assert_eq!(slots(&mut tree), Some(0), "one left");
+    assert_eq!(sessions(&mut tree, "a/b"), vec![7]);
+}

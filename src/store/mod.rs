@@ -540,6 +540,14 @@ pub const DEFAULT_PAGE_SIZE: u32 = 1024;
 /// sessions").
 pub const DEFAULT_CACHE_KIB: u32 = 8192;
 
+/// Dirty pages a transaction keeps in memory before it writes any of them to the WAL
+/// ahead of its commit (`PRAGMA cache_spill`), KiB: 8 MiB (or the page cache, if that is
+/// larger). Without it SQLite spills at the page-cache size, so a smaller
+/// `store.cache_size_kib` would also make a large transaction (a staging merge chunk, a
+/// burst of session rows) write pages to the WAL twice. With it the cache size decides
+/// only how many clean pages stay cached: memory and re-reads, never bytes written.
+pub const SPILL_KIB: u32 = 8192;
+
 /// WAL bytes after which a commit checkpoints them into the database file: SQLite's
 /// default of 1,000 pages at 4 KiB, kept in bytes whatever the page size (a checkpoint
 /// writes every page changed since the last one once more, however often it changed, so
@@ -586,6 +594,7 @@ pub fn configure(
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     // Negative: KiB rather than pages.
     conn.pragma_update(None, "cache_size", -i64::from(cache_kib))?;
+    conn.pragma_update(None, "cache_spill", -i64::from(SPILL_KIB.max(cache_kib)))?;
     Ok(())
 }
 

@@ -785,3 +785,40 @@ fn the_connection_gets_the_configured_page_cache() {
         .expect("cache_size");
     assert_eq!(kib, -512, "negative: KiB, not pages");
 }
+
+/// A small page cache holds fewer clean pages (memory), but a transaction still keeps its
+/// changes in memory up to [`SPILL_KIB`] before it writes any to the WAL: spilling early
+/// would write pages twice (flash wear) whatever `store.cache_size_kib` says.
+#[test]
+fn a_transaction_larger_than_the_page_cache_is_not_spilled_before_its_commit() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = opts(dir.path());
+    let mut conn = Connection::open(&o.path).expect("open");
+    configure(&conn, o.synchronous, o.page_size, 256).expect("configure");
+    conn.execute_batch("CREATE TABLE t(v BLOB);")
+        .expect("create");
+    let wal = dir.path().join(format!(
+        "{}-wal",
+        o.path.file_name().and_then(|n| n.to_str()).expect("name")
+    ));
+    let wal_len = || std::fs::metadata(&wal).map_or(0, |m| m.len());
+    let before = wal_len();
+    let tx = conn.transaction().expect("begin");
+    // ~2 MiB of pages: 8 times the cache, a quarter of the spill point.
+    for _ in 0..2048 {
+        tx.execute("INSERT INTO t(v) VALUES (zeroblob(900))", [])
+            .expect("insert");
+    }
+    let during = wal_len();
+    tx.commit().expect("commit");
+    assert_eq!(
+        during,
+        before,
+        "{} bytes went to the WAL before the commit",
+        during - before
+    );
+    assert!(
+        wal_len() > before + 1024 * 1024,
+        "the commit wrote its pages"
+    );
+}

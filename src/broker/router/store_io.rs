@@ -216,7 +216,8 @@ impl Router {
                 if s.is_online() && s.spilled_from.is_none_or(|f| q.seq < f) {
                     let at = s.queue.iter().position(|x| x.seq > q.seq);
                     s.queue_mem_bytes += q.message.publish.payload.len() as u64;
-                    s.queue.insert(at.unwrap_or(s.queue.len()), *q);
+                    let at = at.unwrap_or(s.queue.len());
+                    s.queue.insert(at, *q);
                 } else {
                     // Its row is on disk, unsent: read back from it.
                     s.spill_all();
@@ -242,7 +243,7 @@ impl Router {
     /// Releases the acknowledgements of publishers that waited for `sid`'s queue.
     pub(super) fn ungate_waiters(&mut self, sid: SessionId) {
         let waiters = match self.sessions.get_mut(&sid) {
-            Some(s) if !s.gated.is_empty() => std::mem::take(&mut s.gated),
+            Some(s) if !s.gated.is_empty() => s.gated.take(),
             _ => return,
         };
         for p in waiters {
