@@ -12,7 +12,7 @@
 #   cross/build.sh armv7-unknown-linux-musleabihf   # static, any ARMv7 hard-float Linux
 #
 # Environment:
-#   PROFILE=dist (default; fat LTO, size-tuned, what ships) | release (thin LTO, faster to build)
+#   PROFILE=dist (default; fat LTO, no debug info, what ships) | release (fat LTO, line tables)
 #          | dev (unoptimized; quickest, what CI builds)
 #   NO_INSTALL=1   never install anything; fail with the command that would have been run
 # Extra arguments go to cargo (e.g. --locked). See cross/README.md.
