@@ -403,18 +403,6 @@ async fn notifications_false_publishes_no_state() {
 // ---------------------------------------------------------------------------------------
 // Metrics
 
-async fn scrape(gw: &TestBroker) -> std::collections::BTreeMap<String, f64> {
-    let addr = gw
-        .broker
-        .as_ref()
-        .unwrap()
-        .metrics_addr()
-        .expect("metrics bound");
-    let (code, _, body) = metrics::http(addr, "GET", "/metrics").await;
-    assert_eq!(code, 200);
-    metrics::parse_prometheus(&body)
-}
-
 fn m(all: &std::collections::BTreeMap<String, f64>, key: &str) -> f64 {
     *all.get(key)
         .unwrap_or_else(|| panic!("{key} missing: {all:#?}"))
@@ -443,7 +431,7 @@ async fn bridge_metrics_follow_the_link_and_the_backlog() {
     publish_seqs(&mut sensor, UP_LOCAL, 0..5, 5).await;
     wait_total(&[&ca], 5, Duration::from_secs(10)).await;
     wait_status(&dir, "acked", Duration::from_secs(5), |st| st["acked"] == 5).await;
-    let s = scrape(&gw).await;
+    let s = metrics::scrape(&gw).await;
     assert_eq!(m(&s, "holdfast_bridge_connected{bridge=\"up\"}"), 1.0);
     let info = format!(
         "holdfast_bridge_address_info{{bridge=\"up\",address=\"{}\"}}",
@@ -501,7 +489,7 @@ async fn bridge_metrics_follow_the_link_and_the_backlog() {
     .await;
     publish_seqs(&mut sensor, UP_LOCAL, 5..8, 3).await;
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let s = scrape(&gw).await;
+    let s = metrics::scrape(&gw).await;
     assert_eq!(m(&s, "holdfast_bridge_connected{bridge=\"up\"}"), 0.0);
     assert_eq!(
         m(&s, "holdfast_bridge_backlog_messages{bridge=\"up\"}"),
@@ -517,7 +505,7 @@ async fn bridge_metrics_follow_the_link_and_the_backlog() {
     pa.restore();
     wait_total(&[&ca], 8, Duration::from_secs(10)).await;
     wait_status(&dir, "acked", Duration::from_secs(5), |st| st["acked"] == 8).await;
-    let s = scrape(&gw).await;
+    let s = metrics::scrape(&gw).await;
     assert_eq!(
         m(&s, "holdfast_bridge_reconnects_total{bridge=\"up\"}"),
         1.0

@@ -42,18 +42,6 @@ fn wire_len(p: &Packet, version: ProtocolVersion) -> u64 {
     protocol::encoded_len(p, version) as u64
 }
 
-/// `/metrics` of the broker, parsed.
-async fn scrape(b: &TestBroker) -> std::collections::BTreeMap<String, f64> {
-    let addr = b
-        .broker
-        .as_ref()
-        .and_then(|b| b.metrics_addr())
-        .expect("metrics.bind set");
-    let (code, _, body) = metrics::http(addr, "GET", "/metrics").await;
-    assert_eq!(code, 200, "{body}");
-    metrics::parse_prometheus(&body)
-}
-
 #[tokio::test]
 async fn connection_rate_limit_refuses_a_burst_from_loopback_and_recovers() {
     let b = start_broker(|c| {
@@ -83,7 +71,7 @@ async fn connection_rate_limit_refuses_a_burst_from_loopback_and_recovers() {
         admitted.len()
     );
     assert_eq!(refused, 8 - admitted.len());
-    let m = scrape(&b).await;
+    let m = metrics::scrape(&b).await;
     assert_eq!(
         m["holdfast_connections_rate_limited_total"], refused as f64,
         "counted in /metrics"
@@ -173,7 +161,7 @@ async fn connections_per_user_are_capped_without_counting_takeovers() {
         assert!(Instant::now() < deadline, "a3 still refused after a2 left");
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let m = scrape(&b).await;
+    let m = metrics::scrape(&b).await;
     assert!(
         m["holdfast_connections_user_limited_total"] >= 3.0,
         "{:?}",
@@ -220,7 +208,7 @@ async fn byte_counters_match_what_clients_sent_and_grow_by_what_they_received() 
     let label = "{listener=\"127.0.0.1:0\"}";
     let deadline = Instant::now() + TIMEOUT;
     let m = loop {
-        let m = scrape(&b).await;
+        let m = metrics::scrape(&b).await;
         if m[&format!("holdfast_bytes_received_total{label}")] == sent_by_clients as f64
             || Instant::now() > deadline
         {

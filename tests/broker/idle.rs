@@ -13,14 +13,7 @@ use holdfast::protocol::{reason, Packet, ProtocolVersion, QoS, Will, WillPropert
 
 /// `/metrics` gauge `name` of the broker.
 async fn gauge(b: &TestBroker, name: &str) -> f64 {
-    let addr = b
-        .broker
-        .as_ref()
-        .and_then(|b| b.metrics_addr())
-        .expect("metrics.bind set");
-    let (code, _, body) = metrics::http(addr, "GET", "/metrics").await;
-    assert_eq!(code, 200, "{body}");
-    metrics::parse_prometheus(&body)[name]
+    metrics::scrape(b).await[name]
 }
 
 /// Waits until `n` clients are parked (panics after 10 s).

@@ -239,19 +239,7 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let max_in = shared.cfg.max_packet_size as usize;
-    let conn = Connection {
-        meter: super::traffic::Meter::new(ctx.traffic.clone()),
-        reader: FramedReader::new(reader, max_in),
-        writer,
-        wbuf: BytesMut::new(),
-        version: ProtocolVersion::V311,
-        peer,
-        shared,
-        ctx,
-        cert_user,
-        parkable: false,
-    };
+    let conn = Connection::new(reader, writer, peer, shared, ctx, cert_user, false);
     served(Box::pin(conn.handshake(slot)))
 }
 
@@ -264,20 +252,9 @@ pub fn serve_tcp(
     ctx: Arc<ListenerContext>,
     slot: HandshakeSlot,
 ) -> impl std::future::Future<Output = ()> {
-    let max_in = shared.cfg.max_packet_size as usize;
     let (reader, writer) = stream.into_split();
-    let conn = Connection {
-        meter: super::traffic::Meter::new(ctx.traffic.clone()),
-        reader: FramedReader::new(reader, max_in),
-        writer,
-        wbuf: BytesMut::new(),
-        version: ProtocolVersion::V311,
-        peer,
-        parkable: shared.parking.is_some(),
-        shared,
-        ctx,
-        cert_user: None,
-    };
+    let parkable = shared.parking.is_some();
+    let conn = Connection::new(reader, writer, peer, shared, ctx, None, parkable);
     park::served(Box::pin(conn.handshake(slot)))
 }
 
@@ -314,6 +291,33 @@ struct Connection<R, W> {
     cert_user: Option<String>,
     /// The main loop ends [`Ended::Idle`] after `mqtt.park_idle_ms` of quiet (plain TCP).
     parkable: bool,
+}
+
+impl<R: AsyncRead + Unpin, W> Connection<R, W> {
+    /// A connection on `reader`/`writer`, speaking 3.1.1 until its CONNECT says otherwise.
+    fn new(
+        reader: R,
+        writer: W,
+        peer: SocketAddr,
+        shared: Arc<Shared>,
+        ctx: Arc<ListenerContext>,
+        cert_user: Option<String>,
+        parkable: bool,
+    ) -> Self {
+        let max_in = shared.cfg.max_packet_size as usize;
+        Connection {
+            meter: super::traffic::Meter::new(ctx.traffic.clone()),
+            reader: FramedReader::new(reader, max_in),
+            writer,
+            wbuf: BytesMut::new(),
+            version: ProtocolVersion::V311,
+            peer,
+            shared,
+            ctx,
+            cert_user,
+            parkable,
+        }
+    }
 }
 
 /// Per-connection protocol state after CONNECT.

@@ -457,20 +457,9 @@ impl Parked {
                 return None;
             }
         };
-        let max_in = shared.cfg.max_packet_size as usize;
         let (reader, writer) = stream.into_split();
-        let conn = Connection {
-            meter: super::super::traffic::Meter::new(ctx.traffic.clone()),
-            reader: FramedReader::new(reader, max_in),
-            writer,
-            wbuf: BytesMut::new(),
-            version,
-            peer,
-            shared,
-            ctx,
-            cert_user: None,
-            parkable: true,
-        };
+        let mut conn = Connection::new(reader, writer, peer, shared, ctx, None, true);
+        conn.version = version;
         Some(Attached {
             conn,
             conn_id,

@@ -171,3 +171,15 @@ pub fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
     }
     out
 }
+
+/// `/metrics` of an in-process broker started with `metrics.bind` set, parsed.
+pub async fn scrape(b: &crate::TestBroker) -> BTreeMap<String, f64> {
+    let addr = b
+        .broker
+        .as_ref()
+        .and_then(|b| b.metrics_addr())
+        .expect("metrics.bind set");
+    let (code, _, body) = http(addr, "GET", "/metrics").await;
+    assert_eq!(code, 200, "{body}");
+    parse_prometheus(&body)
+}
