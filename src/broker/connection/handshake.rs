@@ -34,14 +34,16 @@ where
     }
 
     /// Takes a place under `auth.max_connections_per_user` for this user and client id
-    /// (a takeover of a connected client id does not take a second one).
+    /// (a takeover of a connected client id does not take a second one). Boxed: held for
+    /// the connection's life, and only when that limit is set.
     pub(super) fn claim_user_slot(
         &self,
         st: &State,
-    ) -> Result<Option<crate::broker::ratelimit::UserSlot>, u8> {
+    ) -> Result<Option<Box<crate::broker::ratelimit::UserSlot>>, u8> {
         self.shared
             .user_limit
             .claim(st.username.as_ref(), &st.client_id)
+            .map(|slot| slot.map(Box::new))
             .map_err(|_| {
                 info!(
                     peer = %self.peer,
@@ -198,7 +200,7 @@ where
             } else {
                 0
             },
-            incoming_unacked: HashSet::new(),
+            incoming_unacked: Unacked::default(),
             request_problem_info: c.properties.request_problem_information != Some(0),
             park_shift: 0,
         };
@@ -237,7 +239,7 @@ pub(super) struct Attached<R, W> {
     pub(super) state: State,
     pub(super) rx: LinkRx,
     /// Held until the connection ends: its place under `max_connections_per_user`.
-    pub(super) _user_slot: Option<crate::broker::ratelimit::UserSlot>,
+    pub(super) _user_slot: Option<Box<crate::broker::ratelimit::UserSlot>>,
     /// When the client last sent something (the keep-alive clock).
     pub(super) last_read: Instant,
 }

@@ -202,14 +202,14 @@ where
         }
         // Receive Maximum is a v5 promise (MQTT-3.3.4-7); 3.x clients never heard of it, so
         // they are not held to it (their window is their own business).
-        if p.qos != QoS::AtMostOnce && self.version.is_v5() {
-            st.incoming_unacked.insert(p.packet_id);
-            if st.incoming_unacked.len() > usize::from(cfg.max_inflight) {
-                return Err(Close::Protocol(
-                    reason::RECEIVE_MAXIMUM_EXCEEDED,
-                    "more unacknowledged QoS 1/2 publishes than Receive Maximum",
-                ));
-            }
+        if p.qos != QoS::AtMostOnce
+            && self.version.is_v5()
+            && st.incoming_unacked.insert(p.packet_id) > usize::from(cfg.max_inflight)
+        {
+            return Err(Close::Protocol(
+                reason::RECEIVE_MAXIMUM_EXCEEDED,
+                "more unacknowledged QoS 1/2 publishes than Receive Maximum",
+            ));
         }
         self.refresh_acl(st);
         let sys = crate::auth::is_sys_topic(&p.topic);
@@ -251,7 +251,7 @@ where
             QoS::AtLeastOnce => Packet::PubAck(ack),
             QoS::ExactlyOnce => Packet::PubRec(ack),
         };
-        st.incoming_unacked.remove(&p.packet_id);
+        st.incoming_unacked.remove(p.packet_id);
         protocol::encode(&packet, self.version, &mut self.wbuf);
     }
 }

@@ -58,3 +58,17 @@ fn the_router_to_connection_message_is_small() {
     // Each queued packet costs this much in the connection's queue (packets are boxed).
     assert!(std::mem::size_of::<Outgoing>() <= 16);
 }
+
+/// What a parked (idle) client holds besides its link and the router's session: one box of
+/// this (issue 17 item 1; it was 280 bytes with the peer address, the per-user slot and the
+/// unacknowledged-publish set inline).
+const PARKED_MAX: usize = 192;
+
+#[test]
+fn a_parked_connection_stays_small() {
+    let size = std::mem::size_of::<park::Parked>();
+    assert!(
+        size <= PARKED_MAX,
+        "a parked connection is {size} bytes (at most {PARKED_MAX})"
+    );
+}
