@@ -486,3 +486,37 @@ async fn lost(
     tell_router_gone(&shared, conn_id, WillAction::Publish, None).await;
     drop(held);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_emptied_slot_is_reused_under_a_new_generation() {
+        let mut slots = Slots::default();
+        let first = slots.reserve();
+        assert_eq!(
+            first,
+            Key {
+                index: 0,
+                generation: 0
+            }
+        );
+        // Reserved and not filled (the connection resumed at once): given back, generation on.
+        slots.release(first);
+        let second = slots.reserve();
+        assert_eq!(
+            second,
+            Key {
+                index: 0,
+                generation: 1
+            }
+        );
+        // Nothing parked in it: nothing to take, and the slot stays reserved.
+        assert!(slots.take(second.index).is_none());
+        let third = slots.reserve();
+        assert_eq!(third.index, 1, "a reserved slot is not handed out twice");
+        // A stale key (generation 0) no longer matches slot 0.
+        assert_ne!(slots.slots[0].generation, first.generation);
+    }
+}
