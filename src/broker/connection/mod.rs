@@ -689,8 +689,9 @@ where
                 (k, p) => k.or(p),
             }
         };
-        let timed = next(*last_read, last_active).is_some();
-        let timer = tokio::time::sleep_until(next(*last_read, last_active).unwrap_or(last_active));
+        let first = next(*last_read, last_active);
+        let timed = first.is_some();
+        let timer = tokio::time::sleep_until(first.unwrap_or(last_active));
         tokio::pin!(timer);
         loop {
             tokio::select! {
