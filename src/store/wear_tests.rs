@@ -364,3 +364,51 @@ fn a_commit_of_500_messages_into_500_sessions_writes_fewer_than_100_wal_frames()
         "one commit of {sessions} messages into {sessions} sessions appended {frames} WAL frames"
     );
 }
+
+/// The bundled SQLite is built with only what the store uses (`LIBSQLITE3_FLAGS` in
+/// `.cargo/config.toml`, which every build of this repository reads: native, CI, cross).
+/// libsqlite3-sys turns on full-text search, R-trees, JSON, `dbstat`, STAT4 and extension
+/// loading by default: ~0.5 MB of code the gateway never runs but maps, and most of a
+/// binary's pages are resident (issue 17 item 1, README "Memory at 10,000 durable
+/// sessions"). Fails when a build does not read the flags (cargo run from outside the
+/// repository) or a dependency's feature turns a module back on.
+#[test]
+fn the_bundled_sqlite_leaves_out_what_the_store_never_uses() {
+    let conn = rusqlite::Connection::open_in_memory().expect("open");
+    let mut stmt = conn.prepare("PRAGMA compile_options").expect("prepare");
+    let options: Vec<String> = stmt
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<Result<_, _>>()
+        .expect("rows");
+    let has = |name: &str| {
+        options
+            .iter()
+            .any(|o| o == name || o.starts_with(&format!("{name}=")))
+    };
+    for unused in [
+        "ENABLE_FTS3",
+        "ENABLE_FTS4",
+        "ENABLE_FTS5",
+        "ENABLE_RTREE",
+        "ENABLE_DBSTAT_VTAB",
+        "ENABLE_STAT4",
+        "SOUNDEX",
+        "ENABLE_COLUMN_METADATA",
+        "ENABLE_LOAD_EXTENSION",
+    ] {
+        assert!(!has(unused), "{unused} is compiled in: {options:?}");
+    }
+    for wanted in [
+        "OMIT_JSON",
+        "OMIT_LOAD_EXTENSION",
+        "OMIT_DEPRECATED",
+        "OMIT_SHARED_CACHE",
+        "DEFAULT_MEMSTATUS=0",
+    ] {
+        assert!(
+            options.iter().any(|o| o == wanted),
+            "{wanted} is not set: {options:?}"
+        );
+    }
+}
