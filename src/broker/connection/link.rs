@@ -26,17 +26,40 @@ use std::task::{Context, Poll, Waker};
 
 pub use tokio::sync::mpsc::error::TryRecvError;
 
+use super::park::ParkedAt;
 use super::{ConnId, Outgoing};
 
 #[derive(Debug)]
 struct Queue {
     items: VecDeque<Outgoing>,
     /// Live `ConnLink` handles; the receiver ends when it reaches 0.
-    senders: usize,
+    senders: u32,
     /// False once the `LinkRx` is dropped: sends are discarded.
     receiving: bool,
-    /// The receiver's task, waiting for a packet.
-    waker: Option<Waker>,
+    /// Who waits for a packet.
+    waiter: Waiter,
+}
+
+/// Who a send (or the last sender going) wakes.
+#[derive(Debug, Default)]
+enum Waiter {
+    #[default]
+    None,
+    /// The receiver's task.
+    Task(Waker),
+    /// A parked connection (`park`): the lot resumes it. Kept here rather than as a
+    /// `Waker` of its own, which would be one more allocation per parked connection.
+    Parked(ParkedAt),
+}
+
+impl Waiter {
+    fn wake(self) {
+        match self {
+            Waiter::None => {}
+            Waiter::Task(w) => w.wake(),
+            Waiter::Parked(at) => at.wake(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -69,7 +92,7 @@ impl ConnLink {
             items: VecDeque::new(),
             senders: 1,
             receiving: true,
-            waker: None,
+            waiter: Waiter::None,
         })));
         let link = ConnLink {
             id,
@@ -80,17 +103,15 @@ impl ConnLink {
 
     /// Queues `out` for the connection (dropped if the connection is gone).
     pub fn send(&self, out: Outgoing) {
-        let waker = {
+        let waiter = {
             let mut q = self.shared.lock();
             if !q.receiving {
                 return;
             }
             q.items.push_back(out);
-            q.waker.take()
+            std::mem::take(&mut q.waiter)
         };
-        if let Some(w) = waker {
-            w.wake();
-        }
+        waiter.wake();
     }
 
     /// Packets sent to the connection and not yet taken by it.
@@ -111,17 +132,15 @@ impl Clone for ConnLink {
 
 impl Drop for ConnLink {
     fn drop(&mut self) {
-        let waker = {
+        let waiter = {
             let mut q = self.shared.lock();
             q.senders -= 1;
             if q.senders > 0 {
                 return;
             }
-            q.waker.take()
+            std::mem::take(&mut q.waiter)
         };
-        if let Some(w) = waker {
-            w.wake();
-        }
+        waiter.wake();
     }
 }
 
@@ -141,15 +160,15 @@ impl LinkRx {
         }
     }
 
-    /// Makes `waker` the one a send (or the last sender going) wakes, if nothing is queued
-    /// and a sender is left; false otherwise (the caller must receive instead of waiting).
-    /// For a connection that waits without a task (`park`).
-    pub fn wait_with(&mut self, waker: &Waker) -> bool {
+    /// Makes the lot slot `at` the one a send (or the last sender going) wakes, if nothing
+    /// is queued and a sender is left; false otherwise (the caller must receive instead of
+    /// waiting). For a connection that waits without a task (`park`).
+    pub(super) fn wait_parked(&mut self, at: ParkedAt) -> bool {
         let mut q = self.shared.lock();
         if !q.items.is_empty() || q.senders == 0 {
             return false;
         }
-        q.waker = Some(waker.clone());
+        q.waiter = Waiter::Parked(at);
         true
     }
 
@@ -161,9 +180,9 @@ impl LinkRx {
         if q.senders == 0 {
             return Poll::Ready(None);
         }
-        match &mut q.waker {
-            Some(w) if w.will_wake(cx.waker()) => {}
-            w => *w = Some(cx.waker().clone()),
+        match &mut q.waiter {
+            Waiter::Task(w) if w.will_wake(cx.waker()) => {}
+            w => *w = Waiter::Task(cx.waker().clone()),
         }
         Poll::Pending
     }
@@ -174,7 +193,7 @@ impl Drop for LinkRx {
         let left = {
             let mut q = self.shared.lock();
             q.receiving = false;
-            q.waker = None;
+            q.waiter = Waiter::None;
             std::mem::take(&mut q.items)
         };
         // Dropped outside the lock.
@@ -208,6 +227,17 @@ mod tests {
             },
             Outgoing::Disconnect(code) => panic!("unexpected disconnect {code}"),
         }
+    }
+
+    /// Every connected client holds one link (issue 17 item 1): one allocation of the
+    /// `Arc`'s counts and this, in glibc's 96-byte size class (88 bytes requested).
+    #[test]
+    fn a_link_stays_small() {
+        let size = 16 + std::mem::size_of::<Shared>();
+        assert!(
+            size <= 88,
+            "a link's allocation is {size} bytes (at most 88)"
+        );
     }
 
     #[test]

@@ -30,8 +30,8 @@
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Mutex, MutexGuard, PoisonError, Weak};
-use std::task::{Poll, Wake, Waker};
+use std::sync::{LazyLock, Mutex, MutexGuard, PoisonError, Weak};
+use std::task::Poll;
 
 use mio::unix::SourceFd;
 use tokio::io::unix::AsyncFd;
@@ -52,6 +52,24 @@ const EVENTS: usize = 256;
 const MAX_SHIFT: u8 = 6;
 /// A connection parked at least this long waits `mqtt.park_idle_ms` again next time.
 const RESET_AFTER: Duration = Duration::from_secs(1);
+/// Slots per page of the lot. Parked connections are kept in pages of this many, allocated
+/// as the lot grows: no allocation per parked connection (which would also leave holes in
+/// the heap between the short-lived allocations of a reconnect storm), no reallocation of
+/// one large array. Pages stay allocated: the lot holds at most as many slots as
+/// connections were ever parked at once.
+const PAGE: usize = 64;
+
+/// Parked connections keep their instants as milliseconds since this (8 bytes, not 16).
+/// Set when the first lot starts, before any connection exists.
+static EPOCH: LazyLock<Instant> = LazyLock::new(Instant::now);
+
+fn to_millis(t: Instant) -> u64 {
+    u64::try_from(t.saturating_duration_since(*EPOCH).as_millis()).unwrap_or(u64::MAX)
+}
+
+fn from_millis(ms: u64) -> Instant {
+    *EPOCH + Duration::from_millis(ms)
+}
 
 type TcpAttached = Attached<OwnedReadHalf, OwnedWriteHalf>;
 
@@ -72,17 +90,18 @@ pub struct Lot {
 
 #[derive(Default)]
 struct Slots {
-    slots: Vec<Slot>,
+    /// Pages of [`PAGE`] slots; slot `i` is `pages[i / PAGE][i % PAGE]`.
+    pages: Vec<Box<[Slot]>>,
     free: Vec<u32>,
     /// Parked connections whose link woke them, for the lot's task to resume.
     woken: Vec<Key>,
 }
 
 #[derive(Default)]
-struct Slot {
-    /// Bumped each time the slot is emptied: a stale waker's key no longer matches.
+pub(super) struct Slot {
+    /// Bumped each time the slot is emptied: a stale key no longer matches.
     generation: u32,
-    parked: Option<Box<Parked>>,
+    parked: Option<Parked>,
 }
 
 /// A slot and its generation.
@@ -99,8 +118,10 @@ pub(super) struct Parked {
     state: State,
     rx: LinkRx,
     user_slot: Option<Box<crate::broker::ratelimit::UserSlot>>,
-    last_read: Instant,
-    parked_at: Instant,
+    /// The last packet read, in milliseconds since [`EPOCH`].
+    last_read: u64,
+    /// When it parked, in milliseconds since [`EPOCH`].
+    parked_at: u64,
     version: ProtocolVersion,
     shared: Arc<Shared>,
     ctx: Arc<ListenerContext>,
@@ -109,22 +130,23 @@ pub(super) struct Parked {
 impl Parked {
     /// When the keep-alive runs out (1.5 × the client's keep-alive after its last packet).
     fn keep_alive_deadline(&self) -> Option<Instant> {
-        self.state.keep_alive.map(|k| self.last_read + k)
+        self.state
+            .keep_alive
+            .map(|k| from_millis(self.last_read) + k)
     }
 }
 
-/// The waker a parked connection's link wakes.
-struct LinkWaker {
+/// Where a parked connection waits: its lot and its slot there. The connection's link
+/// holds this in place of a waker (`link::Waiter::Parked`), so parking allocates nothing.
+#[derive(Debug)]
+pub(super) struct ParkedAt {
     lot: Weak<Lot>,
     key: Key,
 }
 
-impl Wake for LinkWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
+impl ParkedAt {
+    /// Has the lot resume the connection, if it is still parked in that slot.
+    pub(super) fn wake(self) {
         if let Some(lot) = self.lot.upgrade() {
             lot.lock().woken.push(self.key);
             lot.notify.notify_one();
@@ -133,22 +155,42 @@ impl Wake for LinkWaker {
 }
 
 impl Slots {
+    fn slot(&self, index: u32) -> Option<&Slot> {
+        let i = index as usize;
+        self.pages.get(i / PAGE)?.get(i % PAGE)
+    }
+
+    fn slot_mut(&mut self, index: u32) -> Option<&mut Slot> {
+        let i = index as usize;
+        self.pages.get_mut(i / PAGE)?.get_mut(i % PAGE)
+    }
+
+    /// Slots in all pages.
+    fn len(&self) -> usize {
+        self.pages.len() * PAGE
+    }
+
     fn reserve(&mut self) -> Key {
         let index = match self.free.pop() {
             Some(i) => i,
             None => {
-                self.slots.push(Slot::default());
-                // At most one slot per connection: far below u32::MAX.
-                u32::try_from(self.slots.len() - 1).unwrap_or(u32::MAX)
+                let first = self.len();
+                self.pages
+                    .push((0..PAGE).map(|_| Slot::default()).collect());
+                // At most one slot per connection: far below u32::MAX. The page's other
+                // slots are free, lowest first.
+                let index = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
+                self.free.extend((first + 1..first + PAGE).rev().map(index));
+                index(first)
             }
         };
-        let generation = self.slots.get(index as usize).map_or(0, |s| s.generation);
+        let generation = self.slot(index).map_or(0, |s| s.generation);
         Key { index, generation }
     }
 
     /// Empties slot `index` (its generation moves on) and gives it back.
-    fn take(&mut self, index: u32) -> Option<Box<Parked>> {
-        let slot = self.slots.get_mut(index as usize)?;
+    fn take(&mut self, index: u32) -> Option<Parked> {
+        let slot = self.slot_mut(index)?;
         let parked = slot.parked.take()?;
         slot.generation = slot.generation.wrapping_add(1);
         self.free.push(index);
@@ -157,7 +199,7 @@ impl Slots {
 
     /// Gives back a reserved slot that was not filled.
     fn release(&mut self, key: Key) {
-        if let Some(slot) = self.slots.get_mut(key.index as usize) {
+        if let Some(slot) = self.slot_mut(key.index) {
             slot.generation = slot.generation.wrapping_add(1);
             self.free.push(key.index);
         }
@@ -167,6 +209,7 @@ impl Slots {
 impl Lot {
     /// Creates the lot and starts its task on `tracker`.
     pub fn start(shutdown: CancellationToken, tracker: TaskTracker) -> std::io::Result<Arc<Lot>> {
+        LazyLock::force(&EPOCH);
         let poll = mio::Poll::new()?;
         let registry = poll.registry().try_clone()?;
         // SAFETY: the `Poll` owns its epoll descriptor and closes it only when dropped,
@@ -196,16 +239,16 @@ impl Lot {
 
     /// Parks `p`, or resumes it at once if it must not wait (a packet is already queued for
     /// it, its link is closed, the gateway is shutting down, the socket cannot be added).
-    fn admit(self: &Arc<Self>, mut p: Box<Parked>) {
+    fn admit(self: &Arc<Self>, mut p: Parked) {
         let mut slots = self.lock();
         let key = slots.reserve();
-        let waker = Waker::from(Arc::new(LinkWaker {
+        let at = ParkedAt {
             lot: Arc::downgrade(self),
             key,
-        }));
+        };
         let fd = p.stream.as_raw_fd();
         let parked = !self.closing.load(Ordering::Acquire)
-            && p.rx.wait_with(&waker)
+            && p.rx.wait_parked(at)
             && match self.registry.register(
                 &mut SourceFd(&fd),
                 mio::Token(key.index as usize),
@@ -223,7 +266,7 @@ impl Lot {
             self.tracker.spawn(resumed(p));
             return;
         }
-        if let Some(slot) = slots.slots.get_mut(key.index as usize) {
+        if let Some(slot) = slots.slot_mut(key.index) {
             slot.parked = Some(p);
         }
         self.parked.fetch_add(1, Ordering::Relaxed);
@@ -282,8 +325,7 @@ impl Lot {
                 }
                 for key in std::mem::take(&mut slots.woken) {
                     let current = slots
-                        .slots
-                        .get(key.index as usize)
+                        .slot(key.index)
                         .is_some_and(|s| s.generation == key.generation);
                     if current {
                         resume.extend(slots.take(key.index));
@@ -291,13 +333,17 @@ impl Lot {
                 }
                 if all || expired {
                     let now = Instant::now();
-                    for i in 0..slots.slots.len() {
-                        let due = slots.slots[i].parked.as_ref().is_some_and(|p| {
-                            all || p.keep_alive_deadline().is_some_and(|d| d <= now)
-                        });
+                    for i in 0..slots.len() {
+                        // Below u32::MAX (see `Slots::reserve`).
+                        let i = i as u32;
+                        let due = slots
+                            .slot(i)
+                            .and_then(|s| s.parked.as_ref())
+                            .is_some_and(|p| {
+                                all || p.keep_alive_deadline().is_some_and(|d| d <= now)
+                            });
                         if due {
-                            // Below u32::MAX (see `Slots::reserve`).
-                            resume.extend(slots.take(i as u32));
+                            resume.extend(slots.take(i));
                         }
                     }
                 }
@@ -387,22 +433,22 @@ fn park(lot: Arc<Lot>, live: TcpAttached) {
             return;
         }
     };
-    lot.admit(Box::new(Parked {
+    lot.admit(Parked {
         stream,
         conn_id,
         state,
         rx,
         user_slot,
-        last_read,
-        parked_at: Instant::now(),
+        last_read: to_millis(last_read),
+        parked_at: to_millis(Instant::now()),
         version,
         shared,
         ctx,
-    }));
+    });
 }
 
 /// A parked connection's new task.
-fn resumed(p: Box<Parked>) -> impl Future<Output = ()> + Send {
+fn resumed(p: Parked) -> impl Future<Output = ()> + Send {
     served(Resume(Some(p)))
 }
 
@@ -410,13 +456,13 @@ fn resumed(p: Box<Parked>) -> impl Future<Output = ()> + Send {
 /// becomes a live connection (its socket registered with tokio again) when the task first
 /// runs, so a connection woken while the runtime is busy (thousands at once after a
 /// reconnect storm) holds only its parked state until then.
-struct Resume(Option<Box<Parked>>);
+struct Resume(Option<Parked>);
 
 impl Future for Resume {
     type Output = Option<TcpAttached>;
 
     fn poll(mut self: Pin<&mut Self>, _: &mut std::task::Context<'_>) -> Poll<Self::Output> {
-        Poll::Ready(self.0.take().and_then(|p| (*p).into_attached()))
+        Poll::Ready(self.0.take().and_then(Parked::into_attached))
     }
 }
 
@@ -436,7 +482,8 @@ impl Parked {
             shared,
             ctx,
         } = self;
-        let parked_for = parked_at.elapsed();
+        let parked_for = from_millis(parked_at).elapsed();
+        let last_read = from_millis(last_read);
         let waited = Duration::from_millis(shared.cfg.park_idle_ms << state.park_shift);
         if parked_for >= RESET_AFTER {
             state.park_shift = 0;
@@ -517,6 +564,6 @@ mod tests {
         let third = slots.reserve();
         assert_eq!(third.index, 1, "a reserved slot is not handed out twice");
         // A stale key (generation 0) no longer matches slot 0.
-        assert_ne!(slots.slots[0].generation, first.generation);
+        assert_ne!(slots.slot(0).map(|s| s.generation), Some(first.generation));
     }
 }
