@@ -371,15 +371,15 @@ fn page_size_must_be_a_power_of_two_sqlite_accepts() {
 }
 
 #[test]
-fn the_store_cache_size_is_bounded_and_8_mib_by_default() {
+fn the_store_cache_size_is_bounded_and_2_mib_by_default() {
     for bad in ["0", "255", "1048577"] {
         let err = load_err(None, &[("HOLDFAST_STORE__CACHE_SIZE_KIB", bad)]);
         assert_eq!(err.key(), Some("store.cache_size_kib"), "{bad}: {err}");
     }
-    let cfg = Config::load_from(None, env(&[("HOLDFAST_STORE__CACHE_SIZE_KIB", "2048")]))
-        .expect("2048 loads");
-    assert_eq!(cfg.store.cache_size_kib, 2048);
-    assert_eq!(Config::default().store.cache_size_kib, 8192);
+    let cfg = Config::load_from(None, env(&[("HOLDFAST_STORE__CACHE_SIZE_KIB", "8192")]))
+        .expect("8192 loads");
+    assert_eq!(cfg.store.cache_size_kib, 8192);
+    assert_eq!(Config::default().store.cache_size_kib, 2048);
 }
 
 #[test]
