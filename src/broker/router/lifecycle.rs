@@ -22,7 +22,7 @@ impl Router {
         } = req;
         let mut wills = Vec::new();
         let mut resumed = false;
-        if let Some(&sid) = self.by_client.get(&client_id) {
+        if let Some(sid) = self.sessions.sid_of(&client_id) {
             if let Some(s) = self.sessions.get_mut(&sid) {
                 s.generation = self.ids.generation();
                 s.held.clear();
@@ -54,8 +54,8 @@ impl Router {
             self.publish_will(w);
         }
 
-        let sid = match self.by_client.get(&client_id) {
-            Some(&sid) if resumed => sid,
+        let sid = match self.sessions.sid_of(&client_id) {
+            Some(sid) if resumed => sid,
             _ => {
                 let Some(sid) = self.ids.allocate() else {
                     // As many sessions as there are ids (8.4 million): refuse, never wrap.
@@ -69,8 +69,7 @@ impl Router {
                 let mut s = Session::new(sid, client_id.clone(), params, durable);
                 s.pool = Some(self.pool.clone());
                 s.generation = self.ids.generation();
-                self.sessions.insert(sid, Box::new(s));
-                self.by_client.insert(client_id.clone(), sid);
+                self.sessions.insert(Box::new(s));
                 sid
             }
         };
@@ -311,9 +310,6 @@ impl Router {
         let Some(s) = self.sessions.remove(&sid) else {
             return;
         };
-        if self.by_client.get(&s.client_id) == Some(&sid) {
-            self.by_client.remove(&s.client_id);
-        }
         let keys = s.tree_keys();
         self.tree
             .unsubscribe_all(sid, keys.iter().map(|(f, g)| (f.as_str(), g.as_deref())));

@@ -43,6 +43,7 @@ mod recovery;
 mod security;
 mod store_io;
 mod subscribe;
+mod table;
 #[cfg(test)]
 mod tests;
 
@@ -293,10 +294,8 @@ pub struct Router {
     sweep_every: Duration,
     /// The store's time line: what every deadline kept on disk is measured on.
     clock: Clock,
-    /// Boxed: the table then holds 16 bytes per slot, not a whole `Session` in each of
-    /// its up to twice as many slots as sessions (issue 17: 10,000 sessions).
-    sessions: HashMap<SessionId, Box<Session>>,
-    by_client: HashMap<Arc<str>, SessionId>,
+    /// Sessions by id and by client id (`table`: a few bytes per session).
+    sessions: table::Sessions,
     by_conn: HashMap<ConnId, SessionId>,
     tree: SubscriptionTree,
     retained: RetainedStore<Retained>,
@@ -339,8 +338,7 @@ impl Router {
             store_rx,
             sweep_every,
             clock: recovered.clock,
-            sessions: HashMap::new(),
-            by_client: HashMap::new(),
+            sessions: Default::default(),
             by_conn: HashMap::new(),
             tree: SubscriptionTree::new(),
             retained: RetainedStore::new(),
@@ -466,9 +464,9 @@ impl Router {
             } => self.on_disconnected(conn, will, session_expiry),
             RouterEvent::SessionStats { client_id, reply } => {
                 let stats = self
-                    .by_client
-                    .get(client_id.as_str())
-                    .and_then(|sid| self.sessions.get(sid))
+                    .sessions
+                    .sid_of(&client_id)
+                    .and_then(|sid| self.sessions.get(&sid))
                     .map(|s| SessionStats {
                         online: s.is_online(),
                         queued: s.queue_len,
@@ -513,7 +511,7 @@ impl Router {
     }
 
     fn drop_session(&mut self, client_id: &str) -> bool {
-        let Some(&sid) = self.by_client.get(client_id) else {
+        let Some(sid) = self.sessions.sid_of(client_id) else {
             return false;
         };
         let mut will = None;

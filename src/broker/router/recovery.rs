@@ -19,8 +19,8 @@ impl Router {
             max_packet_size: u32::MAX,
             compact_packet_ids: policy.compact_packet_ids,
         };
-        let sid = match self.by_client.get(&client_id) {
-            Some(&sid) => sid,
+        let sid = match self.sessions.sid_of(&client_id) {
+            Some(sid) => sid,
             None => {
                 let Some(sid) = self.ids.allocate() else {
                     error!(client_id = %client_id, "no free session id: internal session not created");
@@ -42,8 +42,7 @@ impl Router {
                     expiry: u32::MAX,
                     will: None,
                 });
-                self.sessions.insert(sid, Box::new(s));
-                self.by_client.insert(client_id.clone(), sid);
+                self.sessions.insert(Box::new(s));
                 sid
             }
         };
@@ -216,8 +215,7 @@ impl Router {
                     will: rs.will.clone(),
                 });
             }
-            self.by_client.insert(client_id, sid);
-            self.sessions.insert(sid, Box::new(s));
+            self.sessions.insert(Box::new(s));
         }
         if count > 0 {
             info!(

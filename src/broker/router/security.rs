@@ -27,9 +27,9 @@ impl Router {
     /// identity; the refusing CONNACK has been sent.
     pub(super) fn refuse_foreign_session(&self, req: &ConnectRequest, id: &Identity) -> bool {
         let Some(s) = self
-            .by_client
-            .get(&req.client_id)
-            .and_then(|sid| self.sessions.get(sid))
+            .sessions
+            .sid_of(&req.client_id)
+            .and_then(|sid| self.sessions.get(&sid))
         else {
             return false;
         };
