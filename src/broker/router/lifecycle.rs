@@ -29,7 +29,7 @@ impl Router {
                 if let Some(old) = s.conn.take() {
                     // Session takeover (MQTT-3.1.4-3): close the old connection.
                     info!(client_id = %client_id, "session taken over by a new connection");
-                    self.by_conn.remove(&old.id);
+                    self.by_conn.remove(old.id, sid);
                     old.send(Outgoing::Disconnect(reason::SESSION_TAKEN_OVER));
                     if let Some(w) = s.will.take() {
                         // The old connection did not DISCONNECT normally. Its will is
@@ -73,17 +73,21 @@ impl Router {
                 sid
             }
         };
-        self.by_conn.insert(link.id, sid);
         if let Some(id) = identity {
             self.adopt_identity(sid, id);
         }
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
+        let conn = link.id;
+        s.conn = Some(link);
+        self.by_conn.insert(conn, sid, &self.sessions);
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         s.params = params;
         s.expiry_interval = expiry_interval;
         s.will = will.map(Box::new);
-        s.conn = Some(link);
         // A session kept in memory only, resumed with a Session Expiry Interval, is durable
         // from now on: write what it holds, or what it acknowledges would die with the process.
         let promote = !s.durable && expiry_interval > 0;
@@ -167,7 +171,7 @@ impl Router {
         will: WillAction,
         session_expiry: Option<u32>,
     ) {
-        let Some(sid) = self.by_conn.remove(&conn) else {
+        let Some(sid) = self.by_conn.take(&conn, &self.sessions) else {
             return; // already taken over
         };
         self.ungate_waiters(sid);

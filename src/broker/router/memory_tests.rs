@@ -201,9 +201,9 @@ fn a_single_subscription_needs_no_allocation_of_its_own() {
     assert_eq!(subs.keys().collect::<Vec<_>>(), ["a/c"]);
 }
 
-/// The router's indexes of its sessions (by session id, by client id) cost a few bytes per
-/// session: at 10,000 sessions two hash maps of 16,384 slots of 17 and 25 bytes (a copy of
-/// the key and the id in each) held 0.7 MiB.
+/// The router's indexes of its sessions (by session id, by client id, by connection) cost a
+/// few bytes per session: at 10,000 connected sessions three hash maps of 16,384 slots of
+/// 17, 25 and 17 bytes (a copy of the key and the id in each) held 0.96 MiB.
 #[test]
 fn the_session_indexes_hold_a_few_bytes_per_session() {
     let n = 1000;
@@ -213,14 +213,14 @@ fn the_session_indexes_hold_a_few_bytes_per_session() {
         .collect();
     h.settle();
     assert_eq!(h.r.sessions.len(), n);
-    let per = h.r.sessions.heap_bytes() as f64 / n as f64;
-    assert!(per <= 32.0, "{per:.1} bytes per session");
+    let per = (h.r.sessions.heap_bytes() + h.r.by_conn.heap_bytes()) as f64 / n as f64;
+    assert!(per <= 40.0, "{per:.1} bytes per session");
     for (i, c) in clients.iter().enumerate() {
         let sid =
             h.r.sessions
                 .sid_of(format!("client-{i}").as_str())
                 .expect("session");
-        assert_eq!(h.r.by_conn.get(&c.conn), Some(&sid));
+        assert_eq!(h.r.by_conn.get(&c.conn, &h.r.sessions), Some(sid));
         assert_eq!(&*h.r.sessions[&sid].client_id, format!("client-{i}"));
     }
     assert_eq!(h.r.sessions.sid_of("client-x"), None);

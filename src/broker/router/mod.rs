@@ -296,7 +296,8 @@ pub struct Router {
     clock: Clock,
     /// Sessions by id and by client id (`table`: a few bytes per session).
     sessions: table::Sessions,
-    by_conn: HashMap<ConnId, SessionId>,
+    /// Session ids by connection (`table`).
+    by_conn: table::ByConn,
     tree: SubscriptionTree,
     retained: RetainedStore<Retained>,
     timers: BinaryHeap<Reverse<Timer>>,
@@ -339,7 +340,7 @@ impl Router {
             sweep_every,
             clock: recovered.clock,
             sessions: Default::default(),
-            by_conn: HashMap::new(),
+            by_conn: Default::default(),
             tree: SubscriptionTree::new(),
             retained: RetainedStore::new(),
             timers: BinaryHeap::new(),
@@ -517,7 +518,7 @@ impl Router {
         let mut will = None;
         if let Some(s) = self.sessions.get_mut(&sid) {
             if let Some(c) = s.conn.take() {
-                self.by_conn.remove(&c.id);
+                self.by_conn.remove(c.id, sid);
                 c.send(Outgoing::Disconnect(reason::ADMINISTRATIVE_ACTION));
             }
             will = s.will.take().and_then(|w| security::permitted_will(s, *w));

@@ -132,8 +132,8 @@ impl Router {
     pub(super) fn note_subscribe(&mut self, conn: ConnId, sub: &Subscribe) {
         let Some(s) = self
             .by_conn
-            .get(&conn)
-            .and_then(|sid| self.sessions.get_mut(sid))
+            .get(&conn, &self.sessions)
+            .and_then(|sid| self.sessions.get_mut(&sid))
         else {
             return;
         };
