@@ -208,21 +208,23 @@ impl Router {
                 publish_now = Some(w);
             } else {
                 s.will = Some(Box::new(w));
-                self.timers.push(Reverse(Timer {
-                    at: now + Duration::from_secs(u64::from(delay)),
-                    session: sid,
+                self.timers.push(Reverse(Timer::new(
+                    self.epoch,
+                    now + Duration::from_secs(u64::from(delay)),
+                    sid,
                     generation,
-                    kind: TimerKind::WillDelay,
-                }));
+                    TimerKind::WillDelay,
+                )));
             }
         }
         if s.expiry_interval != u32::MAX {
-            self.timers.push(Reverse(Timer {
-                at: now + Duration::from_secs(u64::from(s.expiry_interval)),
-                session: sid,
+            self.timers.push(Reverse(Timer::new(
+                self.epoch,
+                now + Duration::from_secs(u64::from(s.expiry_interval)),
+                sid,
                 generation,
-                kind: TimerKind::SessionExpiry,
-            }));
+                TimerKind::SessionExpiry,
+            )));
         }
         if s.durable {
             s.spill_all();
@@ -257,7 +259,7 @@ impl Router {
             let sessions = &self.sessions;
             self.timers.retain(|Reverse(t)| {
                 sessions
-                    .get(&t.session)
+                    .get(&t.session())
                     .is_some_and(|s| s.generation == t.generation && !s.is_online())
             });
         }
@@ -266,11 +268,11 @@ impl Router {
     pub(super) fn fire_timers(&mut self) {
         let now = Instant::now();
         while let Some(Reverse(t)) = self.timers.peek().copied() {
-            if t.at > now {
+            if t.at(self.epoch) > now {
                 break;
             }
             self.timers.pop();
-            let Some(s) = self.sessions.get_mut(&t.session) else {
+            let Some(s) = self.sessions.get_mut(&t.session()) else {
                 continue;
             };
             if s.generation != t.generation || s.is_online() {
@@ -282,7 +284,7 @@ impl Router {
                         let w = security::permitted_will(s, *w);
                         if s.durable {
                             self.commits.ops.push(Op::SessionOffline {
-                                sid: t.session,
+                                sid: t.session(),
                                 at_ms: s.offline_since_ms,
                                 expiry: s.expiry_interval,
                                 will: None,
@@ -302,7 +304,7 @@ impl Router {
                         name: "sessions_expired",
                         add: 1,
                     });
-                    self.end_session(t.session, "session expired");
+                    self.end_session(t.session(), "session expired");
                 }
             }
         }

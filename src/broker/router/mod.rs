@@ -278,12 +278,46 @@ enum TimerKind {
     SessionExpiry,
 }
 
+/// A will-delay or session-expiry deadline, in the router's heap: 24 bytes (issue 17: one
+/// per offline session, in a heap of up to twice as many slots), so the deadline is kept
+/// as nanoseconds since the router's `epoch` and the session id in 32 bits (ids are at most
+/// `store::MAX_SID`, < 2^23). Ordered by deadline first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Timer {
-    at: Instant,
-    session: SessionId,
+    at_ns: u64,
+    session: u32,
     generation: u64,
     kind: TimerKind,
+}
+
+impl Timer {
+    /// A deadline before `epoch` is kept as `epoch` (both are past when it is armed:
+    /// `epoch` is the router's start).
+    fn new(
+        epoch: Instant,
+        at: Instant,
+        session: SessionId,
+        generation: u64,
+        kind: TimerKind,
+    ) -> Timer {
+        let at_ns = at.saturating_duration_since(epoch).as_nanos();
+        Timer {
+            at_ns: u64::try_from(at_ns).unwrap_or(u64::MAX),
+            // Ids fit (see above); an id that did not would only make a timer that never
+            // matches its session.
+            session: u32::try_from(session).unwrap_or(u32::MAX),
+            generation,
+            kind,
+        }
+    }
+
+    fn at(&self, epoch: Instant) -> Instant {
+        epoch + Duration::from_nanos(self.at_ns)
+    }
+
+    fn session(&self) -> SessionId {
+        SessionId::from(self.session)
+    }
 }
 
 pub struct Router {
@@ -301,6 +335,8 @@ pub struct Router {
     tree: SubscriptionTree,
     retained: RetainedStore<Retained>,
     timers: BinaryHeap<Reverse<Timer>>,
+    /// What timers' deadlines count from (`Timer`): when the router was made.
+    epoch: Instant,
     /// Session ids (slots, reused; never wrap) and timer generations.
     ids: ids::SessionIds,
     /// Scratch buffer for subscription matches, reused across publishes.
@@ -344,6 +380,7 @@ impl Router {
             tree: SubscriptionTree::new(),
             retained: RetainedStore::new(),
             timers: BinaryHeap::new(),
+            epoch: Instant::now(),
             ids: ids::SessionIds::new(recovered.sessions.iter().map(|s| s.sid)),
             matches: Vec::new(),
             route_gated: false,
@@ -369,7 +406,7 @@ impl Router {
         let mut sweep = tokio::time::interval(self.sweep_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next_timer = self.timers.peek().map(|Reverse(t)| t.at);
+            let next_timer = self.timers.peek().map(|Reverse(t)| t.at(self.epoch));
             tokio::select! {
                 n = self.rx.recv_many(&mut events, BATCH) => {
                     if n == 0 {

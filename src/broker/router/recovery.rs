@@ -189,23 +189,13 @@ impl Router {
                 } else {
                     now + delay
                 };
-                self.push_timer(Timer {
-                    at,
-                    session: sid,
-                    generation: 0,
-                    kind: TimerKind::WillDelay,
-                });
+                self.push_timer(Timer::new(self.epoch, at, sid, 0, TimerKind::WillDelay));
             }
             if s.expiry_interval != u32::MAX {
                 let at = (now + Duration::from_secs(u64::from(s.expiry_interval)))
                     .checked_sub(offline_for)
                     .unwrap_or(now);
-                self.push_timer(Timer {
-                    at,
-                    session: sid,
-                    generation: 0,
-                    kind: TimerKind::SessionExpiry,
-                });
+                self.push_timer(Timer::new(self.epoch, at, sid, 0, TimerKind::SessionExpiry));
             }
             if rs.disconnected_at.is_none() {
                 self.commits.ops.push(Op::SessionOffline {

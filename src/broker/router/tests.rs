@@ -262,7 +262,7 @@ fn a_session_that_comes_and_goes_does_not_pile_up_expiry_timers() {
     assert!(
         h.r.timers
             .iter()
-            .any(|t| t.0.session == s.id && t.0.generation == s.generation),
+            .any(|t| t.0.session() == s.id && t.0.generation == s.generation),
         "the live expiry timer is still armed"
     );
 }
