@@ -67,7 +67,7 @@ impl Router {
                 };
                 let durable = expiry_interval > 0;
                 let mut s = Session::new(sid, client_id.clone(), params, durable);
-                s.pool = Some(self.pool.clone());
+                s.charged = true;
                 s.generation = self.ids.generation();
                 self.sessions.insert(Box::new(s));
                 sid

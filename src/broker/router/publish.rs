@@ -409,9 +409,9 @@ impl Router {
                 }
                 return true;
             }
-        } else if s.window_open() && s.queue_empty() && s.mem_fits(&msg) {
+        } else if s.window_open() && s.queue_empty() && s.mem_fits(&msg, &self.pool) {
             // (No room under the read-back budget: queued on disk, read back in turn.)
-            s.charge(&mut msg);
+            s.charge(&mut msg, &self.pool);
             let packet_id = s.allocate_packet_id();
             let seq = s.take_seq();
             let mut token = 0;
@@ -497,7 +497,7 @@ impl Router {
                             } else {
                                 ops.push(Op::DeleteOldest {
                                     sid,
-                                    from_seq: s.spilled_from.unwrap_or(0),
+                                    from_seq: s.spilled_from().unwrap_or(0),
                                     count: 1,
                                     refusable: true,
                                 });
@@ -526,7 +526,7 @@ impl Router {
             });
             cur.enqueued.push((sid, seq, len));
         }
-        s.push_queue(Queued { seq, message: msg });
+        s.push_queue(Queued { seq, message: msg }, &self.pool);
         true
     }
 

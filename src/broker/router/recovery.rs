@@ -124,7 +124,7 @@ impl Router {
             };
             let client_id: Arc<str> = rs.client_id.as_str().into();
             let mut s = Session::new(sid, client_id.clone(), params, true);
-            s.pool = Some(self.pool.clone());
+            s.charged = true;
             s.expiry_interval = rs.expiry;
             s.offline_since_ms = rs.disconnected_at.unwrap_or(now_ms);
             s.next_seq = rs.next_seq;
@@ -171,7 +171,7 @@ impl Router {
             // first read-back tells (an empty answer clears `spilled_from`).
             let after_sent = last_inflight_seq.map_or(0, |q| q + 1);
             if rs.next_seq > after_sent {
-                s.spilled_from = Some(after_sent);
+                s.set_spilled_from(Some(after_sent));
             }
             s.will = rs.will.as_ref().and_then(will_from_stored).map(Box::new);
             // Timers: wills of sessions that were connected when the broker stopped are

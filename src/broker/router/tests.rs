@@ -120,7 +120,7 @@ fn messages_beyond_the_read_back_budget_wait_on_disk_and_still_arrive_in_order()
     }
     h.settle();
     let s = &h.r.sessions[&h.r.sessions.sid_of("s0").expect("session")];
-    assert!(s.spilled_from.is_some(), "the rest waits on disk");
+    assert!(s.spilled_from().is_some(), "the rest waits on disk");
     assert!(
         h.r.pool.used() <= 4096 + 10_400,
         "one oversized message at most beyond it"
