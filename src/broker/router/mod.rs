@@ -25,7 +25,9 @@
 //! shutdown), `publish` (publish and acknowledgement flows, routing, delivery, pumping
 //! queues), `subscribe`, `store_io` (tokens to the writer and what it reports back),
 //! `output` (held output and its release), `persist` (store encodings), `security`
-//! (session ownership, the ACL in force per session, filtered deliveries, wills).
+//! (session ownership, the ACL in force per session, filtered deliveries, wills), `table`
+//! (the sessions by id, client id and connection, in tables of small slots), `ids`
+//! (session ids and generations).
 
 mod commits;
 #[cfg(test)]
