@@ -46,6 +46,8 @@ pub const MEM_QUEUE_INTERNAL: usize = 4096;
 pub const MEM_QUEUE_BYTES: u64 = 1024 * 1024;
 /// The same for an internal session (a bridge outbox).
 pub const MEM_QUEUE_BYTES_INTERNAL: u64 = 4 * 1024 * 1024;
+/// `Session::spilled` when nothing is on disk only.
+const NOT_SPILLED: u64 = u64::MAX;
 
 /// Where an outgoing QoS 1/2 message stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -251,8 +253,9 @@ pub struct Session {
     /// Messages waiting (in memory or on disk), not counting in-flight ones.
     pub queue_len: u64,
     pub queued_bytes: u64,
-    /// Queued messages from this sequence number on are on disk only.
-    pub spilled_from: Option<u64>,
+    /// Queued messages from this sequence number on are on disk only ([`NOT_SPILLED`]: none;
+    /// not an `Option`, 8 bytes less in each session: `spilled_from`).
+    spilled: u64,
     /// A read-back of the on-disk queue is outstanding.
     pub reading: bool,
     /// The outstanding read-back was asked for a read position that has since moved back
@@ -301,9 +304,10 @@ pub struct Session {
     /// Some subscription overlaps a deny rule of `acl`: deliveries are checked one by one.
     /// False for every other session (no check per delivery).
     pub acl_filtered: bool,
-    /// The gateway's read-back budget: charged for the message bodies this session holds
-    /// in memory while it is durable (not internal). None: never charged.
-    pub pool: Option<Arc<ReadPool>>,
+    /// Charged to the gateway's read-back budget (which the router passes in: not kept in
+    /// each of 10,000 sessions) for the message bodies it holds in memory while it is
+    /// durable (not internal). False: never charged.
+    pub charged: bool,
     /// In the router's queue of sessions waiting for budget to read back.
     pub read_waiting: bool,
     /// Some in-flight messages awaiting PUBACK / PUBREC have their bodies on disk only:
@@ -329,7 +333,7 @@ impl Session {
             queue_mem_bytes: 0,
             queue_len: 0,
             queued_bytes: 0,
-            spilled_from: None,
+            spilled: NOT_SPILLED,
             reading: false,
             read_stale: false,
             drops_pending: 0,
@@ -345,7 +349,7 @@ impl Session {
             owner: crate::auth::SessionOwner::Unknown,
             acl: None,
             acl_filtered: false,
-            pool: None,
+            charged: false,
             read_waiting: false,
             inflight_on_disk: false,
             generation: 0,
@@ -400,7 +404,7 @@ impl Session {
     /// Decided by positions, never by the count: everything not in memory is at or after
     /// `spilled_from` on disk until a read-back finds nothing more there.
     pub fn queue_empty(&self) -> bool {
-        self.queue.is_empty() && self.spilled_from.is_none()
+        self.queue.is_empty() && self.spilled_from().is_none()
     }
 
     /// A queued row left the queue behind the router's back (expiry sweep, disk budget,
@@ -417,7 +421,7 @@ impl Session {
             RowPlace::Memory
         } else if self.inflight.iter().any(|m| m.seq == seq) {
             RowPlace::InFlight
-        } else if self.spilled_from.is_some_and(|from| seq >= from) {
+        } else if self.spilled_from().is_some_and(|from| seq >= from) {
             self.forget_queued(size);
             RowPlace::Disk
         } else {
@@ -429,7 +433,7 @@ impl Session {
     /// (whatever estimate brought them here).
     pub fn settle_counts(&mut self) {
         if self.queue.is_empty()
-            && self.spilled_from.is_none()
+            && self.spilled_from().is_none()
             && !self.reading
             && self.drops_pending == 0
         {
@@ -490,25 +494,26 @@ impl Session {
         s
     }
 
-    /// Adds a message to the back of the queue (kept in memory only if allowed).
-    pub fn push_queue(&mut self, q: Queued) {
+    /// Adds a message to the back of the queue (kept in memory only if allowed; `pool`:
+    /// the read-back budget).
+    pub fn push_queue(&mut self, q: Queued, pool: &Arc<ReadPool>) {
         self.queue_len += 1;
         let size = q.message.publish.payload.len() as u64;
         self.queued_bytes += size;
         let in_memory = !self.durable
-            || (self.spilled_from.is_none()
+            || (self.spilled_from().is_none()
                 && self.is_online()
                 && self.queue.len() < self.mem_queue()
                 && (self.queue.is_empty()
                     || self.queue_mem_bytes + size <= self.mem_queue_bytes())
-                && self.mem_fits(&q.message));
+                && self.mem_fits(&q.message, pool));
         if in_memory {
             let mut q = q;
-            self.charge(&mut q.message);
+            self.charge(&mut q.message, pool);
             self.queue_mem_bytes += size;
             self.queue.push_back(q);
-        } else if self.spilled_from.is_none() {
-            self.spilled_from = Some(q.seq);
+        } else if self.spilled_from().is_none() {
+            self.set_spilled_from(Some(q.seq));
         }
     }
 
@@ -540,29 +545,37 @@ impl Session {
     }
 
     /// Appends a message read back from disk to the in-memory queue.
-    pub fn push_read_back(&mut self, mut q: Queued) {
-        self.charge(&mut q.message);
+    pub fn push_read_back(&mut self, mut q: Queued, pool: &Arc<ReadPool>) {
+        self.charge(&mut q.message, pool);
         self.queue_mem_bytes += q.message.publish.payload.len() as u64;
         self.queue.push_back(q);
     }
 
-    /// The read-back budget this session's message bodies are charged to: durable,
-    /// non-internal sessions only.
-    pub fn budget(&self) -> Option<&Arc<ReadPool>> {
-        self.pool
-            .as_ref()
-            .filter(|_| self.durable && !self.internal)
+    /// Queued messages from this sequence number on are on disk only (None: none are).
+    pub fn spilled_from(&self) -> Option<u64> {
+        (self.spilled != NOT_SPILLED).then_some(self.spilled)
+    }
+
+    pub fn set_spilled_from(&mut self, seq: Option<u64>) {
+        // Sequence numbers stop at `store::MAX_SEQ`, far below the mark.
+        self.spilled = seq.unwrap_or(NOT_SPILLED);
+    }
+
+    /// The read-back budget (`pool`) if this session's message bodies are charged to it:
+    /// durable, non-internal sessions only.
+    pub fn budget<'a>(&self, pool: &'a Arc<ReadPool>) -> Option<&'a Arc<ReadPool>> {
+        Some(pool).filter(|_| self.charged && self.durable && !self.internal)
     }
 
     /// Whether the budget leaves room to keep `m`'s body in memory.
-    pub fn mem_fits(&self, m: &Message) -> bool {
-        self.budget()
+    pub fn mem_fits(&self, m: &Message, pool: &Arc<ReadPool>) -> bool {
+        self.budget(pool)
             .is_none_or(|p| p.fits(super::readback::cost(&m.publish)))
     }
 
     /// Charges `m`'s body to the budget (once) while this session holds it.
-    pub fn charge(&self, m: &mut Message) {
-        if let (Some(pool), None) = (self.budget(), &m.charge) {
+    pub fn charge(&self, m: &mut Message, pool: &Arc<ReadPool>) {
+        if let (Some(pool), None) = (self.budget(pool), &m.charge) {
             m.charge = Some(pool.charge(super::readback::cost(&m.publish)));
         }
     }
@@ -586,7 +599,7 @@ impl Session {
     /// A durable session going offline releases its in-memory queue (it is on disk).
     pub fn spill_all(&mut self) {
         if let Some(front) = self.queue.front() {
-            self.spilled_from = Some(front.seq);
+            self.set_spilled_from(Some(front.seq));
             self.queue.clear();
             // An answer on its way was asked for a later position: it must not be taken.
             self.read_stale = self.reading;
@@ -738,19 +751,23 @@ mod tests {
         let (link, _rx) = ConnLink::new(1);
         s.conn = Some(link);
         let big = bytes::Bytes::from(vec![0u8; 64 * 1024]);
+        let pool = super::super::readback::ReadPool::new(1 << 20);
         for seq in 0..MEM_QUEUE_INTERNAL as u64 {
             let publish = Publish {
                 payload: big.clone(),
                 ..Default::default()
             };
-            s.push_queue(Queued {
-                seq,
-                message: Message {
-                    publish,
-                    expires_at: None,
-                    charge: None,
+            s.push_queue(
+                Queued {
+                    seq,
+                    message: Message {
+                        publish,
+                        expires_at: None,
+                        charge: None,
+                    },
                 },
-            });
+                &pool,
+            );
         }
         let in_memory: u64 = s
             .queue
@@ -763,7 +780,7 @@ mod tests {
         );
         assert_eq!(in_memory, s.queue_mem_bytes);
         assert_eq!(s.queue_len, MEM_QUEUE_INTERNAL as u64);
-        assert_eq!(s.spilled_from, Some(s.queue.len() as u64));
+        assert_eq!(s.spilled_from(), Some(s.queue.len() as u64));
         // Taking from the front frees the budget.
         let before = s.queue_mem_bytes;
         s.pop_queue();

@@ -5,9 +5,10 @@
 //! subscription identifiers" in O(levels × matching branches), independent of the total
 //! number of subscriptions. Pure data structure, no I/O.
 //!
-//! Layout: a trie with one node per filter level. A node has literal children (hash map
-//! keyed by level, allocated with the first child and freed with the last: most nodes are
-//! leaves, pinned at 56 bytes by a size test), a `+` child, a `#` slot (subscriptions whose filter ends in `#` right
+//! Layout: a trie with one node per filter level. A node has literal children (a packed
+//! vector of (level, node), hash-indexed above a few entries: [`ChildSet`]; allocated with
+//! the first child and freed with the last: most nodes are leaves, pinned at 56 bytes by a
+//! size test), a `+` child, a `#` slot (subscriptions whose filter ends in `#` right
 //! below this node) and its own subscriptions (filters ending exactly at this node). Each
 //! subscription slot holds direct subscribers (`session -> data`, sorted by session: most
 //! slots have one, kept inline, or a few) and shared groups (`group -> members`, ordered,
@@ -25,7 +26,7 @@
 //! - All walks (match, subscribe, unsubscribe, drop) are iterative, so a very deep filter
 //!   cannot overflow the stack.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use super::lazy::Few;
 use crate::protocol::types::{QoS, SubscriptionOptions};
@@ -132,36 +133,170 @@ impl SharedGroups {
 }
 
 /// A node's literal children, keyed by level: allocated on the first child and freed
-/// with the last, because most nodes are leaves (a topic per sensor) and an empty
-/// `HashMap` inline costs each of them 48 bytes in its parent's table.
-#[allow(
-    clippy::box_collection,
-    reason = "boxed for its size inline (8 bytes, not 24-48)"
-)]
+/// with the last, because most nodes are leaves (a topic per sensor).
 #[derive(Debug, Default)]
-struct Children(Option<Box<HashMap<Box<str>, Node>>>);
+struct Children(Option<Box<ChildSet>>);
+
+/// Child sets up to this size are searched by a linear scan (a few short keys compare in
+/// less time than a hash takes); larger ones get a hash index.
+const SCAN_MAX: usize = 8;
+
+/// The children of one node: the entries (level, node) packed in a vector, and above
+/// [`SCAN_MAX`] entries an index of their positions by the hash of their level.
+///
+/// Not a `HashMap<Box<str>, Node>`: its slots are whole entries (72 bytes), a power of two
+/// of them and up to half empty after a growth, so one level with 10,000 children (a topic
+/// per session under one parent, issue 17) held 16,384 × 73 bytes (1.14 MiB), and a node
+/// with one child a table of four slots (~350 bytes). Here the vector grows by about an
+/// eighth and the index holds 4-byte positions: ~84 bytes per child at 10,000 children,
+/// ~100 bytes for a single child. Lookups stay O(1) (one probe of the index, one compare
+/// of the entry); a removal moves the last entry into the hole and fixes its position.
+#[derive(Debug, Default)]
+struct ChildSet {
+    /// Unordered; no key twice.
+    entries: Vec<(Box<str>, Node)>,
+    /// Positions in `entries`, by the hash of their key: `Some` above [`SCAN_MAX`]
+    /// entries (dropped again at half that).
+    index: Option<Box<ChildIndex>>,
+}
+
+#[derive(Debug)]
+struct ChildIndex {
+    positions: hashbrown::HashTable<u32>,
+    hasher: std::hash::RandomState,
+}
+
+impl ChildIndex {
+    /// An index of every entry.
+    fn of(entries: &[(Box<str>, Node)]) -> Box<ChildIndex> {
+        let mut ix = Box::new(ChildIndex {
+            positions: hashbrown::HashTable::with_capacity(entries.len()),
+            hasher: std::hash::RandomState::new(),
+        });
+        for (i, (key, _)) in entries.iter().enumerate() {
+            ix.add(entries, key, i);
+        }
+        ix
+    }
+
+    fn hash(&self, level: &str) -> u64 {
+        std::hash::BuildHasher::hash_one(&self.hasher, level)
+    }
+
+    /// Indexes entry `i` (whose key is `level`; not indexed yet).
+    fn add(&mut self, entries: &[(Box<str>, Node)], level: &str, i: usize) {
+        let hasher = &self.hasher;
+        self.positions
+            .insert_unique(self.hash(level), position(i), |&j| {
+                std::hash::BuildHasher::hash_one(hasher, &*entries[j as usize].0)
+            });
+    }
+
+    fn find(&self, entries: &[(Box<str>, Node)], level: &str) -> Option<usize> {
+        self.positions
+            .find(self.hash(level), |&j| *entries[j as usize].0 == *level)
+            .map(|&j| j as usize)
+    }
+
+    /// Entry `from` (key `level`) is now at `to` (`None`: gone).
+    fn moved(&mut self, level: &str, from: usize, to: Option<usize>) {
+        let from = position(from);
+        if let Ok(e) = self.positions.find_entry(self.hash(level), |&j| j == from) {
+            match to {
+                Some(to) => *e.into_mut() = position(to),
+                None => {
+                    e.remove();
+                }
+            }
+        }
+    }
+}
+
+/// An entry's position as stored in the index.
+fn position(i: usize) -> u32 {
+    // A child set of 2^32 entries would take more than 300 GB: out of reach.
+    u32::try_from(i).unwrap_or(u32::MAX)
+}
+
+impl ChildSet {
+    fn find(&self, level: &str) -> Option<usize> {
+        match &self.index {
+            Some(ix) => ix.find(&self.entries, level),
+            None => self.entries.iter().position(|(k, _)| **k == *level),
+        }
+    }
+
+    /// Adds a child not there yet (allocating its key).
+    fn push(&mut self, level: &str) -> &mut Node {
+        let n = self.entries.len();
+        if n == self.entries.capacity() {
+            // About an eighth more: a few copies per entry in all, and little left over.
+            self.entries.reserve_exact((n / 8).max(1));
+        }
+        self.entries.push((Box::from(level), Node::default()));
+        match &mut self.index {
+            Some(ix) => ix.add(&self.entries, level, n),
+            None if n + 1 > SCAN_MAX => self.index = Some(ChildIndex::of(&self.entries)),
+            None => {}
+        }
+        &mut self.entries[n].1
+    }
+
+    /// Removes the child at `i`; the last entry takes its place.
+    fn remove_at(&mut self, i: usize) {
+        let last = self.entries.len() - 1;
+        if let Some(ix) = &mut self.index {
+            ix.moved(&self.entries[i].0, i, None);
+            if i != last {
+                ix.moved(&self.entries[last].0, last, Some(i));
+            }
+        }
+        self.entries.swap_remove(i);
+        let n = self.entries.len();
+        if n <= SCAN_MAX / 2 {
+            self.index = None;
+        }
+        if n <= self.entries.capacity() / 2 {
+            // After many unsubscribes: back to about an eighth above what is left
+            // (growing to the half again costs as many pushes as were removed).
+            self.entries.shrink_to(n + n / 8);
+            if let Some(ix) = &mut self.index {
+                let hasher = &ix.hasher;
+                let entries = &self.entries;
+                ix.positions.shrink_to(n, |&j| {
+                    std::hash::BuildHasher::hash_one(hasher, &*entries[j as usize].0)
+                });
+            }
+        }
+    }
+}
 
 impl Children {
     fn len(&self) -> usize {
-        self.0.as_ref().map_or(0, |m| m.len())
+        self.0.as_ref().map_or(0, |c| c.entries.len())
     }
 
     fn get_mut(&mut self, level: &str) -> Option<&mut Node> {
-        self.0.as_mut().and_then(|m| m.get_mut(level))
+        let set = self.0.as_mut()?;
+        let i = set.find(level)?;
+        Some(&mut set.entries[i].1)
     }
 
     /// Allocates the key; only called when the path is incomplete.
     fn get_or_insert(&mut self, level: &str) -> &mut Node {
-        self.0
-            .get_or_insert_with(Default::default)
-            .entry(Box::from(level))
-            .or_default()
+        let set = self.0.get_or_insert_with(Default::default);
+        match set.find(level) {
+            Some(i) => &mut set.entries[i].1,
+            None => set.push(level),
+        }
     }
 
     fn remove(&mut self, level: &str) {
-        if let Some(m) = self.0.as_mut() {
-            m.remove(level);
-            if m.is_empty() {
+        if let Some(set) = self.0.as_mut() {
+            if let Some(i) = set.find(level) {
+                set.remove_at(i);
+            }
+            if set.entries.is_empty() {
                 self.0 = None;
             }
         }
@@ -169,12 +304,33 @@ impl Children {
 
     /// Takes every child out (for an iterative drop).
     fn take_all(&mut self) -> impl Iterator<Item = Node> {
-        self.0.take().into_iter().flat_map(|m| m.into_values())
+        self.0
+            .take()
+            .into_iter()
+            .flat_map(|c| c.entries.into_iter().map(|(_, n)| n))
     }
 
     #[cfg(test)]
     fn values(&self) -> impl Iterator<Item = &Node> {
-        self.0.iter().flat_map(|m| m.values())
+        self.0.iter().flat_map(|c| c.entries.iter().map(|(_, n)| n))
+    }
+
+    /// Heap bytes of the child set itself (not of the children's own keys and tables).
+    #[cfg(test)]
+    fn heap_bytes(&self) -> usize {
+        self.0.as_ref().map_or(0, |c| {
+            let index = c.index.as_ref().map_or(0, |ix| {
+                let buckets = if ix.positions.capacity() < 8 {
+                    (ix.positions.capacity() + 1).next_power_of_two()
+                } else {
+                    (ix.positions.capacity() * 8 / 7).next_power_of_two()
+                };
+                std::mem::size_of::<ChildIndex>() + buckets * (4 + 1) + 16
+            });
+            std::mem::size_of::<ChildSet>()
+                + c.entries.capacity() * std::mem::size_of::<(Box<str>, Node)>()
+                + index
+        })
     }
 }
 

@@ -531,3 +531,47 @@ fn a_topic_with_one_subscriber_needs_no_allocation_of_its_own() {
     assert_eq!(slots(&mut tree), Some(0), "one left");
     assert_eq!(sessions(&mut tree, "a/b"), vec![7]);
 }
+
+/// Heap bytes of a child set per child: one level with 10,000 children (a topic per
+/// session under one parent, as in issue 17's benchmark) was a hash table of 16,384 slots
+/// of 73 bytes (1.14 MiB, 61% full after its last growth); a node with one child (a device
+/// level above its one measurement) held a table of 4 slots.
+#[test]
+fn a_level_with_many_children_holds_little_more_than_its_entries() {
+    let entry = std::mem::size_of::<(Box<str>, Node)>();
+    let mut tree = SubscriptionTree::default();
+    let n = 10_000u64;
+    for s in 0..n {
+        tree.subscribe(&format!("scale/{s}"), None, s, data(1, None));
+    }
+    let scale = tree.root.children.get_mut("scale").expect("scale");
+    let per = scale.children.heap_bytes() as f64 / n as f64;
+    assert!(
+        per <= (entry + 24) as f64,
+        "{per:.1} bytes per child of {entry}-byte entries"
+    );
+    for s in 0..n {
+        assert_eq!(sessions(&mut tree, &format!("scale/{s}")), vec![s]);
+    }
+    // Removals move entries: every other one goes, from both ends, then all but three.
+    for s in (0..n).filter(|s| s % 2 == 0) {
+        let s = if s % 4 == 0 { s } else { n - s };
+        assert!(tree.unsubscribe(&format!("scale/{s}"), None, s));
+    }
+    for s in 0..n {
+        let want = if s % 2 == 1 { vec![s] } else { vec![] };
+        assert_eq!(sessions(&mut tree, &format!("scale/{s}")), want);
+    }
+    for s in (3..n).filter(|s| s % 2 == 1) {
+        assert!(tree.unsubscribe(&format!("scale/{s}"), None, s));
+    }
+    assert_eq!(tree.len(), 1);
+    assert_eq!(sessions(&mut tree, "scale/1"), vec![1]);
+    let scale = tree.root.children.get_mut("scale").expect("scale");
+    assert!(scale.children.heap_bytes() <= entry + 64, "shrunk");
+    let mut one = SubscriptionTree::default();
+    one.subscribe("dev/7/temp", None, 1, data(1, None));
+    let seven = one.root.children.get_mut("dev").expect("dev");
+    let bytes = seven.children.heap_bytes();
+    assert!(bytes <= entry + 64, "{bytes} bytes for one child");
+}

@@ -348,7 +348,7 @@ impl Harness {
     /// messages counted by the router, unsent rows on disk).
     pub fn counts(&mut self, client_id: &str) -> (u64, u64) {
         self.settle();
-        let sid = self.r.by_client[client_id];
+        let sid = self.r.sessions.sid_of(client_id).expect("session");
         let counted = self.r.sessions[&sid].queue_len;
         let db = rusqlite::Connection::open(&self.opts.path).expect("open db");
         let (lo, hi) = crate::store::queue_range(sid);

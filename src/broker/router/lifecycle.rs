@@ -22,14 +22,14 @@ impl Router {
         } = req;
         let mut wills = Vec::new();
         let mut resumed = false;
-        if let Some(&sid) = self.by_client.get(&client_id) {
+        if let Some(sid) = self.sessions.sid_of(&client_id) {
             if let Some(s) = self.sessions.get_mut(&sid) {
                 s.generation = self.ids.generation();
                 s.held.clear();
                 if let Some(old) = s.conn.take() {
                     // Session takeover (MQTT-3.1.4-3): close the old connection.
                     info!(client_id = %client_id, "session taken over by a new connection");
-                    self.by_conn.remove(&old.id);
+                    self.by_conn.remove(old.id, sid);
                     old.send(Outgoing::Disconnect(reason::SESSION_TAKEN_OVER));
                     if let Some(w) = s.will.take() {
                         // The old connection did not DISCONNECT normally. Its will is
@@ -54,8 +54,8 @@ impl Router {
             self.publish_will(w);
         }
 
-        let sid = match self.by_client.get(&client_id) {
-            Some(&sid) if resumed => sid,
+        let sid = match self.sessions.sid_of(&client_id) {
+            Some(sid) if resumed => sid,
             _ => {
                 let Some(sid) = self.ids.allocate() else {
                     // As many sessions as there are ids (8.4 million): refuse, never wrap.
@@ -67,24 +67,27 @@ impl Router {
                 };
                 let durable = expiry_interval > 0;
                 let mut s = Session::new(sid, client_id.clone(), params, durable);
-                s.pool = Some(self.pool.clone());
+                s.charged = true;
                 s.generation = self.ids.generation();
-                self.sessions.insert(sid, Box::new(s));
-                self.by_client.insert(client_id.clone(), sid);
+                self.sessions.insert(Box::new(s));
                 sid
             }
         };
-        self.by_conn.insert(link.id, sid);
         if let Some(id) = identity {
             self.adopt_identity(sid, id);
         }
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
+        let conn = link.id;
+        s.conn = Some(link);
+        self.by_conn.insert(conn, sid, &self.sessions);
+        let Some(s) = self.sessions.get_mut(&sid) else {
+            return;
+        };
         s.params = params;
         s.expiry_interval = expiry_interval;
         s.will = will.map(Box::new);
-        s.conn = Some(link);
         // A session kept in memory only, resumed with a Session Expiry Interval, is durable
         // from now on: write what it holds, or what it acknowledges would die with the process.
         let promote = !s.durable && expiry_interval > 0;
@@ -168,7 +171,7 @@ impl Router {
         will: WillAction,
         session_expiry: Option<u32>,
     ) {
-        let Some(sid) = self.by_conn.remove(&conn) else {
+        let Some(sid) = self.by_conn.take(&conn, &self.sessions) else {
             return; // already taken over
         };
         self.ungate_waiters(sid);
@@ -205,21 +208,23 @@ impl Router {
                 publish_now = Some(w);
             } else {
                 s.will = Some(Box::new(w));
-                self.timers.push(Reverse(Timer {
-                    at: now + Duration::from_secs(u64::from(delay)),
-                    session: sid,
+                self.timers.push(Reverse(Timer::new(
+                    self.epoch,
+                    now + Duration::from_secs(u64::from(delay)),
+                    sid,
                     generation,
-                    kind: TimerKind::WillDelay,
-                }));
+                    TimerKind::WillDelay,
+                )));
             }
         }
         if s.expiry_interval != u32::MAX {
-            self.timers.push(Reverse(Timer {
-                at: now + Duration::from_secs(u64::from(s.expiry_interval)),
-                session: sid,
+            self.timers.push(Reverse(Timer::new(
+                self.epoch,
+                now + Duration::from_secs(u64::from(s.expiry_interval)),
+                sid,
                 generation,
-                kind: TimerKind::SessionExpiry,
-            }));
+                TimerKind::SessionExpiry,
+            )));
         }
         if s.durable {
             s.spill_all();
@@ -254,7 +259,7 @@ impl Router {
             let sessions = &self.sessions;
             self.timers.retain(|Reverse(t)| {
                 sessions
-                    .get(&t.session)
+                    .get(&t.session())
                     .is_some_and(|s| s.generation == t.generation && !s.is_online())
             });
         }
@@ -263,11 +268,11 @@ impl Router {
     pub(super) fn fire_timers(&mut self) {
         let now = Instant::now();
         while let Some(Reverse(t)) = self.timers.peek().copied() {
-            if t.at > now {
+            if t.at(self.epoch) > now {
                 break;
             }
             self.timers.pop();
-            let Some(s) = self.sessions.get_mut(&t.session) else {
+            let Some(s) = self.sessions.get_mut(&t.session()) else {
                 continue;
             };
             if s.generation != t.generation || s.is_online() {
@@ -279,7 +284,7 @@ impl Router {
                         let w = security::permitted_will(s, *w);
                         if s.durable {
                             self.commits.ops.push(Op::SessionOffline {
-                                sid: t.session,
+                                sid: t.session(),
                                 at_ms: s.offline_since_ms,
                                 expiry: s.expiry_interval,
                                 will: None,
@@ -299,7 +304,7 @@ impl Router {
                         name: "sessions_expired",
                         add: 1,
                     });
-                    self.end_session(t.session, "session expired");
+                    self.end_session(t.session(), "session expired");
                 }
             }
         }
@@ -311,9 +316,6 @@ impl Router {
         let Some(s) = self.sessions.remove(&sid) else {
             return;
         };
-        if self.by_client.get(&s.client_id) == Some(&sid) {
-            self.by_client.remove(&s.client_id);
-        }
         let keys = s.tree_keys();
         self.tree
             .unsubscribe_all(sid, keys.iter().map(|(f, g)| (f.as_str(), g.as_deref())));

@@ -25,7 +25,9 @@
 //! shutdown), `publish` (publish and acknowledgement flows, routing, delivery, pumping
 //! queues), `subscribe`, `store_io` (tokens to the writer and what it reports back),
 //! `output` (held output and its release), `persist` (store encodings), `security`
-//! (session ownership, the ACL in force per session, filtered deliveries, wills).
+//! (session ownership, the ACL in force per session, filtered deliveries, wills), `table`
+//! (the sessions by id, client id and connection, in tables of small slots), `ids`
+//! (session ids and generations).
 
 mod commits;
 #[cfg(test)]
@@ -43,6 +45,7 @@ mod recovery;
 mod security;
 mod store_io;
 mod subscribe;
+mod table;
 #[cfg(test)]
 mod tests;
 
@@ -277,12 +280,46 @@ enum TimerKind {
     SessionExpiry,
 }
 
+/// A will-delay or session-expiry deadline, in the router's heap: 24 bytes (issue 17: one
+/// per offline session, in a heap of up to twice as many slots), so the deadline is kept
+/// as nanoseconds since the router's `epoch` and the session id in 32 bits (ids are at most
+/// `store::MAX_SID`, < 2^23). Ordered by deadline first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 struct Timer {
-    at: Instant,
-    session: SessionId,
+    at_ns: u64,
+    session: u32,
     generation: u64,
     kind: TimerKind,
+}
+
+impl Timer {
+    /// A deadline before `epoch` is kept as `epoch` (both are past when it is armed:
+    /// `epoch` is the router's start).
+    fn new(
+        epoch: Instant,
+        at: Instant,
+        session: SessionId,
+        generation: u64,
+        kind: TimerKind,
+    ) -> Timer {
+        let at_ns = at.saturating_duration_since(epoch).as_nanos();
+        Timer {
+            at_ns: u64::try_from(at_ns).unwrap_or(u64::MAX),
+            // Ids fit (see above); an id that did not would only make a timer that never
+            // matches its session.
+            session: u32::try_from(session).unwrap_or(u32::MAX),
+            generation,
+            kind,
+        }
+    }
+
+    fn at(&self, epoch: Instant) -> Instant {
+        epoch + Duration::from_nanos(self.at_ns)
+    }
+
+    fn session(&self) -> SessionId {
+        SessionId::from(self.session)
+    }
 }
 
 pub struct Router {
@@ -293,14 +330,15 @@ pub struct Router {
     sweep_every: Duration,
     /// The store's time line: what every deadline kept on disk is measured on.
     clock: Clock,
-    /// Boxed: the table then holds 16 bytes per slot, not a whole `Session` in each of
-    /// its up to twice as many slots as sessions (issue 17: 10,000 sessions).
-    sessions: HashMap<SessionId, Box<Session>>,
-    by_client: HashMap<Arc<str>, SessionId>,
-    by_conn: HashMap<ConnId, SessionId>,
+    /// Sessions by id and by client id (`table`: a few bytes per session).
+    sessions: table::Sessions,
+    /// Session ids by connection (`table`).
+    by_conn: table::ByConn,
     tree: SubscriptionTree,
     retained: RetainedStore<Retained>,
     timers: BinaryHeap<Reverse<Timer>>,
+    /// What timers' deadlines count from (`Timer`): when the router was made.
+    epoch: Instant,
     /// Session ids (slots, reused; never wrap) and timer generations.
     ids: ids::SessionIds,
     /// Scratch buffer for subscription matches, reused across publishes.
@@ -339,12 +377,12 @@ impl Router {
             store_rx,
             sweep_every,
             clock: recovered.clock,
-            sessions: HashMap::new(),
-            by_client: HashMap::new(),
-            by_conn: HashMap::new(),
+            sessions: Default::default(),
+            by_conn: Default::default(),
             tree: SubscriptionTree::new(),
             retained: RetainedStore::new(),
             timers: BinaryHeap::new(),
+            epoch: Instant::now(),
             ids: ids::SessionIds::new(recovered.sessions.iter().map(|s| s.sid)),
             matches: Vec::new(),
             route_gated: false,
@@ -370,7 +408,7 @@ impl Router {
         let mut sweep = tokio::time::interval(self.sweep_every);
         sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next_timer = self.timers.peek().map(|Reverse(t)| t.at);
+            let next_timer = self.timers.peek().map(|Reverse(t)| t.at(self.epoch));
             tokio::select! {
                 n = self.rx.recv_many(&mut events, BATCH) => {
                     if n == 0 {
@@ -466,9 +504,9 @@ impl Router {
             } => self.on_disconnected(conn, will, session_expiry),
             RouterEvent::SessionStats { client_id, reply } => {
                 let stats = self
-                    .by_client
-                    .get(client_id.as_str())
-                    .and_then(|sid| self.sessions.get(sid))
+                    .sessions
+                    .sid_of(&client_id)
+                    .and_then(|sid| self.sessions.get(&sid))
                     .map(|s| SessionStats {
                         online: s.is_online(),
                         queued: s.queue_len,
@@ -513,13 +551,13 @@ impl Router {
     }
 
     fn drop_session(&mut self, client_id: &str) -> bool {
-        let Some(&sid) = self.by_client.get(client_id) else {
+        let Some(sid) = self.sessions.sid_of(client_id) else {
             return false;
         };
         let mut will = None;
         if let Some(s) = self.sessions.get_mut(&sid) {
             if let Some(c) = s.conn.take() {
-                self.by_conn.remove(&c.id);
+                self.by_conn.remove(c.id, sid);
                 c.send(Outgoing::Disconnect(reason::ADMINISTRATIVE_ACTION));
             }
             will = s.will.take().and_then(|w| security::permitted_will(s, *w));

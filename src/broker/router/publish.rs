@@ -6,7 +6,7 @@ use super::*;
 
 impl Router {
     pub(super) fn on_publish(&mut self, conn: ConnId, publish: Publish, received: Instant) {
-        let Some(&sid) = self.by_conn.get(&conn) else {
+        let Some(sid) = self.by_conn.get(&conn, &self.sessions) else {
             return;
         };
         self.stats.publishes_in += 1;
@@ -114,7 +114,7 @@ impl Router {
     }
 
     pub(super) fn on_pubrel(&mut self, conn: ConnId, packet_id: u16) {
-        let Some(&sid) = self.by_conn.get(&conn) else {
+        let Some(sid) = self.by_conn.get(&conn, &self.sessions) else {
             return;
         };
         let Some(s) = self.sessions.get_mut(&sid) else {
@@ -149,7 +149,7 @@ impl Router {
 
     /// PUBACK (expecting `AwaitingAck`) or PUBCOMP (expecting `AwaitingComp`).
     pub(super) fn on_ack(&mut self, conn: ConnId, packet_id: u16, expect: InflightState) {
-        let Some(&sid) = self.by_conn.get(&conn) else {
+        let Some(sid) = self.by_conn.get(&conn, &self.sessions) else {
             return;
         };
         let Some(s) = self.sessions.get_mut(&sid) else {
@@ -172,8 +172,8 @@ impl Router {
     pub(super) fn on_upstream_ack(&mut self, conn: ConnId, packet_id: u16) {
         let seq = self
             .by_conn
-            .get(&conn)
-            .and_then(|sid| self.sessions.get(sid).map(|s| (*sid, s)))
+            .get(&conn, &self.sessions)
+            .and_then(|sid| self.sessions.get(&sid).map(|s| (sid, s)))
             .and_then(|(sid, s)| {
                 let i = s.inflight_position(packet_id)?;
                 (s.inflight[i].state == InflightState::AwaitingAck)
@@ -203,7 +203,7 @@ impl Router {
     }
 
     pub(super) fn on_pubrec(&mut self, conn: ConnId, packet_id: u16, code: u8) {
-        let Some(&sid) = self.by_conn.get(&conn) else {
+        let Some(sid) = self.by_conn.get(&conn, &self.sessions) else {
             return;
         };
         let Some(s) = self.sessions.get_mut(&sid) else {
@@ -409,9 +409,9 @@ impl Router {
                 }
                 return true;
             }
-        } else if s.window_open() && s.queue_empty() && s.mem_fits(&msg) {
+        } else if s.window_open() && s.queue_empty() && s.mem_fits(&msg, &self.pool) {
             // (No room under the read-back budget: queued on disk, read back in turn.)
-            s.charge(&mut msg);
+            s.charge(&mut msg, &self.pool);
             let packet_id = s.allocate_packet_id();
             let seq = s.take_seq();
             let mut token = 0;
@@ -497,7 +497,7 @@ impl Router {
                             } else {
                                 ops.push(Op::DeleteOldest {
                                     sid,
-                                    from_seq: s.spilled_from.unwrap_or(0),
+                                    from_seq: s.spilled_from().unwrap_or(0),
                                     count: 1,
                                     refusable: true,
                                 });
@@ -526,7 +526,7 @@ impl Router {
             });
             cur.enqueued.push((sid, seq, len));
         }
-        s.push_queue(Queued { seq, message: msg });
+        s.push_queue(Queued { seq, message: msg }, &self.pool);
         true
     }
 

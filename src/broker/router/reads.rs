@@ -23,7 +23,7 @@ impl Router {
             && !s.reading
             && s.is_online()
             && (s.inflight_on_disk
-                || (s.spilled_from.is_some() && s.queue.len() < Router::read_limit(s) as usize))
+                || (s.spilled_from().is_some() && s.queue.len() < Router::read_limit(s) as usize))
     }
 
     /// The first in-flight message whose body is on disk, and how many there are.
@@ -63,10 +63,10 @@ impl Router {
             let (from_seq, mut limit) = if sent {
                 Router::inflight_read(s)
             } else {
-                (s.spilled_from.unwrap_or(0), Router::read_limit(s))
+                (s.spilled_from().unwrap_or(0), Router::read_limit(s))
             };
             // Internal sessions are not charged (`broker::readback`): nothing to reserve.
-            let per_row = s.budget().map(|_| {
+            let per_row = s.budget(&self.pool).map(|_| {
                 let average = s.queued_bytes / s.queue_len.max(1);
                 average + crate::broker::readback::MESSAGE_OVERHEAD + 64
             });
@@ -149,7 +149,7 @@ impl Router {
             // past).
             ops.push(Op::DeleteOldest {
                 sid,
-                from_seq: s.spilled_from.unwrap_or(0),
+                from_seq: s.spilled_from().unwrap_or(0),
                 count: std::mem::take(&mut s.drops_pending),
                 refusable: false,
             });
@@ -181,7 +181,7 @@ impl Router {
             };
             match message {
                 Some(mut m) if !m.is_expired(now) => {
-                    s.charge(&mut m);
+                    s.charge(&mut m, &self.pool);
                     s.inflight[i].message = Some(m);
                     let item = Held::Deliver {
                         packet_id,

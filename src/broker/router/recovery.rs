@@ -19,8 +19,8 @@ impl Router {
             max_packet_size: u32::MAX,
             compact_packet_ids: policy.compact_packet_ids,
         };
-        let sid = match self.by_client.get(&client_id) {
-            Some(&sid) => sid,
+        let sid = match self.sessions.sid_of(&client_id) {
+            Some(sid) => sid,
             None => {
                 let Some(sid) = self.ids.allocate() else {
                     error!(client_id = %client_id, "no free session id: internal session not created");
@@ -42,8 +42,7 @@ impl Router {
                     expiry: u32::MAX,
                     will: None,
                 });
-                self.sessions.insert(sid, Box::new(s));
-                self.by_client.insert(client_id.clone(), sid);
+                self.sessions.insert(Box::new(s));
                 sid
             }
         };
@@ -125,7 +124,7 @@ impl Router {
             };
             let client_id: Arc<str> = rs.client_id.as_str().into();
             let mut s = Session::new(sid, client_id.clone(), params, true);
-            s.pool = Some(self.pool.clone());
+            s.charged = true;
             s.expiry_interval = rs.expiry;
             s.offline_since_ms = rs.disconnected_at.unwrap_or(now_ms);
             s.next_seq = rs.next_seq;
@@ -172,7 +171,7 @@ impl Router {
             // first read-back tells (an empty answer clears `spilled_from`).
             let after_sent = last_inflight_seq.map_or(0, |q| q + 1);
             if rs.next_seq > after_sent {
-                s.spilled_from = Some(after_sent);
+                s.set_spilled_from(Some(after_sent));
             }
             s.will = rs.will.as_ref().and_then(will_from_stored).map(Box::new);
             // Timers: wills of sessions that were connected when the broker stopped are
@@ -190,23 +189,13 @@ impl Router {
                 } else {
                     now + delay
                 };
-                self.push_timer(Timer {
-                    at,
-                    session: sid,
-                    generation: 0,
-                    kind: TimerKind::WillDelay,
-                });
+                self.push_timer(Timer::new(self.epoch, at, sid, 0, TimerKind::WillDelay));
             }
             if s.expiry_interval != u32::MAX {
                 let at = (now + Duration::from_secs(u64::from(s.expiry_interval)))
                     .checked_sub(offline_for)
                     .unwrap_or(now);
-                self.push_timer(Timer {
-                    at,
-                    session: sid,
-                    generation: 0,
-                    kind: TimerKind::SessionExpiry,
-                });
+                self.push_timer(Timer::new(self.epoch, at, sid, 0, TimerKind::SessionExpiry));
             }
             if rs.disconnected_at.is_none() {
                 self.commits.ops.push(Op::SessionOffline {
@@ -216,8 +205,7 @@ impl Router {
                     will: rs.will.clone(),
                 });
             }
-            self.by_client.insert(client_id, sid);
-            self.sessions.insert(sid, Box::new(s));
+            self.sessions.insert(Box::new(s));
         }
         if count > 0 {
             info!(

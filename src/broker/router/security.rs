@@ -27,9 +27,9 @@ impl Router {
     /// identity; the refusing CONNACK has been sent.
     pub(super) fn refuse_foreign_session(&self, req: &ConnectRequest, id: &Identity) -> bool {
         let Some(s) = self
-            .by_client
-            .get(&req.client_id)
-            .and_then(|sid| self.sessions.get(sid))
+            .sessions
+            .sid_of(&req.client_id)
+            .and_then(|sid| self.sessions.get(&sid))
         else {
             return false;
         };
@@ -132,8 +132,8 @@ impl Router {
     pub(super) fn note_subscribe(&mut self, conn: ConnId, sub: &Subscribe) {
         let Some(s) = self
             .by_conn
-            .get(&conn)
-            .and_then(|sid| self.sessions.get_mut(sid))
+            .get(&conn, &self.sessions)
+            .and_then(|sid| self.sessions.get_mut(&sid))
         else {
             return;
         };

@@ -213,7 +213,7 @@ impl Router {
         };
         match undo {
             DropUndo::Popped(_, q) => {
-                if s.is_online() && s.spilled_from.is_none_or(|f| q.seq < f) {
+                if s.is_online() && s.spilled_from().is_none_or(|f| q.seq < f) {
                     let at = s.queue.iter().position(|x| x.seq > q.seq);
                     s.queue_mem_bytes += q.message.publish.payload.len() as u64;
                     let at = at.unwrap_or(s.queue.len());
@@ -221,7 +221,7 @@ impl Router {
                 } else {
                     // Its row is on disk, unsent: read back from it.
                     s.spill_all();
-                    s.spilled_from = Some(s.spilled_from.map_or(q.seq, |f| f.min(q.seq)));
+                    s.set_spilled_from(Some(s.spilled_from().map_or(q.seq, |f| f.min(q.seq))));
                 }
                 pump.push(sid);
             }
@@ -303,7 +303,7 @@ impl Router {
                 // A release op from here on: the tokens that made these drops are past.
                 self.commits.ops.push(Op::DeleteOldest {
                     sid,
-                    from_seq: s.spilled_from.unwrap_or(from_seq),
+                    from_seq: s.spilled_from().unwrap_or(from_seq),
                     count: std::mem::take(&mut s.drops_pending),
                     refusable: false,
                 });
@@ -333,10 +333,13 @@ impl Router {
                 continue;
             }
             match message {
-                Some(m) if !m.is_expired(now) => s.push_read_back(Queued {
-                    seq: row.seq,
-                    message: m,
-                }),
+                Some(m) if !m.is_expired(now) => s.push_read_back(
+                    Queued {
+                        seq: row.seq,
+                        message: m,
+                    },
+                    &self.pool,
+                ),
                 expired => {
                     self.stats.expired += 1;
                     let size = expired.map_or(row.packet.len(), |m| m.publish.payload.len());
@@ -359,11 +362,11 @@ impl Router {
             });
             s.drops_pending_bytes = 0;
         }
-        s.spilled_from = if !full && s.next_seq == next_seq_at_request {
+        s.set_spilled_from(if !full && s.next_seq == next_seq_at_request {
             None
         } else {
             Some(next)
-        };
+        });
         self.pump(sid);
     }
 

@@ -5,7 +5,7 @@ use super::*;
 
 impl Router {
     pub(super) fn on_subscribe(&mut self, conn: ConnId, sub: Subscribe) {
-        let Some(&sid) = self.by_conn.get(&conn) else {
+        let Some(sid) = self.by_conn.get(&conn, &self.sessions) else {
             return;
         };
         let cfg = self.cfg.clone();
@@ -111,7 +111,7 @@ impl Router {
     }
 
     pub(super) fn on_unsubscribe(&mut self, conn: ConnId, unsub: Unsubscribe) {
-        let Some(&sid) = self.by_conn.get(&conn) else {
+        let Some(sid) = self.by_conn.get(&conn, &self.sessions) else {
             return;
         };
         let Some(s) = self.sessions.get_mut(&sid) else {

@@ -119,8 +119,8 @@ fn messages_beyond_the_read_back_budget_wait_on_disk_and_still_arrive_in_order()
         want.push(payload);
     }
     h.settle();
-    let s = &h.r.sessions[&h.r.by_client["s0"]];
-    assert!(s.spilled_from.is_some(), "the rest waits on disk");
+    let s = &h.r.sessions[&h.r.sessions.sid_of("s0").expect("session")];
+    assert!(s.spilled_from().is_some(), "the rest waits on disk");
     assert!(
         h.r.pool.used() <= 4096 + 10_400,
         "one oversized message at most beyond it"
@@ -200,7 +200,7 @@ fn an_offline_sessions_in_flight_window_waits_on_disk_and_is_resent_first_in_ord
     let c = subs.pop().expect("one subscriber");
     h.disconnect(c);
     h.settle();
-    let sid = h.r.by_client["s0"];
+    let sid = h.r.sessions.sid_of("s0").expect("session");
     let s = &h.r.sessions[&sid];
     assert_eq!(s.inflight.len(), 4);
     assert!(
@@ -210,7 +210,7 @@ fn an_offline_sessions_in_flight_window_waits_on_disk_and_is_resent_first_in_ord
     assert_eq!(h.r.pool.used(), 0, "nothing charged while offline");
 
     let mut h = h.restart();
-    let sid = h.r.by_client["s0"];
+    let sid = h.r.sessions.sid_of("s0").expect("session");
     assert!(h.r.sessions[&sid]
         .inflight
         .iter()
@@ -258,11 +258,11 @@ fn a_session_that_comes_and_goes_does_not_pile_up_expiry_timers() {
         h.r.timers.len(),
         h.r.sessions.len()
     );
-    let s = &h.r.sessions[&h.r.by_client["s"]];
+    let s = &h.r.sessions[&h.r.sessions.sid_of("s").expect("session")];
     assert!(
         h.r.timers
             .iter()
-            .any(|t| t.0.session == s.id && t.0.generation == s.generation),
+            .any(|t| t.0.session() == s.id && t.0.generation == s.generation),
         "the live expiry timer is still armed"
     );
 }
@@ -292,7 +292,10 @@ fn drop_oldest_while_a_read_back_is_outstanding_drops_exactly_the_oldest() {
         "the five oldest dropped, the rest in order"
     );
     assert_eq!(h.counts("s"), (0, 0), "router and disk agree: nothing left");
-    assert_eq!(h.r.sessions[&h.r.by_client["s"]].dropped, 5);
+    assert_eq!(
+        h.r.sessions[&h.r.sessions.sid_of("s").expect("session")].dropped,
+        5
+    );
 }
 
 /// Item 3: an expiry sweep that removes rows the router has just read back (the answer
@@ -439,7 +442,7 @@ fn a_subscription_the_store_refused_is_not_granted() {
         })
         .collect();
     assert_eq!(subacks, vec![vec![crate::protocol::reason::QUOTA_EXCEEDED]]);
-    let sid = h.r.by_client["s"];
+    let sid = h.r.sessions.sid_of("s").expect("session");
     assert!(h.r.sessions[&sid].subscriptions.is_empty(), "taken back");
     let p = h.connect("p", true, 0, 10);
     h.publish(&p, "t/a", "1", 1, None);
@@ -471,7 +474,10 @@ fn a_refused_message_does_not_drop_a_stored_one() {
         numbers(0..3),
         "the stored backlog is whole"
     );
-    assert_eq!(h.r.sessions[&h.r.by_client["s"]].dropped, 0);
+    assert_eq!(
+        h.r.sessions[&h.r.sessions.sid_of("s").expect("session")].dropped,
+        0
+    );
 }
 
 // ----- model-based test ----------------------------------------------------------------------
@@ -628,7 +634,7 @@ mod model {
                     self.p = None;
                     self.s = None;
                     self.unacked.clear();
-                    let sid = self.h.r.by_client["s"];
+                    let sid = self.h.r.sessions.sid_of("s").expect("session");
                     self.dropped_before += self.h.r.sessions[&sid].dropped;
                     let h = std::mem::replace(&mut self.h, Harness::new(|_, _| {}));
                     self.h = h.restart();
@@ -677,7 +683,7 @@ mod model {
             }
             self.take_acks();
             self.check_counts();
-            let sid = self.h.r.by_client["s"];
+            let sid = self.h.r.sessions.sid_of("s").expect("session");
             let dropped = self.dropped_before + self.h.r.sessions[&sid].dropped;
             // First receipts, in order of arrival, are in publish order.
             let mut first = Vec::new();
