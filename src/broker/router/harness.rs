@@ -204,13 +204,24 @@ impl Harness {
     }
 
     pub fn connect(&mut self, id: &str, clean: bool, expiry: u32, window: u16) -> Client {
+        self.connect_as(id.into(), clean, expiry, window)
+    }
+
+    /// [`Harness::connect`] with the client id the connection holds.
+    pub fn connect_as(
+        &mut self,
+        client_id: std::sync::Arc<str>,
+        clean: bool,
+        expiry: u32,
+        window: u16,
+    ) -> Client {
         let conn = self.next_conn;
         self.next_conn += 1;
         let (link, rx) = ConnLink::new(conn);
         let version = ProtocolVersion::V5;
         self.event(RouterEvent::Connect(Box::new(ConnectRequest {
             link,
-            client_id: id.into(),
+            client_id,
             clean_start: clean,
             expiry_interval: expiry,
             will: None,

@@ -85,6 +85,11 @@ impl Router {
         let Some(s) = self.sessions.get_mut(&sid) else {
             return;
         };
+        // One copy of the client id per connected session, the connection's: the session's
+        // own (from when it was created) is given back. Equal, so the client-id index holds.
+        if !Arc::ptr_eq(&s.client_id, &client_id) {
+            s.client_id = client_id;
+        }
         s.params = params;
         s.expiry_interval = expiry_interval;
         s.will = will.map(Box::new);
