@@ -28,8 +28,11 @@
 
 use std::collections::BTreeMap;
 
+mod level;
+
 use super::lazy::Few;
 use crate::protocol::types::{QoS, SubscriptionOptions};
+use level::Level;
 
 /// Assigned by the router per client session.
 pub type SessionId = u64;
@@ -144,17 +147,19 @@ const SCAN_MAX: usize = 8;
 /// The children of one node: the entries (level, node) packed in a vector, and above
 /// [`SCAN_MAX`] entries an index of their positions by the hash of their level.
 ///
+/// Keys are [`Level`]s: short ones in place, no allocation of their own.
+///
 /// Not a `HashMap<Box<str>, Node>`: its slots are whole entries (72 bytes), a power of two
 /// of them and up to half empty after a growth, so one level with 10,000 children (a topic
 /// per session under one parent, issue 17) held 16,384 × 73 bytes (1.14 MiB), and a node
 /// with one child a table of four slots (~350 bytes). Here the vector grows by about an
-/// eighth and the index holds 4-byte positions: ~84 bytes per child at 10,000 children,
-/// ~100 bytes for a single child. Lookups stay O(1) (one probe of the index, one compare
+/// eighth and the index holds 4-byte positions: ~96 bytes per child at 10,000 children,
+/// keys included (119 with a boxed key each), ~100 bytes for a single child. Lookups stay O(1) (one probe of the index, one compare
 /// of the entry); a removal moves the last entry into the hole and fixes its position.
 #[derive(Debug, Default)]
 struct ChildSet {
     /// Unordered; no key twice.
-    entries: Vec<(Box<str>, Node)>,
+    entries: Vec<(Level, Node)>,
     /// Positions in `entries`, by the hash of their key: `Some` above [`SCAN_MAX`]
     /// entries (dropped again at half that).
     index: Option<Box<ChildIndex>>,
@@ -168,38 +173,40 @@ struct ChildIndex {
 
 impl ChildIndex {
     /// An index of every entry.
-    fn of(entries: &[(Box<str>, Node)]) -> Box<ChildIndex> {
+    fn of(entries: &[(Level, Node)]) -> Box<ChildIndex> {
         let mut ix = Box::new(ChildIndex {
             positions: hashbrown::HashTable::with_capacity(entries.len()),
             hasher: std::hash::RandomState::new(),
         });
         for (i, (key, _)) in entries.iter().enumerate() {
-            ix.add(entries, key, i);
+            ix.add(entries, key.as_bytes(), i);
         }
         ix
     }
 
-    fn hash(&self, level: &str) -> u64 {
+    fn hash(&self, level: &[u8]) -> u64 {
         std::hash::BuildHasher::hash_one(&self.hasher, level)
     }
 
     /// Indexes entry `i` (whose key is `level`; not indexed yet).
-    fn add(&mut self, entries: &[(Box<str>, Node)], level: &str, i: usize) {
+    fn add(&mut self, entries: &[(Level, Node)], level: &[u8], i: usize) {
         let hasher = &self.hasher;
         self.positions
             .insert_unique(self.hash(level), position(i), |&j| {
-                std::hash::BuildHasher::hash_one(hasher, &*entries[j as usize].0)
+                std::hash::BuildHasher::hash_one(hasher, entries[j as usize].0.as_bytes())
             });
     }
 
-    fn find(&self, entries: &[(Box<str>, Node)], level: &str) -> Option<usize> {
+    fn find(&self, entries: &[(Level, Node)], level: &[u8]) -> Option<usize> {
         self.positions
-            .find(self.hash(level), |&j| *entries[j as usize].0 == *level)
+            .find(self.hash(level), |&j| {
+                entries[j as usize].0.as_bytes() == level
+            })
             .map(|&j| j as usize)
     }
 
     /// Entry `from` (key `level`) is now at `to` (`None`: gone).
-    fn moved(&mut self, level: &str, from: usize, to: Option<usize>) {
+    fn moved(&mut self, level: &[u8], from: usize, to: Option<usize>) {
         let from = position(from);
         if let Ok(e) = self.positions.find_entry(self.hash(level), |&j| j == from) {
             match to {
@@ -220,9 +227,10 @@ fn position(i: usize) -> u32 {
 
 impl ChildSet {
     fn find(&self, level: &str) -> Option<usize> {
+        let level = level.as_bytes();
         match &self.index {
             Some(ix) => ix.find(&self.entries, level),
-            None => self.entries.iter().position(|(k, _)| **k == *level),
+            None => self.entries.iter().position(|(k, _)| k.as_bytes() == level),
         }
     }
 
@@ -233,9 +241,9 @@ impl ChildSet {
             // About an eighth more: a few copies per entry in all, and little left over.
             self.entries.reserve_exact((n / 8).max(1));
         }
-        self.entries.push((Box::from(level), Node::default()));
+        self.entries.push((Level::new(level), Node::default()));
         match &mut self.index {
-            Some(ix) => ix.add(&self.entries, level, n),
+            Some(ix) => ix.add(&self.entries, level.as_bytes(), n),
             None if n + 1 > SCAN_MAX => self.index = Some(ChildIndex::of(&self.entries)),
             None => {}
         }
@@ -246,9 +254,9 @@ impl ChildSet {
     fn remove_at(&mut self, i: usize) {
         let last = self.entries.len() - 1;
         if let Some(ix) = &mut self.index {
-            ix.moved(&self.entries[i].0, i, None);
+            ix.moved(self.entries[i].0.as_bytes(), i, None);
             if i != last {
-                ix.moved(&self.entries[last].0, last, Some(i));
+                ix.moved(self.entries[last].0.as_bytes(), last, Some(i));
             }
         }
         self.entries.swap_remove(i);
@@ -264,7 +272,7 @@ impl ChildSet {
                 let hasher = &ix.hasher;
                 let entries = &self.entries;
                 ix.positions.shrink_to(n, |&j| {
-                    std::hash::BuildHasher::hash_one(hasher, &*entries[j as usize].0)
+                    std::hash::BuildHasher::hash_one(hasher, entries[j as usize].0.as_bytes())
                 });
             }
         }
@@ -315,7 +323,8 @@ impl Children {
         self.0.iter().flat_map(|c| c.entries.iter().map(|(_, n)| n))
     }
 
-    /// Heap bytes of the child set itself (not of the children's own keys and tables).
+    /// Heap bytes of the child set itself and of its keys (not of the children's own
+    /// tables).
     #[cfg(test)]
     fn heap_bytes(&self) -> usize {
         self.0.as_ref().map_or(0, |c| {
@@ -328,7 +337,8 @@ impl Children {
                 std::mem::size_of::<ChildIndex>() + buckets * (4 + 1) + 16
             });
             std::mem::size_of::<ChildSet>()
-                + c.entries.capacity() * std::mem::size_of::<(Box<str>, Node)>()
+                + c.entries.capacity() * std::mem::size_of::<(Level, Node)>()
+                + c.entries.iter().map(|(k, _)| k.heap_bytes()).sum::<usize>()
                 + index
         })
     }

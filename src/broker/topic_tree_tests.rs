@@ -538,7 +538,7 @@ fn a_topic_with_one_subscriber_needs_no_allocation_of_its_own() {
 /// level above its one measurement) held a table of 4 slots.
 #[test]
 fn a_level_with_many_children_holds_little_more_than_its_entries() {
-    let entry = std::mem::size_of::<(Box<str>, Node)>();
+    let entry = std::mem::size_of::<(Level, Node)>();
     let mut tree = SubscriptionTree::default();
     let n = 10_000u64;
     for s in 0..n {
