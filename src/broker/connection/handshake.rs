@@ -191,8 +191,7 @@ where
             acl: None,
             acl_generation: 0,
             rare: None,
-            keep_alive: (keep_alive > 0)
-                .then(|| Duration::from_millis(u64::from(keep_alive) * 1500)),
+            keep_alive_ms: std::num::NonZeroU32::new(u32::from(keep_alive) * 1500),
             connect_expiry: expiry,
             in_alias_max: if v5 { cfg.topic_alias_maximum } else { 0 },
             out_alias_max: if v5 {

@@ -333,7 +333,8 @@ struct State {
     /// Topic aliases and ACL-denied subscriptions: most clients use neither, so they are
     /// allocated on first use (three empty maps inline would cost every connection 144 B).
     rare: Option<Box<Rare>>,
-    keep_alive: Option<Duration>,
+    /// 1.5 × the keep-alive, in milliseconds (at most 65,535 s × 1.5); `None`: none.
+    keep_alive_ms: Option<std::num::NonZeroU32>,
     /// v5 Session Expiry Interval from CONNECT (0 forbids raising it on DISCONNECT).
     connect_expiry: u32,
     in_alias_max: u16,
@@ -389,6 +390,12 @@ impl Unacked {
 }
 
 impl State {
+    /// How long the connection may stay quiet (1.5 × the keep-alive), if it has one.
+    fn keep_alive(&self) -> Option<Duration> {
+        self.keep_alive_ms
+            .map(|ms| Duration::from_millis(u64::from(ms.get())))
+    }
+
     fn rare(&mut self) -> &mut Rare {
         self.rare.get_or_insert_with(Default::default)
     }
@@ -681,7 +688,7 @@ where
         // timer (re-arming it per packet would cost every packet a timer-wheel update):
         // when it fires, the real deadlines are worked out from `last_read` and
         // `last_active`, and it is set again for the next one.
-        let keep_alive = st.keep_alive;
+        let keep_alive = st.keep_alive();
         let next = move |last_read: Instant, last_active: Instant| {
             let keep_alive = keep_alive.map(|k| last_read + k);
             match (keep_alive, park_idle.map(|d| last_active + d)) {

@@ -131,7 +131,7 @@ impl Parked {
     /// When the keep-alive runs out (1.5 × the client's keep-alive after its last packet).
     fn keep_alive_deadline(&self) -> Option<Instant> {
         self.state
-            .keep_alive
+            .keep_alive()
             .map(|k| from_millis(self.last_read) + k)
     }
 }
