@@ -1,11 +1,13 @@
 //! The router → connection queue: [`ConnLink`] (the router's end, cloneable) and
 //! [`LinkRx`] (the connection's end, or an internal client's through `client::ClientRx`).
 //!
-//! Every connected session holds one, so it is built for size (issue 17 item 1): one small
-//! allocation (a mutex around a `VecDeque`, the receiver's waker and the sender count)
+//! Every connected session holds one, so it is built for size (issue 17 item 1): one
+//! allocation of 72 bytes (a mutex around the queue, who waits for it — the receiver's
+//! task, or its slot in the lot while the connection is parked — and the sender count)
 //! instead of a tokio unbounded channel, whose channel state is padded to cache lines and
-//! which allocates a block of 32 slots up front (over 1 KiB per connection). The queue's
-//! buffer is given back whenever the receiver empties it, so an idle connection holds none.
+//! which allocates a block of 32 slots up front (over 1 KiB per connection). The queue
+//! (a boxed `VecDeque`) is given back whenever the receiver empties it, so an idle
+//! connection holds none.
 //!
 //! Semantics are those of the unbounded channel it replaces:
 //! - `send` never waits and never fails; after the receiver is gone the packet is dropped

@@ -4,13 +4,15 @@
 //! 128-byte aligned) and tokio's registration of its socket (`ScheduledIo`, 256 B in an
 //! `Arc`, also 128-byte aligned). Sensors are quiet nearly all the time, so a plain-TCP
 //! connection that has been quiet for `mqtt.park_idle_ms` (nothing read, written or queued
-//! for it, nothing half read or unwritten) ends its task and leaves a [`Parked`] here: its
-//! socket, taken back from tokio and added to the [`Lot`]'s own epoll set (mio), and its
-//! state (a few hundred bytes). One task, the lot's, waits on that set for every parked
+//! for it, nothing half read or unwritten) ends its task and leaves a [`Parked`] in a slot
+//! of the [`Lot`]'s pages: its socket, taken back from tokio and added to the lot's own
+//! epoll set (mio), and its state (152 bytes with the slot, no allocation of its own). One
+//! task, the lot's, waits on that set for every parked
 //! connection, and resumes one (a new task with the same state, its socket registered with
 //! tokio again) when:
 //! - its socket is readable (data, or the peer closed it);
-//! - the router queues a packet for it or drops its link: the link's waker is the lot's;
+//! - the router queues a packet for it or drops its link: the link names its slot
+//!   ([`ParkedAt`]) in place of a task's waker;
 //! - its keep-alive ran out (checked every [`SWEEP`]; the resumed loop closes it, so a
 //!   parked client is closed up to `SWEEP` later than an active one);
 //! - the gateway shuts down (every parked connection is resumed; none parks after that).
